@@ -1,0 +1,132 @@
+"""Files: atomic writes, safetensors weights with clear errors, and ``module:function`` factories.
+
+Nothing here unpickles user files: weights are safetensors; private resume checkpoints (which
+ppap itself wrote) are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+
+class PPAPError(ValueError):
+    """A user-facing error: the CLI prints its message as one line and exits with status 2."""
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic(Path(path), lambda p: p.write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(Path(path), lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """For ppap's own resume checkpoints (tensors, numbers, lists, dicts only)."""
+    _atomic(Path(path), lambda p: torch.save(obj, p))
+
+
+def load_resume_state(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PPAPError(f"resume checkpoint {path} is unreadable ({type(e).__name__}); delete it to start over") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PPAPError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PPAPError(f"{what} {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a safetensors file, turning a missing or corrupt file into a one-line PPAPError."""
+    path = Path(path)
+    if not path.exists():
+        raise PPAPError(f"weights file not found: {path}")
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+        raise PPAPError(f"{path}: ppap loads weights only from .safetensors files (pickle formats can run code)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PPAPError(f"weights file {path} is corrupt or not safetensors ({str(e).splitlines()[0]})") from None
+
+
+def load_weights_into(module: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Strictly load a safetensors state dict into ``module`` (every key, every shape)."""
+    state = load_safetensors(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PPAPError(f"weights {path} do not fit the model ({detail})")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise PPAPError(f"weights {path} do not fit the model: {k} has shape {tuple(v.shape)}, model wants {tuple(own[k].shape)}")
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def resolve_factory(ref: str) -> Callable[..., nn.Module]:
+    """``'package.module:function'`` -> the callable, with a one-line error if it is not there."""
+    if ":" not in ref:
+        raise PPAPError(f"model factory {ref!r} must look like 'package.module:function'")
+    mod_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise PPAPError(f"cannot import {mod_name!r} for factory {ref!r} ({e})") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise PPAPError(f"{mod_name!r} has no attribute {attr!r} (factory {ref!r})")
+    if not callable(fn):
+        raise PPAPError(f"factory {ref!r} is not callable")
+    return fn
+
+
+def fingerprint(state: dict[str, Tensor]) -> str:
+    """sha256 of a state dict's names, shapes, dtypes and values: a weights identity that does
+    not depend on file names or formats."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        v = state[key].detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

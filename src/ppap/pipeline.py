@@ -1,0 +1,191 @@
+"""Glue a user (or the CLI) needs around the pieces: models by reference, noise, batched sampling.
+
+References: a diffusion model is a zoo name or a diffusers directory; a guidance model is a zoo
+name or ``package.module:function`` plus a safetensors file; experts are a zoo name or a
+directory written by ``ppap train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import zoo
+from .data import unit_to_uint8
+from .diffusion import Diffusion
+from .experts import ExpertBank
+from .guidance import Guide, GuideSpec, build_guide
+from .io import PPAPError, load_weights_into, resolve_factory
+from .samplers import SAMPLERS
+from .tasks import Task, make_task
+from .train import load_experts
+
+
+def load_diffusion(ref: str) -> Diffusion:
+    if zoo.is_zoo_name(ref):
+        d = Diffusion.from_pretrained(zoo.get(ref, "diffusion").location)
+        d.name = ref
+        return d
+    return Diffusion.from_pretrained(ref)
+
+
+@dataclass
+class GuideModel:
+    """An off-the-shelf model with what ppap knows about it."""
+
+    net: nn.Module  # eval mode, frozen, input [-1, 1]
+    ref: str  # zoo name or factory reference
+    classes: tuple[str, ...] | None = None  # class names when known (zoo models)
+
+    @property
+    def identity(self) -> dict:
+        return {"ref": self.ref}
+
+
+def load_guide(ref: str, weights: str | None = None) -> GuideModel:
+    """Build and load a guidance model; ``weights`` is required for factory references."""
+    if zoo.is_zoo_name(ref):
+        entry = zoo.get(ref, "guide")
+        net = resolve_factory(entry.factory)()
+        load_weights_into(net, weights or entry.location)
+        return GuideModel(net.eval().requires_grad_(False), ref, entry.classes)
+    factory = resolve_factory(ref)
+    if weights is None:
+        raise PPAPError(f"--guide {ref} is a factory reference: also pass --guide-weights FILE.safetensors")
+    try:
+        net = factory()
+    except Exception as e:
+        raise PPAPError(f"factory {ref} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(net, nn.Module):
+        raise PPAPError(f"factory {ref} returned {type(net).__name__}, not a torch.nn.Module")
+    load_weights_into(net, weights)
+    return GuideModel(net.eval().requires_grad_(False), ref)
+
+
+def probe_output_shape(net: nn.Module, image_shape: tuple[int, ...], ref: str = "the guidance model") -> tuple[int, ...]:
+    """Run the net once on a blank image of the diffusion model's shape; a net that cannot take
+    it fails here with one line instead of deep inside the sampler."""
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros((2,) + tuple(image_shape)))
+    except Exception as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise PPAPError(f"{ref} cannot take images of shape {list(image_shape)} from the diffusion model ({msg})") from None
+    return tuple(out.shape)
+
+
+def task_for(guide: GuideModel, image_shape: tuple[int, ...], name: str = "classification", **kwargs) -> Task:
+    """The task for a guidance model, with its size (e.g. the class count) read off its output."""
+    shape = probe_output_shape(guide.net, image_shape, guide.ref)
+    if name == "classification":
+        if len(shape) != 2:
+            raise PPAPError(f"{guide.ref} gives output of shape {list(shape[1:])} per image, not class logits")
+        kwargs.setdefault("num_classes", shape[1])
+    return make_task(name, **kwargs)
+
+
+def load_bank(ref: str, guide: GuideModel, diffusion: Diffusion) -> tuple[ExpertBank, Task]:
+    directory = zoo.get(ref, "experts").location if zoo.is_zoo_name(ref) else Path(ref)
+    return load_experts(guide.net, directory, schedule=diffusion.schedule)
+
+
+def parse_class_targets(spec: str, num: int, num_classes: int, classes: tuple[str, ...] | None = None) -> Tensor:
+    """``'3'``, ``'sneaker'``, ``'0,7,9'`` (cycled) or ``'all'`` (0..K-1 cycled) -> [num] int64."""
+    names = {c.lower(): i for i, c in enumerate(classes or ())}
+    if spec.strip().lower() == "all":
+        values = list(range(num_classes))
+    else:
+        values = []
+        for part in spec.split(","):
+            part = part.strip().lower()
+            if part.lstrip("-").isdigit():
+                values.append(int(part))
+            elif part in names:
+                values.append(names[part])
+            else:
+                valid = f" or one of: {', '.join(classes)}" if classes else ""
+                raise PPAPError(f"bad class target {part!r}: use an index 0..{num_classes - 1}{valid}")
+    for v in values:
+        if not 0 <= v < num_classes:
+            raise PPAPError(f"class index {v} is out of range: the guidance model has {num_classes} classes (0..{num_classes - 1})")
+    return torch.tensor([values[k % len(values)] for k in range(num)], dtype=torch.long)
+
+
+def initial_noise(num: int, shape: tuple[int, ...], seed: int, start: int = 0) -> Tensor:
+    """x_T for samples start..start+num-1: sample k's noise depends only on (seed, k), so a
+    sample is the same whatever the batch size, the process count or the resume point."""
+    out = torch.empty((num,) + tuple(shape))
+    for j in range(num):
+        digest = hashlib.sha256(f"ppap-noise:{seed}:{start + j}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        out[j] = torch.randn(shape, generator=g)
+    return out
+
+
+def sample_images(
+    diffusion: Diffusion,
+    num: int,
+    *,
+    seed: int,
+    make_guide: Callable[[Tensor], Guide | None] = lambda target: None,
+    targets: Tensor | None = None,
+    steps: int = 25,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    batch_size: int = 64,
+    start: int = 0,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> Tensor:
+    """``num`` images as float [N, C, H, W] in [-1, 1]. ``make_guide(targets_of_batch)`` builds
+    the guide for each batch (None = unguided); ``targets`` [N] are per-sample targets."""
+    if sampler not in SAMPLERS:
+        raise PPAPError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    timesteps = diffusion.schedule.timesteps(steps)
+    extra = {"eta": eta} if sampler == "ddim" else {}
+    out = []
+    bar = tqdm(total=num, desc=desc, unit="img", disable=not progress)
+    for b0 in range(0, num, batch_size):
+        n = min(batch_size, num - b0)
+        x_T = initial_noise(n, diffusion.image_shape, seed, start + b0)
+        g = torch.Generator().manual_seed(seed * 7919 + start + b0)  # DDPM / eta>0 noise
+        guide = make_guide(targets[b0 : b0 + n] if targets is not None else None)
+        out.append(SAMPLERS[sampler](diffusion, x_T, timesteps, guide=guide, generator=g, **extra).clamp(-1, 1))
+        bar.update(n)
+    bar.close()
+    return torch.cat(out) if out else torch.empty((0,) + diffusion.image_shape)
+
+
+def to_hwc_uint8(x: Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C]."""
+    return unit_to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one uint8 [H', W', C] grid, ``nrow`` images per row."""
+    n, h, w, c = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[k]
+    return grid
+
+
+def guide_builder(method: str, *, task: Task, scale: float, guide: GuideModel | None = None,
+                  experts: ExpertBank | None = None, diffusion: Diffusion | None = None) -> Callable[[Tensor], Guide | None]:
+    """A per-batch guide factory for ``sample_images`` (validates the method once, up front)."""
+    def make(target: Tensor | None) -> Guide | None:
+        spec = GuideSpec(task=task, target=target, scale=scale, net=guide.net if guide else None, experts=experts, diffusion=diffusion)
+        return build_guide(method, spec)
+
+    if method != "unguided":
+        make(torch.zeros(1, dtype=torch.long))  # raises now for a method missing its model
+    return make

@@ -1,0 +1,256 @@
+"""Training recipes for the zoo's own models on Fashion-MNIST (``ppap zoo train NAME``).
+
+Each recipe is seeded, shows progress, checkpoints to ``work_dir`` (git-ignored) and resumes
+exactly: batch ``s`` and its noise are pure functions of ``(seed, s)``, so a run killed at any
+point and restarted ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import InfiniteBatches, load_fashion_mnist
+from .diffusion import Diffusion, NoiseSchedule
+from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_resume_state
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# --------------------------------------------------------------------------------------------
+# fashion-ddpm
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DDPMRecipe:
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # UNet widths per resolution 32/16/8
+    layers_per_block: int = 1  # ResNet blocks per resolution
+    attention_level: int = 1  # which resolution gets self-attention (1 = 16x16)
+    num_train_timesteps: int = 1000  # T
+    beta_schedule: str = "linear"  # DDPM's linear betas 1e-4..0.02
+    iterations: int = 6000  # optimiser steps
+    batch_size: int = 64
+    lr: float = 5e-4  # AdamW, after a linear warm-up
+    warmup: int = 200
+    ema_decay: float = 0.9995  # with the usual (1+s)/(10+s) warm-up
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+def build_fashion_unet(r: DDPMRecipe):
+    from diffusers import UNet2DModel
+
+    n = len(r.block_out_channels)
+    down = tuple("AttnDownBlock2D" if i == r.attention_level else "DownBlock2D" for i in range(n))
+    up = tuple("AttnUpBlock2D" if n - 1 - i == r.attention_level else "UpBlock2D" for i in range(n))
+    return UNet2DModel(
+        sample_size=32, in_channels=1, out_channels=1, block_out_channels=r.block_out_channels,
+        down_block_types=down, up_block_types=up, layers_per_block=r.layers_per_block, norm_num_groups=8,
+    )
+
+
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def train_ddpm(out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRecipe(), data_dir=None,
+               stop_after: int | None = None) -> dict:
+    """Train the unconditional Fashion-MNIST DDPM; export EMA weights as a diffusers pipeline dir.
+
+    ``stop_after`` ends this call after that many steps (checkpointed), for time-sliced runs.
+    """
+    from diffusers import DDPMScheduler
+
+    work_dir = Path(work_dir)
+    torch.manual_seed(r.seed)  # only the initial weights draw from the global RNG, and only here
+    unet = build_fashion_unet(r)
+    ema = build_fashion_unet(r)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    sched = DDPMScheduler(num_train_timesteps=r.num_train_timesteps, beta_schedule=r.beta_schedule, prediction_type="epsilon")
+    schedule = NoiseSchedule.from_diffusers(sched)
+    opt = torch.optim.AdamW(unet.parameters(), lr=r.lr, weight_decay=0.0)
+    ckpt = work_dir / "resume.pt"
+    step, elapsed, losses = 0, 0.0, []
+    if ckpt.exists():
+        state = load_resume_state(ckpt)
+        if json.dumps(state["recipe"]) != json.dumps(asdict(r)):
+            raise SystemExit(f"{ckpt} was made with another recipe; delete {work_dir} to start over")
+        unet.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
+        step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+    x_all, _ = load_fashion_mnist("train", data_dir)
+    batches = InfiniteBatches(x_all, batch_size=r.batch_size, seed=r.seed)
+
+    def save():
+        atomic_torch_save(ckpt, {"recipe": asdict(r), "model": unet.state_dict(), "ema": ema.state_dict(),
+                                 "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "losses": losses})
+
+    end = r.iterations if stop_after is None else min(r.iterations, step + stop_after)
+    unet.train()
+    bar = tqdm(total=r.iterations, initial=step, desc="fashion-ddpm", unit="it")
+    t_start = time.time() - elapsed
+    run_loss = 0.0
+    while step < end:
+        (x0,) = batches.batch(step)
+        g = step_generator(r.seed, step)
+        t = torch.randint(0, r.num_train_timesteps, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        loss = F.mse_loss(unet(schedule.q_sample(x0, t, noise), t).sample, noise)
+        for group in opt.param_groups:
+            group["lr"] = r.lr * min(1.0, (step + 1) / r.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        _ema_update(ema, unet, min(r.ema_decay, (1 + step) / (10 + step)))
+        run_loss += loss.item()
+        bar.update(1)
+        if step % 50 == 0:
+            losses.append(run_loss / 50)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            run_loss = 0.0
+        if step % r.checkpoint_every == 0 or step == end:
+            elapsed = time.time() - t_start
+            save()
+    bar.close()
+    if step < r.iterations:
+        return {"step": step, "done": False}
+    export_ddpm(ema, sched, out_dir)
+    card = {"recipe": asdict(r), "iterations": step, "train_seconds": round(elapsed, 1),
+            "final_loss_ema50": losses[-1] if losses else math.nan,
+            "parameters": sum(p.numel() for p in ema.parameters())}
+    atomic_write_json(Path(out_dir) / "ppap_card.json", card)
+    return card | {"done": True}
+
+
+def export_ddpm(ema: nn.Module, scheduler, out_dir: str | Path) -> None:
+    """Write the pipeline directory next to ``out_dir`` and swap it in (no half-written model)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Diffusion(ema, NoiseSchedule.from_diffusers(scheduler)).save_pretrained(tmp)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_ddpm_snapshot(work_dir: str | Path, out_dir: str | Path, r: DDPMRecipe = DDPMRecipe()) -> int:
+    """Export the EMA weights of an unfinished run (for looking at samples mid-training)."""
+    from diffusers import DDPMScheduler
+
+    state = load_resume_state(Path(work_dir) / "resume.pt")
+    ema = build_fashion_unet(r)
+    ema.load_state_dict(state["ema"])
+    export_ddpm(ema, DDPMScheduler(num_train_timesteps=r.num_train_timesteps, beta_schedule=r.beta_schedule), out_dir)
+    return state["step"]
+
+
+# --------------------------------------------------------------------------------------------
+# fashion-classifier (the off-the-shelf guide) and fashion-evaluator (the judge)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    factory: str  # "package.module:function" building the network
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3  # AdamW peak, cosine-decayed to 0 over the run
+    weight_decay: float = 0.05
+    augment: bool = False  # random +-2 px shifts and horizontal flips
+    label_smoothing: float = 0.0
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+CLASSIFIER_RECIPES = {
+    # clean images only, no noise or augmentation: the typical off-the-shelf model PPAP adapts
+    "fashion-classifier": ClassifierRecipe("ppap.models:fashion_classifier", epochs=6),
+    # a different architecture, trained separately with augmentation, used only to measure
+    "fashion-evaluator": ClassifierRecipe("ppap.models:fashion_evaluator", epochs=10, augment=True, label_smoothing=0.1, seed=1),
+}
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random +-2 px translation (zero = -1 padding) and horizontal flip, per sample."""
+    b = x.shape[0]
+    padded = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    dx, dy = torch.randint(0, 5, (b,), generator=g), torch.randint(0, 5, (b,), generator=g)
+    rows = (dy[:, None] + torch.arange(x.shape[2]))[:, :, None]
+    cols = (dx[:, None] + torch.arange(x.shape[3]))[:, None, :]
+    out = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(b, generator=g) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: ClassifierRecipe | None = None,
+                     data_dir=None, stop_after: int | None = None) -> dict:
+    """Supervised training of a zoo classifier on clean Fashion-MNIST; writes safetensors + card."""
+    from .io import resolve_factory
+    from .metrics import accuracy
+
+    r = r or CLASSIFIER_RECIPES[name]
+    work_dir = Path(work_dir)
+    torch.manual_seed(r.seed)
+    net = resolve_factory(r.factory)()
+    x_train, y_train = load_fashion_mnist("train", data_dir)
+    batches = InfiniteBatches(x_train, y_train, batch_size=r.batch_size, seed=r.seed)
+    total = r.epochs * len(x_train) // r.batch_size
+    opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    ckpt = work_dir / "resume.pt"
+    step, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = load_resume_state(ckpt)
+        if json.dumps(state["recipe"]) != json.dumps(asdict(r)):
+            raise SystemExit(f"{ckpt} was made with another recipe; delete {work_dir} to start over")
+        net.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+    end = total if stop_after is None else min(total, step + stop_after)
+    t_start = time.time() - elapsed
+    net.train()
+    bar = tqdm(total=total, initial=step, desc=name, unit="it")
+    while step < end:
+        x, y = batches.batch(step)
+        if r.augment:
+            x = augment_batch(x, step_generator(r.seed, step))
+        for group in opt.param_groups:
+            group["lr"] = r.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = F.cross_entropy(net(x), y, label_smoothing=r.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % r.checkpoint_every == 0 or step == end:
+            elapsed = time.time() - t_start
+            atomic_torch_save(ckpt, {"recipe": asdict(r), "model": net.state_dict(), "opt": opt.state_dict(),
+                                     "step": step, "elapsed": elapsed})
+    bar.close()
+    if step < total:
+        return {"step": step, "done": False}
+    x_test, y_test = load_fashion_mnist("test", data_dir)
+    acc = accuracy(net.eval(), x_test, y_test)
+    atomic_save_safetensors(out_file, net.state_dict(), metadata={"ppap_zoo": name})
+    card = {"recipe": asdict(r), "iterations": step, "train_seconds": round(elapsed, 1), "test_accuracy": acc,
+            "parameters": sum(p.numel() for p in net.parameters())}
+    atomic_write_json(Path(out_file).with_suffix(".json"), card)
+    return card | {"done": True}

@@ -1,0 +1,83 @@
+"""Tasks: what a guidance model's output means, independent of diffusion and of experts.
+
+A task turns
+  * (model output, target)            -> per-sample log-likelihood [B] (guided sampling),
+  * (student output, teacher output)  -> per-sample distillation loss [B] (data-free experts),
+  * (model output, label)             -> per-sample supervised loss [B] (labelled baselines).
+Samplers and the trainer only see these three functions, so a new task needs no change there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .io import PPAPError
+
+
+class Task(Protocol):
+    name: str
+
+    def check_target(self, target: Tensor, output_shape: tuple[int, ...]) -> Tensor:
+        """Validate ``target`` against a model output of ``output_shape`` ([B, ...]); return it
+        in the dtype ``log_likelihood`` expects, or raise PPAPError naming the bad value."""
+
+    def log_likelihood(self, output: Tensor, target: Tensor) -> Tensor: ...
+
+    def distill_loss(self, student: Tensor, teacher: Tensor) -> Tensor: ...
+
+    def supervised_loss(self, output: Tensor, label: Tensor) -> Tensor: ...
+
+    def target_from_output(self, output: Tensor) -> Tensor:
+        """The target a clean reference image implies (argmax class, label map, dense map)."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Class-conditional guidance with a classifier emitting logits [B, K].
+
+    KD follows PPAP's official code: KL(softmax(teacher / tau) || softmax(student)), with the
+    temperature on the teacher only (tau < 1 sharpens it). Unlike that code we sum over classes
+    (a true per-sample KL) instead of averaging, so the loss scale does not depend on K.
+    """
+
+    num_classes: int
+    tau: float = 0.25
+    name: str = "classification"
+
+    def check_target(self, target: Tensor, output_shape: tuple[int, ...]) -> Tensor:
+        if len(output_shape) != 2 or output_shape[1] != self.num_classes:
+            raise PPAPError(f"classification needs model output [B, {self.num_classes}], the model gives {list(output_shape)}")
+        target = torch.as_tensor(target)
+        if target.is_floating_point() or target.ndim != 1:
+            raise PPAPError(f"a class target is one integer per sample, got {target.dtype} of shape {list(target.shape)}")
+        bad = target[(target < 0) | (target >= self.num_classes)]
+        if bad.numel():
+            raise PPAPError(f"class index {int(bad[0])} is out of range: the model has {self.num_classes} classes (0..{self.num_classes - 1})")
+        return target.long()
+
+    def log_likelihood(self, output: Tensor, target: Tensor) -> Tensor:
+        return output.log_softmax(-1).gather(-1, target[:, None].to(output.device)).squeeze(-1)
+
+    def distill_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        p_teacher = (teacher / self.tau).softmax(-1)
+        return F.kl_div(student.log_softmax(-1), p_teacher, reduction="none").sum(-1)
+
+    def supervised_loss(self, output: Tensor, label: Tensor) -> Tensor:
+        return F.cross_entropy(output, label, reduction="none")
+
+    def target_from_output(self, output: Tensor) -> Tensor:
+        return output.argmax(-1)
+
+
+TASKS = {"classification": Classification}
+
+
+def make_task(name: str, **kwargs) -> Task:
+    if name not in TASKS:
+        raise PPAPError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)

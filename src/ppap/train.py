@@ -1,0 +1,285 @@
+"""Training noise-range experts: one loop for PPAP and for the supervised baselines.
+
+For expert i owning [lo, hi): draw t ~ U[lo, hi), x_t = q_sample(x0, t, eps) and minimise
+  * ``objective="distill"`` (PPAP, data-free): task.distill_loss(expert_i(x_t), teacher(x0)),
+    the teacher being the frozen off-the-shelf net on the *clean* image;
+  * ``objective="supervised"``: task.supervised_loss(expert_i(x_t), label) on labelled images.
+Whether experts are LoRA adapters or full copies is the bank's business (``AdapterConfig``).
+
+Batch ``s`` of expert ``i`` (images, t, noise) is a pure function of ``(seed, i, s)`` and the
+global batch is split across processes, so resuming, or running on 1 or 2 processes, sees the
+same data. Under ``accelerate launch`` gradients are averaged across processes (data parallel).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import InfiniteBatches
+from .diffusion import NoiseSchedule
+from .experts import AdapterConfig, ExpertBank, TimestepRouter, expert_name, make_bank, parameter_report
+from .io import PPAPError, atomic_torch_save, atomic_write_json, fingerprint, load_resume_state, read_json
+from .tasks import Task, make_task
+
+MANIFEST = "ppap_experts.json"
+FORMAT = "ppap-experts-v1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "distill"  # "distill" (data-free PPAP) or "supervised" (needs labels)
+    experts: str = "5"  # a count of equal timestep ranges, or "lo-hi,lo-hi,..."
+    adapter: str = "lora"  # "lora" (one frozen net + N adapters) or "full" (N full copies)
+    rank: int = 8  # LoRA rank
+    alpha: float = 8.0  # LoRA alpha (update scaled by alpha / rank)
+    per_expert_norm: bool = True  # each expert owns its norm layers (affine + running stats)
+    iterations: int = 1000  # optimiser steps per expert
+    batch_size: int = 64  # global batch, split across processes
+    lr: float = 1e-3  # AdamW peak; linear warm-up then linear decay to 0, restarted per expert
+    warmup: int = 20
+    weight_decay: float = 0.0
+    warm_start: bool = False  # start expert i from expert i-1's weights (the official code does)
+    tau: float = 0.25  # KD temperature on the teacher (classification / segmentation)
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        if self.objective not in ("distill", "supervised"):
+            raise PPAPError(f"unknown objective {self.objective!r}; valid: 'distill', 'supervised'")
+        for name in ("iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PPAPError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(kind=self.adapter, rank=self.rank, alpha=self.alpha, per_expert_norm=self.per_expert_norm)
+
+
+def schedule_fingerprint(schedule: NoiseSchedule) -> str:
+    return fingerprint({"alphas_cumprod": schedule.alphas_cumprod})
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    return max(0.0, 1 - (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup))
+
+
+class _Dist:
+    """The little of accelerate the loop needs; a single process when no accelerator is given."""
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator
+        self.world = accelerator.num_processes if accelerator else 1
+        self.rank = accelerator.process_index if accelerator else 0
+        self.device = accelerator.device if accelerator else torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean_(self, tensors: list[Tensor]) -> None:
+        if self.world == 1:
+            return
+        for t in tensors:
+            t.copy_(self.acc.reduce(t, reduction="mean"))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+
+
+def _norm_buffers(bank: ExpertBank, i: int) -> list[Tensor]:
+    tag = f".{expert_name(i)}."
+    return [b for n, b in bank.named_buffers() if b.is_floating_point() and (tag in n or n.startswith(f"experts.{expert_name(i)}."))]
+
+
+@torch.no_grad()
+def teacher_outputs(bank: ExpertBank, images: Tensor, batch_size: int = 256, progress: bool = True) -> Tensor:
+    """The frozen off-the-shelf net on every clean image, computed once (it never changes)."""
+    out = [bank.teacher(images[k : k + batch_size]) for k in tqdm(range(0, len(images), batch_size), desc="teacher", disable=not progress, leave=False)]
+    return torch.cat(out)
+
+
+def train_experts(
+    bank: ExpertBank,
+    task: Task,
+    schedule: NoiseSchedule,
+    images: Tensor,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    labels: Tensor | None = None,
+    identity: dict | None = None,
+    accelerator=None,
+    only: list[int] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train every expert of ``bank`` (or those in ``only``) and save them under ``out_dir``.
+
+    images [N, C, H, W] in [-1, 1]: the data-free corpus (distill) or real images (supervised,
+    with ``labels``). Finished experts are skipped on re-runs; an interrupted expert resumes from
+    its last checkpoint in ``out_dir/.resume``. Returns per-expert loss statistics.
+    """
+    dist = _Dist(accelerator)
+    out_dir = Path(out_dir)
+    router = bank.router
+    if router.num_train_timesteps != schedule.num_train_timesteps:
+        raise PPAPError(f"experts cover [0, {router.num_train_timesteps}) but the diffusion has T={schedule.num_train_timesteps}")
+    if cfg.objective == "supervised" and labels is None:
+        raise PPAPError("objective 'supervised' needs labelled images (e.g. --data fashion-mnist)")
+    manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity, dist)
+    bank.to(dist.device)
+    images = images.to(dist.device)
+    if cfg.objective == "distill":
+        targets = teacher_outputs(bank, images, progress=progress and dist.main)
+    else:
+        targets = labels.to(dist.device)
+    stats = {}
+    for i in only if only is not None else range(router.num_experts):
+        if expert_name(i) in manifest["trained"]:
+            continue
+        stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
+        dist.barrier()
+        if dist.main:
+            bank.save_expert(i, out_dir)
+            manifest["trained"] = sorted(set(manifest["trained"]) | {expert_name(i)}, key=lambda n: int(n.split("_")[1]))
+            manifest["stats"][expert_name(i)] = stats[expert_name(i)]
+            atomic_write_json(out_dir / MANIFEST, manifest)
+            (out_dir / ".resume" / f"{expert_name(i)}.pt").unlink(missing_ok=True)
+        dist.barrier()
+    return stats
+
+
+def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity, dist) -> dict:
+    want = {
+        "format": FORMAT,
+        "boundaries": list(bank.router.boundaries),
+        "adapter": asdict(bank.adapter),
+        "task": task_config(task),
+        "guide": identity or {},
+        "guide_fingerprint": bank.base_fingerprint,
+        "schedule": {"num_train_timesteps": schedule.num_train_timesteps, "fingerprint": schedule_fingerprint(schedule)},
+        "train": asdict(cfg),
+    }
+    path = out_dir / MANIFEST
+    if path.exists():
+        have = read_json(path, "expert manifest")
+        for key, value in want.items():
+            if json.dumps(have.get(key), sort_keys=True) != json.dumps(value, sort_keys=True):
+                raise PPAPError(f"{out_dir} holds experts trained with other settings ({key} differs); use another --out or the same settings to resume")
+        return have
+    manifest = want | {"trained": [], "stats": {}, "parameters": parameter_report(bank)}
+    if dist.main:
+        atomic_write_json(path, manifest)
+    return manifest
+
+
+def task_config(task: Task) -> dict:
+    return asdict(task)
+
+
+def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_dir: Path, dist: _Dist, progress: bool) -> dict:
+    lo, hi = bank.router.interval(i)
+    resume = out_dir / ".resume" / f"{expert_name(i)}.pt"
+    if cfg.warm_start and i > 0:
+        bank.load_expert_state(i, bank.expert_state(i - 1))
+    params = bank.trainable_parameters(i)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, losses = 0, []
+    if resume.exists():
+        state = load_resume_state(resume)
+        bank.load_expert_state(i, state["expert"])
+        opt.load_state_dict(state["opt"])
+        step, losses = state["step"], state["losses"]
+    # each expert has its own stream of batches, so skipping finished experts changes nothing
+    batches = InfiniteBatches(images, targets, batch_size=cfg.batch_size, seed=cfg.seed * 1000 + i)
+    per_rank = slice(dist.rank, None, dist.world)
+    bank.train()
+    bar = tqdm(total=cfg.iterations, initial=step, desc=f"{expert_name(i)} t∈[{lo},{hi})", disable=not (progress and dist.main), leave=False)
+    t0 = time.time()
+    while step < cfg.iterations:
+        x0, target = (v[per_rank] for v in batches.batch(step))
+        g = torch.Generator().manual_seed((cfg.seed * 1000 + i) * 1_000_003 + step)
+        t_all = torch.randint(lo, hi, (cfg.batch_size,), generator=g)
+        noise_all = torch.randn((cfg.batch_size,) + tuple(images.shape[1:]), generator=g)
+        t, noise = t_all[per_rank].to(x0.device), noise_all[per_rank].to(x0.device)
+        out = bank.run_expert(i, schedule.q_sample(x0, t, noise))
+        if cfg.objective == "distill":
+            loss = task.distill_loss(out, target).mean()
+        else:
+            loss = task.supervised_loss(out, target).mean()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.mean_([p.grad for p in params if p.grad is not None])
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
+        if step % cfg.checkpoint_every == 0 and step < cfg.iterations and dist.main:
+            atomic_torch_save(resume, {"expert": bank.expert_state(i), "opt": opt.state_dict(), "step": step, "losses": losses})
+    bar.close()
+    dist.mean_(_norm_buffers(bank, i))  # running statistics were gathered on each rank's shard
+    bank.eval()
+    for p in params:
+        p.requires_grad_(False)
+    k = max(1, min(50, len(losses) // 4))
+    return {"range": [lo, hi], "iterations": cfg.iterations, "loss_first": sum(losses[:k]) / k,
+            "loss_last": sum(losses[-k:]) / k, "seconds": round(time.time() - t0, 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading trained experts
+# --------------------------------------------------------------------------------------------
+
+
+def load_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PPAPError(f"experts directory not found: {directory}")
+    manifest = read_json(directory / MANIFEST, "expert manifest")
+    if manifest.get("format") != FORMAT:
+        raise PPAPError(f"{directory / MANIFEST} is not a ppap expert manifest (format {manifest.get('format')!r}, expected {FORMAT!r})")
+    return manifest
+
+
+def load_experts(net, directory: str | Path, *, schedule: NoiseSchedule | None = None, require_all: bool = True) -> tuple[ExpertBank, Task]:
+    """Rebuild the bank and task that ``train_experts`` saved in ``directory`` on top of ``net``
+    (the off-the-shelf model, weights loaded). Checks that ``net`` and ``schedule`` are the ones
+    the experts were trained for."""
+    manifest = load_manifest(directory)
+    try:
+        router = TimestepRouter(tuple(manifest["boundaries"]))
+        adapter = AdapterConfig(**manifest["adapter"])
+        task = make_task(**manifest["task"])
+    except (KeyError, TypeError) as e:
+        raise PPAPError(f"{Path(directory) / MANIFEST} is malformed ({e})") from None
+    if schedule is not None and manifest["schedule"]["fingerprint"] != schedule_fingerprint(schedule):
+        raise PPAPError(f"experts in {directory} were trained for another noise schedule "
+                        f"(T={manifest['schedule']['num_train_timesteps']}) than this diffusion model's (T={schedule.num_train_timesteps})")
+    have = fingerprint(net.state_dict())
+    if have != manifest["guide_fingerprint"]:
+        name = manifest.get("guide", {}).get("ref", "another model")
+        raise PPAPError(f"experts in {directory} were trained on {name} (weights {manifest['guide_fingerprint'][:12]}), "
+                        f"not on the given guidance model (weights {have[:12]})")
+    missing = [expert_name(i) for i in range(router.num_experts) if expert_name(i) not in manifest["trained"]]
+    if missing and require_all:
+        raise PPAPError(f"experts in {directory} are unfinished ({missing[0]} not trained); re-run `ppap train` to finish them")
+    bank = make_bank(net, router, adapter)
+    for i in range(router.num_experts):
+        if expert_name(i) in manifest["trained"]:
+            bank.load_expert(i, directory)
+    return bank.eval(), task

@@ -1,0 +1,64 @@
+"""The zoo: small real models trained by ppap's own recipes and shipped inside the package.
+
+A zoo name works wherever a model is accepted (``--diffusion fashion-ddpm --guide
+fashion-classifier --experts fashion-ppap5``). ``docs/ZOO.md`` is the model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .data import FASHION_MNIST_CLASSES
+from .io import PPAPError
+
+
+def weights_dir() -> Path:
+    return Path(str(resources.files("ppap"))) / "weights"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str  # "diffusion" | "guide" | "experts"
+    description: str
+    path: str  # file or directory under ppap/weights
+    factory: str | None = None  # guide models: "package.module:function"
+    task: str = "classification"
+    classes: tuple[str, ...] = FASHION_MNIST_CLASSES
+    guide: str | None = None  # experts: the zoo guide they adapt
+
+    @property
+    def location(self) -> Path:
+        return weights_dir() / self.path
+
+    @property
+    def available(self) -> bool:
+        return self.location.exists()
+
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in [
+    ZooEntry("fashion-ddpm", "diffusion", "unconditional DDPM, diffusers UNet2DModel 2.6M params, 1x32x32, T=1000 linear, EMA",
+             "fashion-ddpm"),
+    ZooEntry("fashion-classifier", "guide", "off-the-shelf ResNet classifier trained on clean images only",
+             "fashion-classifier.safetensors", factory="ppap.models:fashion_classifier"),
+    ZooEntry("fashion-evaluator", "guide", "independent judge (VGG/GroupNorm, augmented); FID features; never guides",
+             "fashion-evaluator.safetensors", factory="ppap.models:fashion_evaluator"),
+    ZooEntry("fashion-ppap5", "experts", "5 data-free LoRA experts of fashion-classifier on fashion-ddpm samples",
+             "fashion-ppap5", guide="fashion-classifier"),
+]}
+
+
+def get(name: str, kind: str | None = None) -> ZooEntry:
+    entry = ZOO.get(name)
+    if entry is None or (kind is not None and entry.kind != kind):
+        valid = ", ".join(n for n, e in ZOO.items() if kind is None or e.kind == kind)
+        raise PPAPError(f"unknown zoo {kind or 'model'} {name!r}; valid: {valid}")
+    if not entry.available:
+        raise PPAPError(f"zoo model {name!r} is not built in this install ({entry.location} missing); run `ppap zoo train {name}`")
+    return entry
+
+
+def is_zoo_name(ref: str) -> bool:
+    return ref in ZOO

@@ -1,0 +1,46 @@
+"""Tiny randomly initialised models for fast CPU tests (nothing here needs data or a hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, attention_head_dim=8)
+
+
+@pytest.fixture
+def tiny_diffusion():
+    from diffusers import DDPMScheduler
+
+    from ppap import Diffusion, NoiseSchedule
+
+    return Diffusion(tiny_unet(), NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100)))
+
+
+@pytest.fixture
+def tiny_models(tmp_path, tiny_diffusion):
+    """On disk: a diffusers pipeline dir and a tiny classifier's safetensors."""
+    from safetensors.torch import save_file
+
+    from ppap.models import tiny_classifier
+
+    ddpm = tmp_path / "ddpm"
+    tiny_diffusion.save_pretrained(ddpm)
+    torch.manual_seed(1)
+    net = tiny_classifier()
+    save_file(net.state_dict(), str(tmp_path / "clf.safetensors"))
+    return {"diffusion": str(ddpm), "guide": "ppap.models:tiny_classifier", "weights": str(tmp_path / "clf.safetensors"), "root": tmp_path}
