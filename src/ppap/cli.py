@@ -74,7 +74,9 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
 def _accelerator():
     from accelerate import Accelerator
 
-    return Accelerator()
+    # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` start a gloo
+    # process group (MULTI_CPU) instead of silently running N independent copies
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def _save_sample_outputs(out: Path, images: np.ndarray, targets: np.ndarray, nrow: int) -> None:
@@ -157,7 +159,7 @@ def cmd_train(args) -> int:
     images, labels = _load_training_data(args, task.name)
     if images.shape[1:] != diffusion.image_shape:
         raise PPAPError(f"training images have shape {list(images.shape[1:])} but the diffusion model makes {list(diffusion.image_shape)}")
-    bank = make_bank(guide.net, router, cfg.adapter_config())
+    bank = make_bank(guide.net, router, cfg.adapter_config(), seed=cfg.seed)
     acc = _accelerator()
     stats = train_experts(bank, task, diffusion.schedule, images, cfg, args.out, labels=labels,
                           identity=guide.identity, accelerator=acc, progress=not args.quiet)

@@ -229,7 +229,7 @@ def _module_names(net: nn.Module, types) -> list[str]:
 class LoRAExperts(ExpertBank):
     """PPAP's bank: one frozen net, N peft LoRA adapters (plus per-expert norm copies)."""
 
-    def __init__(self, net: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig()):
+    def __init__(self, net: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig(), seed: int = 0):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
@@ -245,9 +245,13 @@ class LoRAExperts(ExpertBank):
         # a full-match regex, so that names like "0" in an nn.Sequential never match by suffix
         config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha,
                             target_modules="|".join(re.escape(n) for n in targets), modules_to_save=norms or None)
-        self.model = get_peft_model(net, config, adapter_name=expert_name(0))
-        for i in range(1, router.num_experts):
-            self.model.add_adapter(expert_name(i), config)
+        # LoRA A matrices are drawn from torch's global RNG: fix it (and only here), so that every
+        # process of a data-parallel run, and every re-run, starts from the same experts
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = get_peft_model(net, config, adapter_name=expert_name(0))
+            for i in range(1, router.num_experts):
+                self.model.add_adapter(expert_name(i), config)
         self._active = 0
         self.model.set_adapter(expert_name(0))
 
@@ -351,8 +355,10 @@ class FullExperts(ExpertBank):
         load_weights_into(self.experts[expert_name(i)], Path(directory) / expert_name(i) / "model.safetensors")
 
 
-def make_bank(net: nn.Module, router: TimestepRouter, adapter: AdapterConfig) -> ExpertBank:
-    return (LoRAExperts if adapter.kind == "lora" else FullExperts)(net, router, adapter)
+def make_bank(net: nn.Module, router: TimestepRouter, adapter: AdapterConfig, seed: int = 0) -> ExpertBank:
+    if adapter.kind == "lora":
+        return LoRAExperts(net, router, adapter, seed=seed)
+    return FullExperts(net, router, adapter)
 
 
 def parameter_report(bank: ExpertBank) -> dict[str, float]:

@@ -181,9 +181,9 @@ class ClassifierRecipe:
 
 CLASSIFIER_RECIPES = {
     # clean images only, no noise or augmentation: the typical off-the-shelf model PPAP adapts
-    "fashion-classifier": ClassifierRecipe("ppap.models:fashion_classifier", epochs=6),
+    "fashion-classifier": ClassifierRecipe("ppap.models:fashion_classifier", epochs=5),
     # a different architecture, trained separately with augmentation, used only to measure
-    "fashion-evaluator": ClassifierRecipe("ppap.models:fashion_evaluator", epochs=10, augment=True, label_smoothing=0.1, seed=1),
+    "fashion-evaluator": ClassifierRecipe("ppap.models:fashion_evaluator", epochs=8, augment=True, label_smoothing=0.1, seed=1),
 }
 
 

@@ -145,6 +145,7 @@ def train_experts(
     stats = {}
     for i in only if only is not None else range(router.num_experts):
         if expert_name(i) in manifest["trained"]:
+            bank.load_expert(i, out_dir)  # a later warm-started expert, and the caller, need it
             continue
         stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
         dist.barrier()

@@ -1,0 +1,28 @@
+# One virtual environment for everything. torch: the CPU build 2.13.0 is installed when the venv
+# has no torch (never let pip resolve a bare `torch`, which pulls the CUDA build). To use your own
+# torch (e.g. CUDA), create the venv with it first, or point VENV at one that has it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ppap-installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ppap demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout 600
+
+bench: $(STAMP)
+	$(VENV)/bin/ppap bench classifier
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch import nn
+
+from ppap import AdapterConfig, Classification, FullExperts, LoRAExperts, PPAPError, TimestepRouter, TrainConfig, train_experts
+from ppap.experts import parameter_report
+from ppap.models import tiny_classifier
+
+
+def _bank(n=3, per_expert_norm=True, seed=0):
+    torch.manual_seed(seed)
+    return LoRAExperts(tiny_classifier(), TimestepRouter.uniform(n, 100), AdapterConfig(rank=4, alpha=4, per_expert_norm=per_expert_norm))
+
+
+def test_fresh_experts_equal_the_off_the_shelf_model():
+    bank = _bank().eval()
+    x = torch.randn(6, 1, 8, 8)
+    t = torch.tensor([0, 40, 99, 10, 70, 50])
+    assert torch.allclose(bank(x, t), bank.teacher(x), atol=1e-5)
+
+
+def test_every_adapter_gets_a_gradient_and_only_its_own():
+    bank = _bank().train()
+    out = bank.run_expert(1, torch.randn(4, 1, 8, 8))
+    out.square().sum().backward()
+    for i in range(3):
+        grads = [p.grad for p in bank.trainable_parameters(i)]
+        if i == 1:
+            # LoRA B starts at zero, so A gets none at init; B and the norm copies must
+            assert any(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads)
+    assert all(p.grad is None for n, p in bank.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
+
+
+def test_routing_sends_each_sample_to_its_expert():
+    bank = _bank()
+    with torch.no_grad():  # make the experts differ
+        for i in range(3):
+            for p in bank.trainable_parameters(i):
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+    bank.eval()
+    x = torch.randn(5, 1, 8, 8)
+    t = torch.tensor([5, 50, 95, 32, 33])  # boundaries (0, 33, 66, 100): experts 0, 1, 2, 0, 1
+    out = bank(x, t)
+    for k, i in enumerate([0, 1, 2, 0, 1]):
+        assert torch.allclose(out[k], bank.run_expert(i, x[k : k + 1])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("per_expert_norm", [True, False])
+def test_backbone_bit_identical_after_training_and_kd_loss_decreases(tiny_diffusion, tmp_path, per_expert_norm):
+    bank = _bank(n=2, per_expert_norm=per_expert_norm)
+    before = {k: v.clone() for k, v in bank.base_state().items()}
+    assert any("running_mean" in k for k in before)  # BatchNorm statistics are part of the check
+    images = torch.rand(64, 1, 8, 8) * 2 - 1
+    cfg = TrainConfig(experts="2", rank=4, alpha=4, iterations=40, batch_size=16, lr=1e-2, per_expert_norm=per_expert_norm)
+    stats = train_experts(bank, Classification(10), tiny_diffusion.schedule, images, cfg, tmp_path, progress=False)
+    after = bank.base_state()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    for s in stats.values():
+        assert s["loss_last"] < 0.5 * s["loss_first"]
+    # the experts did move away from the teacher
+    x = images[:8]
+    assert not torch.allclose(bank.eval().run_expert(0, x), bank.teacher(x), atol=1e-3)
+
+
+def test_save_load_round_trip_and_bad_adapter_files(tmp_path):
+    bank = _bank()
+    with torch.no_grad():
+        for p in bank.trainable_parameters(2):
+            p.add_(torch.randn_like(p))
+    bank.save_expert(2, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "expert_2").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    other = _bank()
+    other.load_expert(2, tmp_path)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(other.eval().run_expert(2, x), bank.eval().run_expert(2, x), atol=1e-6)
+
+    (tmp_path / "expert_2" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PPAPError, match="corrupt or not safetensors"):
+        other.load_expert(2, tmp_path)
+    with pytest.raises(PPAPError, match="weights file not found"):
+        other.load_expert(1, tmp_path)
+    bank.save_expert(0, tmp_path)
+    wrong_rank = LoRAExperts(tiny_classifier(), TimestepRouter.uniform(3, 100), AdapterConfig(rank=2, alpha=2))
+    with pytest.raises(PPAPError, match="does not fit the guidance model"):
+        wrong_rank.load_expert(0, tmp_path)
+
+
+def test_sequential_models_and_parameter_report():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+    backbone = sum(p.numel() for p in net.parameters())
+    bank = LoRAExperts(net, TimestepRouter.uniform(12, 100), AdapterConfig(rank=2, alpha=2))
+    report = parameter_report(bank)
+    lora = (2 * 1 * 9 + 4 * 2) + (2 * 256 + 10 * 2)  # conv A [r, in*k*k], B [out, r]; linear A, B
+    assert report["trainable_per_expert"] == lora + 8  # + the BatchNorm affine copy
+    assert report["backbone_parameters"] == backbone
+    assert report["fraction_per_expert"] == pytest.approx((lora + 8) / backbone)
+
+
+def test_full_experts_are_independent_copies(tiny_diffusion, tmp_path):
+    torch.manual_seed(0)
+    bank = FullExperts(tiny_classifier(), TimestepRouter.uniform(2, 100))
+    before = {k: v.clone() for k, v in bank.base_state().items()}
+    images, labels = torch.rand(32, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (32,))
+    cfg = TrainConfig(objective="supervised", adapter="full", experts="2", iterations=5, batch_size=8)
+    train_experts(bank, Classification(10), tiny_diffusion.schedule, images, cfg, tmp_path, labels=labels, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in bank.base_state().items())
+    assert (tmp_path / "expert_1" / "model.safetensors").exists()
+    assert parameter_report(bank)["fraction_per_expert"] == 1.0

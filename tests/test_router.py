@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from ppap import PPAPError, TimestepRouter
+
+
+def test_uniform_split_matches_official_ranges():
+    r = TimestepRouter.uniform(5, 1000)
+    assert r.boundaries == (0, 200, 400, 600, 800, 1000)
+    assert [r.interval(i) for i in range(5)] == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
+
+
+def test_routing_is_half_open_and_covers_every_timestep():
+    r = TimestepRouter.uniform(5, 1000)
+    t = torch.arange(1000)
+    ids = r(t)
+    assert torch.equal(ids, t // 200)
+    # the boundary timestep belongs to the expert that trained on it (unlike the official code)
+    assert r(torch.tensor([199, 200, 399, 400, 999])).tolist() == [0, 1, 1, 2, 4]
+
+
+def test_custom_ranges_and_parse():
+    r = TimestepRouter.parse("0-100,100-500,500-1000", 1000)
+    assert r.boundaries == (0, 100, 500, 1000)
+    assert r(torch.tensor([0, 99, 100, 499, 500, 999])).tolist() == [0, 0, 1, 1, 2, 2]
+    assert TimestepRouter.parse("3", 10).boundaries == (0, 3, 6, 10)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("0-200,300-1000", "gap between timestep ranges \\[0, 200\\) and \\[300, 1000\\): timesteps 200..299"),
+    ("0-500,400-1000", "overlap"),
+    ("0-500,500-1200", "\\[500, 1200\\) is empty or outside"),
+    ("100-1000", "timesteps 0..99 have no expert"),
+    ("0-500", "timesteps 500..999 have no expert"),
+    ("0-300,300-300,300-1000", "\\[300, 300\\) is empty"),
+    ("a-b", "bad expert ranges"),
+    ("0", "number of experts 0"),
+])
+def test_bad_ranges_are_clear_errors(spec, message):
+    with pytest.raises(PPAPError, match=message):
+        TimestepRouter.parse(spec, 1000)
+
+
+def test_bad_boundaries_and_timesteps():
+    with pytest.raises(PPAPError, match="start at timestep 0"):
+        TimestepRouter((10, 1000))
+    with pytest.raises(PPAPError, match="increase strictly"):
+        TimestepRouter((0, 500, 500, 1000))
+    r = TimestepRouter.uniform(2, 100)
+    with pytest.raises(PPAPError, match="timestep 100 is outside"):
+        r(torch.tensor([5, 100]))
+    with pytest.raises(PPAPError, match="expert 2 does not exist"):
+        r.interval(2)

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from ppap import AdapterConfig, Classification, LoRAExperts, PPAPError, TimestepRouter, TrainConfig, load_experts, train_experts
+from ppap.models import tiny_classifier
+
+CFG = TrainConfig(experts="2", rank=4, alpha=4, iterations=30, batch_size=8, lr=5e-3, checkpoint_every=10)
+
+
+def _bank():
+    torch.manual_seed(0)
+    return LoRAExperts(tiny_classifier(), TimestepRouter.uniform(2, 100), AdapterConfig(rank=4, alpha=4))
+
+
+def _images():
+    return torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+def test_resume_after_crash_loses_and_duplicates_nothing(tiny_diffusion, tmp_path, monkeypatch):
+    """Crash in the middle of expert 1, re-run: the result is bit-identical to a run that never
+    stopped (every batch seen exactly once, optimiser state restored)."""
+    task = Classification(10)
+    reference = _bank()
+    train_experts(reference, task, tiny_diffusion.schedule, _images(), CFG, tmp_path / "ref", progress=False)
+
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 30 + 25:  # expert 1, step 25: after its checkpoint at step 20
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(_bank(), task, tiny_diffusion.schedule, _images(), CFG, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / ".resume" / "expert_1.pt").exists()
+    assert (tmp_path / "run" / "expert_0").exists() and not (tmp_path / "run" / "expert_1").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = _bank()
+    stats = train_experts(resumed, task, tiny_diffusion.schedule, _images(), CFG, tmp_path / "run", progress=False)
+    assert list(stats) == ["expert_1"]  # expert 0 was finished and is not trained again
+    for i in range(2):
+        ref, got = reference.expert_state(i), resumed.expert_state(i)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), f"expert {i} differs after resume"
+    assert not (tmp_path / "run" / ".resume" / "expert_1.pt").exists()
+
+
+def test_warm_start_starts_from_the_previous_expert(tiny_diffusion, tmp_path, monkeypatch):
+    cfg = TrainConfig(experts="2", rank=4, alpha=4, iterations=5, batch_size=8, warm_start=True)
+    bank = _bank()
+    seen = {}
+    real = LoRAExperts.trainable_parameters
+
+    def spy(self, i):
+        if i == 1 and "start" not in seen:
+            seen["start"] = self.expert_state(1)
+            seen["prev"] = self.expert_state(0)
+        return real(self, i)
+
+    monkeypatch.setattr(LoRAExperts, "trainable_parameters", spy)
+    train_experts(bank, Classification(10), tiny_diffusion.schedule, _images(), cfg, tmp_path, progress=False)
+    assert all(torch.equal(seen["start"][k], seen["prev"][k]) for k in seen["prev"])
+
+
+def test_supervised_objective_needs_labels(tiny_diffusion, tmp_path):
+    cfg = TrainConfig(objective="supervised", experts="2", iterations=3, batch_size=8)
+    with pytest.raises(PPAPError, match="needs labelled images"):
+        train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(), cfg, tmp_path, progress=False)
+    labels = torch.randint(0, 10, (48,))
+    stats = train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(), cfg, tmp_path, labels=labels, progress=False)
+    assert set(stats) == {"expert_0", "expert_1"}
+
+
+def test_other_settings_in_the_same_directory_are_refused(tiny_diffusion, tmp_path):
+    train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(),
+                  TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8), tmp_path, progress=False)
+    with pytest.raises(PPAPError, match="trained with other settings \\(train differs\\)"):
+        train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(),
+                      TrainConfig(experts="2", rank=4, alpha=4, iterations=3, batch_size=8), tmp_path, progress=False)
+
+
+def test_load_experts_checks_model_and_schedule(tiny_diffusion, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from ppap import NoiseSchedule
+
+    train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(),
+                  TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8), tmp_path, progress=False)
+    torch.manual_seed(0)
+    bank, task = load_experts(tiny_classifier(), tmp_path, schedule=tiny_diffusion.schedule)
+    assert task == Classification(10) and bank.router.boundaries == (0, 50, 100)
+    torch.manual_seed(1)
+    with pytest.raises(PPAPError, match="were trained on .* not on the given guidance model"):
+        load_experts(tiny_classifier(), tmp_path)
+    other = NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2"))
+    torch.manual_seed(0)
+    with pytest.raises(PPAPError, match="another noise schedule"):
+        load_experts(tiny_classifier(), tmp_path, schedule=other)
