@@ -102,34 +102,20 @@ def _save_sample_outputs(out: Path, images: np.ndarray, targets: np.ndarray, nro
 
 def cmd_generate(args) -> int:
     """Data-free corpus: unguided DDIM samples of the diffusion model in atomic shards."""
-    from tqdm.auto import tqdm
-
-    from .data import CorpusSpec, open_corpus, write_shard
-    from .io import fingerprint
-    from .pipeline import load_diffusion, sample_images, to_hwc_uint8
+    from .data import open_corpus
+    from .pipeline import corpus_spec, generate_corpus, load_diffusion
 
     acc = _accelerator()
     diffusion = load_diffusion(args.diffusion).to(acc.device)
-    spec = CorpusSpec(model=f"{args.diffusion}@{fingerprint(diffusion.unet.state_dict())[:16]}", num_samples=args.num,
-                      shard_size=args.shard_size, steps=args.steps, eta=args.eta, seed=args.seed,
-                      schedule={"num_train_timesteps": diffusion.schedule.num_train_timesteps,
-                                "beta_schedule": diffusion.schedule.config.get("beta_schedule")})
-    if args.num < 1 or args.shard_size < 1:
-        raise PPAPError(f"--num and --shard-size must be >= 1 (got {args.num}, {args.shard_size})")
-    root = Path(args.out)
+    spec = corpus_spec(diffusion, args.diffusion, args.num, shard_size=args.shard_size, steps=args.steps, eta=args.eta, seed=args.seed)
     if acc.is_main_process:
-        open_corpus(root, spec)
+        open_corpus(args.out, spec)  # one process creates the manifest (or refuses a different corpus)
     acc.wait_for_everyone()
-    missing = open_corpus(root, spec)
-    mine = missing[acc.process_index :: acc.num_processes]  # ranks write disjoint shards
-    bar = tqdm(mine, desc=f"corpus (rank {acc.process_index})", unit="shard", disable=args.quiet)
-    for k in bar:
-        x = sample_images(diffusion, spec.shard_count(k), seed=args.seed, start=k * args.shard_size, steps=args.steps,
-                          eta=args.eta, batch_size=args.batch_size, progress=False)
-        write_shard(root, k, torch.from_numpy(to_hwc_uint8(x)))
+    written = generate_corpus(diffusion, args.out, spec, batch_size=args.batch_size, rank=acc.process_index,
+                              world=acc.num_processes, progress=not args.quiet)
     acc.wait_for_everyone()
-    if acc.is_main_process and not args.quiet:
-        print(f"corpus {root}: {spec.num_samples} images in {spec.num_shards} shards ({len(missing)} written now)")
+    if not args.quiet:
+        print(f"corpus {args.out}: {spec.num_samples} images in {spec.num_shards} shards ({written} written by rank {acc.process_index})")
     return 0
 
 

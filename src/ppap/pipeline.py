@@ -163,6 +163,55 @@ def sample_images(
     return torch.cat(out) if out else torch.empty((0,) + diffusion.image_shape)
 
 
+def generate_corpus(diffusion: Diffusion, root, spec, *, batch_size: int = 64, rank: int = 0, world: int = 1,
+                    progress: bool = True) -> int:
+    """Draw the shards of corpus ``spec`` that ``root`` still lacks; with ``world`` processes,
+    rank r takes every world-th missing shard. Returns how many shards this call wrote.
+    The caller opens the corpus (``data.open_corpus``) once, on one process, before."""
+    from .data import open_corpus, write_shard
+
+    missing = open_corpus(root, spec)
+    mine = missing[rank::world]
+    for k in tqdm(mine, desc="corpus" if world == 1 else f"corpus (rank {rank})", unit="shard", disable=not progress):
+        x = sample_images(diffusion, spec.shard_count(k), seed=spec.seed, start=k * spec.shard_size, steps=spec.steps,
+                          eta=spec.eta, batch_size=batch_size, progress=False)
+        write_shard(Path(root), k, torch.from_numpy(to_hwc_uint8(x)))
+    return len(mine)
+
+
+def corpus_spec(diffusion: Diffusion, ref: str, num: int, *, shard_size: int = 256, steps: int = 25, eta: float = 0.0, seed: int = 0):
+    from .data import CorpusSpec
+    from .io import fingerprint
+
+    if num < 1 or shard_size < 1:
+        raise PPAPError(f"corpus size and shard size must be >= 1 (got {num}, {shard_size})")
+    return CorpusSpec(model=f"{ref}@{fingerprint(diffusion.unet.state_dict())[:16]}", num_samples=num, shard_size=shard_size,
+                      steps=steps, eta=eta, seed=seed,
+                      schedule={"num_train_timesteps": diffusion.schedule.num_train_timesteps,
+                                "beta_schedule": diffusion.schedule.config.get("beta_schedule")})
+
+
+def data_free_experts(diffusion: Diffusion, diffusion_ref: str, guide: GuideModel, work_dir, *, corpus_size: int,
+                      cfg, corpus_steps: int = 25, task_name: str = "classification", progress: bool = True):
+    """The whole data-free PPAP recipe: sample a corpus from the diffusion model (no labels),
+    then distill the off-the-shelf model into noise-range experts. Resumable at every stage.
+    Returns (bank, task, stats); experts are saved in ``work_dir/experts``."""
+    from .data import load_corpus, open_corpus
+    from .experts import TimestepRouter, make_bank
+    from .train import train_experts
+
+    work_dir = Path(work_dir)
+    spec = corpus_spec(diffusion, diffusion_ref, corpus_size, steps=corpus_steps, seed=cfg.seed)
+    open_corpus(work_dir / "corpus", spec)
+    generate_corpus(diffusion, work_dir / "corpus", spec, progress=progress)
+    images = load_corpus(work_dir / "corpus")
+    task = task_for(guide, diffusion.image_shape, task_name, tau=cfg.tau)
+    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps)
+    bank = make_bank(guide.net, router, cfg.adapter_config(), seed=cfg.seed)
+    stats = train_experts(bank, task, diffusion.schedule, images, cfg, work_dir / "experts", identity=guide.identity, progress=progress)
+    return bank, task, stats
+
+
 def to_hwc_uint8(x: Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C]."""
     return unit_to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()

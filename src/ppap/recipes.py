@@ -28,6 +28,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def _same_recipe(saved: dict, recipe, ckpt: Path) -> None:
+    now = asdict(recipe)
+    keys = ("iterations", "checkpoint_every") if isinstance(recipe, DDPMRecipe) else ("checkpoint_every",)
+    diff = [k for k in now if k not in keys and json.dumps(saved.get(k)) != json.dumps(now[k])]
+    if diff:
+        raise SystemExit(f"{ckpt} was made with another recipe ({diff[0]} differs); delete {ckpt.parent} to start over")
+
+
 # --------------------------------------------------------------------------------------------
 # fashion-ddpm
 # --------------------------------------------------------------------------------------------
@@ -40,7 +48,7 @@ class DDPMRecipe:
     attention_level: int = 1  # which resolution gets self-attention (1 = 16x16)
     num_train_timesteps: int = 1000  # T
     beta_schedule: str = "linear"  # DDPM's linear betas 1e-4..0.02
-    iterations: int = 6000  # optimiser steps
+    iterations: int = 4000  # optimiser steps
     batch_size: int = 64
     lr: float = 5e-4  # AdamW, after a linear warm-up
     warmup: int = 200
@@ -88,8 +96,7 @@ def train_ddpm(out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRe
     step, elapsed, losses = 0, 0.0, []
     if ckpt.exists():
         state = load_resume_state(ckpt)
-        if json.dumps(state["recipe"]) != json.dumps(asdict(r)):
-            raise SystemExit(f"{ckpt} was made with another recipe; delete {work_dir} to start over")
+        _same_recipe(state["recipe"], r, ckpt)  # the DDPM's lr is constant after warm-up: its length may change
         unet.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
     x_all, _ = load_fashion_mnist("train", data_dir)
@@ -218,8 +225,7 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
     step, elapsed = 0, 0.0
     if ckpt.exists():
         state = load_resume_state(ckpt)
-        if json.dumps(state["recipe"]) != json.dumps(asdict(r)):
-            raise SystemExit(f"{ckpt} was made with another recipe; delete {work_dir} to start over")
+        _same_recipe(state["recipe"], r, ckpt)
         net.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
         step, elapsed = state["step"], state["elapsed"]
     end = total if stop_after is None else min(total, step + stop_after)
@@ -254,3 +260,44 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
             "parameters": sum(p.numel() for p in net.parameters())}
     atomic_write_json(Path(out_file).with_suffix(".json"), card)
     return card | {"done": True}
+
+
+# --------------------------------------------------------------------------------------------
+# fashion-ppap5: data-free LoRA experts of fashion-classifier on fashion-ddpm samples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertRecipe:
+    diffusion: str = "fashion-ddpm"
+    guide: str = "fashion-classifier"
+    corpus_size: int = 5000  # unlabelled images sampled from the DDPM (DDIM-25)
+    train: "TrainConfig" = None  # filled in EXPERT_RECIPES
+
+
+def _expert_recipes() -> dict:
+    from .train import TrainConfig
+
+    return {"fashion-ppap5": ExpertRecipe(train=TrainConfig(experts="5", iterations=2000, batch_size=64, lr=1e-3, rank=8, alpha=8))}
+
+
+EXPERT_RECIPES = _expert_recipes()
+
+
+def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> dict:
+    """Corpus + experts in ``work_dir`` (resumable); the finished experts are swapped into ``out_dir``."""
+    from .pipeline import data_free_experts, load_diffusion, load_guide
+
+    r = EXPERT_RECIPES[name]
+    t0 = time.time()
+    diffusion = load_diffusion(r.diffusion)
+    bank, task, stats = data_free_experts(diffusion, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size, cfg=r.train)
+    out_dir, tmp = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(Path(work_dir) / "experts", tmp, ignore=shutil.ignore_patterns(".resume"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    card = {"recipe": {"diffusion": r.diffusion, "guide": r.guide, "corpus_size": r.corpus_size, "train": asdict(r.train)},
+            "seconds_this_call": round(time.time() - t0, 1), "stats": stats}
+    atomic_write_json(out_dir / "ppap_card.json", card)
+    return card

@@ -19,7 +19,7 @@ def train_zoo_model(name: str, work_root: Path, data_dir=None) -> dict:
         card = recipes.train_ddpm(entry.location, work, data_dir=data_dir)
     elif name in recipes.CLASSIFIER_RECIPES:
         card = recipes.train_classifier(name, entry.location, work, data_dir=data_dir)
-    elif name in getattr(recipes, "EXPERT_RECIPES", {}):
+    elif name in recipes.EXPERT_RECIPES:
         card = recipes.train_zoo_experts(name, entry.location, work)
     else:  # a zoo entry without a recipe is a bug, not a user error
         raise AssertionError(f"no recipe for zoo model {name}")

@@ -1,0 +1,121 @@
+"""``ppap demo``: the whole data-free PPAP pipeline at small scale on the shipped zoo models.
+
+1. sample an unlabelled corpus from fashion-ddpm (the data-free part: no Fashion-MNIST needed);
+2. distill fashion-classifier into 5 LoRA noise-range experts on it;
+3. guide DDIM sampling toward each class with: nothing, the off-the-shelf classifier on x_t
+   (naive), the fresh experts, and the shipped full-scale experts (fashion-ppap5);
+4. judge every sample with the independent fashion-evaluator (never used for guidance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import zoo
+from .io import atomic_write_bytes, atomic_write_json
+from .pipeline import (data_free_experts, guide_builder, image_grid, load_bank, load_diffusion, load_guide, sample_images,
+                       to_hwc_uint8)
+from .train import TrainConfig
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    corpus_size: int = 1000  # images drawn from the DDPM for distillation
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(experts="5", iterations=300, batch_size=64, lr=2e-3))
+    per_class: int = 10  # guided samples per class and method
+    steps: int = 25  # DDIM steps
+    scales: dict = field(default_factory=lambda: {"naive": 1.0, "ppap": 1.0})  # see docs/BENCHMARKS.md for the sweep
+    grid_per_class: int = 4  # images per class and method shown in the grid
+
+
+FULL = DemoConfig()
+QUICK = DemoConfig(corpus_size=256, train=TrainConfig(experts="5", iterations=60, batch_size=64, lr=3e-3), per_class=3, steps=20)
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
+    cfg = cfg or (QUICK if quick else FULL)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    out = Path(out)
+    t_start = time.time()
+    diffusion = load_diffusion("fashion-ddpm")
+    evaluator = load_guide("fashion-evaluator").net
+    classes = zoo.get("fashion-classifier").classes
+    num_classes = len(classes)
+
+    print(f"[1-2/4] data-free experts: {cfg.corpus_size} DDPM samples, 5 experts x {cfg.train.iterations} steps")
+    t0 = time.time()
+    fresh, task, _ = data_free_experts(diffusion, "fashion-ddpm", load_guide("fashion-classifier"), out / ("work-quick" if quick else "work"),
+                                       corpus_size=cfg.corpus_size, cfg=cfg.train)
+    t_experts = time.time() - t0
+
+    naive_guide = load_guide("fashion-classifier")  # a separate copy: the bank above injected LoRA into its net
+    methods = {
+        "unguided": guide_builder("unguided", task=task, scale=0.0),
+        "naive": guide_builder("naive", task=task, scale=cfg.scales["naive"], guide=naive_guide),
+        "ppap (fresh experts)": guide_builder("ppap", task=task, scale=cfg.scales["ppap"], experts=fresh),
+    }
+    if zoo.ZOO["fashion-ppap5"].available:
+        zoo_guide = load_guide("fashion-classifier")
+        zoo_bank, _ = load_bank("fashion-ppap5", zoo_guide, diffusion)
+        methods["ppap (zoo experts)"] = guide_builder("ppap", task=task, scale=cfg.scales["ppap"], experts=zoo_bank)
+
+    targets = torch.arange(num_classes).repeat_interleave(cfg.per_class)
+    print(f"[3/4] guided sampling: {len(targets)} images per method, DDIM-{cfg.steps}")
+    results, images = {}, {}
+    for name, make in methods.items():
+        t0 = time.time()
+        x = sample_images(diffusion, len(targets), seed=seed + 1, make_guide=make, targets=targets, steps=cfg.steps,
+                          batch_size=50, desc=name)
+        seconds = time.time() - t0
+        with torch.no_grad():
+            pred = evaluator(x).argmax(-1)
+        hit = (pred == targets).float()
+        results[name] = {"accuracy": hit.mean().item(), "per_class": hit.view(num_classes, -1).mean(1).tolist(),
+                         "seconds": round(seconds, 1)}
+        images[name] = to_hwc_uint8(x)
+
+    print("[4/4] writing report")
+    grid = _method_grid(images, num_classes, cfg.per_class, cfg.grid_per_class)
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0]).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(buf, format="PNG")
+    atomic_write_bytes(out / "grid.png", buf.getvalue())
+    summary = {"config": dataclasses.asdict(cfg), "seed": seed, "classes": list(classes), "methods": results,
+               "experts_seconds": round(t_experts, 1), "total_seconds": round(time.time() - t_start, 1),
+               "judge": "fashion-evaluator (independent; chance = 10%)"}
+    atomic_write_json(out / "summary.json", summary)
+    _print_table(results, classes, summary)
+    return summary
+
+
+def _method_grid(images: dict[str, np.ndarray], num_classes: int, per_class: int, show: int) -> np.ndarray:
+    """Rows = classes; column blocks = methods (``show`` images each), separated by a gap."""
+    blocks = []
+    for arr in images.values():
+        pick = np.stack([arr[c * per_class + j] for c in range(num_classes) for j in range(min(show, per_class))])
+        blocks.append(image_grid(pick, nrow=min(show, per_class)))
+    gap = np.full((blocks[0].shape[0], 6, blocks[0].shape[2]), 128, dtype=np.uint8)
+    out = [blocks[0]]
+    for b in blocks[1:]:
+        out += [gap, b]
+    return np.concatenate(out, axis=1)
+
+
+def _print_table(results: dict, classes, summary: dict) -> None:
+    names = list(results)
+    print(f"\nevaluator accuracy on the requested class (judge: fashion-evaluator, chance 10%)")
+    header = f"{'class':<12}" + "".join(f"{n[:20]:>22}" for n in names)
+    print(header)
+    for c, cname in enumerate(classes):
+        print(f"{cname[:12]:<12}" + "".join(f"{results[n]['per_class'][c]:>22.0%}" for n in names))
+    print(f"{'ALL':<12}" + "".join(f"{results[n]['accuracy']:>22.1%}" for n in names))
+    print(f"\nexperts trained in {summary['experts_seconds']} s; total {summary['total_seconds']} s")
