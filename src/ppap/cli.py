@@ -129,7 +129,7 @@ def _load_training_data(args, task_name: str):
 
 
 def cmd_train(args) -> int:
-    from .experts import TimestepRouter, make_bank
+    from .experts import TimestepRouter, make_bank, parameter_report
     from .pipeline import load_diffusion, load_guide, task_for
     from .train import TrainConfig, train_experts
 
@@ -147,6 +147,10 @@ def cmd_train(args) -> int:
         raise PPAPError(f"training images have shape {list(images.shape[1:])} but the diffusion model makes {list(diffusion.image_shape)}")
     bank = make_bank(guide.net, router, cfg.adapter_config(), seed=cfg.seed)
     acc = _accelerator()
+    if acc.is_main_process and not args.quiet:
+        rep = parameter_report(bank)
+        print(f"{rep['num_experts']} {cfg.adapter} experts, {rep['trainable_per_expert']:,} trainable parameters each "
+              f"({rep['fraction_per_expert']:.2%} of the {rep['backbone_parameters']:,}-parameter backbone)")
     stats = train_experts(bank, task, diffusion.schedule, images, cfg, args.out, labels=labels,
                           identity=guide.identity, accelerator=acc, progress=not args.quiet)
     if acc.is_main_process and not args.quiet:

@@ -32,6 +32,9 @@ class Guide(Protocol):
 def _grad_log_likelihood(task: Task, output: Tensor, target: Tensor, wrt: Tensor) -> Tensor:
     # Samples are independent (guidance nets run in eval mode), so the gradient of the summed
     # log-likelihood is the per-sample gradient.
+    target = task.check_target(target, tuple(output.shape))
+    if target.shape[0] != output.shape[0]:
+        raise PPAPError(f"{target.shape[0]} targets for a batch of {output.shape[0]} images")
     ll = task.log_likelihood(output, target)
     return torch.autograd.grad(ll.sum(), wrt)[0]
 

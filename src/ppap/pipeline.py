@@ -88,6 +88,10 @@ def task_for(guide: GuideModel, image_shape: tuple[int, ...], name: str = "class
         if len(shape) != 2:
             raise PPAPError(f"{guide.ref} gives output of shape {list(shape[1:])} per image, not class logits")
         kwargs.setdefault("num_classes", shape[1])
+    elif name == "segmentation":
+        if len(shape) != 4:
+            raise PPAPError(f"{guide.ref} gives output of shape {list(shape[1:])} per image, not per-pixel logits [K, H, W]")
+        kwargs.setdefault("num_classes", shape[1])
     return make_task(name, **kwargs)
 
 

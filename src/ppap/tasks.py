@@ -74,7 +74,88 @@ class Classification:
         return output.argmax(-1)
 
 
-TASKS = {"classification": Classification}
+@dataclass(frozen=True)
+class Segmentation:
+    """Layout guidance with a segmentation net emitting per-pixel logits [B, K, H, W]; the target
+    is a label map [B, H, W] of ints in [0, K).
+
+    The log-likelihood is minus the per-pixel cross-entropy *averaged* over pixels, so a guidance
+    scale means the same at any resolution (summing would multiply the useful scale by H*W).
+    KD is the per-pixel KL to the teacher's tempered softmax, averaged over pixels.
+    """
+
+    num_classes: int
+    tau: float = 1.0
+    name: str = "segmentation"
+
+    def check_target(self, target: Tensor, output_shape: tuple[int, ...]) -> Tensor:
+        if len(output_shape) != 4 or output_shape[1] != self.num_classes:
+            raise PPAPError(f"segmentation needs model output [B, {self.num_classes}, H, W], the model gives {list(output_shape)}")
+        target = torch.as_tensor(target)
+        if target.is_floating_point() or target.ndim != 3 or tuple(target.shape[1:]) != tuple(output_shape[2:]):
+            raise PPAPError(f"a segmentation target is an integer label map [B, {output_shape[2]}, {output_shape[3]}], "
+                            f"got {target.dtype} of shape {list(target.shape)}")
+        bad = target[(target < 0) | (target >= self.num_classes)]
+        if bad.numel():
+            raise PPAPError(f"label {int(bad[0])} in the target map is out of range: the model has {self.num_classes} classes")
+        return target.long()
+
+    def log_likelihood(self, output: Tensor, target: Tensor) -> Tensor:
+        return -F.cross_entropy(output, target.to(output.device), reduction="none").mean((1, 2))
+
+    def distill_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        p_teacher = (teacher / self.tau).softmax(1)
+        return F.kl_div(student.log_softmax(1), p_teacher, reduction="none").sum(1).mean((1, 2))
+
+    def supervised_loss(self, output: Tensor, label: Tensor) -> Tensor:
+        return F.cross_entropy(output, label, reduction="none").mean((1, 2))
+
+    def target_from_output(self, output: Tensor) -> Tensor:
+        return output.argmax(1)
+
+
+@dataclass(frozen=True)
+class DenseRegression:
+    """Guidance toward a dense map (depth-like) from a net emitting [B, C, H, W]; the target map
+    has the same shape. log-likelihood = -mean |output - target|^p (p = 1 or 2, mean over
+    pixels, the scale-independent choice as for segmentation); KD uses the same distance to the
+    teacher's map on the clean image. ``tau`` is unused (kept so every task has one signature)."""
+
+    distance: str = "l1"  # "l1" or "l2"
+    tau: float = 1.0
+    name: str = "dense"
+
+    def __post_init__(self):
+        if self.distance not in ("l1", "l2"):
+            raise PPAPError(f"unknown distance {self.distance!r}; valid: 'l1', 'l2'")
+
+    def _dist(self, a: Tensor, b: Tensor) -> Tensor:
+        d = (a - b).abs() if self.distance == "l1" else (a - b).square()
+        return d.flatten(1).mean(1)
+
+    def check_target(self, target: Tensor, output_shape: tuple[int, ...]) -> Tensor:
+        target = torch.as_tensor(target)
+        if len(output_shape) != 4:
+            raise PPAPError(f"dense guidance needs model output [B, C, H, W], the model gives {list(output_shape)}")
+        if not target.is_floating_point() or tuple(target.shape[1:]) != tuple(output_shape[1:]):
+            raise PPAPError(f"a dense target map must be float [B, {', '.join(map(str, output_shape[1:]))}] like the model output, "
+                            f"got {target.dtype} of shape {list(target.shape)}")
+        return target.float()
+
+    def log_likelihood(self, output: Tensor, target: Tensor) -> Tensor:
+        return -self._dist(output, target.to(output.device))
+
+    def distill_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return self._dist(student, teacher)
+
+    def supervised_loss(self, output: Tensor, label: Tensor) -> Tensor:
+        return self._dist(output, label)
+
+    def target_from_output(self, output: Tensor) -> Tensor:
+        return output
+
+
+TASKS = {"classification": Classification, "segmentation": Segmentation, "dense": DenseRegression}
 
 
 def make_task(name: str, **kwargs) -> Task:

@@ -1,0 +1,56 @@
+"""The shipped models are real: they load, and they do what their model cards say."""
+
+import json
+
+import pytest
+import torch
+
+from ppap import zoo
+from ppap.data import fashion_mnist_dir, load_fashion_mnist
+from ppap.metrics import accuracy
+from ppap.pipeline import load_diffusion, load_guide
+
+needs_data = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def needs(name):
+    return pytest.mark.skipif(not zoo.ZOO[name].available, reason=f"zoo model {name} is not built in this checkout")
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return load_fashion_mnist("test")
+
+
+@needs_data
+@needs("fashion-classifier")
+@needs("fashion-evaluator")
+def test_classifiers_reach_their_card_accuracy(test_set):
+    x, y = test_set
+    for name, floor in (("fashion-classifier", 0.90), ("fashion-evaluator", 0.92)):
+        acc = accuracy(load_guide(name).net, x, y)
+        card = json.loads(zoo.ZOO[name].location.with_suffix(".json").read_text())
+        assert acc >= floor, name
+        assert abs(acc - card["test_accuracy"]) < 1e-6, f"{name}: card says {card['test_accuracy']}, measured {acc}"
+
+
+@needs_data
+@needs("fashion-classifier")
+@needs("fashion-ddpm")
+def test_off_the_shelf_classifier_fails_on_noisy_inputs(test_set):
+    """The premise of PPAP: the clean-trained classifier is near chance on x_t at mid noise."""
+    x, y = test_set[0][:2000], test_set[1][:2000]
+    schedule = load_diffusion("fashion-ddpm").schedule
+    net = load_guide("fashion-classifier").net
+    g = torch.Generator().manual_seed(0)
+    clean = accuracy(net, x, y)
+    noisy = accuracy(net, schedule.q_sample(x, torch.full((len(x),), 500), torch.randn(x.shape, generator=g)), y)
+    assert clean > 0.9 and noisy < 0.3
+
+
+def test_unknown_and_wrong_kind_names_are_clear():
+    from ppap import PPAPError
+
+    with pytest.raises(PPAPError, match="unknown zoo diffusion 'fashion-classifier'; valid: fashion-ddpm"):
+        zoo.get("fashion-classifier", "diffusion")
