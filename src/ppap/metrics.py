@@ -67,3 +67,19 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
 
     r_real, r_fake = radii(real), radii(fake)
     return coverage(fake, real, r_real), coverage(real, fake, r_fake)
+
+
+@torch.no_grad()
+def accuracy_under_noise(model, schedule, x: Tensor, y: Tensor, timesteps: list[int], seed: int = 0,
+                         batch_size: int = 500) -> dict[int, float]:
+    """Accuracy on x_t = q_sample(x, t) for each t (the noise-vs-accuracy analysis, PPAP Sec. 3).
+    ``model(x_t, t)`` is called with the timestep, so expert banks route; plain nets ignore it
+    through a lambda. The same noise is used for every t (fixed seed)."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    out = {}
+    for t in timesteps:
+        tt = torch.full((len(x),), int(t), dtype=torch.long)
+        x_t = schedule.q_sample(x, tt, noise)
+        pred = torch.cat([model(x_t[i : i + batch_size], tt[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        out[int(t)] = (pred.argmax(-1) == y).float().mean().item()
+    return out

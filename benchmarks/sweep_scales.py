@@ -1,0 +1,51 @@
+"""Guidance-scale sweep on a seed set disjoint from the demo's: evaluator accuracy on the target
+class per (method, scale). Writes JSON lines; used to pick the demo's scales (docs/BENCHMARKS.md).
+
+    python benchmarks/sweep_scales.py --experts fashion-ppap5 --per-class 10 --out runs/sweep.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from ppap.pipeline import guide_builder, load_bank, load_diffusion, load_guide, sample_images, task_for
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--experts", default="fashion-ppap5")
+    p.add_argument("--methods", default="naive,ppap")
+    p.add_argument("--scales", default="0.5,1,2,4,8")
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--seed", type=int, default=1000)  # the demo uses seed 1; keep the sets apart
+    p.add_argument("--out", default="runs/sweep.jsonl")
+    args = p.parse_args()
+
+    diffusion = load_diffusion("fashion-ddpm")
+    evaluator = load_guide("fashion-evaluator").net
+    naive = load_guide("fashion-classifier")
+    task = task_for(naive, diffusion.image_shape)
+    bank, _ = load_bank(args.experts, load_guide("fashion-classifier"), diffusion)
+    targets = torch.arange(10).repeat_interleave(args.per_class)
+    with open(args.out, "a") as f:
+        for method in args.methods.split(","):
+            for scale in map(float, args.scales.split(",")):
+                make = guide_builder(method, task=task, scale=scale, guide=naive, experts=bank, diffusion=diffusion)
+                t0 = time.time()
+                x = sample_images(diffusion, len(targets), seed=args.seed, make_guide=make, targets=targets,
+                                  steps=args.steps, batch_size=50, progress=False)
+                with torch.no_grad():
+                    acc = (evaluator(x).argmax(-1) == targets).float().mean().item()
+                row = {"method": method, "scale": scale, "accuracy": acc, "n": len(targets), "seconds": round(time.time() - t0, 1),
+                       "experts": args.experts}
+                print(json.dumps(row), flush=True)
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
