@@ -35,10 +35,10 @@ def test_generate_train_sample_end_to_end(tiny_models, capsys, tmp_path):
     manifest = json.loads((experts / "ppap_experts.json").read_text())
     assert manifest["boundaries"] == [0, 30, 100] and manifest["trained"] == ["expert_0", "expert_1"]
     assert manifest["adapter"]["rank"] == 2 and manifest["task"] == {"name": "classification", "num_classes": 10, "tau": 0.25}
-    for method in ("ppap", "naive", "x0", "unguided"):
+    for method, sampler in (("ppap", "ddim"), ("ppap", "ddpm"), ("naive", "ddim"), ("x0", "ddim"), ("unguided", "ddpm")):
         code, out, err = run(["sample", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"],
-                              "--experts", str(experts), "--method", method, "--target", "3,4", "--num", "5", "--steps", "4",
-                              "--batch-size", "3", "--out", str(grid), "--quiet"], capsys)
+                              "--experts", str(experts), "--method", method, "--sampler", sampler, "--target", "3,4", "--num", "5",
+                              "--steps", "4", "--batch-size", "3", "--out", str(grid), "--quiet"], capsys)
         assert code == 0, err
         data = np.load(grid.with_suffix(".npz"))
         assert data["images"].shape == (5, 8, 8, 1) and data["images"].dtype == np.uint8

@@ -30,6 +30,9 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -44,12 +44,12 @@ class TrainConfig:
     iterations: int = 1000  # optimiser steps per expert
     batch_size: int = 64  # global batch, split across processes
     lr: float = 1e-3  # AdamW peak; linear warm-up then linear decay to 0, restarted per expert
-    warmup: int = 20
-    weight_decay: float = 0.0
+    warmup: int = 20  # warm-up steps of each expert's schedule
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
     warm_start: bool = False  # start expert i from expert i-1's weights (the official code does)
     tau: float = 0.25  # KD temperature on the teacher (classification / segmentation)
-    seed: int = 0
-    checkpoint_every: int = 100
+    seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
+    checkpoint_every: int = 100  # steps between resume checkpoints
 
     def __post_init__(self):
         if self.objective not in ("distill", "supervised"):
