@@ -16,23 +16,31 @@ def _diffusers_loop(diffusion, scheduler, x_T, steps, generator, **step_kwargs):
     return x
 
 
+def _diffusion_1000(beta_schedule):
+    from conftest import tiny_unet
+
+    from ppap import Diffusion, NoiseSchedule
+
+    return Diffusion(tiny_unet(), NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule)))
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_matches_diffusers(tiny_diffusion, eta):
-    steps = 10
+def test_ddim_matches_diffusers(beta_schedule, eta):
+    """25 of 1000 steps, same model, same x_T, same timesteps (and the same generator for eta > 0)."""
+    diffusion = _diffusion_1000(beta_schedule)
     x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = _diffusers_loop(tiny_diffusion, DDIMScheduler.from_config(tiny_diffusion.schedule.config), x_T, steps,
+    ref = _diffusers_loop(diffusion, DDIMScheduler.from_config(diffusion.schedule.config), x_T, 25,
                           torch.Generator().manual_seed(1), eta=eta)
-    ours = sample_ddim(tiny_diffusion, x_T, tiny_diffusion.schedule.timesteps(steps), eta=eta,
-                       generator=torch.Generator().manual_seed(1))
+    ours = sample_ddim(diffusion, x_T, diffusion.schedule.timesteps(25), eta=eta, generator=torch.Generator().manual_seed(1))
     assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_ddpm_matches_diffusers(tiny_diffusion):
-    steps = 20
+def test_ddpm_matches_diffusers():
+    diffusion = _diffusion_1000("linear")
     x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = _diffusers_loop(tiny_diffusion, DDPMScheduler.from_config(tiny_diffusion.schedule.config), x_T, steps,
-                          torch.Generator().manual_seed(1))
-    ours = sample_ddpm(tiny_diffusion, x_T, tiny_diffusion.schedule.timesteps(steps), generator=torch.Generator().manual_seed(1))
+    ref = _diffusers_loop(diffusion, DDPMScheduler.from_config(diffusion.schedule.config), x_T, 50, torch.Generator().manual_seed(1))
+    ours = sample_ddpm(diffusion, x_T, diffusion.schedule.timesteps(50), generator=torch.Generator().manual_seed(1))
     assert (ours - ref).abs().max().item() < 1e-5
 
 

@@ -71,3 +71,16 @@ def test_composed_guidance_raises_both_log_likelihoods():
         for guide, net in zip(terms, (clf, seg)):
             before, after = guide.task.log_likelihood(net(x), guide.target), guide.task.log_likelihood(net(step), guide.target)
             assert (after > before).all()
+
+
+def test_normalized_guide_has_unit_rms_times_scale():
+    from ppap.guidance import NormalizedGuide
+
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    inner = NoisyInputGuide(lambda v, t: clf(v), Classification(10), torch.tensor([1, 2, 3]), scale=123.0)
+    x = torch.randn(3, 1, 8, 8)
+    g = NormalizedGuide(inner, scale=0.5)(x, torch.zeros(3, dtype=torch.long), None)
+    assert torch.allclose(g.flatten(1).square().mean(1).sqrt(), torch.full((3,), 0.5), atol=1e-5)
+    raw = inner(x, torch.zeros(3, dtype=torch.long), None)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(g.flatten(1), raw.flatten(1)), torch.ones(3), atol=1e-5)

@@ -70,6 +70,21 @@ class PredictedX0Guide:
 
 
 @dataclass
+class NormalizedGuide:
+    """Per-sample gradient normalisation: ``scale * g / rms(g)``, so that ``scale`` is a step in
+    pixel units at every t (the inner guide's own scale cancels). Robust to experts whose
+    gradient magnitude varies by orders of magnitude across noise levels."""
+
+    guide: Guide
+    scale: float
+
+    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
+        g = self.guide(x_t, t, pred)
+        rms = g.flatten(1).square().mean(1).sqrt().clamp_min(1e-12)
+        return self.scale * g / rms.view(-1, *([1] * (g.ndim - 1)))
+
+
+@dataclass
 class SumGuide:
     """Composed guidance: the sum of several guides' (already scaled) gradients."""
 

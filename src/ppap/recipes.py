@@ -271,14 +271,14 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
 class ExpertRecipe:
     diffusion: str = "fashion-ddpm"
     guide: str = "fashion-classifier"
-    corpus_size: int = 5000  # unlabelled images sampled from the DDPM (DDIM-25)
+    corpus_size: int = 4000  # unlabelled images sampled from the DDPM (DDIM-25)
     train: "TrainConfig" = None  # filled in EXPERT_RECIPES
 
 
 def _expert_recipes() -> dict:
     from .train import TrainConfig
 
-    return {"fashion-ppap5": ExpertRecipe(train=TrainConfig(experts="5", iterations=2000, batch_size=64, lr=1e-3, rank=8, alpha=8))}
+    return {"fashion-ppap5": ExpertRecipe(corpus_size=4000, train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=8, alpha=8))}
 
 
 EXPERT_RECIPES = _expert_recipes()

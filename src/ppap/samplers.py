@@ -31,11 +31,14 @@ def _clip_range(diffusion: Diffusion, clip_x0: bool | None) -> float | None:
     return float(cfg.get("clip_sample_range", 1.0)) if clip else None
 
 
-def _abar_prev(diffusion: Diffusion, timesteps: LongTensor, i: int) -> Tensor:
-    """abar of the timestep after step i; 1 after the last step (diffusers' set_alpha_to_one)."""
-    if i + 1 < len(timesteps):
-        return diffusion.schedule.alphas_cumprod[timesteps[i + 1]]
-    return torch.tensor(1.0, dtype=torch.float64)
+def _abars(diffusion: Diffusion, timesteps: LongTensor, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(abar_t, abar_prev) of step i as 0-dim tensors in the data's dtype; abar_prev is 1 after
+    the last step (diffusers' set_alpha_to_one). The step arithmetic is done in the data's dtype,
+    in diffusers' order, so that the loops match diffusers' schedulers to float32 rounding."""
+    table = diffusion.schedule.alphas_cumprod
+    a_t = table[timesteps[i]].to(like.dtype)
+    a_prev = table[timesteps[i + 1]].to(like.dtype) if i + 1 < len(timesteps) else torch.ones((), dtype=like.dtype)
+    return a_t.to(like.device), a_prev.to(like.device)
 
 
 def _guided(diffusion: Diffusion, x: Tensor, t: LongTensor, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
@@ -67,18 +70,17 @@ def sample_ddim(
     x = x_T
     for i, t_int in enumerate(tqdm(timesteps.tolist(), desc="DDIM", disable=not progress, leave=False)):
         t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
-        a_t = diffusion.schedule.alphas_cumprod[t_int]
-        a_prev = _abar_prev(diffusion, timesteps, i)
+        a_t, a_prev = _abars(diffusion, timesteps, i, x)
         pred, g = _guided(diffusion, x, t, guide)
         eps = pred.eps
         if g is not None:  # Dhariwal & Nichol eq. 14: score-space correction of eps
-            eps = eps - (1 - a_t).sqrt().to(x.dtype) * g
-        x0 = (x - (1 - a_t).sqrt().to(x.dtype) * eps) / a_t.sqrt().to(x.dtype)
+            eps = eps - (1 - a_t) ** 0.5 * g
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2 (eq. 16)
-        std = (eta * var.sqrt()).to(x.dtype)
-        x = a_prev.sqrt().to(x.dtype) * x0 + (1 - a_prev - std.double() ** 2).sqrt().to(x.dtype) * eps
+        std = eta * var**0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         if eta > 0:
             x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         if callback is not None:
@@ -104,19 +106,18 @@ def sample_ddpm(
     x = x_T
     for i, t_int in enumerate(tqdm(timesteps.tolist(), desc="DDPM", disable=not progress, leave=False)):
         t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
-        a_t = diffusion.schedule.alphas_cumprod[t_int]
-        a_prev = _abar_prev(diffusion, timesteps, i)
+        a_t, a_prev = _abars(diffusion, timesteps, i, x)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # the one-step alpha/beta of the respaced chain
         pred, g = _guided(diffusion, x, t, guide)
         x0 = pred.x0 if clip is None else pred.x0.clamp(-clip, clip)
         # posterior mean of q(x_{t-1} | x_t, x0) (Ho et al. eq. 7)
-        mean = (a_prev.sqrt() * beta / (1 - a_t)).to(x.dtype) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a_t)).to(x.dtype) * x
-        var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20).to(x.dtype)
+        mean = (a_prev**0.5 * beta) / (1 - a_t) * x0 + alpha**0.5 * (1 - a_prev) / (1 - a_t) * x
+        var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
         if g is not None:  # Dhariwal & Nichol Algorithm 1: mu + s * Sigma * grad
             mean = mean + var * g
         x = mean
         if t_int > 0:
-            x = x + var.sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + var**0.5 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         if callback is not None:
             callback({"i": i, "t": t_int, "x": x, "x0": x0, "guidance": g})
     return x
