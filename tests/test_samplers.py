@@ -49,20 +49,24 @@ def _log_prob(net, x, y):
         return net(x).log_softmax(-1)[torch.arange(len(y)), y]
 
 
+@pytest.mark.parametrize("clip_x0", [False, True])
+@pytest.mark.parametrize("steps", [slice(3, 5), slice(0, 2)])  # a mid-noise and the noisiest step
 @pytest.mark.parametrize("sampler", [sample_ddim, sample_ddpm])
-def test_guided_step_raises_target_log_probability(tiny_diffusion, sampler):
+def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0):
     """One step from the same x_t with and without guidance: the guided x_{t-1} is more likely
-    to be the target class under the guiding model, for every sample."""
+    to be the target class under the guiding model, for every sample. With x0 clipping at high
+    noise this caught guidance acting in reverse (the clip cancelled the x0 part of eps_hat)."""
+    diffusion = _diffusion_1000("linear")
     torch.manual_seed(0)
     net = tiny_classifier().eval()
     y = torch.tensor([0, 3, 5, 9])
     x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    t = tiny_diffusion.schedule.timesteps(10)[3:5]  # the step t[0] -> t[1] is compared
+    t = diffusion.schedule.timesteps(10)[steps]  # the step t[0] -> t[1] is compared
     guide = NoisyInputGuide(lambda x, _t: net(x), Classification(10), y, scale=2.0)
     after_first = {}
 
     def run(guide, key):
-        sampler(tiny_diffusion, x_t, t, guide=guide, clip_x0=False, generator=torch.Generator().manual_seed(3),
+        sampler(diffusion, x_t, t, guide=guide, clip_x0=clip_x0, generator=torch.Generator().manual_seed(3),
                 callback=lambda d: after_first.setdefault(key, d["x"]))
 
     run(None, "plain")

@@ -73,11 +73,16 @@ def sample_ddim(
         a_t, a_prev = _abars(diffusion, timesteps, i, x)
         pred, g = _guided(diffusion, x, t, guide)
         eps = pred.eps
-        if g is not None:  # Dhariwal & Nichol eq. 14: score-space correction of eps
-            eps = eps - (1 - a_t) ** 0.5 * g
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
+        if g is not None:
+            # Dhariwal & Nichol eq. 14: eps_hat = eps - sqrt(1 - abar_t) g, and x0 recomputed from
+            # eps_hat, i.e. x0 += (1 - abar_t) / sqrt(abar_t) g. Both are applied *after* the x0
+            # clip: clipping the guided x0 (but not eps_hat) would cancel the x0 term at high noise
+            # and leave only -sqrt(1 - abar_prev) sqrt(1 - abar_t) g, guidance in reverse.
+            eps = eps - (1 - a_t) ** 0.5 * g
+            x0 = x0 + (1 - a_t) / a_t**0.5 * g
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2 (eq. 16)
         std = eta * var**0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
