@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experts", help="zoo name or directory from `ppap train` (for --method ppap)")
     s.add_argument("--method", default="ppap", help="unguided | naive | ppap | x0")
     s.add_argument("--target", default="0", help="class index or name, a comma list (cycled), or 'all'")
-    s.add_argument("--scale", type=float, default=5.0, help="guidance scale s")
+    s.add_argument("--scale", type=float, default=30.0, help="guidance scale s (30: best for the zoo, docs/BENCHMARKS.md)")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--sampler", default="ddim", help="ddim | ddpm")

@@ -31,7 +31,7 @@ class DemoConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(experts="5", iterations=300, batch_size=64, lr=2e-3))
     per_class: int = 10  # guided samples per class and method
     steps: int = 25  # DDIM steps
-    scales: dict = field(default_factory=lambda: {"naive": 1.0, "ppap": 1.0})  # see docs/BENCHMARKS.md for the sweep
+    scales: dict = field(default_factory=lambda: {"naive": 30.0, "ppap": 30.0})  # each best of the sweep in docs/BENCHMARKS.md
     grid_per_class: int = 4  # images per class and method shown in the grid
 
 
