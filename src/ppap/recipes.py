@@ -157,17 +157,6 @@ def export_ddpm(ema: nn.Module, scheduler, out_dir: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_ddpm_snapshot(work_dir: str | Path, out_dir: str | Path, r: DDPMRecipe = DDPMRecipe()) -> int:
-    """Export the EMA weights of an unfinished run (for looking at samples mid-training)."""
-    from diffusers import DDPMScheduler
-
-    state = load_resume_state(Path(work_dir) / "resume.pt")
-    ema = build_fashion_unet(r)
-    ema.load_state_dict(state["ema"])
-    export_ddpm(ema, DDPMScheduler(num_train_timesteps=r.num_train_timesteps, beta_schedule=r.beta_schedule), out_dir)
-    return state["step"]
-
-
 # --------------------------------------------------------------------------------------------
 # fashion-classifier (the off-the-shelf guide) and fashion-evaluator (the judge)
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from ppap.metrics import fid, kid, precision_recall
+
+
+def test_fid_of_gaussians_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 4, generator=g, dtype=torch.float64) * 2 + 1  # mu = 1, sigma = 2 per dim
+    # |mu|^2 + Tr(I + 4I - 2 * 2I) = 4 + 4 * (1 + 4 - 4) = 8
+    assert fid(a, b) == pytest.approx(8.0, abs=0.3)
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kid_and_precision_recall_separate_same_from_different():
+    g = torch.Generator().manual_seed(1)
+    a, a2 = torch.randn(600, 8, generator=g, dtype=torch.float64), torch.randn(600, 8, generator=g, dtype=torch.float64)
+    far = a2 + 5
+    assert abs(kid(a, a2, subsets=5, subset_size=300)) < 0.05 < kid(a, far, subsets=5, subset_size=300)
+    p, r = precision_recall(a, a2)
+    assert p > 0.8 and r > 0.8
+    assert precision_recall(a, far) == (0.0, 0.0)
