@@ -21,3 +21,24 @@ def test_kid_and_precision_recall_separate_same_from_different():
     p, r = precision_recall(a, a2)
     assert p > 0.8 and r > 0.8
     assert precision_recall(a, far) == (0.0, 0.0)
+
+
+def test_accuracy_under_noise_routes_t_and_degrades_with_noise():
+    from diffusers import DDPMScheduler
+
+    from ppap import NoiseSchedule
+    from ppap.metrics import accuracy_under_noise
+
+    schedule = NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000))
+    x = torch.linspace(-1, 1, 200).view(200, 1, 1, 1).expand(200, 1, 4, 4).contiguous()
+    y = (x[:, 0, 0, 0] > 0).long()
+    seen = []
+
+    def model(v, t):  # an oracle on the mean intensity, which records the timesteps it is given
+        seen.append(int(t[0]))
+        m = v.mean((1, 2, 3))
+        return torch.stack([-m, m], 1)
+
+    acc = accuracy_under_noise(model, schedule, x, y, [0, 999])
+    assert acc[0] == 1.0 and acc[999] < 0.8
+    assert seen == [0, 999]

@@ -7,7 +7,6 @@ uint8 [N, H, W, C] (the layout of every image file and of ``np.savez`` outputs).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import struct
@@ -102,7 +101,7 @@ class CorpusSpec:
     shard_size: int  # images per shard file; the last shard may be smaller
     steps: int  # DDIM steps used to draw them
     eta: float  # DDIM eta
-    seed: int  # shard k uses seed (seed, k): resumption does not depend on rank or history
+    seed: int  # sample k's noise depends only on (seed, k): resumption does not depend on rank or history
     schedule: dict  # num_train_timesteps, beta schedule etc., for the record
 
     @property
@@ -115,12 +114,6 @@ class CorpusSpec:
 
 def shard_path(root: Path, k: int) -> Path:
     return root / f"shard-{k:05d}.npy"
-
-
-def shard_seed(seed: int, k: int) -> int:
-    """A seed for shard k that is independent of how many processes draw the corpus."""
-    digest = hashlib.sha256(f"ppap-corpus:{seed}:{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def open_corpus(root: str | os.PathLike, spec: CorpusSpec) -> list[int]:
