@@ -21,8 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout 600
 
+# the paper's comparison (about 70 min on 2 CPU cores) and the dense-guidance bench; both resume
 bench: $(STAMP)
 	$(VENV)/bin/ppap bench classifier
+	$(VENV)/bin/ppap bench dense
 
 clean:
 	rm -rf demo_out .pytest_cache

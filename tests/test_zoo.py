@@ -54,3 +54,37 @@ def test_unknown_and_wrong_kind_names_are_clear():
 
     with pytest.raises(PPAPError, match="unknown zoo diffusion 'fashion-classifier'; valid: fashion-ddpm"):
         zoo.get("fashion-classifier", "diffusion")
+
+
+@needs_data
+@needs("fashion-segmenter")
+@needs("fashion-edges")
+def test_dense_zoo_models_match_their_cards(test_set):
+    """The card figures are re-measured: segmenter pixel accuracy / mIoU, edge estimator L1."""
+    from ppap.recipes import CLASSIFIER_RECIPES, test_figures
+
+    x, y = test_set
+    for name, key, floor in (("fashion-segmenter", "test_miou", 0.5), ("fashion-edges", "test_l1", None)):
+        figures = test_figures(CLASSIFIER_RECIPES[name], load_guide(name).net, x, y)
+        card = json.loads(zoo.ZOO[name].location.with_suffix(".json").read_text())
+        assert abs(figures[key] - card[key]) < 1e-6, name
+        if floor is not None:
+            assert figures[key] >= floor
+    assert figures["test_l1"] < 0.05
+
+
+@needs_data
+@needs("fashion-edges")
+@needs("fashion-ddpm")
+def test_off_the_shelf_dense_model_fails_on_noise(test_set):
+    """Like MiDaS: the clean-trained edge estimator's map of x_t is far from the clean image's."""
+    from ppap.models import sobel_magnitude
+
+    x = test_set[0][:500]
+    net = load_guide("fashion-edges").net
+    schedule = load_diffusion("fashion-ddpm").schedule
+    noisy = schedule.q_sample(x, torch.full((len(x),), 500), torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        clean_err = (net(x) - sobel_magnitude(x)).abs().mean()
+        noisy_err = (net(noisy) - sobel_magnitude(x)).abs().mean()
+    assert noisy_err > 3 * clean_err

@@ -79,18 +79,16 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def _save_sample_outputs(out: Path, images: np.ndarray, targets: np.ndarray, nrow: int) -> None:
+def _save_sample_outputs(out: Path, images: np.ndarray, targets: dict[str, np.ndarray], nrow: int) -> None:
     from PIL import Image
 
     from .pipeline import image_grid
 
-    if out.suffix.lower() != ".png":
-        raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
     grid = image_grid(images, nrow)
     buf = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
     npz = io.BytesIO()
-    np.savez(npz, images=images, targets=targets)
+    np.savez(npz, images=images, **targets)
     atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
     atomic_write_bytes(out, buf.getvalue())
 
@@ -137,7 +135,7 @@ def cmd_train(args) -> int:
     diffusion = load_diffusion(args.diffusion)
     guide = load_guide(args.guide, args.guide_weights)
     task = task_for(guide, diffusion.image_shape, args.task, tau=cfg.tau)
-    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps)
+    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
     if args.dry_run:
         print(json.dumps({"train": dataclasses.asdict(cfg), "task": dataclasses.asdict(task),
                           "boundaries": list(router.boundaries)}, indent=2))
@@ -161,33 +159,38 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .pipeline import guide_builder, load_bank, load_diffusion, load_guide, parse_class_targets, sample_images, task_for, to_hwc_uint8
+    from .guidance import Calibration
+    from .pipeline import build_term, compose, load_diffusion, parse_term, sample_images, to_hwc_uint8
 
     torch.manual_seed(args.seed)  # for any third-party randomness; ppap's own noise is seeded per sample
     if args.num < 1:
         raise PPAPError(f"--num must be >= 1, got {args.num}")
-    diffusion = load_diffusion(args.diffusion)
-    guide = load_guide(args.guide, args.guide_weights) if args.guide else None
-    experts = task = None
-    if args.experts:
-        if guide is None:
-            raise PPAPError("--experts needs --guide (the off-the-shelf model they adapt)")
-        experts, task = load_bank(args.experts, guide, diffusion)
-    if guide is not None:
-        task = task or task_for(guide, diffusion.image_shape)
-        targets = parse_class_targets(args.target, args.num, task.num_classes, guide.classes)
-    elif args.method != "unguided":
-        raise PPAPError(f"method {args.method!r} needs --guide")
-    else:
-        targets = torch.full((args.num,), -1, dtype=torch.long)
-    make = guide_builder(args.method, task=task, scale=args.scale, guide=guide, experts=experts, diffusion=diffusion)
-    x = sample_images(diffusion, args.num, seed=args.seed, make_guide=make, targets=targets, steps=args.steps,
-                      sampler=args.sampler, eta=args.eta, batch_size=args.batch_size, progress=not args.quiet,
-                      desc=f"{args.method} sampling")
     out = Path(args.out)
-    _save_sample_outputs(out, to_hwc_uint8(x), targets.numpy(), nrow=args.nrow)
+    if out.suffix.lower() != ".png":
+        raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
+    diffusion = load_diffusion(args.diffusion)
+    terms = []
+    if args.guide:
+        terms.append(build_term(diffusion, args.num, guide=args.guide, guide_weights=args.guide_weights, experts=args.experts,
+                                method=args.method, task=args.task, target=args.target, target_image=args.target_image,
+                                target_map=args.target_map, scale=args.scale, calibration=Calibration.parse(args.calibration)))
+    elif args.experts:
+        raise PPAPError("--experts needs --guide (the off-the-shelf model they adapt)")
+    elif args.method != "unguided" and not args.term:
+        raise PPAPError(f"method {args.method!r} needs --guide")
+    for spec in args.term:
+        kw = parse_term(spec)
+        kw.setdefault("method", args.method)
+        kw["calibration"] = Calibration.parse(kw.get("calibration", ""))
+        terms.append(build_term(diffusion, args.num, **kw))
+    x = sample_images(diffusion, args.num, seed=args.seed, make_guide=compose(terms), targets=torch.arange(args.num), steps=args.steps,
+                      sampler=args.sampler, eta=args.eta, batch_size=args.batch_size, progress=not args.quiet,
+                      desc=" + ".join(t.description for t in terms) or "unguided sampling")
+    targets = {"targets": terms[0].targets.numpy() if terms else np.full(args.num, -1)}
+    targets |= {f"targets_{k}": t.targets.numpy() for k, t in enumerate(terms[1:], start=1)}
+    _save_sample_outputs(out, to_hwc_uint8(x), targets, nrow=args.nrow)
     if not args.quiet:
-        print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images, method {args.method})")
+        print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images; guidance: {' + '.join(t.description for t in terms) or 'none'})")
     return 0
 
 
@@ -201,6 +204,22 @@ def cmd_zoo(args) -> int:
     from .zoo_train import train_zoo_model
 
     train_zoo_model(args.name, work_root=Path(args.work_dir), data_dir=args.data_dir)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    out = Path(args.out or f"runs/bench-{args.suite}{'-quick' if args.quick else ''}")
+    if args.suite == "classifier":
+        from .bench import classifier_report, run_classifier_bench
+
+        results = run_classifier_bench(out, quick=args.quick, progress=not args.quiet)
+        print(classifier_report(results))
+    else:
+        from .bench_dense import dense_report, run_dense_bench
+
+        results = run_dense_bench(out, quick=args.quick, progress=not args.quiet)
+        print(dense_report(results))
+    print(f"results in {out}/ (results.json, report.md, figures); re-run to resume")
     return 0
 
 
@@ -255,8 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guide", help="zoo name or package.module:function of the off-the-shelf model")
     s.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
     s.add_argument("--experts", help="zoo name or directory from `ppap train` (for --method ppap)")
-    s.add_argument("--method", default="ppap", help="unguided | naive | ppap | x0")
+    s.add_argument("--method", default="ppap", help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut")
+    s.add_argument("--calibration", default="", help="x0-shortcut options, e.g. 'norm_temperature=2,softplus_beta=3,scale_schedule=sigma'")
+    s.add_argument("--task", help="task of a --guide without experts (default: the zoo entry's, else classification)")
     s.add_argument("--target", default="0", help="class index or name, a comma list (cycled), or 'all'")
+    s.add_argument("--target-image", help="segmentation/dense guides: reference image; the target is the clean model's output on it")
+    s.add_argument("--target-map", help="segmentation/dense guides: target map .npy ([H,W] labels, [C,H,W] map, or a stack [N,...])")
+    s.add_argument("--term", action="append", default=[], metavar="K=V,...",
+                   help="an extra guidance term to add (composed guidance), e.g. "
+                        "'guide=fashion-segmenter,experts=fashion-segmenter-ppap5,target-image=ref.png,scale=1000'; repeatable")
     s.add_argument("--scale", type=float, default=30.0, help="guidance scale s (30: best for the zoo, docs/BENCHMARKS.md)")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
@@ -277,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--work-dir", default="runs/zoo", help="checkpoints for resuming")
     zt.add_argument("--data-dir", help="Fashion-MNIST folder")
     z.set_defaults(func=cmd_zoo)
+
+    b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/BENCHMARKS.md)")
+    b.add_argument("suite", choices=("classifier", "dense"))
+    b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
+    b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the whole data-free PPAP pipeline at small scale, with a report")
     d.add_argument("--out", default="demo_out")

@@ -89,17 +89,38 @@ class TimestepRouter:
         return cls((0,) + tuple(hi for _, hi in ranges))
 
     @classmethod
-    def parse(cls, spec: str, num_train_timesteps: int) -> "TimestepRouter":
-        """``'5'`` (uniform) or ``'0-200,200-500,500-1000'`` (explicit ranges)."""
+    def equal_log_snr(cls, num_experts: int, alphas_cumprod: Tensor) -> "TimestepRouter":
+        """N ranges of equal width in log-SNR = log(abar / (1 - abar)) instead of in t: more,
+        narrower experts where the signal-to-noise ratio changes fast (low t for a linear schedule)."""
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        T = len(abar)
+        if not 1 <= num_experts <= T:
+            raise PPAPError(f"number of experts {num_experts} must be in [1, {T}]")
+        log_snr = (abar / (1 - abar)).log()  # decreasing in t
+        levels = log_snr[0] + (log_snr[-1] - log_snr[0]) * torch.arange(1, num_experts, dtype=torch.float64) / num_experts
+        inner = [int((log_snr > v).sum()) for v in levels]  # first t whose log-SNR is at or below the level
+        bounds = [0]
+        for b in inner:
+            bounds.append(min(max(b, bounds[-1] + 1), T - (num_experts - len(bounds))))
+        return cls(tuple(bounds) + (T,))
+
+    @classmethod
+    def parse(cls, spec: str, num_train_timesteps: int, alphas_cumprod: Tensor | None = None) -> "TimestepRouter":
+        """``'5'`` (uniform in t), ``'logsnr:5'`` (uniform in log-SNR; needs the schedule's
+        ``alphas_cumprod``) or ``'0-200,200-500,500-1000'`` (explicit ranges)."""
         spec = spec.strip()
         if spec.isdigit():
             return cls.uniform(int(spec), num_train_timesteps)
+        if spec.startswith("logsnr:") and spec[7:].isdigit():
+            if alphas_cumprod is None:
+                raise PPAPError(f"expert ranges {spec!r} need the diffusion model's noise schedule")
+            return cls.equal_log_snr(int(spec[7:]), alphas_cumprod)
         try:
             ranges = [tuple(int(v) for v in part.split("-")) for part in spec.split(",")]
             if any(len(r) != 2 for r in ranges):
                 raise ValueError
         except ValueError:
-            raise PPAPError(f"bad expert ranges {spec!r}: use a count ('5') or 'lo-hi,lo-hi,...'") from None
+            raise PPAPError(f"bad expert ranges {spec!r}: use a count ('5'), 'logsnr:5' or 'lo-hi,lo-hi,...'") from None
         return cls.from_ranges(ranges, num_train_timesteps)
 
     def interval(self, i: int) -> tuple[int, int]:

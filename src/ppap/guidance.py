@@ -5,10 +5,16 @@ guide. ``METHODS`` maps the CLI names to builders:
 
   unguided  no guidance (the builder returns None)
   naive     the off-the-shelf model applied to the noisy x_t as it is
-  ppap      the expert bank: the expert owning t, applied to x_t (data-free LoRA experts);
-            the same object guides with supervised banks (noise-aware, multi-expert-supervised)
+  ppap      the expert bank: the expert owning t, applied to x_t (data-free LoRA experts)
+  noise-aware, multi-expert-supervised
+            the same routed call on a supervised bank (one full copy over all t, or N full
+            copies), trained with labels by the same loop (``ppap train --objective supervised``)
   x0        the off-the-shelf model on the predicted clean image x0_hat(x_t), with the gradient
             back-propagated through the diffusion UNet (Universal Guidance / FreeDoM / DPS style)
+  x0-shortcut
+            the same loss, its gradient taken w.r.t. x0_hat only and mapped to x_t with the
+            UNet's Jacobian replaced by the identity (MPGD / EluCD style): no UNet backward.
+            ``Calibration`` holds EluCD-style options (temperatures, Softplus, scale schedule).
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+import copy
+
 import torch
 from torch import LongTensor, Tensor, nn
 
 from .diffusion import Diffusion, Prediction
 from .experts import ExpertBank
 from .io import PPAPError
-from .tasks import Task
+from .tasks import Classification, Task
 
 
 class Guide(Protocol):
@@ -69,6 +77,96 @@ class PredictedX0Guide:
         return self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """EluCD-style pre-conditioning of an off-the-shelf classifier for x0-shortcut guidance
+    (Ma et al., 2023, "Elucidating the design space of classifier-guided diffusion generation").
+    The defaults are the plain, uncalibrated guide."""
+
+    target_temperature: float = 1.0  # log p = z_y / tau_y - logsumexp(z / tau_z): tau_y sharpens the target logit
+    norm_temperature: float = 1.0  # tau_z: temperature of the normaliser (tau_y = tau_z: a tempered softmax)
+    softplus_beta: float = 0.0  # > 0: every nn.ReLU of the classifier becomes Softplus(beta) (smoother gradients)
+    scale_schedule: str = "constant"  # "constant" or "sigma": scale * sqrt(1 - abar_t), fading out as t -> 0
+
+    def __post_init__(self):
+        if self.target_temperature <= 0 or self.norm_temperature <= 0:
+            raise PPAPError(f"calibration temperatures must be > 0, got {self.target_temperature} and {self.norm_temperature}")
+        if self.scale_schedule not in ("constant", "sigma"):
+            raise PPAPError(f"unknown scale schedule {self.scale_schedule!r}; valid: 'constant', 'sigma'")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Calibration":
+        """``'target_temperature=0.5,norm_temperature=2,softplus_beta=3,scale_schedule=sigma'``."""
+        fields = {f: type(getattr(cls(), f)) for f in cls.__dataclass_fields__}
+        values = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, _, value = part.partition("=")
+            if key not in fields or not value:
+                raise PPAPError(f"bad calibration option {part!r}; valid keys: {', '.join(fields)} (as key=value)")
+            try:
+                values[key] = fields[key](value)
+            except ValueError:
+                raise PPAPError(f"bad value for calibration option {key}: {value!r}") from None
+        return cls(**values)
+
+    def calibrate_net(self, net: nn.Module) -> nn.Module:
+        """A copy of ``net`` with its ReLUs swapped for Softplus (the original is untouched)."""
+        if self.softplus_beta <= 0:
+            return net
+        out = copy.deepcopy(net)
+        swapped = 0
+        for module in out.modules():
+            for name, child in module.named_children():
+                if isinstance(child, nn.ReLU):
+                    setattr(module, name, nn.Softplus(beta=self.softplus_beta))
+                    swapped += 1
+        if not swapped:
+            raise PPAPError("softplus_beta is set but the guidance model has no nn.ReLU modules to replace")
+        return out.eval().requires_grad_(False)
+
+    def calibrate_task(self, task: Task) -> Task:
+        if (self.target_temperature, self.norm_temperature) == (1.0, 1.0):
+            return task
+        if not isinstance(task, Classification):
+            raise PPAPError(f"calibration temperatures apply to classification, not to {task.name}")
+        return CalibratedClassification(task.num_classes, task.tau, target_temperature=self.target_temperature,
+                                        norm_temperature=self.norm_temperature)
+
+
+@dataclass(frozen=True)
+class CalibratedClassification(Classification):
+    """Classification whose sampling log-likelihood uses separate temperatures on the target
+    logit and on the normaliser: z_y / tau_y - logsumexp(z / tau_z)."""
+
+    target_temperature: float = 1.0
+    norm_temperature: float = 1.0
+
+    def log_likelihood(self, output: Tensor, target: Tensor) -> Tensor:
+        z_y = output.gather(1, target.to(output.device).view(-1, 1))[:, 0]
+        return z_y / self.target_temperature - torch.logsumexp(output / self.norm_temperature, dim=1)
+
+
+@dataclass
+class ShortcutX0Guide:
+    """grad of log p(target | x0_hat) w.r.t. x0_hat, mapped to x_t as if d x0_hat / d x_t were
+    I / sqrt(abar_t) (the UNet Jacobian dropped): the loss of ``PredictedX0Guide`` at the cost
+    of one classifier forward/backward, no UNet backward (MPGD / EluCD style)."""
+
+    net: nn.Module
+    task: Task
+    target: Tensor
+    scale: float
+    diffusion: Diffusion
+    scale_schedule: str = "constant"
+
+    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
+        x0 = pred.x0.detach().clamp(-1, 1).requires_grad_(True)
+        g0 = _grad_log_likelihood(self.task, self.net(x0), self.target, x0)
+        abar = self.diffusion.schedule.abar(t, x_t)
+        scale = self.scale * ((1 - abar).sqrt() if self.scale_schedule == "sigma" else 1.0)
+        return scale * g0 / abar.sqrt()
+
+
 @dataclass
 class NormalizedGuide:
     """Per-sample gradient normalisation: ``scale * g / rms(g)``, so that ``scale`` is a step in
@@ -104,6 +202,7 @@ class GuideSpec:
     net: nn.Module | None = None  # the off-the-shelf model, eval mode, input in [-1, 1]
     experts: ExpertBank | None = None
     diffusion: Diffusion | None = None
+    calibration: Calibration = field(default_factory=Calibration)  # x0-shortcut only
 
 
 def _need(spec: GuideSpec, attr: str, method: str):
@@ -132,11 +231,20 @@ def _x0(spec: GuideSpec) -> Guide:
     return PredictedX0Guide(_need(spec, "diffusion", "x0"), _need(spec, "net", "x0"), spec.task, spec.target, spec.scale)
 
 
+def _x0_shortcut(spec: GuideSpec) -> Guide:
+    cal = spec.calibration
+    return ShortcutX0Guide(cal.calibrate_net(_need(spec, "net", "x0-shortcut")), cal.calibrate_task(spec.task), spec.target,
+                           spec.scale, _need(spec, "diffusion", "x0-shortcut"), cal.scale_schedule)
+
+
 METHODS: dict[str, Callable[[GuideSpec], Guide | None]] = {
     "unguided": _unguided,
     "naive": _naive,
     "ppap": _experts,
+    "noise-aware": _experts,  # a supervised bank with one range: same call, other training
+    "multi-expert-supervised": _experts,
     "x0": _x0,
+    "x0-shortcut": _x0_shortcut,
 }
 
 

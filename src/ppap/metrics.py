@@ -69,6 +69,17 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     return coverage(fake, real, r_real), coverage(real, fake, r_fake)
 
 
+def mean_iou(pred: Tensor, truth: Tensor, num_classes: int) -> float:
+    """Mean intersection-over-union over the classes present in ``pred`` or ``truth`` [N, H, W]."""
+    ious = []
+    for c in range(num_classes):
+        p, t = pred == c, truth == c
+        union = (p | t).sum().item()
+        if union:
+            ious.append((p & t).sum().item() / union)
+    return sum(ious) / len(ious)
+
+
 @torch.no_grad()
 def accuracy_under_noise(model, schedule, x: Tensor, y: Tensor, timesteps: list[int], seed: int = 0,
                          batch_size: int = 500) -> dict[int, float]:

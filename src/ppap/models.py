@@ -24,10 +24,12 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        # activations are modules (not F.relu) so a calibration can swap them (EluCD's Softplus)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+        y = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
 class SmallResNet(nn.Module):
@@ -77,12 +79,80 @@ class Evaluator(nn.Module):
         return self.head(self.features(x))
 
 
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class EncoderDecoder(nn.Module):
+    """A small U-Net-like dense predictor (the off-the-shelf segmenter and edge estimator):
+    two strided stages down (32 -> 16 -> 8 px), bilinear upsampling with skip connections back
+    to full resolution, BatchNorm, a 1x1 head. Output [B, out_channels, H, W]."""
+
+    def __init__(self, out_channels: int, widths: tuple[int, int, int] = (16, 32, 64), in_channels: int = 1):
+        super().__init__()
+        w1, w2, w3 = widths
+        self.enc1 = _conv_bn(in_channels, w1)
+        self.enc2 = nn.Sequential(_conv_bn(w1, w2, 2), _conv_bn(w2, w2))
+        self.enc3 = nn.Sequential(_conv_bn(w2, w3, 2), _conv_bn(w3, w3))
+        self.dec2 = _conv_bn(w3 + w2, w2)
+        self.dec1 = _conv_bn(w2 + w1, w1)
+        self.head = nn.Conv2d(w1, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = (x - (2 * 0.286 - 1)) / (2 * 0.353)
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([F.interpolate(e3, size=e2.shape[-2:], mode="bilinear", align_corners=False), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[-2:], mode="bilinear", align_corners=False), e1], 1))
+        return self.head(d1)
+
+
+# --- the dense tasks' ground truth, computed from clean images -----------------------------
+
+FOREGROUND_THRESHOLD = -0.8  # in [-1, 1] units: pixel > 0.1 of full intensity is garment
+
+
+def segmentation_labels(x: Tensor, y: Tensor) -> Tensor:
+    """[B, 1, H, W] clean images in [-1, 1] and [B] classes -> [B, H, W] labels: 0 on
+    background, 1 + class on foreground (pixel above a fixed threshold)."""
+    fg = x[:, 0] > FOREGROUND_THRESHOLD
+    return torch.where(fg, y.view(-1, 1, 1) + 1, torch.zeros_like(y).view(-1, 1, 1)).long()
+
+
+def sobel_magnitude(x: Tensor) -> Tensor:
+    """Analytic Sobel gradient magnitude of [B, 1, H, W] images in [-1, 1], computed on [0, 1]
+    intensities with replicated borders and divided by 4 (so a step edge of height 1 gives 1)."""
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=x.dtype, device=x.device)
+    k = torch.stack([kx, kx.T])[:, None]
+    g = F.conv2d(F.pad((x + 1) / 2, (1, 1, 1, 1), mode="replicate"), k)
+    return g.square().sum(1, keepdim=True).add(1e-12).sqrt() / 4
+
+
 def fashion_classifier() -> SmallResNet:
     return SmallResNet(num_classes=10)
 
 
 def fashion_evaluator() -> Evaluator:
     return Evaluator(num_classes=10)
+
+
+def fashion_segmenter() -> EncoderDecoder:
+    return EncoderDecoder(out_channels=11)
+
+
+def fashion_edges() -> EncoderDecoder:
+    return EncoderDecoder(out_channels=1)
+
+
+def tiny_dense(out_channels: int = 1, in_channels: int = 1) -> EncoderDecoder:
+    """A randomly initialised miniature dense net for tests."""
+    return EncoderDecoder(out_channels, widths=(4, 8, 8), in_channels=in_channels)
+
+
+def tiny_segmenter(num_classes: int = 3) -> EncoderDecoder:
+    """A randomly initialised miniature segmenter (``num_classes`` per pixel) for tests."""
+    return tiny_dense(num_classes)
 
 
 def tiny_classifier(num_classes: int = 10, in_channels: int = 1) -> SmallResNet:

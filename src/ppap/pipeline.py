@@ -21,7 +21,7 @@ from . import zoo
 from .data import unit_to_uint8
 from .diffusion import Diffusion
 from .experts import ExpertBank
-from .guidance import Guide, GuideSpec, build_guide
+from .guidance import Calibration, Guide, GuideSpec, build_guide
 from .io import PPAPError, load_weights_into, resolve_factory
 from .samplers import SAMPLERS
 from .tasks import Task, make_task
@@ -196,21 +196,23 @@ def corpus_spec(diffusion: Diffusion, ref: str, num: int, *, shard_size: int = 2
 
 
 def data_free_experts(diffusion: Diffusion, diffusion_ref: str, guide: GuideModel, work_dir, *, corpus_size: int,
-                      cfg, corpus_steps: int = 25, task_name: str = "classification", progress: bool = True):
+                      cfg, corpus_steps: int = 25, task_name: str = "classification", corpus_dir=None, progress: bool = True):
     """The whole data-free PPAP recipe: sample a corpus from the diffusion model (no labels),
     then distill the off-the-shelf model into noise-range experts. Resumable at every stage.
-    Returns (bank, task, stats); experts are saved in ``work_dir/experts``."""
+    Returns (bank, task, stats); experts are saved in ``work_dir/experts``, the corpus in
+    ``corpus_dir`` (default ``work_dir/corpus``)."""
     from .data import load_corpus, open_corpus
     from .experts import TimestepRouter, make_bank
     from .train import train_experts
 
     work_dir = Path(work_dir)
     spec = corpus_spec(diffusion, diffusion_ref, corpus_size, steps=corpus_steps, seed=cfg.seed)
-    open_corpus(work_dir / "corpus", spec)
-    generate_corpus(diffusion, work_dir / "corpus", spec, progress=progress)
-    images = load_corpus(work_dir / "corpus")
+    corpus_dir = Path(corpus_dir) if corpus_dir is not None else work_dir / "corpus"
+    open_corpus(corpus_dir, spec)
+    generate_corpus(diffusion, corpus_dir, spec, progress=progress)
+    images = load_corpus(corpus_dir)
     task = task_for(guide, diffusion.image_shape, task_name, tau=cfg.tau)
-    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps)
+    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
     bank = make_bank(guide.net, router, cfg.adapter_config(), seed=cfg.seed)
     stats = train_experts(bank, task, diffusion.schedule, images, cfg, work_dir / "experts", identity=guide.identity, progress=progress)
     return bank, task, stats
@@ -233,12 +235,140 @@ def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
 
 
 def guide_builder(method: str, *, task: Task, scale: float, guide: GuideModel | None = None,
-                  experts: ExpertBank | None = None, diffusion: Diffusion | None = None) -> Callable[[Tensor], Guide | None]:
+                  experts: ExpertBank | None = None, diffusion: Diffusion | None = None,
+                  calibration: Calibration | None = None) -> Callable[[Tensor], Guide | None]:
     """A per-batch guide factory for ``sample_images`` (validates the method once, up front)."""
+    calibration = calibration or Calibration()
+
     def make(target: Tensor | None) -> Guide | None:
-        spec = GuideSpec(task=task, target=target, scale=scale, net=guide.net if guide else None, experts=experts, diffusion=diffusion)
+        spec = GuideSpec(task=task, target=target, scale=scale, net=guide.net if guide else None, experts=experts,
+                         diffusion=diffusion, calibration=calibration)
         return build_guide(method, spec)
 
     if method != "unguided":
         make(torch.zeros(1, dtype=torch.long))  # raises now for a method missing its model
+    return make
+
+
+# --------------------------------------------------------------------------------------------
+# Dense targets and composed guidance
+# --------------------------------------------------------------------------------------------
+
+
+def load_reference_image(path: str | Path, image_shape: tuple[int, ...]) -> Tensor:
+    """A PNG/JPEG reference as [1, C, H, W] in [-1, 1]; it must have the diffusion model's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PPAPError(f"reference image not found: {path}")
+    try:
+        img = Image.open(path)
+        img = img.convert("L" if image_shape[0] == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise PPAPError(f"cannot read reference image {path} ({type(e).__name__})") from None
+    if (img.height, img.width) != tuple(image_shape[1:]):
+        raise PPAPError(f"reference image {path} is {img.width}x{img.height} but the diffusion model makes "
+                        f"{image_shape[2]}x{image_shape[1]} images")
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    return x[None].float().div(127.5).sub(1.0)
+
+
+def load_target_map(path: str | Path) -> Tensor:
+    """A target map from ``.npy`` (no pickles): [H, W] / [C, H, W] or a stack [N, ...]."""
+    path = Path(path)
+    if not path.is_file():
+        raise PPAPError(f"target map not found: {path}")
+    if path.suffix.lower() != ".npy":
+        raise PPAPError(f"--target-map must be a .npy file, got {path.name}")
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    except ValueError as e:
+        raise PPAPError(f"cannot read target map {path} ({e})") from None
+
+
+def dense_targets(task: Task, guide: GuideModel, num: int, image_shape: tuple[int, ...], *, target_image=None,
+                  target_map=None) -> Tensor:
+    """[num, ...] targets for a segmentation or dense task: the clean off-the-shelf model's output
+    on a reference image (as the paper does with DeepLabV3 / MiDaS), or a given map; a single
+    map is repeated, a stack of maps is cycled. Shapes are checked against the model's output."""
+    if (target_image is None) == (target_map is None):
+        raise PPAPError(f"a {task.name} guide needs exactly one of --target-image or --target-map")
+    out_shape = probe_output_shape(guide.net, image_shape, guide.ref)
+    if target_image is not None:
+        with torch.no_grad():
+            maps = task.target_from_output(guide.net(load_reference_image(target_image, image_shape)))
+    else:
+        maps = load_target_map(target_map)
+        per_sample = 2 if task.name == "segmentation" else 3  # [H, W] label map / [C, H, W] dense map
+        if task.name == "dense" and maps.ndim == 2 and out_shape[1] == 1:
+            maps = maps[None]  # an [H, W] map for a one-channel model
+        maps = maps[None] if maps.ndim == per_sample else maps
+        if task.name == "segmentation" and maps.is_floating_point() and bool((maps == maps.round()).all()):
+            maps = maps.long()  # integer labels stored as floats
+        if task.name == "dense":
+            maps = maps.float() if not maps.is_floating_point() else maps
+    maps = task.check_target(maps, (len(maps),) + tuple(out_shape[1:]))
+    return maps[torch.arange(num) % len(maps)]
+
+
+@dataclass
+class GuidanceTerm:
+    """One summand of composed guidance: a model, its task, per-sample targets and a scale."""
+
+    make: Callable[[Tensor], Guide | None]
+    targets: Tensor  # [num, ...]
+    description: str
+
+
+def parse_term(spec: str) -> dict[str, str]:
+    """``'guide=fashion-classifier,experts=fashion-ppap5,target=ankle boot,scale=30'`` -> dict."""
+    keys = {"guide", "guide_weights", "experts", "method", "task", "target", "target_image", "target_map", "scale", "calibration"}
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in keys:
+            raise PPAPError(f"bad guidance term part {part!r}; use key=value with keys: {', '.join(sorted(keys))}")
+        out[key] = value.strip()
+    if "guide" not in out:
+        raise PPAPError(f"guidance term {spec!r} has no guide=...")
+    return out
+
+
+def build_term(diffusion: Diffusion, num: int, *, guide: str, guide_weights: str | None = None, experts: str | None = None,
+               method: str = "ppap", task: str | None = None, target: str | None = None, target_image: str | None = None,
+               target_map: str | None = None, scale: float = 30.0, calibration: Calibration | None = None) -> GuidanceTerm:
+    """Load what one guidance term needs and resolve its targets (class, label map or dense map).
+    The task comes from the experts' manifest, else the zoo entry, else ``task`` (default classification)."""
+    model = load_guide(guide, guide_weights)
+    bank = None
+    if experts:
+        bank, bank_task = load_bank(experts, model, diffusion)
+        model = load_guide(guide, guide_weights)  # a clean copy for targets and naive guidance (the bank adapted the first)
+        the_task = bank_task
+    else:
+        name = task or (zoo.ZOO[guide].task if zoo.is_zoo_name(guide) else "classification")
+        the_task = task_for(model, diffusion.image_shape, name)
+    if the_task.name == "classification":
+        if target_image is not None or target_map is not None:
+            raise PPAPError("--target-image / --target-map are for segmentation or dense guides; a classifier takes --target CLASS")
+        targets = parse_class_targets(target if target is not None else "0", num, the_task.num_classes, model.classes)
+    else:
+        targets = dense_targets(the_task, model, num, diffusion.image_shape, target_image=target_image, target_map=target_map)
+    make = guide_builder(method, task=the_task, scale=float(scale), guide=model, experts=bank, diffusion=diffusion,
+                         calibration=calibration)
+    return GuidanceTerm(make, targets, f"{method} {guide} ({the_task.name}) x{float(scale):g}")
+
+
+def compose(terms: list[GuidanceTerm]) -> Callable[[Tensor], Guide | None]:
+    """A ``make_guide`` for ``sample_images(targets=torch.arange(num))``: each batch's sample
+    indices select every term's own targets, and the guides are summed (``SumGuide``)."""
+    from .guidance import SumGuide
+
+    def make(index: Tensor) -> Guide | None:
+        guides = [g for g in (t.make(t.targets[index]) for t in terms) if g is not None]
+        return SumGuide(guides) if guides else None
+
     return make

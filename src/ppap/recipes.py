@@ -158,14 +158,15 @@ def export_ddpm(ema: nn.Module, scheduler, out_dir: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# fashion-classifier (the off-the-shelf guide) and fashion-evaluator (the judge)
+# fashion-classifier (the off-the-shelf guide), fashion-evaluator (the judge), and the dense
+# off-the-shelf models fashion-segmenter and fashion-edges: one supervised loop on clean images
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ClassifierRecipe:
     factory: str  # "package.module:function" building the network
-    epochs: int = 6
+    epochs: float = 6  # passes over the 60k training images
     batch_size: int = 128
     lr: float = 2e-3  # AdamW peak, cosine-decayed to 0 over the run
     weight_decay: float = 0.05
@@ -173,6 +174,7 @@ class ClassifierRecipe:
     label_smoothing: float = 0.0
     checkpoint_every: int = 200
     seed: int = 0
+    target: str = "class"  # "class" | "segmentation" (bg + class per pixel) | "sobel" (edge map)
 
 
 CLASSIFIER_RECIPES = {
@@ -180,6 +182,9 @@ CLASSIFIER_RECIPES = {
     "fashion-classifier": ClassifierRecipe("ppap.models:fashion_classifier", epochs=5),
     # a different architecture, trained separately with augmentation, used only to measure
     "fashion-evaluator": ClassifierRecipe("ppap.models:fashion_evaluator", epochs=8, augment=True, label_smoothing=0.1, seed=1),
+    # dense off-the-shelf models, clean images only (like DeepLabV3 / MiDaS: they fail on noise)
+    "fashion-segmenter": ClassifierRecipe("ppap.models:fashion_segmenter", epochs=2, target="segmentation", seed=2),
+    "fashion-edges": ClassifierRecipe("ppap.models:fashion_edges", epochs=2, target="sobel", seed=3),
 }
 
 
@@ -196,11 +201,39 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
+def _supervision(r: ClassifierRecipe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from .models import segmentation_labels, sobel_magnitude
+
+    if r.target == "class":
+        return y
+    return segmentation_labels(x, y) if r.target == "segmentation" else sobel_magnitude(x)
+
+
+def _loss(r: ClassifierRecipe, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if r.target == "sobel":
+        return (out - target).abs().mean()
+    return F.cross_entropy(out, target, label_smoothing=r.label_smoothing)
+
+
+@torch.no_grad()
+def test_figures(r: ClassifierRecipe, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The model card's test figures: accuracy; pixel accuracy and mIoU; or L1 to Sobel."""
+    from .metrics import accuracy, mean_iou, predict
+
+    if r.target == "class":
+        return {"test_accuracy": accuracy(net.eval(), x, y)}
+    out = predict(net, x)
+    truth = _supervision(r, x, y)
+    if r.target == "sobel":
+        return {"test_l1": (out - truth).abs().mean().item()}
+    pred = out.argmax(1)
+    return {"test_pixel_accuracy": (pred == truth).float().mean().item(), "test_miou": mean_iou(pred, truth, out.shape[1])}
+
+
 def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: ClassifierRecipe | None = None,
                      data_dir=None, stop_after: int | None = None) -> dict:
-    """Supervised training of a zoo classifier on clean Fashion-MNIST; writes safetensors + card."""
+    """Supervised training of a zoo model on clean Fashion-MNIST; writes safetensors + card."""
     from .io import resolve_factory
-    from .metrics import accuracy
 
     r = r or CLASSIFIER_RECIPES[name]
     work_dir = Path(work_dir)
@@ -208,7 +241,7 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
     net = resolve_factory(r.factory)()
     x_train, y_train = load_fashion_mnist("train", data_dir)
     batches = InfiniteBatches(x_train, y_train, batch_size=r.batch_size, seed=r.seed)
-    total = r.epochs * len(x_train) // r.batch_size
+    total = int(r.epochs * len(x_train)) // r.batch_size
     opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     ckpt = work_dir / "resume.pt"
     step, elapsed = 0, 0.0
@@ -227,7 +260,7 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
             x = augment_batch(x, step_generator(r.seed, step))
         for group in opt.param_groups:
             group["lr"] = r.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-        loss = F.cross_entropy(net(x), y, label_smoothing=r.label_smoothing)
+        loss = _loss(r, net(x), _supervision(r, x, y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -243,9 +276,9 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
     if step < total:
         return {"step": step, "done": False}
     x_test, y_test = load_fashion_mnist("test", data_dir)
-    acc = accuracy(net.eval(), x_test, y_test)
+    figures = test_figures(r, net, x_test, y_test)
     atomic_save_safetensors(out_file, net.state_dict(), metadata={"ppap_zoo": name})
-    card = {"recipe": asdict(r), "iterations": step, "train_seconds": round(elapsed, 1), "test_accuracy": acc,
+    card = {"recipe": asdict(r), "iterations": step, "train_seconds": round(elapsed, 1), **figures,
             "parameters": sum(p.numel() for p in net.parameters())}
     atomic_write_json(Path(out_file).with_suffix(".json"), card)
     return card | {"done": True}
@@ -262,31 +295,47 @@ class ExpertRecipe:
     guide: str = "fashion-classifier"
     corpus_size: int = 4000  # unlabelled images sampled from the DDPM (DDIM-25)
     train: "TrainConfig" = None  # filled in EXPERT_RECIPES
+    task: str = "classification"  # the guide's task (its KD loss)
 
 
 def _expert_recipes() -> dict:
     from .train import TrainConfig
 
-    return {"fashion-ppap5": ExpertRecipe(corpus_size=4000, train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=8, alpha=8))}
+    return {
+        "fashion-ppap5": ExpertRecipe(corpus_size=4000, train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=8, alpha=8)),
+        # dense experts: same corpus (no labels); KD = per-pixel KL at tau 1 / L1 to the teacher's map
+        "fashion-segmenter-ppap5": ExpertRecipe(guide="fashion-segmenter", task="segmentation", corpus_size=4000,
+                                                train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0)),
+        "fashion-edges-ppap5": ExpertRecipe(guide="fashion-edges", task="dense", corpus_size=4000,
+                                            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0)),
+    }
 
 
 EXPERT_RECIPES = _expert_recipes()
 
 
+def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int) -> Path:
+    """Corpora are shared by every recipe (and the bench) that draws the same images."""
+    return Path(work_root).parent / "corpus" / f"{diffusion}-{size}"
+
+
 def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> dict:
-    """Corpus + experts in ``work_dir`` (resumable); the finished experts are swapped into ``out_dir``."""
+    """Corpus + experts in ``work_dir`` (resumable); the finished experts are swapped into ``out_dir``.
+    The corpus lives beside the zoo work folder (``runs/corpus``), shared with other recipes."""
     from .pipeline import data_free_experts, load_diffusion, load_guide
 
     r = EXPERT_RECIPES[name]
     t0 = time.time()
     diffusion = load_diffusion(r.diffusion)
-    bank, task, stats = data_free_experts(diffusion, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size, cfg=r.train)
+    corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size)
+    bank, task, stats = data_free_experts(diffusion, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size,
+                                          cfg=r.train, task_name=r.task, corpus_dir=corpus)
     out_dir, tmp = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(Path(work_dir) / "experts", tmp, ignore=shutil.ignore_patterns(".resume"))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    card = {"recipe": {"diffusion": r.diffusion, "guide": r.guide, "corpus_size": r.corpus_size, "train": asdict(r.train)},
+    card = {"recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)},
             "seconds_this_call": round(time.time() - t0, 1), "stats": stats}
     atomic_write_json(out_dir / "ppap_card.json", card)
     return card

@@ -36,7 +36,7 @@ FORMAT = "ppap-experts-v1"
 @dataclass(frozen=True)
 class TrainConfig:
     objective: str = "distill"  # "distill" (data-free PPAP) or "supervised" (needs labels)
-    experts: str = "5"  # a count of equal timestep ranges, or "lo-hi,lo-hi,..."
+    experts: str = "5"  # a count of equal timestep ranges, "logsnr:5" (equal log-SNR ranges), or "lo-hi,lo-hi,..."
     adapter: str = "lora"  # "lora" (one frozen net + N adapters) or "full" (N full copies)
     rank: int = 8  # LoRA rank
     alpha: float = 8.0  # LoRA alpha (update scaled by alpha / rank)

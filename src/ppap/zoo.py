@@ -14,6 +14,9 @@ from .data import FASHION_MNIST_CLASSES
 from .io import PPAPError
 
 
+SEGMENTER_CLASSES = ("background",) + FASHION_MNIST_CLASSES
+
+
 def weights_dir() -> Path:
     return Path(str(resources.files("ppap"))) / "weights"
 
@@ -47,6 +50,15 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
              "fashion-evaluator.safetensors", factory="ppap.models:fashion_evaluator"),
     ZooEntry("fashion-ppap5", "experts", "5 data-free LoRA experts of fashion-classifier on fashion-ddpm samples",
              "fashion-ppap5", guide="fashion-classifier"),
+    ZooEntry("fashion-segmenter", "guide", "off-the-shelf segmenter: 11 classes per pixel (background + garment class), clean images only",
+             "fashion-segmenter.safetensors", factory="ppap.models:fashion_segmenter", task="segmentation",
+             classes=SEGMENTER_CLASSES),
+    ZooEntry("fashion-edges", "guide", "off-the-shelf edge estimator (learnt Sobel magnitude map; the depth-like dense model)",
+             "fashion-edges.safetensors", factory="ppap.models:fashion_edges", task="dense", classes=()),
+    ZooEntry("fashion-segmenter-ppap5", "experts", "5 data-free LoRA experts of fashion-segmenter on fashion-ddpm samples",
+             "fashion-segmenter-ppap5", task="segmentation", classes=SEGMENTER_CLASSES, guide="fashion-segmenter"),
+    ZooEntry("fashion-edges-ppap5", "experts", "5 data-free LoRA experts of fashion-edges on fashion-ddpm samples",
+             "fashion-edges-ppap5", task="dense", classes=(), guide="fashion-edges"),
 ]}
 
 

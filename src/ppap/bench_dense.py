@@ -1,0 +1,272 @@
+"""``ppap bench dense``: layout guidance with the zoo's dense off-the-shelf models.
+
+For each task (segmentation with ``fashion-segmenter``, a depth-like dense map with
+``fashion-edges``) the targets are the clean model's outputs on real test images (as the paper
+does with DeepLabV3 / MiDaS on a reference image). Rows: unguided (shared), naive, x0, PPAP-5.
+Every generated image is scored *without* the guiding model:
+  * segmentation: IoU between the generated image's foreground (fixed threshold) and the target
+    mask's foreground, and evaluator accuracy of the garment class the mask implies;
+  * dense: L1 and Pearson correlation between the analytic Sobel map of the generated image and
+    the target map.
+FID (evaluator features, vs the test set) for every row, and the guided/unguided step cost.
+Scales are chosen per (task, method) on separate targets and seeds. Stages resume like the
+classifier bench.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bench import _savefig, _Stage, machine
+from .data import load_fashion_mnist
+from .io import atomic_write_bytes, atomic_write_json
+from .metrics import features, fid
+from .models import FOREGROUND_THRESHOLD, sobel_magnitude
+from .pipeline import guide_builder, load_bank, load_diffusion, load_guide, sample_images, task_for
+
+TASKS = {"segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"), "dense": ("fashion-edges", "fashion-edges-ppap5")}
+METHODS = ("naive", "x0", "ppap")
+
+
+@dataclass(frozen=True)
+class DenseBenchConfig:
+    diffusion: str = "fashion-ddpm"
+    evaluator: str = "fashion-evaluator"
+    num_targets: int = 500  # real test images used as references (the first N)
+    sweep_targets: int = 30  # further test images for the scale sweep (separate seed)
+    sweep_scales: dict = field(default_factory=lambda: {
+        "segmentation": {"naive": (100.0, 300.0, 1000.0), "x0": (30.0, 100.0, 300.0), "ppap": (100.0, 300.0, 1000.0)},
+        "dense": {"naive": (100.0, 300.0, 1000.0), "x0": (30.0, 100.0, 300.0), "ppap": (100.0, 300.0, 1000.0)}})
+    steps: int = 25
+    batch_size: int = 100
+    seed: int = 4000
+    sweep_seed: int = 5000
+    figure_targets: int = 4
+    cost_batch: int = 64
+    cost_repeats: int = 5
+
+
+QUICK = DenseBenchConfig(num_targets=6, sweep_targets=2, steps=3, batch_size=6, figure_targets=2, cost_batch=4, cost_repeats=1,
+                         sweep_scales={t: {"naive": (300.0,), "x0": (100.0,), "ppap": (300.0,)} for t in TASKS})
+
+
+def _foreground(x: torch.Tensor) -> torch.Tensor:
+    return x[:, 0] > FOREGROUND_THRESHOLD
+
+
+def segmentation_scores(x: torch.Tensor, target: torch.Tensor, evaluator) -> dict:
+    """Per-sample foreground IoU with the target mask, and whether the evaluator sees the class
+    the mask implies (its most frequent non-background label)."""
+    fg, want = _foreground(x), target != 0
+    union = (fg | want).flatten(1).sum(1).clamp_min(1)
+    iou = (fg & want).flatten(1).sum(1) / union
+    implied = torch.tensor([int(torch.mode(m[m != 0]).values) - 1 if (m != 0).any() else -1 for m in target])
+    with torch.no_grad():
+        pred = torch.cat([evaluator(x[k : k + 500]).argmax(-1) for k in range(0, len(x), 500)])
+    return {"iou": iou.tolist(), "class_hit": (pred == implied).float().tolist()}
+
+
+def dense_scores(x: torch.Tensor, target: torch.Tensor) -> dict:
+    """Per-sample L1 and Pearson correlation between the analytic Sobel map of x and the target."""
+    s, t = sobel_magnitude(x).flatten(1), target.flatten(1)
+    sc, tc = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    r = (sc * tc).sum(1) / (sc.norm(dim=1) * tc.norm(dim=1)).clamp_min(1e-12)
+    return {"l1": (s - t).abs().mean(1).tolist(), "pearson": r.tolist()}
+
+
+class DenseBench:
+    def __init__(self, cfg: DenseBenchConfig, out: Path, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.stage = _Stage(self.out)
+        self.diffusion = load_diffusion(cfg.diffusion)
+        self.evaluator = load_guide(cfg.evaluator).net
+        self.x_test, _ = load_fashion_mnist("test")
+        self.real_features = features(self.evaluator, self.x_test)
+        self.models = {}
+        for task_name, (guide_ref, experts_ref) in TASKS.items():
+            guide = load_guide(guide_ref)
+            bank, task = load_bank(experts_ref, load_guide(guide_ref), self.diffusion)
+            self.models[task_name] = (guide, bank, task)
+
+    def references(self, sweep: bool) -> torch.Tensor:
+        n, s = self.cfg.num_targets, self.cfg.sweep_targets
+        return self.x_test[n : n + s] if sweep else self.x_test[:n]
+
+    def targets(self, task_name: str, refs: torch.Tensor) -> torch.Tensor:
+        guide, _, task = self.models[task_name]
+        with torch.no_grad():
+            return task.target_from_output(torch.cat([guide.net(refs[k : k + 500]) for k in range(0, len(refs), 500)]))
+
+    def sample(self, task_name: str, method: str, scale: float, targets: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
+        guide, bank, task = self.models[task_name]
+        make = guide_builder(method, task=task, scale=scale, guide=guide, experts=bank, diffusion=self.diffusion)
+        t0 = time.time()
+        x = sample_images(self.diffusion, len(targets), seed=seed, make_guide=make, targets=targets, steps=self.cfg.steps,
+                          batch_size=self.cfg.batch_size, progress=self.progress, desc=f"{task_name} {method} s={scale:g}")
+        return x, time.time() - t0
+
+    def score(self, task_name: str, x: torch.Tensor, targets: torch.Tensor) -> dict:
+        per = segmentation_scores(x, targets, self.evaluator) if task_name == "segmentation" else dense_scores(x, targets)
+        out = {k: float(np.mean(v)) for k, v in per.items()}
+        return out | {"fid": fid(features(self.evaluator, x), self.real_features), "n": len(x)}
+
+    @staticmethod
+    def key_metric(task_name: str, scores: dict) -> float:
+        """Higher is better: IoU for segmentation, minus L1 for the dense map."""
+        return scores["iou"] if task_name == "segmentation" else -scores["l1"]
+
+    def sweep_stage(self) -> dict:
+        out = {}
+        refs = self.references(sweep=True)
+        for task_name in TASKS:
+            targets = self.targets(task_name, refs)
+            out[task_name] = {m: [self.score(task_name, self.sample(task_name, m, s, targets, self.cfg.sweep_seed)[0], targets) | {"scale": s}
+                                  for s in self.cfg.sweep_scales[task_name][m]] for m in METHODS}
+        return out
+
+    def main_stage(self, sweep: dict) -> dict:
+        refs = self.references(sweep=False)
+        samples_dir = self.out / "samples"
+        samples_dir.mkdir(parents=True, exist_ok=True)
+
+        def run(task_name, method, scale, targets):
+            x, seconds = self.sample(task_name, method, scale, targets, self.cfg.seed)
+            np.save(samples_dir / f"{task_name}-{method}.npy", x.numpy().astype(np.float16))
+            return x, seconds
+
+        out = {}
+        unguided = None
+        for task_name in TASKS:
+            targets = self.targets(task_name, refs)
+            rows = {}
+            if unguided is None:  # the same unguided images serve both tasks (same noises, no target)
+                unguided = self.stage.get("main-unguided-seconds", lambda: {"seconds": run(task_name, "unguided", 0.0, targets)[1]})
+            x_u = torch.from_numpy(np.load(samples_dir / f"{next(iter(TASKS))}-unguided.npy").astype(np.float32))
+            rows["unguided"] = self.score(task_name, x_u, targets) | {"scale": 0.0, "seconds": unguided["seconds"]}
+            for m in METHODS:
+                best = max(sweep[task_name][m], key=lambda p: self.key_metric(task_name, p))["scale"]
+
+                def compute(m=m, best=best):
+                    x, seconds = run(task_name, m, best, targets)
+                    return self.score(task_name, x, targets) | {"scale": best, "seconds": round(seconds, 1)}
+                rows[m] = self.stage.get(f"main-{task_name}-{m}", compute)
+            refs_scores = self.score(task_name, refs, targets)  # the reference images themselves
+            rows["reference images"] = refs_scores | {"scale": None, "seconds": None}
+            out[task_name] = rows
+        return out
+
+    def cost_stage(self) -> dict:
+        from .samplers import sample_ddim
+
+        x = torch.randn((self.cfg.cost_batch,) + self.diffusion.image_shape, generator=torch.Generator().manual_seed(0))
+        steps = self.diffusion.schedule.timesteps(self.cfg.steps)
+        step = steps[len(steps) // 2 : len(steps) // 2 + 1]
+        refs = self.x_test[: self.cfg.cost_batch]
+
+        def timeit(guide):
+            times = []
+            for _ in range(self.cfg.cost_repeats + 1):
+                t0 = time.perf_counter()
+                sample_ddim(self.diffusion, x, step, guide=guide)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times[1:])
+
+        base = timeit(None)
+        out = {"unguided_seconds": round(base, 4), "batch": self.cfg.cost_batch}
+        for task_name in TASKS:
+            guide, bank, task = self.models[task_name]
+            targets = self.targets(task_name, refs)
+            for m in METHODS:
+                g = guide_builder(m, task=task, scale=1.0, guide=guide, experts=bank, diffusion=self.diffusion)(targets)
+                out[f"{task_name}/{m}"] = round(timeit(g) / base, 2)
+        return out
+
+    def figure(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        k = self.cfg.figure_targets
+        cols = ("reference", "target map", "unguided", "naive", "ppap")
+        fig, axes = plt.subplots(2 * k, len(cols), figsize=(1.6 * len(cols), 1.6 * 2 * k))
+        refs = self.references(sweep=False)[:k]
+        first = next(iter(TASKS))
+        for ti, task_name in enumerate(TASKS):
+            targets = self.targets(task_name, refs)
+            imgs = {m: np.load(self.out / "samples" / f"{first if m == 'unguided' else task_name}-{m}.npy")[:k, 0].astype(np.float32)
+                    for m in ("unguided", "naive", "ppap")}
+            for r in range(k):
+                row = axes[ti * k + r]
+                row[0].imshow(refs[r, 0], cmap="gray", vmin=-1, vmax=1)
+                row[1].imshow(targets[r] if task_name == "segmentation" else targets[r, 0],
+                              cmap="tab20" if task_name == "segmentation" else "magma",
+                              **({"vmin": 0, "vmax": 19} if task_name == "segmentation" else {}))
+                for c, m in enumerate(("unguided", "naive", "ppap"), start=2):
+                    row[c].imshow(imgs[m][r], cmap="gray", vmin=-1, vmax=1)
+                for c, ax in enumerate(row):
+                    ax.set_xticks([]); ax.set_yticks([])
+                    if ti * k + r == 0 or (r == 0 and c == 1):
+                        ax.set_title(cols[c] if c != 1 else f"target ({task_name})", fontsize=7)
+                row[0].set_ylabel(task_name if r == 0 else "", fontsize=7)
+        _savefig(fig, path)
+        plt.close(fig)
+
+    def run(self) -> dict:
+        t0 = time.time()
+        timings = {}
+
+        def timed(name, fn):
+            t = time.time()
+            v = fn()
+            timings[name] = round(time.time() - t, 1)
+            return v
+
+        cost = timed("cost", lambda: self.stage.get("cost", self.cost_stage))
+        sweep = timed("sweep", lambda: self.stage.get("sweep", self.sweep_stage))
+        main = timed("main", lambda: self.main_stage(sweep))
+        results = {"config": dataclasses.asdict(self.cfg), "machine": machine(), "cost": cost, "sweep": sweep, "main": main,
+                   "stage_seconds": timings, "seconds_this_call": round(time.time() - t0, 1)}
+        atomic_write_json(self.out / "results.json", results)
+        atomic_write_bytes(self.out / "report.md", dense_report(results).encode())
+        self.figure(self.out / "bench_dense_grid.png")
+        return results
+
+
+def _fmt_scale(scale) -> str:
+    return "" if scale is None else f"{scale:g}"
+
+
+def dense_report(r: dict) -> str:
+    cfg = r["config"]
+    lines = [f"Machine: {r['machine']}. DDIM-{cfg['steps']}, {cfg['num_targets']} targets per row from real test images; "
+             f"scale per (task, method) from a sweep on {cfg['sweep_targets']} other targets and another seed.", ""]
+    seg, dense = r["main"]["segmentation"], r["main"]["dense"]
+    lines += ["Segmentation (target: fashion-segmenter's label map of a real test image):", "",
+              "| method | scale | foreground IoU | evaluator acc. (class of the mask) | FID | step cost (x unguided) |", "|---|---|---|---|---|---|"]
+    for m, s in seg.items():
+        cost = r["cost"].get(f"segmentation/{m}", 1.0 if m == "unguided" else None)
+        lines.append(f"| {m} | {_fmt_scale(s['scale'])} | {s['iou']:.3f} | {s['class_hit']:.1%} | {s['fid']:.2f} | "
+                     f"{'' if cost is None else f'{cost:.2f}'} |")
+    lines += ["", "Dense map (target: fashion-edges' map of a real test image; scored with the analytic Sobel map):", "",
+              "| method | scale | Sobel L1 (lower is better) | Pearson r | FID | step cost (x unguided) |", "|---|---|---|---|---|---|"]
+    for m, s in dense.items():
+        cost = r["cost"].get(f"dense/{m}", 1.0 if m == "unguided" else None)
+        lines.append(f"| {m} | {_fmt_scale(s['scale'])} | {s['l1']:.4f} | {s['pearson']:.3f} | {s['fid']:.2f} | "
+                     f"{'' if cost is None else f'{cost:.2f}'} |")
+    lines += ["", f"PPAP vs naive: IoU {seg['ppap']['iou']:.3f} vs {seg['naive']['iou']:.3f} ({seg['ppap']['iou'] - seg['naive']['iou']:+.3f}); "
+              f"Sobel L1 {dense['ppap']['l1']:.4f} vs {dense['naive']['l1']:.4f} ({(dense['ppap']['l1'] / dense['naive']['l1'] - 1):+.1%}).",
+              "", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def run_dense_bench(out: Path, quick: bool = False, cfg: DenseBenchConfig | None = None, progress: bool = True) -> dict:
+    cfg = cfg or (QUICK if quick else DenseBenchConfig())
+    return DenseBench(cfg, out, progress=progress).run()

@@ -1,0 +1,68 @@
+"""The benchmarks cannot rot: their --quick versions run end to end here (real zoo models, tiny
+sizes), resume from their saved stages, and report every row and column."""
+
+import json
+import time
+
+import pytest
+
+from ppap import zoo
+from ppap.data import fashion_mnist_dir
+
+needs_data = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def needs(*names):
+    missing = [n for n in names if not zoo.ZOO[n].available]
+    return pytest.mark.skipif(bool(missing), reason=f"zoo models not built in this checkout: {missing}")
+
+
+@pytest.mark.slow
+@needs_data
+@needs("fashion-ddpm", "fashion-classifier", "fashion-evaluator")
+def test_classifier_bench_quick_runs_and_resumes(tmp_path):
+    from ppap.bench import ROWS, run_classifier_bench
+
+    out = tmp_path / "bench"
+    r = run_classifier_bench(out, quick=True, progress=False)
+    assert list(r["main"]) == [row.name for row in ROWS]
+    assert all(m["n"] == 20 and 0 <= m["accuracy"] <= 1 and m["fid"] > 0 for m in r["main"].values())
+    assert all(0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 for m in r["main"].values())
+    banks = r["banks"]
+    assert banks["mes5"]["trainable_parameters"] == 5 * banks["mes5"]["backbone_parameters"]
+    assert banks["ppap5"]["trainable_parameters"] == 5 * banks["ppap1"]["trainable_parameters"]
+    assert banks["ppap5"]["trainable_parameters"] < banks["noise-aware"]["trainable_parameters"]
+    assert banks["mes5"]["labelled_images"] > 0 and banks["ppap5"]["labelled_images"] == 0
+    cost = r["cost"]
+    assert cost["unguided"]["ratio_to_unguided"] == 1.0
+    assert cost["x0"]["ratio_to_unguided"] > cost["x0-shortcut"]["ratio_to_unguided"]  # the UNet backward it skips
+    for name, points in r["sweep"].items():  # every guided row was swept, and its main-table scale is one of the swept
+        assert r["main"][name]["scale"] in [p["scale"] for p in points]
+    assert set(r["noise"]["routed"]) >= {"off-the-shelf", "noise-aware", "multi-expert-supervised-5", "ppap-5"}
+    assert len(r["noise"]["per_expert"]["ppap-5"]) == 5
+    assert {a["factor"] for a in r["ablations"].values()} == {"experts", "rank", "corpus", "tau", "warm start", "ranges"}
+    assert r["ablations"]["equal log-SNR ranges"]["boundaries"] != r["ablations"]["experts=5 (base)"]["boundaries"]
+    report = (out / "report.md").read_text()
+    assert "PPAP-5 accuracy / multi-expert-supervised-5" in report and "x0-shortcut-calibrated" in report
+    for png in ("bench_sweep.png", "bench_noise_accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    t0 = time.time()
+    again = run_classifier_bench(out, quick=True, progress=False)  # every stage is read back, nothing retrained
+    assert again["main"] == json.loads(json.dumps(r["main"])) and time.time() - t0 < 30
+
+
+@pytest.mark.slow
+@needs_data
+@needs("fashion-ddpm", "fashion-evaluator", "fashion-segmenter", "fashion-edges", "fashion-segmenter-ppap5", "fashion-edges-ppap5")
+def test_dense_bench_quick_runs(tmp_path):
+    from ppap.bench_dense import run_dense_bench
+
+    r = run_dense_bench(tmp_path / "dense", quick=True, progress=False)
+    seg, dense = r["main"]["segmentation"], r["main"]["dense"]
+    assert set(seg) == set(dense) == {"unguided", "naive", "x0", "ppap", "reference images"}
+    assert all(0 <= s["iou"] <= 1 and 0 <= s["class_hit"] <= 1 for s in seg.values())
+    assert all(s["l1"] >= 0 and -1 <= s["pearson"] <= 1 for s in dense.values())
+    assert seg["reference images"]["iou"] > 0.5  # the segmenter's own masks agree with the thresholded references
+    assert r["cost"]["segmentation/x0"] > r["cost"]["segmentation/ppap"]
+    assert (tmp_path / "dense" / "bench_dense_grid.png").read_bytes()[:4] == b"\x89PNG"

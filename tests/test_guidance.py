@@ -1,0 +1,106 @@
+"""Guidance methods beyond naive / ppap: x0-shortcut and its EluCD-style calibration, supervised
+banks under their own names, and composed guidance over several tasks."""
+
+import pytest
+import torch
+from torch import nn
+
+from ppap import PPAPError
+from ppap.diffusion import Prediction
+from ppap.experts import TimestepRouter, make_bank
+from ppap.guidance import (Calibration, CalibratedClassification, GuideSpec, NoisyInputGuide, ShortcutX0Guide, SumGuide,
+                           build_guide)
+from ppap.models import tiny_classifier, tiny_dense
+from ppap.tasks import Classification, DenseRegression
+from ppap.train import TrainConfig
+
+
+def test_shortcut_gradient_is_the_x0_gradient_over_sqrt_abar(tiny_diffusion):
+    """No UNet backward: g = s * grad_{x0_hat} log p(y | x0_hat) / sqrt(abar_t), and a small step
+    of x0_hat along it raises the target log-probability."""
+    torch.manual_seed(0)
+    net = tiny_classifier().eval()
+    task = Classification(10)
+    x_t = torch.randn(4, 1, 8, 8)
+    t = torch.full((4,), 60)
+    pred = tiny_diffusion(x_t, t)
+    y = torch.tensor([1, 2, 3, 4])
+    g = ShortcutX0Guide(net, task, y, 2.0, tiny_diffusion)(x_t, t, pred)
+    x0 = pred.x0.clamp(-1, 1).requires_grad_(True)
+    ll = task.log_likelihood(net(x0), y)
+    g0 = torch.autograd.grad(ll.sum(), x0)[0]
+    abar = tiny_diffusion.schedule.abar(t, x_t)
+    assert torch.allclose(g, 2.0 * g0 / abar.sqrt(), atol=1e-6)
+    with torch.no_grad():
+        after = task.log_likelihood(net(pred.x0.clamp(-1, 1) + 1e-2 * g0 / g0.norm()), y)
+    assert (after > ll.detach()).all()
+    sigma = ShortcutX0Guide(net, task, y, 2.0, tiny_diffusion, scale_schedule="sigma")(x_t, t, pred)
+    assert torch.allclose(sigma, g * (1 - abar).sqrt(), atol=1e-6)
+
+
+def test_calibrated_log_likelihood_and_softplus():
+    z, y = torch.randn(5, 10), torch.arange(5)
+    plain = Calibration().calibrate_task(Classification(10))
+    assert torch.allclose(plain.log_likelihood(z, y), z.log_softmax(-1)[torch.arange(5), y])
+    cal = Calibration(target_temperature=0.5, norm_temperature=2.0).calibrate_task(Classification(10))
+    assert isinstance(cal, CalibratedClassification)
+    assert torch.allclose(cal.log_likelihood(z, y), z[torch.arange(5), y] / 0.5 - torch.logsumexp(z / 2.0, -1))
+    torch.manual_seed(0)
+    net = tiny_classifier().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    soft = Calibration(softplus_beta=3.0).calibrate_net(net)
+    assert not any(isinstance(m, nn.ReLU) for m in soft.modules()) and any(isinstance(m, nn.ReLU) for m in net.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the original is untouched
+    x = torch.randn(2, 1, 8, 8)
+    assert not torch.allclose(soft(x), net(x))
+    with pytest.raises(PPAPError, match="no nn.ReLU modules"):
+        Calibration(softplus_beta=1.0).calibrate_net(nn.Sequential(nn.Conv2d(1, 1, 1)))
+    with pytest.raises(PPAPError, match="bad calibration option 'temperature=2'"):
+        Calibration.parse("temperature=2")
+    with pytest.raises(PPAPError, match="unknown scale schedule 'cosine'"):
+        Calibration.parse("scale_schedule=cosine")
+    assert Calibration.parse("norm_temperature=2,softplus_beta=3") == Calibration(norm_temperature=2.0, softplus_beta=3.0)
+
+
+def test_supervised_banks_guide_under_their_own_names():
+    torch.manual_seed(0)
+    bank = make_bank(tiny_classifier(), TimestepRouter.uniform(1, 100), TrainConfig(adapter="full").adapter_config())
+    spec = GuideSpec(task=Classification(10), target=torch.tensor([3, 4]), scale=1.0, experts=bank)
+    for method in ("noise-aware", "multi-expert-supervised"):
+        g = build_guide(method, spec)
+        assert isinstance(g, NoisyInputGuide)
+        x = torch.randn(2, 1, 8, 8)
+        assert g(x, torch.tensor([5, 90]), None).shape == x.shape
+
+
+def test_composed_guidance_raises_both_log_likelihoods():
+    """A class term plus a dense-map term: one small step along the summed gradient raises the
+    log-likelihood of each target."""
+    torch.manual_seed(0)
+    clf, dense = tiny_classifier().eval(), tiny_dense().eval()
+    clf_task, dense_task = Classification(10), DenseRegression("l1")
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.full((3,), 10)
+    y = torch.tensor([0, 5, 9])
+    target_map = torch.rand(3, 1, 8, 8)
+    guide = SumGuide([NoisyInputGuide(lambda v, s: clf(v), clf_task, y, 1.0),
+                      NoisyInputGuide(lambda v, s: dense(v), dense_task, target_map, 30.0)])
+    g = guide(x, t, None)
+    with torch.no_grad():
+        step = x + 1e-3 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        assert (clf_task.log_likelihood(clf(step), y) > clf_task.log_likelihood(clf(x), y)).all()
+        assert (dense_task.log_likelihood(dense(step), target_map) > dense_task.log_likelihood(dense(x), target_map)).all()
+
+
+def test_equal_log_snr_router(tiny_diffusion):
+    abar = tiny_diffusion.schedule.alphas_cumprod
+    router = TimestepRouter.parse("logsnr:4", 100, abar)
+    b = router.boundaries
+    assert b[0] == 0 and b[-1] == 100 and all(hi > lo for lo, hi in zip(b, b[1:]))
+    log_snr = (abar / (1 - abar)).log()
+    widths = [float(log_snr[lo] - log_snr[hi - 1]) for lo, hi in zip(b, b[1:])]
+    total = float(log_snr[0] - log_snr[-1])
+    assert all(abs(w - total / 4) < 0.1 * total for w in widths), widths
+    assert b[1] - b[0] < b[-1] - b[-2]  # a linear schedule spends log-SNR fastest at low t
+    with pytest.raises(PPAPError, match="need the diffusion model's noise schedule"):
+        TimestepRouter.parse("logsnr:4", 100)
