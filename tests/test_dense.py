@@ -83,6 +83,22 @@ def test_segmentation_label_out_of_range_and_classifier_with_map(dense_models, c
     assert code == 2 and "a classifier takes --target CLASS" in err
     code, _, err = run(m["base"] + ["--term", "experts=x,target=1", "--out", f"{root}/never.png"], capsys)
     assert code == 2 and "has no guide=" in err
+    code, _, err = run(m["base"] + ["--term", f"guide={m['guide']},guide_weights={m['weights']},target=1,scale=big",
+                                    "--out", f"{root}/never.png"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "bad guidance scale 'big': expected a number" in err
+
+
+def test_default_scale_is_the_zoo_experts_measured_best():
+    from ppap import zoo
+    from ppap.pipeline import DEFAULT_SCALE, _guidance_scale
+
+    experts = [e for e in zoo.ZOO.values() if e.kind == "experts"]
+    assert experts and all(e.scale is not None for e in experts)  # every shipped bank says how hard to guide with it
+    for e in experts:
+        assert _guidance_scale(None, e.name, "ppap") == e.scale
+        assert _guidance_scale(None, e.name, "naive") == DEFAULT_SCALE  # the experts' scale is for their own method
+    assert _guidance_scale(None, "my/experts", "ppap") == DEFAULT_SCALE
+    assert _guidance_scale("12.5", "fashion-ppap5", "ppap") == 12.5  # an explicit scale always wins
 
 
 def test_ground_truth_maps():

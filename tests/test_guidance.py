@@ -8,10 +8,10 @@ from torch import nn
 from ppap import PPAPError
 from ppap.diffusion import Prediction
 from ppap.experts import TimestepRouter, make_bank
-from ppap.guidance import (Calibration, CalibratedClassification, GuideSpec, NoisyInputGuide, ShortcutX0Guide, SumGuide,
-                           build_guide)
+from ppap.guidance import (Calibration, CalibratedClassification, GuideSpec, NoisyInputGuide, NormalizedGuide, ShortcutX0Guide,
+                           SumGuide, build_guide)
 from ppap.models import tiny_classifier, tiny_dense
-from ppap.tasks import Classification, DenseRegression
+from ppap.tasks import Classification, DenseRegression, Segmentation
 from ppap.train import TrainConfig
 
 
@@ -73,23 +73,26 @@ def test_supervised_banks_guide_under_their_own_names():
         assert g(x, torch.tensor([5, 90]), None).shape == x.shape
 
 
-def test_composed_guidance_raises_both_log_likelihoods():
-    """A class term plus a dense-map term: one small step along the summed gradient raises the
-    log-likelihood of each target."""
+@pytest.mark.parametrize("layout", ["segmentation", "dense"])
+def test_composed_guidance_raises_both_log_likelihoods(layout):
+    """A class term plus a layout term (a label mask or a dense map): one small step along the
+    summed gradient raises the log-likelihood of each term's own target."""
     torch.manual_seed(0)
-    clf, dense = tiny_classifier().eval(), tiny_dense().eval()
-    clf_task, dense_task = Classification(10), DenseRegression("l1")
+    clf = tiny_classifier().eval()
+    if layout == "segmentation":
+        net, task, target = tiny_dense(3).eval(), Segmentation(3), torch.randint(0, 3, (3, 8, 8))
+    else:
+        net, task, target = tiny_dense(1).eval(), DenseRegression("l1"), torch.rand(3, 1, 8, 8)
     x = torch.randn(3, 1, 8, 8)
-    t = torch.full((3,), 10)
     y = torch.tensor([0, 5, 9])
-    target_map = torch.rand(3, 1, 8, 8)
-    guide = SumGuide([NoisyInputGuide(lambda v, s: clf(v), clf_task, y, 1.0),
-                      NoisyInputGuide(lambda v, s: dense(v), dense_task, target_map, 30.0)])
-    g = guide(x, t, None)
+    terms = [NoisyInputGuide(lambda v, s: clf(v), Classification(10), y, 1.0),
+             NoisyInputGuide(lambda v, s: net(v), task, target, 30.0)]
+    # equal-size terms: the sum then has a positive component along each term's own gradient
+    g = SumGuide([NormalizedGuide(term, 1.0) for term in terms])(x, torch.full((3,), 10), None)
+    step = x + 1e-3 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     with torch.no_grad():
-        step = x + 1e-3 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        assert (clf_task.log_likelihood(clf(step), y) > clf_task.log_likelihood(clf(x), y)).all()
-        assert (dense_task.log_likelihood(dense(step), target_map) > dense_task.log_likelihood(dense(x), target_map)).all()
+        for term, model in zip(terms, (clf, net)):
+            assert (term.task.log_likelihood(model(step), term.target) > term.task.log_likelihood(model(x), term.target)).all()
 
 
 def test_equal_log_snr_router(tiny_diffusion):

@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--term", action="append", default=[], metavar="K=V,...",
                    help="an extra guidance term to add (composed guidance), e.g. "
                         "'guide=fashion-segmenter,experts=fashion-segmenter-ppap5,target-image=ref.png,scale=1000'; repeatable")
-    s.add_argument("--scale", type=float, default=30.0, help="guidance scale s (30: best for the zoo, docs/BENCHMARKS.md)")
+    s.add_argument("--scale", type=float, default=None,
+                   help="guidance scale s (default: the zoo experts' measured best, else 30; docs/BENCHMARKS.md)")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--sampler", default="ddim", help="ddim | ddpm")

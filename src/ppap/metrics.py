@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -81,16 +83,22 @@ def mean_iou(pred: Tensor, truth: Tensor, num_classes: int) -> float:
 
 
 @torch.no_grad()
-def accuracy_under_noise(model, schedule, x: Tensor, y: Tensor, timesteps: list[int], seed: int = 0,
-                         batch_size: int = 500) -> dict[int, float]:
-    """Accuracy on x_t = q_sample(x, t) for each t (the noise-vs-accuracy analysis, PPAP Sec. 3).
-    ``model(x_t, t)`` is called with the timestep, so expert banks route; plain nets ignore it
-    through a lambda. The same noise is used for every t (fixed seed)."""
+def score_under_noise(model, schedule, x: Tensor, timesteps: list[int], score: Callable[[Tensor], float], seed: int = 0,
+                      batch_size: int = 500) -> dict[int, float]:
+    """``score(outputs)`` of ``model(x_t, t)`` on x_t = q_sample(x, t) for each t (the
+    noise-vs-accuracy analysis, PPAP Sec. 3). The model gets the timestep, so expert banks route;
+    plain nets ignore it through a lambda. The same noise is used for every t (fixed seed)."""
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     out = {}
     for t in timesteps:
         tt = torch.full((len(x),), int(t), dtype=torch.long)
         x_t = schedule.q_sample(x, tt, noise)
-        pred = torch.cat([model(x_t[i : i + batch_size], tt[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-        out[int(t)] = (pred.argmax(-1) == y).float().mean().item()
+        out[int(t)] = score(torch.cat([model(x_t[i : i + batch_size], tt[i : i + batch_size]) for i in range(0, len(x), batch_size)]))
     return out
+
+
+def accuracy_under_noise(model, schedule, x: Tensor, y: Tensor, timesteps: list[int], seed: int = 0,
+                         batch_size: int = 500) -> dict[int, float]:
+    """Classification accuracy on noised images (``score_under_noise`` with the labels ``y``)."""
+    return score_under_noise(model, schedule, x, timesteps, lambda logits: (logits.argmax(-1) == y).float().mean().item(),
+                             seed, batch_size)

@@ -339,9 +339,11 @@ def parse_term(spec: str) -> dict[str, str]:
 
 def build_term(diffusion: Diffusion, num: int, *, guide: str, guide_weights: str | None = None, experts: str | None = None,
                method: str = "ppap", task: str | None = None, target: str | None = None, target_image: str | None = None,
-               target_map: str | None = None, scale: float = 30.0, calibration: Calibration | None = None) -> GuidanceTerm:
+               target_map: str | None = None, scale: float | str | None = None, calibration: Calibration | None = None) -> GuidanceTerm:
     """Load what one guidance term needs and resolve its targets (class, label map or dense map).
-    The task comes from the experts' manifest, else the zoo entry, else ``task`` (default classification)."""
+    The task comes from the experts' manifest, else the zoo entry, else ``task`` (default classification).
+    ``scale`` defaults to the zoo experts' measured best (method ppap), else ``DEFAULT_SCALE``."""
+    scale = _guidance_scale(scale, experts, method)
     model = load_guide(guide, guide_weights)
     bank = None
     if experts:
@@ -357,9 +359,22 @@ def build_term(diffusion: Diffusion, num: int, *, guide: str, guide_weights: str
         targets = parse_class_targets(target if target is not None else "0", num, the_task.num_classes, model.classes)
     else:
         targets = dense_targets(the_task, model, num, diffusion.image_shape, target_image=target_image, target_map=target_map)
-    make = guide_builder(method, task=the_task, scale=float(scale), guide=model, experts=bank, diffusion=diffusion,
+    make = guide_builder(method, task=the_task, scale=scale, guide=model, experts=bank, diffusion=diffusion,
                          calibration=calibration)
-    return GuidanceTerm(make, targets, f"{method} {guide} ({the_task.name}) x{float(scale):g}")
+    return GuidanceTerm(make, targets, f"{method} {guide} ({the_task.name}) x{scale:g}")
+
+
+DEFAULT_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); per-pixel dense losses need far larger ones
+
+
+def _guidance_scale(scale: float | str | None, experts: str | None, method: str) -> float:
+    if scale is None:
+        entry = zoo.ZOO.get(experts or "")
+        return entry.scale if entry is not None and entry.scale is not None and method == "ppap" else DEFAULT_SCALE
+    try:
+        return float(scale)
+    except ValueError:
+        raise PPAPError(f"bad guidance scale {scale!r}: expected a number") from None
 
 
 def compose(terms: list[GuidanceTerm]) -> Callable[[Tensor], Guide | None]:

@@ -307,7 +307,7 @@ def _expert_recipes() -> dict:
         "fashion-segmenter-ppap5": ExpertRecipe(guide="fashion-segmenter", task="segmentation", corpus_size=4000,
                                                 train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0)),
         "fashion-edges-ppap5": ExpertRecipe(guide="fashion-edges", task="dense", corpus_size=4000,
-                                            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0)),
+                                            train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0)),
     }
 
 

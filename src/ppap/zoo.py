@@ -31,6 +31,7 @@ class ZooEntry:
     task: str = "classification"
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
     guide: str | None = None  # experts: the zoo guide they adapt
+    scale: float | None = None  # experts: their measured best PPAP guidance scale (the default of `ppap sample`)
 
     @property
     def location(self) -> Path:
@@ -49,16 +50,16 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("fashion-evaluator", "guide", "independent judge (VGG/GroupNorm, augmented); FID features; never guides",
              "fashion-evaluator.safetensors", factory="ppap.models:fashion_evaluator"),
     ZooEntry("fashion-ppap5", "experts", "5 data-free LoRA experts of fashion-classifier on fashion-ddpm samples",
-             "fashion-ppap5", guide="fashion-classifier"),
+             "fashion-ppap5", guide="fashion-classifier", scale=30.0),
     ZooEntry("fashion-segmenter", "guide", "off-the-shelf segmenter: 11 classes per pixel (background + garment class), clean images only",
              "fashion-segmenter.safetensors", factory="ppap.models:fashion_segmenter", task="segmentation",
              classes=SEGMENTER_CLASSES),
     ZooEntry("fashion-edges", "guide", "off-the-shelf edge estimator (learnt Sobel magnitude map; the depth-like dense model)",
              "fashion-edges.safetensors", factory="ppap.models:fashion_edges", task="dense", classes=()),
     ZooEntry("fashion-segmenter-ppap5", "experts", "5 data-free LoRA experts of fashion-segmenter on fashion-ddpm samples",
-             "fashion-segmenter-ppap5", task="segmentation", classes=SEGMENTER_CLASSES, guide="fashion-segmenter"),
+             "fashion-segmenter-ppap5", task="segmentation", classes=SEGMENTER_CLASSES, guide="fashion-segmenter", scale=1000.0),
     ZooEntry("fashion-edges-ppap5", "experts", "5 data-free LoRA experts of fashion-edges on fashion-ddpm samples",
-             "fashion-edges-ppap5", task="dense", classes=(), guide="fashion-edges"),
+             "fashion-edges-ppap5", task="dense", classes=(), guide="fashion-edges", scale=10000.0),
 ]}
 
 
