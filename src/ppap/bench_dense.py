@@ -202,12 +202,12 @@ class DenseBench:
         refs = self.references(sweep=False)[:k]
         first = next(iter(TASKS))
         for ti, task_name in enumerate(TASKS):
-            targets = self.targets(task_name, refs)
+            targets = self.targets(task_name, refs).numpy()
             imgs = {m: np.load(self.out / "samples" / f"{first if m == 'unguided' else task_name}-{m}.npy")[:k, 0].astype(np.float32)
                     for m in ("unguided", "naive", "ppap")}
             for r in range(k):
                 row = axes[ti * k + r]
-                row[0].imshow(refs[r, 0], cmap="gray", vmin=-1, vmax=1)
+                row[0].imshow(refs[r, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
                 row[1].imshow(targets[r] if task_name == "segmentation" else targets[r, 0],
                               cmap="tab20" if task_name == "segmentation" else "magma",
                               **({"vmin": 0, "vmax": 19} if task_name == "segmentation" else {}))
