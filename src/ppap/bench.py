@@ -385,8 +385,9 @@ class ClassifierBench:
 
 
 def _step_cost(cfg: BenchConfig, row: Row, bank_dir: str | None) -> dict:
-    """In a fresh process: median seconds of one guided DDIM step at batch ``cost_batch`` and
-    the process's peak memory (RSS on CPU, CUDA allocator peak on a GPU)."""
+    """In a fresh process: median seconds of one guided DDIM step at batch ``cost_batch``, the
+    process's peak RSS, and the peak of the sampling steps alone over the RSS just before them
+    (``step_memory_mib``: the load-time peak would otherwise hide everything but x0)."""
     from .samplers import sample_ddim
 
     diffusion = load_diffusion(cfg.diffusion)
@@ -400,6 +401,7 @@ def _step_cost(cfg: BenchConfig, row: Row, bank_dir: str | None) -> dict:
     steps = diffusion.schedule.timesteps(cfg.steps)
     step = steps[len(steps) // 2 : len(steps) // 2 + 1]  # a mid-noise step
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak_rss()
     from .guidance import GuideSpec, build_guide
 
     spec = GuideSpec(task=task, target=targets, scale=1.0, net=guide.net, experts=bank, diffusion=diffusion, calibration=row.calibration)
@@ -409,10 +411,32 @@ def _step_cost(cfg: BenchConfig, row: Row, bank_dir: str | None) -> dict:
         t0 = time.perf_counter()
         sample_ddim(diffusion, x, step, guide=g)
         times.append(time.perf_counter() - t0)
+    step_peak = _proc_status_mib("VmHWM") if before is not None else None
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
     return {"seconds_per_step": round(statistics.median(times[1:]), 4), "batch": cfg.cost_batch,
-            "peak_rss_mib": round(rss1 * scale / 2**20, 1), "rss_increase_mib": round((rss1 - rss0) * scale / 2**20, 1)}
+            "peak_rss_mib": round(rss1 * scale / 2**20, 1), "rss_increase_mib": round((rss1 - rss0) * scale / 2**20, 1),
+            "step_memory_mib": None if step_peak is None else round(step_peak - before, 1)}
+
+
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float | None:
+    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs) and return the current RSS
+    in MiB; None where that is not possible (then only the process-wide peak is reported)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_status_mib("VmRSS")
 
 
 def machine() -> dict:
@@ -433,13 +457,13 @@ def classifier_report(r: dict) -> str:
     bank_of = {row.name: row.bank for row in ROWS}
     lines = [f"Machine: {r['machine']}. DDIM-{cfg['steps']}, {10 * cfg['per_class']} samples per row (balanced over the 10 classes), "
              f"same initial noises for every row; scale chosen per method on a separate seed set.", "",
-             "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | peak RSS (MiB) |",
+             "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | step memory (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in main.items():
         b = banks.get(bank_of.get(name) or "", {})
         lines.append(f"| {name} | {m['scale']:g} | {m['accuracy']:.1%} | {m['fid']:.2f} | {m['kid']:.3f} | {m['precision']:.2f} | "
                      f"{m['recall']:.2f} | {b.get('trainable_parameters', 0):,} | {b.get('labelled_images', 0):,} | "
-                     f"{b.get('train_seconds', 0):.0f} | {cost[name]['ratio_to_unguided']:.2f} | {cost[name]['peak_rss_mib']:.0f} |")
+                     f"{b.get('train_seconds', 0):.0f} | {cost[name]['ratio_to_unguided']:.2f} | {_memory(cost[name])} |")
     real = r["real_reference"]
     lines.append(f"| *real training images* | | {real['accuracy']:.1%} | {real['fid']:.2f} | {real['kid']:.3f} | {real['precision']:.2f} | {real['recall']:.2f} | | | | | |")
     cal = main["x0-shortcut-calibrated"].get("calibration")
@@ -462,6 +486,13 @@ def classifier_report(r: dict) -> str:
                          f"{a['guided_accuracy']:.1%} | {a['guided_fid']:.1f} | {a['train_seconds']:.0f} |")
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _memory(c: dict) -> str:
+    """Memory of the guided steps above the RSS before them; the process peak where unknown."""
+    if c.get("step_memory_mib") is not None:
+        return f"{c['step_memory_mib']:.0f}"
+    return f"{c['peak_rss_mib']:.0f} (process peak)"
 
 
 def _savefig(fig, path: Path) -> None:
