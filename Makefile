@@ -21,7 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout 600
 
-# the paper's comparison (about 70 min on 2 CPU cores) and the dense-guidance bench; both resume
+# the paper's comparison and the dense-guidance bench (measured on 2 CPU cores: docs/BENCHMARKS.md);
+# both keep every finished stage under runs/ and resume when re-run
 bench: $(STAMP)
 	$(VENV)/bin/ppap bench classifier
 	$(VENV)/bin/ppap bench dense
