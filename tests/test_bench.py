@@ -86,3 +86,17 @@ print(_proc_status_mib("VmHWM") - before)
 """
     extra = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 28 <= extra <= 64
+
+
+def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
+    """Resuming with other settings would silently mix two experiments in one table."""
+    import dataclasses
+
+    from ppap.bench import QUICK, _Stage
+    from ppap.io import PPAPError
+
+    stage = _Stage(tmp_path)
+    stage.check_config(dataclasses.asdict(QUICK))
+    stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, workers=1)))  # how it runs, not what it measures
+    with pytest.raises(PPAPError, match="per_class"):
+        stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, per_class=3)))

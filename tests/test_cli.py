@@ -93,6 +93,17 @@ def _sample(b, *extra, weights=None):
             "--num", "2", "--steps", "2", "--quiet", "--out", str(b["tmp"] / "never.png"), *extra]
 
 
+def _bench_folder_of_another_config(tmp: Path) -> str:
+    import dataclasses
+
+    from ppap.bench import BenchConfig
+
+    (tmp / "old-bench" / "stages").mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(BenchConfig(per_class=7))
+    (tmp / "old-bench" / "stages" / "config.json").write_text(json.dumps(config))
+    return str(tmp / "old-bench")
+
+
 CASES = {
     "class index": (lambda b: _sample(b, "--method", "naive", "--target", "10"),
                     "class index 10 is out of range: the guidance model has 10 classes (0..9)"),
@@ -117,6 +128,10 @@ CASES = {
     "range gap": (lambda b: ["train", "--diffusion", b["diffusion"], "--guide", b["guide"], "--guide-weights", b["weights"],
                              "--data", b["corpus"], "--out", str(b["tmp"] / "e2"), "--experts", "0-40,50-100"],
                   "gap between timestep ranges [0, 40) and [50, 100): timesteps 40..49 have no expert"),
+    "bench workers": (lambda b: ["bench", "classifier", "--workers", "0", "--out", str(b["tmp"] / "bench")],
+                      "--workers must be >= 1 (got 0)"),
+    "bench of another configuration": (lambda b: ["bench", "classifier", "--out", _bench_folder_of_another_config(b["tmp"])],
+                                       "holds stages of another bench configuration (per_class differ)"),
     "not a corpus": (lambda b: ["train", "--diffusion", b["diffusion"], "--guide", b["guide"], "--guide-weights", b["weights"],
                                 "--data", str(b["tmp"]), "--out", str(b["tmp"] / "e3")], "is not a ppap corpus"),
 }

@@ -4,8 +4,8 @@ Stages (each saved under ``out/`` and skipped when re-run, so a killed bench res
   1. corpus   unlabelled DDIM samples of the DDPM (shared with the zoo recipes)
   2. banks    every trained guide, by the one training loop: noise-aware (1 full copy, labels),
               multi-expert-supervised-5 (5 full copies, labels), PPAP-1/5/10 (LoRA, data-free)
-  3. cost     one guided DDIM step per method vs an unguided one, and peak memory, each method
-              in a fresh process (peak RSS on CPU, peak CUDA memory on a GPU)
+  3. cost     one guided DDIM step per method vs an unguided one (timed round-robin), and the
+              memory a guided step adds (each method in a fresh process)
   4. sweep    guidance scale per method on a separate seed set: accuracy and FID per scale
   5. main     every row on the same initial noises and balanced targets at its chosen scale:
               evaluator accuracy, FID / KID / precision / recall against the real test set
@@ -19,20 +19,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import FASHION_MNIST_CLASSES, load_corpus, load_fashion_mnist, open_corpus, uint8_to_unit
 from .experts import TimestepRouter, expert_name, make_bank, parameter_report
 from .guidance import Calibration
-from .io import atomic_write_bytes, atomic_write_json, read_json
+from .io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
 from .metrics import accuracy_under_noise, features, fid, kid, precision_recall
 from .pipeline import (corpus_spec, generate_corpus, guide_builder, load_diffusion, load_guide, sample_images, task_for,
                        to_hwc_uint8)
@@ -129,21 +132,26 @@ class BenchConfig:
     noise_images: int = 2000  # real test images for the noise-vs-accuracy analysis
     noise_timesteps: tuple[int, ...] = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
     ablation_iterations: int = 250  # steps per expert in the ablations
-    ablation_per_class: int = 5  # guided samples per class for each ablation
+    ablation_per_class: int = 10  # guided samples per class for each ablation
     cost_batch: int = 64
-    cost_repeats: int = 5
+    cost_repeats: int = 10
     cost_in_fresh_process: bool = True  # per-method peak memory needs a process of its own
     batch_size: int = 100  # sampling batch
     seed: int = 3000  # main table noises
     sweep_seed: int = 2000  # sweep noises (disjoint from the main table's)
     ablate: bool = True
+    # independent jobs (corpus shards, banks, sweep / main rows, ablations) run in this many
+    # processes, the cores split between them. On 2 CPU cores two single-threaded workers train
+    # 1.5x faster than one two-threaded process and sample about as fast (docs/BENCHMARKS.md);
+    # 1 = everything in this process (e.g. on a GPU).
+    workers: int = 2
 
 
 QUICK = BenchConfig(corpus_size=32, corpus_dir="", corpus_steps=2, expert_iterations=4, steps=3, per_class=2, sweep_per_class=1,
                     sweep_scales={"naive": (10.0, 30.0), "noise-aware": (10.0, 30.0), "multi-expert-supervised": (10.0, 30.0),
                                   "ppap": (10.0, 30.0), "x0": (3.0, 10.0), "x0-shortcut": (3.0, 10.0)},
                     noise_images=100, noise_timesteps=(0, 500, 999), ablation_iterations=2, ablation_per_class=1,
-                    cost_batch=4, cost_repeats=1, cost_in_fresh_process=False, batch_size=20)
+                    cost_batch=4, cost_repeats=1, cost_in_fresh_process=False, batch_size=20, workers=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +174,19 @@ class _Stage:
         atomic_write_json(path, value)
         return value
 
+    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers",)) -> None:
+        """A results folder belongs to one configuration: refuse to mix the stages of two."""
+        path = self.dir / "config.json"
+        config = json.loads(json.dumps(config))  # tuples -> lists, as read back
+        if not path.exists():
+            atomic_write_json(path, config)
+            return
+        old = read_json(path, "bench configuration")
+        differ = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+        if differ:
+            raise PPAPError(f"{self.dir.parent} holds stages of another bench configuration ({', '.join(differ)} differ); "
+                            "use another --out, or delete that folder to start over")
+
 
 def _bank_seconds(directory: Path) -> float:
     m = load_manifest(directory)
@@ -182,6 +203,7 @@ class ClassifierBench:
     def __init__(self, cfg: BenchConfig, out: Path, progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.stage = _Stage(self.out)
+        self.stage.check_config(dataclasses.asdict(cfg))
         self.diffusion = load_diffusion(cfg.diffusion)
         self.evaluator = load_guide(cfg.evaluator).net
         self.naive = load_guide(cfg.guide)
@@ -191,16 +213,28 @@ class ClassifierBench:
         self.real_features = features(self.evaluator, self.x_test)
         self._banks: dict[str, object] = {}
         self._corpus = None
+        self._pool: ProcessPoolExecutor | None = None
 
     # ---- data ------------------------------------------------------------------------------
 
+    def _corpus_root_and_spec(self):
+        root = Path(self.cfg.corpus_dir) if self.cfg.corpus_dir else self.out / "corpus"
+        return root, corpus_spec(self.diffusion, self.cfg.diffusion, self.cfg.corpus_size, steps=self.cfg.corpus_steps)
+
+    def corpus_shard(self, k: int) -> int:
+        root, spec = self._corpus_root_and_spec()
+        return generate_corpus(self.diffusion, root, spec, shards=[k], progress=False)
+
+    def corpus_stage(self) -> None:
+        """Draw the shards the corpus still lacks, a job each (the shards are the cache)."""
+        root, spec = self._corpus_root_and_spec()
+        missing = open_corpus(root, spec)
+        self.jobs("corpus", {f"corpus-shard-{k}": ("corpus_shard", (k,)) for k in missing}, cache=False)
+
     def corpus(self) -> torch.Tensor:
         if self._corpus is None:
-            root = Path(self.cfg.corpus_dir) if self.cfg.corpus_dir else self.out / "corpus"
-            spec = corpus_spec(self.diffusion, self.cfg.diffusion, self.cfg.corpus_size, steps=self.cfg.corpus_steps)
-            open_corpus(root, spec)
-            generate_corpus(self.diffusion, root, spec, progress=self.progress)
-            self._corpus = load_corpus(root)
+            self.corpus_stage()
+            self._corpus = load_corpus(self._corpus_root_and_spec()[0])
         return self._corpus
 
     def bank_dir(self, key: str) -> Path:
@@ -255,54 +289,66 @@ class ClassifierBench:
 
     # ---- stages ------------------------------------------------------------------------------
 
+    def bank_info(self, key: str) -> dict:
+        """Train (or load) one bank of the main table and describe it."""
+        spec = _banks(self.cfg.expert_iterations)[key]
+        rep = parameter_report(self.bank(key))
+        return {"train": dataclasses.asdict(spec.train), "data": spec.data, "train_seconds": _bank_seconds(self.bank_dir(key)),
+                "trainable_parameters": int(rep["trainable_per_expert"] * rep["num_experts"]),
+                "backbone_parameters": int(rep["backbone_parameters"]),
+                "labelled_images": 60000 if spec.data == "labelled" else 0,
+                "generated_images": self.cfg.corpus_size if spec.data == "corpus" else 0}
+
     def banks_stage(self) -> dict:
-        info = {}
-        for key, spec in _banks(self.cfg.expert_iterations).items():
-            bank = self.bank(key)
-            rep = parameter_report(bank)
-            trainable = rep["trainable_per_expert"] * rep["num_experts"]
-            info[key] = {"train": dataclasses.asdict(spec.train), "data": spec.data, "train_seconds": _bank_seconds(self.bank_dir(key)),
-                         "trainable_parameters": int(trainable), "backbone_parameters": int(rep["backbone_parameters"]),
-                         "labelled_images": 60000 if spec.data == "labelled" else 0,
-                         "generated_images": self.cfg.corpus_size if spec.data == "corpus" else 0}
-        return info
+        self.corpus_stage()
+        # longest first, so that two workers finish together
+        keys = sorted(_banks(self.cfg.expert_iterations), key=lambda k: -_training_steps(_banks(1)[k].train))
+        done = self.jobs("banks", {f"bank-{k}": ("bank_info", (k,)) for k in keys})
+        return {k: done[f"bank-{k}"] for k in _banks(self.cfg.expert_iterations)}
 
     def cost_stage(self) -> dict:
-        ctx = multiprocessing.get_context("spawn")
+        """Seconds per guided step, all methods timed round-robin in this process (a transient load
+        hits every method alike); the memory a step adds, each method in a fresh process."""
+        targets = torch.arange(self.cfg.cost_batch) % self.task.num_classes
+        guides = {row.name: self.builder(row, 1.0)(targets) for row in ROWS}
+        seconds = time_steps(self.diffusion, guides, self.cfg.cost_batch, self.cfg.steps, self.cfg.cost_repeats)
         rows = {}
         for row in ROWS:
             args = (self.cfg, row, str(self.bank_dir(row.bank)) if row.bank else None)
-            if not self.cfg.cost_in_fresh_process:
-                rows[row.name] = _step_cost(*args)
-                continue
-            with ctx.Pool(1) as pool:
-                rows[row.name] = pool.apply(_step_cost, args)
-        base = rows["unguided"]
-        for r in rows.values():
-            r["ratio_to_unguided"] = round(r["seconds_per_step"] / base["seconds_per_step"], 2)
+            if self.cfg.cost_in_fresh_process:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    memory = pool.submit(_step_memory, *args).result()
+            else:
+                memory = _step_memory(*args)
+            rows[row.name] = {"seconds_per_step": round(seconds[row.name], 4), "batch": self.cfg.cost_batch,
+                              "ratio_to_unguided": round(seconds[row.name] / seconds["unguided"], 2)} | memory
         return rows
 
+    def sweep_row(self, row: Row) -> list[dict]:
+        cals = CALIBRATION_GRID if row.calibration != Calibration() else (row.calibration,)
+        return [self.run_row(dataclasses.replace(row, calibration=c), s, self.cfg.sweep_per_class, self.cfg.sweep_seed)
+                | {"calibration": dataclasses.asdict(c)} for c in cals for s in self.cfg.sweep_scales[row.method]]
+
     def sweep_stage(self) -> dict:
-        out = {}
-        for row in ROWS[1:]:
-            scales = self.cfg.sweep_scales[row.method]
-            cals = CALIBRATION_GRID if row.calibration != Calibration() else (row.calibration,)
-            out[row.name] = [self.run_row(dataclasses.replace(row, calibration=c), s, self.cfg.sweep_per_class, self.cfg.sweep_seed)
-                             | {"calibration": dataclasses.asdict(c)} for c in cals for s in scales]
-        return out
+        rows = sorted(ROWS[1:], key=_row_cost, reverse=True)
+        done = self.jobs("sweep", {f"sweep-{row.name}": ("sweep_row", (row,)) for row in rows})
+        return {row.name: done[f"sweep-{row.name}"] for row in ROWS[1:]}
+
+    def main_row(self, row: Row, scale: float) -> dict:
+        (self.out / "samples").mkdir(exist_ok=True)
+        return self.run_row(row, scale, self.cfg.per_class, self.cfg.seed, save=self.out / "samples" / f"{row.name}.npz") | {
+            "calibration": dataclasses.asdict(row.calibration)}
 
     def main_stage(self, sweep: dict) -> dict:
-        out = {}
-        (self.out / "samples").mkdir(exist_ok=True)
-        for row in ROWS:
+        jobs = {}
+        for row in sorted(ROWS, key=_row_cost, reverse=True):
             scale, chosen = 0.0, row
             if row.method != "unguided":
                 point = _choose(sweep[row.name])
                 scale, chosen = point["scale"], dataclasses.replace(row, calibration=Calibration(**point["calibration"]))
-            out[row.name] = self.stage.get(f"main-{row.name}", lambda: self.run_row(
-                chosen, scale, self.cfg.per_class, self.cfg.seed, save=self.out / "samples" / f"{row.name}.npz")
-                | {"calibration": dataclasses.asdict(chosen.calibration)})
-        return out
+            jobs[f"main-{row.name}"] = ("main_row", (chosen, scale))
+        done = self.jobs("main", jobs)
+        return {row.name: done[f"main-{row.name}"] for row in ROWS}
 
     def noise_stage(self) -> dict:
         x, y = self.x_test[: self.cfg.noise_images], self.y_test[: self.cfg.noise_images]
@@ -323,27 +369,64 @@ class ClassifierBench:
                 for i in range(bank.router.num_experts)]
         return out
 
-    def ablation_stage(self, scale: float) -> dict:
+    def ablation(self, name: str, scale: float) -> dict:
+        factor, spec = _ablations(self.cfg.ablation_iterations)[name]
         x, y = self.x_test[: self.cfg.noise_images], self.y_test[: self.cfg.noise_images]
         ts = [t for t in (100, 300, 500, 700) if t < self.diffusion.schedule.num_train_timesteps]
-        out = {}
-        for name, (factor, spec) in _ablations(self.cfg.ablation_iterations).items():
-            def compute(name=name, factor=factor, spec=spec):
-                key = "ablation-" + name.replace(" ", "-").replace("=", "").replace("(", "").replace(")", "")
-                bank = self.train_bank(key, spec)
-                self._banks[key] = bank
-                noisy = accuracy_under_noise(bank, self.diffusion.schedule, x, y, ts)
-                guided = self.run_row(Row(name, "ppap", key), scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
-                self._banks.pop(key)
-                return {"factor": factor, "train": dataclasses.asdict(spec.train), "corpus_size": spec.corpus_size or self.cfg.corpus_size,
-                        "boundaries": list(bank.router.boundaries), "trainable_per_expert": int(parameter_report(bank)["trainable_per_expert"]),
-                        "train_seconds": _bank_seconds(self.bank_dir(key)), "noisy_accuracy": noisy,
-                        "noisy_accuracy_mean": sum(noisy.values()) / len(noisy), "guided_accuracy": guided["accuracy"],
-                        "guided_fid": guided["fid"], "guided_n": guided["n"]}
-            out[name] = self.stage.get("ablation-" + name.replace(" ", "_"), compute)
-        return out
+        key = "ablation-" + name.replace(" ", "-").replace("=", "").replace("(", "").replace(")", "")
+        bank = self._banks[key] = self.train_bank(key, spec)
+        noisy = accuracy_under_noise(bank, self.diffusion.schedule, x, y, ts)
+        guided = self.run_row(Row(name, "ppap", key), scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
+        self._banks.pop(key)
+        return {"factor": factor, "train": dataclasses.asdict(spec.train), "corpus_size": spec.corpus_size or self.cfg.corpus_size,
+                "boundaries": list(bank.router.boundaries), "trainable_per_expert": int(parameter_report(bank)["trainable_per_expert"]),
+                "train_seconds": _bank_seconds(self.bank_dir(key)), "noisy_accuracy": noisy,
+                "noisy_accuracy_mean": sum(noisy.values()) / len(noisy), "guided_accuracy": guided["accuracy"],
+                "guided_fid": guided["fid"], "guided_n": guided["n"]}
+
+    def ablation_stage(self, scale: float) -> dict:
+        names = list(_ablations(self.cfg.ablation_iterations))
+        stage = {name: "ablation-" + name.replace(" ", "_") for name in names}
+        order = sorted(names, key=lambda n: -_training_steps(_ablations(1)[n][1].train))
+        done = self.jobs("ablations", {stage[n]: ("ablation", (n, scale)) for n in order})
+        return {name: done[stage[name]] for name in names}
+
+    # ---- parallel jobs -----------------------------------------------------------------------
+
+    def jobs(self, desc: str, jobs: dict[str, tuple[str, tuple]], cache: bool = True) -> dict:
+        """Run ``{stage name: (method, args)}`` (``getattr(self, method)(*args)``), each result
+        saved as its own stage file (``cache``) so that a killed bench resumes; with
+        ``cfg.workers`` > 1 in a pool of worker processes, in the given order (longest first)."""
+        out = {name: read_json(self.stage.dir / f"{name}.json", f"bench stage {name}")
+               for name in jobs if cache and (self.stage.dir / f"{name}.json").exists()}
+        todo = {name: job for name, job in jobs.items() if name not in out}
+        if self.cfg.workers <= 1 or len(todo) <= 1:
+            for name, (method, args) in tqdm(todo.items(), desc=desc, unit="job", disable=not self.progress or len(todo) <= 1):
+                out[name] = _run_job(self, name if cache else None, method, args)
+            return {name: out[name] for name in jobs}
+        pool = self._executor()
+        futures = {pool.submit(_run_job, None, name if cache else None, method, args): name for name, (method, args) in todo.items()}
+        for f in tqdm(as_completed(futures), total=len(futures), desc=f"{desc} ({self.cfg.workers} workers)", unit="job",
+                      disable=not self.progress):
+            out[futures[f]] = f.result()
+        return {name: out[name] for name in jobs}
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            threads = max(1, (os.cpu_count() or 1) // self.cfg.workers)
+            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(self.cfg, str(self.out), threads))
+        return self._pool
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _run(self) -> dict:
         t0 = time.time()
         cfg = self.cfg
         timings = {}
@@ -384,10 +467,56 @@ class ClassifierBench:
                 "precision": prec, "recall": rec}
 
 
-def _step_cost(cfg: BenchConfig, row: Row, bank_dir: str | None) -> dict:
-    """In a fresh process: median seconds of one guided DDIM step at batch ``cost_batch``, the
-    process's peak RSS, and the peak of the sampling steps alone over the RSS just before them
-    (``step_memory_mib``: the load-time peak would otherwise hide everything but x0)."""
+def _training_steps(train: TrainConfig) -> int:
+    """Optimiser steps of a bank in all (``experts`` is "N", "logsnr:N" or explicit boundaries)."""
+    spec = train.experts.split(":")[-1]
+    return train.iterations * (int(spec) if spec.isdigit() else len(spec.split(",")))
+
+
+def _row_cost(row: Row) -> float:
+    """Relative sampling cost, to start the longest jobs first (x0 back-propagates through the UNet)."""
+    return 3.0 if row.method == "x0" else 0.5 if row.method == "unguided" else 1.0
+
+
+_WORKER: ClassifierBench | None = None  # a pool worker's own bench, made once by _init_worker
+
+
+def _init_worker(cfg: BenchConfig, out: str, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = ClassifierBench(cfg, Path(out), progress=False)
+
+
+def _run_job(bench: ClassifierBench | None, stage_name: str | None, method: str, args: tuple):
+    bench = bench or _WORKER
+    compute = lambda: getattr(bench, method)(*args)  # noqa: E731
+    return bench.stage.get(stage_name, compute) if stage_name else compute()
+
+
+def time_steps(diffusion, guides: dict, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one mid-noise DDIM step (of a ``steps``-step schedule) at ``batch`` for
+    each guide (None = unguided), timed round-robin so that a transient load on the machine hits
+    every method alike. Round 0 warms up and is dropped."""
+    from .samplers import sample_ddim
+
+    x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
+    ts = diffusion.schedule.timesteps(steps)
+    step = ts[len(ts) // 2 : len(ts) // 2 + 1]
+    times: dict[str, list[float]] = {name: [] for name in guides}
+    for r in range(repeats + 1):
+        for name, guide in guides.items():
+            t0 = time.perf_counter()
+            sample_ddim(diffusion, x, step, guide=guide)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _step_memory(cfg: BenchConfig, row: Row, bank_dir: str | None) -> dict:
+    """In a fresh process: the peak RSS of two guided steps above the RSS just before them
+    (``step_memory_mib``; the load-time peak would hide everything but x0), and the process's
+    peak RSS. Linux only for the step memory (None elsewhere)."""
+    from .guidance import GuideSpec, build_guide
     from .samplers import sample_ddim
 
     diffusion = load_diffusion(cfg.diffusion)
@@ -398,25 +527,18 @@ def _step_cost(cfg: BenchConfig, row: Row, bank_dir: str | None) -> dict:
         bank, _ = load_experts(load_guide(cfg.guide).net, bank_dir, schedule=diffusion.schedule)
     targets = torch.arange(cfg.cost_batch) % task.num_classes
     x = torch.randn((cfg.cost_batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
-    steps = diffusion.schedule.timesteps(cfg.steps)
-    step = steps[len(steps) // 2 : len(steps) // 2 + 1]  # a mid-noise step
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ts = diffusion.schedule.timesteps(cfg.steps)
+    g = build_guide(row.method, GuideSpec(task=task, target=targets, scale=1.0, net=guide.net, experts=bank, diffusion=diffusion,
+                                          calibration=row.calibration))
+    load_peak = _proc_status_mib("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
     before = _reset_peak_rss()
-    from .guidance import GuideSpec, build_guide
-
-    spec = GuideSpec(task=task, target=targets, scale=1.0, net=guide.net, experts=bank, diffusion=diffusion, calibration=row.calibration)
-    g = build_guide(row.method, spec)
-    times = []
-    for _ in range(cfg.cost_repeats + 1):
-        t0 = time.perf_counter()
-        sample_ddim(diffusion, x, step, guide=g)
-        times.append(time.perf_counter() - t0)
-    step_peak = _proc_status_mib("VmHWM") if before is not None else None
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
-    return {"seconds_per_step": round(statistics.median(times[1:]), 4), "batch": cfg.cost_batch,
-            "peak_rss_mib": round(rss1 * scale / 2**20, 1), "rss_increase_mib": round((rss1 - rss0) * scale / 2**20, 1),
-            "step_memory_mib": None if step_peak is None else round(step_peak - before, 1)}
+    for _ in range(2):
+        sample_ddim(diffusion, x, ts[len(ts) // 2 : len(ts) // 2 + 1], guide=g)
+    if before is None or load_peak is None:
+        scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
+        return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "step_memory_mib": None}
+    step_peak = _proc_status_mib("VmHWM")
+    return {"peak_rss_mib": round(max(load_peak, step_peak), 1), "step_memory_mib": round(step_peak - before, 1)}
 
 
 def _proc_status_mib(key: str) -> float | None:
@@ -432,6 +554,12 @@ def _proc_status_mib(key: str) -> float | None:
 def _reset_peak_rss() -> float | None:
     """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs) and return the current RSS
     in MiB; None where that is not possible (then only the process-wide peak is reported)."""
+    try:  # hand freed heap back first, so that memory the allocator kept does not hide the next peak
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -457,7 +585,7 @@ def classifier_report(r: dict) -> str:
     bank_of = {row.name: row.bank for row in ROWS}
     lines = [f"Machine: {r['machine']}. DDIM-{cfg['steps']}, {10 * cfg['per_class']} samples per row (balanced over the 10 classes), "
              f"same initial noises for every row; scale chosen per method on a separate seed set.", "",
-             "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | step memory (MiB) |",
+             "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | memory: step / peak (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in main.items():
         b = banks.get(bank_of.get(name) or "", {})
@@ -489,10 +617,9 @@ def classifier_report(r: dict) -> str:
 
 
 def _memory(c: dict) -> str:
-    """Memory of the guided steps above the RSS before them; the process peak where unknown."""
-    if c.get("step_memory_mib") is not None:
-        return f"{c['step_memory_mib']:.0f}"
-    return f"{c['peak_rss_mib']:.0f} (process peak)"
+    """'step / peak': memory of the guided steps above the RSS before them, and the process peak."""
+    step = "n/a" if c.get("step_memory_mib") is None else f"{c['step_memory_mib']:.0f}"
+    return f"{step} / {c['peak_rss_mib']:.0f}"
 
 
 def _savefig(fig, path: Path) -> None:
@@ -510,11 +637,12 @@ def plot_sweep(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    colors = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])  # 20 distinct series
     for name, points in r["sweep"].items():
-        for cal in {json.dumps(p["calibration"], sort_keys=True) for p in points}:
+        for cal in sorted({json.dumps(p["calibration"], sort_keys=True) for p in points}):
             series = [p for p in points if json.dumps(p["calibration"], sort_keys=True) == cal]
             label = name if len(series) == len(points) else f"{name} {_short(series[0]['calibration'])}"
-            ax.plot([p["fid"] for p in series], [p["accuracy"] for p in series], "o-", label=label)
+            ax.plot([p["fid"] for p in series], [p["accuracy"] for p in series], "o-", label=label, color=next(colors))
             for p in series:
                 ax.annotate(f"{p['scale']:g}", (p["fid"], p["accuracy"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("FID (evaluator features, vs test set)")

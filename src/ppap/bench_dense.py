@@ -16,7 +16,6 @@ classifier bench.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import _savefig, _Stage, machine
+from .bench import _savefig, _Stage, machine, time_steps
 from .data import load_fashion_mnist
 from .io import atomic_write_bytes, atomic_write_json
 from .metrics import features, fid
@@ -50,7 +49,7 @@ class DenseBenchConfig:
     sweep_seed: int = 5000
     figure_targets: int = 4
     cost_batch: int = 64
-    cost_repeats: int = 5
+    cost_repeats: int = 10
 
 
 QUICK = DenseBenchConfig(num_targets=6, sweep_targets=2, steps=3, batch_size=6, figure_targets=2, cost_batch=4, cost_repeats=1,
@@ -86,6 +85,7 @@ class DenseBench:
     def __init__(self, cfg: DenseBenchConfig, out: Path, progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.stage = _Stage(self.out)
+        self.stage.check_config(dataclasses.asdict(cfg))
         self.diffusion = load_diffusion(cfg.diffusion)
         self.evaluator = load_guide(cfg.evaluator).net
         self.x_test, _ = load_fashion_mnist("test")
@@ -164,13 +164,8 @@ class DenseBench:
         return out
 
     def cost_stage(self) -> dict:
-        """Median seconds of one mid-noise DDIM step per method, as a ratio to an unguided step.
-        The methods are timed round-robin, so a transient load on the machine hits all alike."""
-        from .samplers import sample_ddim
-
-        x = torch.randn((self.cfg.cost_batch,) + self.diffusion.image_shape, generator=torch.Generator().manual_seed(0))
-        steps = self.diffusion.schedule.timesteps(self.cfg.steps)
-        step = steps[len(steps) // 2 : len(steps) // 2 + 1]
+        """Median seconds of one mid-noise DDIM step per method (timed round-robin), as a ratio to
+        an unguided step."""
         refs = self.x_test[: self.cfg.cost_batch]
         guides = {"unguided": None}
         for task_name in TASKS:
@@ -179,16 +174,10 @@ class DenseBench:
             for m in METHODS:
                 guides[f"{task_name}/{m}"] = guide_builder(m, task=task, scale=1.0, guide=guide, experts=bank,
                                                            diffusion=self.diffusion)(targets)
-        times = {name: [] for name in guides}
-        for r in range(self.cfg.cost_repeats + 1):  # round 0 warms up and is dropped
-            for name, g in guides.items():
-                t0 = time.perf_counter()
-                sample_ddim(self.diffusion, x, step, guide=g)
-                if r:
-                    times[name].append(time.perf_counter() - t0)
-        base = statistics.median(times.pop("unguided"))
+        seconds = time_steps(self.diffusion, guides, self.cfg.cost_batch, self.cfg.steps, self.cfg.cost_repeats)
+        base = seconds.pop("unguided")
         return {"unguided_seconds": round(base, 4), "batch": self.cfg.cost_batch} | {
-            name: round(statistics.median(t) / base, 2) for name, t in times.items()}
+            name: round(t / base, 2) for name, t in seconds.items()}
 
     def figure(self, path: Path) -> None:
         import matplotlib

@@ -210,11 +210,20 @@ def cmd_zoo(args) -> int:
 def cmd_bench(args) -> int:
     out = Path(args.out or f"runs/bench-{args.suite}{'-quick' if args.quick else ''}")
     if args.suite == "classifier":
-        from .bench import classifier_report, run_classifier_bench
+        import dataclasses
 
-        results = run_classifier_bench(out, quick=args.quick, progress=not args.quiet)
+        from .bench import QUICK, BenchConfig, classifier_report, run_classifier_bench
+
+        cfg = QUICK if args.quick else BenchConfig()
+        if args.workers is not None:
+            if args.workers < 1:
+                raise PPAPError(f"--workers must be >= 1 (got {args.workers})")
+            cfg = dataclasses.replace(cfg, workers=args.workers)
+        results = run_classifier_bench(out, cfg=cfg, progress=not args.quiet)
         print(classifier_report(results))
     else:
+        if args.workers is not None:
+            raise PPAPError("--workers applies to `ppap bench classifier` only")
         from .bench_dense import dense_report, run_dense_bench
 
         results = run_dense_bench(out, quick=args.quick, progress=not args.quiet)
@@ -309,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("suite", choices=("classifier", "dense"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
+    b.add_argument("--workers", type=int, help="processes for the independent jobs, the cores split between them "
+                   "(classifier suite; default 2, 1 = one process)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -168,14 +168,15 @@ def sample_images(
 
 
 def generate_corpus(diffusion: Diffusion, root, spec, *, batch_size: int = 64, rank: int = 0, world: int = 1,
-                    progress: bool = True) -> int:
+                    shards: list[int] | None = None, progress: bool = True) -> int:
     """Draw the shards of corpus ``spec`` that ``root`` still lacks; with ``world`` processes,
-    rank r takes every world-th missing shard. Returns how many shards this call wrote.
-    The caller opens the corpus (``data.open_corpus``) once, on one process, before."""
+    rank r takes every world-th missing shard (or exactly ``shards``, as a caller that hands
+    them out chose). Returns how many shards this call wrote. The caller opens the corpus
+    (``data.open_corpus``) once, on one process, before."""
     from .data import open_corpus, write_shard
 
     missing = open_corpus(root, spec)
-    mine = missing[rank::world]
+    mine = missing[rank::world] if shards is None else [k for k in shards if k in missing]
     for k in tqdm(mine, desc="corpus" if world == 1 else f"corpus (rank {rank})", unit="shard", disable=not progress):
         x = sample_images(diffusion, spec.shard_count(k), seed=spec.seed, start=k * spec.shard_size, steps=spec.steps,
                           eta=spec.eta, batch_size=batch_size, progress=False)
