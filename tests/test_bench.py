@@ -50,6 +50,7 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     t0 = time.time()
     again = run_classifier_bench(out, quick=True, progress=False)  # every stage is read back, nothing retrained
     assert again["main"] == json.loads(json.dumps(r["main"])) and time.time() - t0 < 30
+    assert again["stage_seconds"] == r["stage_seconds"]  # a stage read back keeps the time it took when computed
 
 
 @pytest.mark.slow
