@@ -141,8 +141,8 @@ class BenchConfig:
     sweep_seed: int = 2000  # sweep noises (disjoint from the main table's)
     ablate: bool = True
     # independent jobs (corpus shards, banks, sweep / main rows, ablations) run in this many
-    # processes, the cores split between them. On 2 CPU cores two single-threaded workers train
-    # 1.5x faster than one two-threaded process and sample about as fast (docs/BENCHMARKS.md);
+    # processes, the cores split between them. On 2 CPU cores two single-threaded workers trained
+    # the banks 1.7x faster than one two-threaded process and sampled 1.0-1.14x (docs/BENCHMARKS.md);
     # 1 = everything in this process (e.g. on a GPU).
     workers: int = 2
 

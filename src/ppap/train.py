@@ -138,15 +138,15 @@ def train_experts(
     manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity, dist)
     bank.to(dist.device)
     images = images.to(dist.device)
-    if cfg.objective == "distill":
-        targets = teacher_outputs(bank, images, progress=progress and dist.main)
-    else:
-        targets = labels.to(dist.device)
+    targets = None  # the teacher's outputs, computed only if an expert is left to train
     stats = {}
     for i in only if only is not None else range(router.num_experts):
         if expert_name(i) in manifest["trained"]:
             bank.load_expert(i, out_dir)  # a later warm-started expert, and the caller, need it
             continue
+        if targets is None:
+            targets = (teacher_outputs(bank, images, progress=progress and dist.main) if cfg.objective == "distill"
+                       else labels.to(dist.device))
         stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
         dist.barrier()
         if dist.main:
