@@ -22,7 +22,7 @@ def needs(*names):
 @needs_data
 @needs("fashion-ddpm", "fashion-classifier", "fashion-evaluator")
 def test_classifier_bench_quick_runs_and_resumes(tmp_path):
-    from ppap.bench import ROWS, run_classifier_bench
+    from ppap.bench.classifier import ROWS, run_classifier_bench
 
     out = tmp_path / "bench"
     r = run_classifier_bench(out, quick=True, progress=False)
@@ -53,20 +53,53 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     assert again["stage_seconds"] == r["stage_seconds"]  # a stage read back keeps the time it took when computed
 
 
+DENSE_MODELS = ("fashion-ddpm", "fashion-evaluator", "fashion-segmenter", "fashion-edges", "fashion-segmenter-ppap5",
+                "fashion-edges-ppap5")
+
+
+@pytest.fixture(scope="module")
+def dense_quick(tmp_path_factory):
+    """One quick dense bench for the tests below: (results folder, its results)."""
+    from ppap.bench.dense import run_dense_bench
+
+    out = tmp_path_factory.mktemp("dense")
+    return out, run_dense_bench(out, quick=True, progress=False)
+
+
 @pytest.mark.slow
 @needs_data
-@needs("fashion-ddpm", "fashion-evaluator", "fashion-segmenter", "fashion-edges", "fashion-segmenter-ppap5", "fashion-edges-ppap5")
-def test_dense_bench_quick_runs(tmp_path):
-    from ppap.bench_dense import run_dense_bench
-
-    r = run_dense_bench(tmp_path / "dense", quick=True, progress=False)
+@needs(*DENSE_MODELS)
+def test_dense_bench_quick_runs(dense_quick):
+    out, r = dense_quick
     seg, dense = r["main"]["segmentation"], r["main"]["dense"]
     assert set(seg) == set(dense) == {"unguided", "naive", "x0", "ppap", "reference images"}
     assert all(0 <= s["iou"] <= 1 and 0 <= s["class_hit"] <= 1 for s in seg.values())
     assert all(s["l1"] >= 0 and -1 <= s["pearson"] <= 1 for s in dense.values())
     assert seg["reference images"]["iou"] > 0.5  # the segmenter's own masks agree with the thresholded references
     assert r["cost"]["segmentation/x0"] > r["cost"]["segmentation/ppap"]
-    assert (tmp_path / "dense" / "bench_dense_grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "bench_dense_grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@needs_data
+@needs(*DENSE_MODELS)
+def test_dense_bench_resumes_and_keeps_its_stage_times(dense_quick):
+    """A resumed dense bench reads every stage back and reports the seconds each took when it
+    was computed (not the ~0 s of reading it back), so its results and report stay as they were."""
+    from ppap.bench.dense import run_dense_bench
+
+    out, r = dense_quick
+    first = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    assert list(r["stage_seconds"]) == ["cost", "sweep", "main"] and r["stage_seconds"]["sweep"] > 0
+    again = run_dense_bench(out, quick=True, progress=False)
+    second = json.loads((out / "results.json").read_text())
+    assert second["stage_seconds"] == first["stage_seconds"] and list(again["stage_seconds"]) == ["cost", "sweep", "main"]
+    assert second["main"] == first["main"] and second["cost"] == first["cost"] and second["sweep"] == first["sweep"]
+    assert (out / "report.md").read_text() == report
+    assert "Segmentation (target: fashion-segmenter's label map" in report and "PPAP vs naive: IoU" in report
+    times = r["stage_seconds"]
+    assert f"Stage times (s): cost {times['cost']}, sweep {times['sweep']}, main {times['main']}" in report
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
@@ -79,7 +112,7 @@ def test_step_memory_sees_a_peak_below_the_load_time_peak():
 
     code = """
 import torch
-from ppap.bench import _proc_status_mib, _reset_peak_rss
+from ppap.bench.common import _proc_status_mib, _reset_peak_rss
 big = torch.ones(96 * 2**20 // 4); big += 1; del big      # an earlier, larger peak (96 MiB)
 before = _reset_peak_rss()
 small = torch.ones(32 * 2**20 // 4); small += 1           # 32 MiB during the "step"
@@ -93,7 +126,8 @@ def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
     """Resuming with other settings would silently mix two experiments in one table."""
     import dataclasses
 
-    from ppap.bench import QUICK, _Stage
+    from ppap.bench.classifier import QUICK
+    from ppap.bench.common import _Stage
     from ppap.io import PPAPError
 
     stage = _Stage(tmp_path)

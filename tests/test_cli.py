@@ -42,7 +42,7 @@ def test_generate_train_sample_end_to_end(tiny_models, capsys, tmp_path):
         assert code == 0, err
         data = np.load(grid.with_suffix(".npz"))
         assert data["images"].shape == (5, 8, 8, 1) and data["images"].dtype == np.uint8
-        assert data["targets"].tolist() == [3, 4, 3, 4, 3]
+        assert data["targets"].tolist() == ([-1] * 5 if method == "unguided" else [3, 4, 3, 4, 3])
         assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -60,7 +60,6 @@ def test_dense_targets_from_image_and_map_and_composed_terms(dense_models, capsy
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--target-image", "{root}/big.png"], "reference image {root}/big.png is 16x16 but the diffusion model makes 8x8 images"),
     (["--target-map", "{root}/wrong_shape.npy"], "a dense target map must be float [B, 1, 8, 8] like the model output"),
     (["--target-image", "{root}/nope.png"], "reference image not found"),
     ([], "needs exactly one of --target-image or --target-map"),
@@ -88,17 +87,39 @@ def test_segmentation_label_out_of_range_and_classifier_with_map(dense_models, c
     assert code == 2 and err.count("\n") == 1 and "bad guidance scale 'big': expected a number" in err
 
 
+def test_reference_images_of_another_size_follow_the_fit_rule(dense_models, capsys):
+    """A 16x16 reference for an 8x8 model is resized; the zoo's Fashion-MNIST DDPM pads 28x28
+    references to 32x32 as its training images were padded."""
+    from ppap.images import load_reference_image
+
+    root = dense_models["root"]
+    out = root / "big_ref.png"
+    code, _, err = run(dense_models["base"] + dense_models["edges"] + ["--target-image", str(root / "big.png"), "--out", str(out)], capsys)
+    assert code == 0, err
+    Image.fromarray(np.full((28, 28), 255, dtype=np.uint8)).save(root / "fm.png")
+    padded = load_reference_image(root / "fm.png", (1, 32, 32), fit="pad")
+    assert padded.shape == (1, 1, 32, 32)
+    assert (padded[0, 0, 2:30, 2:30] == 1).all() and padded[0, 0, :2].eq(-1).all() and padded[0, 0, :, 30:].eq(-1).all()
+    rgb = load_reference_image(root / "fm.png", (3, 16, 16))  # grey to RGB, resized
+    assert rgb.shape == (1, 3, 16, 16) and torch.allclose(rgb, torch.ones_like(rgb))
+
+
 def test_default_scale_is_the_zoo_experts_measured_best():
+    import copy
+
     from ppap import zoo
-    from ppap.pipeline import DEFAULT_SCALE, _guidance_scale
+    from ppap.loading import load_experts, load_guide, load_pipeline
+    from ppap.pipeline import DEFAULT_CLASSIFIER_SCALE
 
     experts = [e for e in zoo.ZOO.values() if e.kind == "experts"]
     assert experts and all(e.scale is not None for e in experts)  # every shipped bank says how hard to guide with it
-    for e in experts:
-        assert _guidance_scale(None, e.name, "ppap") == e.scale
-        assert _guidance_scale(None, e.name, "naive") == DEFAULT_SCALE  # the experts' scale is for their own method
-    assert _guidance_scale(None, "my/experts", "ppap") == DEFAULT_SCALE
-    assert _guidance_scale("12.5", "fashion-ppap5", "ppap") == 12.5  # an explicit scale always wins
+    pipe = load_pipeline("fashion-ddpm")
+    guide = load_guide("fashion-classifier")
+    bank = load_experts("fashion-ppap5", copy.deepcopy(guide), pipe.diffusion)
+    assert bank.default_scale == zoo.ZOO["fashion-ppap5"].scale
+    assert pipe.guidance_term(2, guide=guide, experts=bank).scale == bank.default_scale
+    assert pipe.guidance_term(2, guide=guide, method="naive").scale == DEFAULT_CLASSIFIER_SCALE  # the bank's scale is for ppap
+    assert pipe.guidance_term(2, guide=guide, experts=bank, classifier_scale=12.5).scale == 12.5  # an explicit scale wins
 
 
 def test_ground_truth_maps():

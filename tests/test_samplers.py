@@ -1,46 +1,128 @@
+"""Unguided ppap sampling equals diffusers' own scheduler loops, over the configurations the
+paper's setting needs (prediction types, spacings, offsets, final alpha, clipping, learned
+variance, class- and text-conditional UNets with classifier-free guidance)."""
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ppap import Classification, NoisyInputGuide, sample_ddim, sample_ddpm
+from ppap import Classification, Conditioning, Diffusion, NoiseSchedule, NoisyInputGuide, sample_ddim, sample_ddpm
 from ppap.models import tiny_classifier
 
+from conftest import tiny_cond_unet, tiny_unet
 
-def _diffusers_loop(diffusion, scheduler, x_T, steps, generator, **step_kwargs):
+BASE = dict(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def _reference_loop(unet, scheduler, x_T, steps, generator, channels, unet_kwargs=None, cfg_scale=1.0, negative=None, **step_kwargs):
+    """The loop diffusers' pipelines run (DDPMPipeline / DDIMPipeline; IF's CFG and variance split)."""
     scheduler.set_timesteps(steps)
     x = x_T.clone()
+    kw = unet_kwargs or {}
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps = diffusion.unet(x, t).sample
-            x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+            if cfg_scale > 1:
+                both = {k: torch.cat([negative[k], v]) for k, v in kw.items()}
+                out_u, out_c = unet(torch.cat([x, x]), t, **both).sample.chunk(2)
+                out = out_u + cfg_scale * (out_c - out_u)
+            else:
+                out = unet(x, t, **kw).sample
+            if isinstance(scheduler, DDIMScheduler):
+                out = out[:, :channels]  # DDIM takes no variance channels (IF's pipelines split them off)
+            x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x
 
 
-def _diffusion_1000(beta_schedule):
-    from conftest import tiny_unet
+DDIM_CASES = [  # (scheduler options, eta, out_channels)
+    ({}, 0.0, 1),
+    ({}, 0.7, 1),
+    ({"beta_schedule": "squaredcos_cap_v2"}, 0.0, 1),
+    ({"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 0.0, 1),
+    ({"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "clip_sample": False}, 0.0, 1),
+    ({"prediction_type": "sample", "timestep_spacing": "linspace"}, 0.5, 1),
+    ({"steps_offset": 1, "set_alpha_to_one": False}, 0.0, 1),
+    ({"clip_sample": False}, 0.3, 1),
+    ({"clip_sample_range": 0.5, "timestep_spacing": "trailing"}, 0.0, 1),
+    ({"prediction_type": "v_prediction", "timestep_spacing": "linspace", "steps_offset": 1}, 0.0, 2),  # learned-variance UNet
+]
 
-    from ppap import Diffusion, NoiseSchedule
 
-    return Diffusion(tiny_unet(), NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule)))
-
-
-@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_matches_diffusers(beta_schedule, eta):
-    """25 of 1000 steps, same model, same x_T, same timesteps (and the same generator for eta > 0)."""
-    diffusion = _diffusion_1000(beta_schedule)
+@pytest.mark.parametrize("options,eta,out_channels", DDIM_CASES, ids=[str(i) for i in range(len(DDIM_CASES))])
+def test_ddim_matches_diffusers(options, eta, out_channels):
+    scheduler = DDIMScheduler(**(BASE | options))
+    unet = tiny_unet(out_channels=out_channels)
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(scheduler))
     x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = _diffusers_loop(diffusion, DDIMScheduler.from_config(diffusion.schedule.config), x_T, 25,
-                          torch.Generator().manual_seed(1), eta=eta)
-    ours = sample_ddim(diffusion, x_T, diffusion.schedule.timesteps(25), eta=eta, generator=torch.Generator().manual_seed(1))
+    ref = _reference_loop(unet, scheduler, x_T, 10, torch.Generator().manual_seed(1), 1, eta=eta)
+    ours = sample_ddim(diffusion, x_T, diffusion.schedule.grid(10, "ddim"), eta=eta, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(ref).all()
     assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_ddpm_matches_diffusers():
-    diffusion = _diffusion_1000("linear")
+DDPM_CASES = [  # (scheduler options, out_channels)
+    ({}, 1),
+    ({"variance_type": "fixed_small_log", "timestep_spacing": "trailing"}, 1),
+    ({"variance_type": "fixed_large", "prediction_type": "v_prediction"}, 1),
+    ({"variance_type": "learned_range", "prediction_type": "epsilon", "timestep_spacing": "linspace"}, 2),
+    ({"variance_type": "learned_range", "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 2),
+    ({"prediction_type": "sample", "steps_offset": 1, "clip_sample_range": 2.0}, 1),
+]
+
+
+@pytest.mark.parametrize("options,out_channels", DDPM_CASES, ids=[str(i) for i in range(len(DDPM_CASES))])
+def test_ddpm_matches_diffusers(options, out_channels):
+    scheduler = DDPMScheduler(**(BASE | options))
+    unet = tiny_unet(out_channels=out_channels)
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(scheduler))
     x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = _diffusers_loop(diffusion, DDPMScheduler.from_config(diffusion.schedule.config), x_T, 50, torch.Generator().manual_seed(1))
-    ours = sample_ddpm(diffusion, x_T, diffusion.schedule.timesteps(50), generator=torch.Generator().manual_seed(1))
+    ref = _reference_loop(unet, scheduler, x_T, 12, torch.Generator().manual_seed(1), 1)
+    ours = sample_ddpm(diffusion, x_T, diffusion.schedule.grid(12, "ddpm"), generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(ref).all()
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_generator_lists_match_diffusers():
+    """One CPU generator per sample (diffusers' randn_tensor habit) gives the same noise as diffusers."""
+    scheduler = DDPMScheduler(**BASE)
+    unet = tiny_unet()
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(scheduler))
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    ref = _reference_loop(unet, scheduler, x_T, 5, gens(), 1)
+    ours = sample_ddpm(diffusion, x_T, diffusion.schedule.grid(5, "ddpm"), generator=gens())
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_class_conditional_unet_matches_diffusers(cfg_scale):
+    """UNet2DModel with class embeddings; CFG with a null class (the DiT habit)."""
+    scheduler = DDIMScheduler(**BASE, prediction_type="v_prediction", timestep_spacing="trailing")
+    unet = tiny_unet(num_class_embeds=4)
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(scheduler))
+    labels, null = torch.tensor([0, 2, 1]), torch.tensor([3, 3, 3])
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = _reference_loop(unet, scheduler, x_T, 8, None, 1, {"class_labels": labels}, cfg_scale, {"class_labels": null})
+    cond = Conditioning(class_labels=labels, negative_class_labels=null if cfg_scale > 1 else None, guidance_scale=cfg_scale)
+    ours = sample_ddim(diffusion.bind(cond), x_T, diffusion.schedule.grid(8, "ddim"))
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_text_conditional_unet_with_cfg_matches_diffusers(kind, cfg_scale):
+    """UNet2DConditionModel with encoder_hidden_states, learned variance (IF-like), CFG as diffusers' pipelines do it."""
+    opts = {"variance_type": "learned_range"} if kind == "ddpm" else {}
+    scheduler = (DDPMScheduler if kind == "ddpm" else DDIMScheduler)(**BASE, **opts)
+    unet = tiny_cond_unet(out_channels=2)
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(scheduler))
+    embeds = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(4))
+    negative = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(5))
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = _reference_loop(unet, scheduler, x_T, 6, torch.Generator().manual_seed(1), 1, {"encoder_hidden_states": embeds},
+                          cfg_scale, {"encoder_hidden_states": negative})
+    cond = Conditioning(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=cfg_scale)
+    sampler = sample_ddpm if kind == "ddpm" else sample_ddim
+    ours = sampler(diffusion.bind(cond), x_T, diffusion.schedule.grid(6, kind), generator=torch.Generator().manual_seed(1))
     assert (ours - ref).abs().max().item() < 1e-5
 
 
@@ -49,24 +131,27 @@ def _log_prob(net, x, y):
         return net(x).log_softmax(-1)[torch.arange(len(y)), y]
 
 
-@pytest.mark.parametrize("clip_x0", [False, True])
-@pytest.mark.parametrize("steps", [slice(3, 5), slice(0, 2)])  # a mid-noise and the noisiest step
+@pytest.mark.parametrize("prediction_type,clip_x0,steps", [  # slice(3, 5): a mid-noise step; slice(0, 2): the noisiest
+    ("epsilon", False, slice(3, 5)), ("epsilon", True, slice(3, 5)), ("epsilon", False, slice(0, 2)), ("epsilon", True, slice(0, 2)),
+    ("v_prediction", True, slice(0, 2)), ("sample", True, slice(3, 5))])
 @pytest.mark.parametrize("sampler", [sample_ddim, sample_ddpm])
-def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0):
+def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0, prediction_type):
     """One step from the same x_t with and without guidance: the guided x_{t-1} is more likely
-    to be the target class under the guiding model, for every sample. With x0 clipping at high
-    noise this caught guidance acting in reverse (the clip cancelled the x0 part of eps_hat)."""
-    diffusion = _diffusion_1000("linear")
+    to be the target class under the guiding model, for every sample and every prediction type.
+    With x0 clipping at high noise this caught guidance acting in reverse (the clip cancelled the
+    x0 part of eps_hat)."""
+    kind = "ddim" if sampler is sample_ddim else "ddpm"
+    diffusion = Diffusion(tiny_unet(), NoiseSchedule.from_diffusers(DDPMScheduler(**BASE, prediction_type=prediction_type)))
     torch.manual_seed(0)
     net = tiny_classifier().eval()
     y = torch.tensor([0, 3, 5, 9])
     x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    t = diffusion.schedule.timesteps(10)[steps]  # the step t[0] -> t[1] is compared
+    grid = diffusion.schedule.grid(10, kind)[steps]  # the step t[0] -> t[1] is compared
     guide = NoisyInputGuide(lambda x, _t: net(x), Classification(10), y, scale=2.0)
     after_first = {}
 
     def run(guide, key):
-        sampler(diffusion, x_t, t, guide=guide, clip_x0=clip_x0, generator=torch.Generator().manual_seed(3),
+        sampler(diffusion, x_t, grid, guide=guide, clip_x0=clip_x0, generator=torch.Generator().manual_seed(3),
                 callback=lambda d: after_first.setdefault(key, d["x"]))
 
     run(None, "plain")
@@ -80,18 +165,29 @@ def test_ddpm_guidance_is_variance_times_gradient(tiny_diffusion):
     net = tiny_classifier().eval()
     y = torch.tensor([1, 2])
     x_t = torch.randn(2, 1, 8, 8)
-    steps = tiny_diffusion.schedule.timesteps(10)
+    grid = tiny_diffusion.schedule.grid(10, "ddpm")
     guide = NoisyInputGuide(lambda x, _t: net(x), Classification(10), y, scale=3.0)
     seen = {}
 
     def first_step(key, **kw):
-        sample_ddpm(tiny_diffusion, x_t, steps[:2], generator=torch.Generator().manual_seed(0),
+        sample_ddpm(tiny_diffusion, x_t, grid[:2], generator=torch.Generator().manual_seed(0),
                     callback=lambda d: seen.setdefault(key, d), **kw)
         return seen[key]
 
     plain, guided = first_step("plain"), first_step("guided", guide=guide)
-    a = tiny_diffusion.schedule.alphas_cumprod
-    a_t, a_prev = a[steps[0]], a[steps[1]]
+    a_t, a_prev = grid.abar[0], grid.abar_prev[0]
     var = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).float()
     assert guided["guidance"].abs().sum() > 0
     assert torch.allclose(guided["x"] - plain["x"], var * guided["guidance"], atol=1e-6)
+
+
+def test_unsupported_scheduler_options_are_one_line_errors():
+    from ppap import PPAPError
+
+    with pytest.raises(PPAPError, match="thresholding"):
+        NoiseSchedule.from_diffusers(DDPMScheduler(**BASE, thresholding=True))
+    with pytest.raises(PPAPError, match="fixed_large_log"):
+        NoiseSchedule.from_diffusers(DDPMScheduler(**BASE, variance_type="fixed_large_log"))
+    schedule = NoiseSchedule.from_diffusers(DDPMScheduler(**BASE, variance_type="learned_range"))
+    with pytest.raises(PPAPError, match="2x the image channels"):
+        sample_ddpm(Diffusion(tiny_unet(), schedule), torch.randn(1, 1, 8, 8), schedule.grid(2, "ddpm"))

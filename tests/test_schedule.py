@@ -29,17 +29,31 @@ def test_eps_x0_conversions_are_inverse():
     assert torch.allclose(schedule.sigma(t), ((1 - schedule.alphas_cumprod[t]) / schedule.alphas_cumprod[t]).sqrt())
 
 
-@pytest.mark.parametrize("steps,spacing", [(25, "leading"), (10, "trailing"), (1000, "leading")])
-def test_timesteps_match_diffusers_ddim(steps, spacing):
-    sched = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+@pytest.mark.parametrize("steps,spacing,offset", [(25, "leading", 0), (25, "leading", 1), (10, "trailing", 0), (7, "linspace", 0),
+                                                  (1000, "leading", 0)])
+def test_timesteps_follow_the_scheduler_config(kind, steps, spacing, offset):
+    """The grid is the scheduler's own: its spacing and steps_offset, not ppap's choice."""
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    sched = cls(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
     sched.set_timesteps(steps)
     schedule = NoiseSchedule.from_diffusers(sched)
-    assert torch.equal(schedule.timesteps(steps, spacing), sched.timesteps.long())
+    assert torch.equal(schedule.timesteps(steps, kind), sched.timesteps.long())
 
 
-def test_v_prediction_is_refused_clearly():
-    with pytest.raises(PPAPError, match="prediction_type 'v_prediction' is not supported"):
-        NoiseSchedule.from_diffusers(DDPMScheduler(prediction_type="v_prediction"))
+def test_final_alpha_follows_set_alpha_to_one():
+    for flag, final in ((True, 1.0), (False, None)):
+        schedule = NoiseSchedule.from_diffusers(DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=flag))
+        grid = schedule.grid(10, "ddim")
+        assert grid.abar_prev[-1].item() == (final if final is not None else schedule.alphas_cumprod[0].item())
+        assert schedule.grid(10, "ddpm").abar_prev[-1].item() == 1.0  # DDPMScheduler always ends at alpha 1
+
+
+def test_unknown_prediction_type_is_refused_clearly():
+    sched = DDPMScheduler()
+    sched.register_to_config(prediction_type="flow")
+    with pytest.raises(PPAPError, match="prediction_type='flow' is not supported"):
+        NoiseSchedule.from_diffusers(sched)
 
 
 def test_out_of_range_timestep_and_steps():

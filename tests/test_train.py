@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ppap import AdapterConfig, Classification, LoRAExperts, PPAPError, TimestepRouter, TrainConfig, load_experts, train_experts
+from ppap import AdapterConfig, Classification, LoRAExperts, PPAPError, TimestepRouter, TrainConfig, load_bank, train_experts
 from ppap.models import tiny_classifier
 
 CFG = TrainConfig(experts="2", rank=4, alpha=4, iterations=30, batch_size=8, lr=5e-3, checkpoint_every=10)
@@ -88,12 +88,12 @@ def test_load_experts_checks_model_and_schedule(tiny_diffusion, tmp_path):
     train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(),
                   TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8), tmp_path, progress=False)
     torch.manual_seed(0)
-    bank, task = load_experts(tiny_classifier(), tmp_path, schedule=tiny_diffusion.schedule)
-    assert task == Classification(10) and bank.router.boundaries == (0, 50, 100)
+    bank = load_bank(tiny_classifier(), tmp_path, schedule=tiny_diffusion.schedule)
+    assert bank.task == Classification(10) and bank.router.boundaries == (0, 50, 100)
     torch.manual_seed(1)
     with pytest.raises(PPAPError, match="were trained on .* not on the given guidance model"):
-        load_experts(tiny_classifier(), tmp_path)
+        load_bank(tiny_classifier(), tmp_path)
     other = NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2"))
     torch.manual_seed(0)
     with pytest.raises(PPAPError, match="another noise schedule"):
-        load_experts(tiny_classifier(), tmp_path, schedule=other)
+        load_bank(tiny_classifier(), tmp_path, schedule=other)

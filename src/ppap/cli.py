@@ -80,37 +80,71 @@ def _accelerator():
 
 
 def _save_sample_outputs(out: Path, images: np.ndarray, targets: dict[str, np.ndarray], nrow: int) -> None:
-    from PIL import Image
+    from .images import encode_png
 
-    from .pipeline import image_grid
-
-    grid = image_grid(images, nrow)
-    buf = io.BytesIO()
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    png = encode_png(images, nrow)
     npz = io.BytesIO()
     np.savez(npz, images=images, **targets)
     atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(out, png)
 
 
-# --------------------------------------------------------------------------------------------
-# commands
-# --------------------------------------------------------------------------------------------
+def _pipeline(args):
+    from .loading import load_pipeline
+
+    return load_pipeline(args.diffusion, device=args.device, dtype=args.dtype)
+
+
+def _conditioning(args, num: int):
+    """The UNet's conditions from ``--class-label`` / ``--prompt-embeds`` / ``--cfg-scale``."""
+    from .diffusion import Conditioning
+    from .io import load_safetensors
+
+    labels = None
+    if args.class_label:
+        try:
+            values = [int(v) for v in args.class_label.split(",")]
+        except ValueError:
+            raise PPAPError(f"bad --class-label {args.class_label!r}: use integers, e.g. '3' or '0,1,2' (cycled)") from None
+        labels = torch.tensor([values[k % len(values)] for k in range(num)])
+    embeds = negative = None
+    if args.prompt_embeds:
+        tensors = load_safetensors(args.prompt_embeds)
+        if "prompt_embeds" not in tensors:
+            raise PPAPError(f"{args.prompt_embeds} has no 'prompt_embeds' tensor (found: {', '.join(sorted(tensors)) or 'none'})")
+        embeds, negative = tensors["prompt_embeds"].float(), tensors.get("negative_prompt_embeds")
+        if embeds.ndim == 2:
+            embeds = embeds[None]
+        if embeds.ndim != 3:
+            raise PPAPError(f"prompt_embeds in {args.prompt_embeds} must be [L, D] or [N, L, D], got {list(embeds.shape)}")
+        embeds = embeds[torch.arange(num) % embeds.shape[0]]
+        if negative is not None:
+            negative = (negative[None] if negative.ndim == 2 else negative).float()
+            negative = negative[torch.arange(num) % negative.shape[0]]
+    if labels is None and embeds is None:
+        if args.cfg_scale != 1.0:
+            raise PPAPError("--cfg-scale needs a conditional model's --class-label or --prompt-embeds")
+        return None
+    return Conditioning(labels, embeds, negative, None, args.cfg_scale)
 
 
 def cmd_generate(args) -> int:
-    """Data-free corpus: unguided DDIM samples of the diffusion model in atomic shards."""
-    from .data import open_corpus
-    from .pipeline import corpus_spec, generate_corpus, load_diffusion
+    """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
+    from .data import corpus_spec, generate_corpus, open_corpus
 
     acc = _accelerator()
-    diffusion = load_diffusion(args.diffusion).to(acc.device)
-    spec = corpus_spec(diffusion, args.diffusion, args.num, shard_size=args.shard_size, steps=args.steps, eta=args.eta, seed=args.seed)
+    if args.device is None:
+        args.device = str(acc.device)
+    pipe = _pipeline(args)
+    cond = _conditioning(args, args.num) if args.num >= 1 else None
+    spec = corpus_spec(pipe, args.diffusion, args.num, shard_size=args.shard_size, steps=args.steps, eta=args.eta, seed=args.seed,
+                       batch_size=args.batch_size, sampler=args.sampler, conditioning=cond)
+    pipe.diffusion.schedule.grid(args.steps, args.sampler)  # bad steps / sampler fail before anything is written
     if acc.is_main_process:
         open_corpus(args.out, spec)  # one process creates the manifest (or refuses a different corpus)
     acc.wait_for_everyone()
-    written = generate_corpus(diffusion, args.out, spec, batch_size=args.batch_size, rank=acc.process_index,
-                              world=acc.num_processes, progress=not args.quiet)
+    written = generate_corpus(pipe, args.out, spec, conditioning=cond, rank=acc.process_index, world=acc.num_processes,
+                              progress=not args.quiet)
     acc.wait_for_everyone()
     if not args.quiet:
         print(f"corpus {args.out}: {spec.num_samples} images in {spec.num_shards} shards ({written} written by rank {acc.process_index})")
@@ -128,29 +162,32 @@ def _load_training_data(args, task_name: str):
 
 def cmd_train(args) -> int:
     from .experts import TimestepRouter, make_bank, parameter_report
-    from .pipeline import load_diffusion, load_guide, task_for
+    from .loading import load_diffusion, load_guide, resolve_device
+    from .tasks import task_for
     from .train import TrainConfig, train_experts
 
     cfg = config_from_args(TrainConfig, args)
-    diffusion = load_diffusion(args.diffusion)
-    guide = load_guide(args.guide, args.guide_weights)
-    task = task_for(guide, diffusion.image_shape, args.task, tau=cfg.tau)
-    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
+    acc = _accelerator()
+    device = resolve_device(args.device) if args.device else acc.device
+    diffusion = load_diffusion(args.diffusion)  # its schedule and image shape; the UNet is not run
+    schedule, image_shape = diffusion.schedule, diffusion.image_shape
+    guide = load_guide(args.guide, args.guide_weights, task=args.task).to(device)
+    task = task_for(guide, image_shape, args.task or guide.task or "classification", tau=cfg.tau)
+    router = TimestepRouter.parse(cfg.experts, schedule.num_train_timesteps, schedule.alphas_cumprod)
     if args.dry_run:
         print(json.dumps({"train": dataclasses.asdict(cfg), "task": dataclasses.asdict(task),
                           "boundaries": list(router.boundaries)}, indent=2))
         return 0
     images, labels = _load_training_data(args, task.name)
-    if images.shape[1:] != diffusion.image_shape:
-        raise PPAPError(f"training images have shape {list(images.shape[1:])} but the diffusion model makes {list(diffusion.image_shape)}")
-    bank = make_bank(guide.net, router, cfg.adapter_config(), seed=cfg.seed)
-    acc = _accelerator()
+    if images.shape[1:] != image_shape:
+        raise PPAPError(f"training images have shape {list(images.shape[1:])} but the diffusion model makes {list(image_shape)}")
+    bank = make_bank(guide, router, cfg.adapter_config(), seed=cfg.seed)
     if acc.is_main_process and not args.quiet:
         rep = parameter_report(bank)
         print(f"{rep['num_experts']} {cfg.adapter} experts, {rep['trainable_per_expert']:,} trainable parameters each "
               f"({rep['fraction_per_expert']:.2%} of the {rep['backbone_parameters']:,}-parameter backbone)")
-    stats = train_experts(bank, task, diffusion.schedule, images, cfg, args.out, labels=labels,
-                          identity=guide.identity, accelerator=acc, progress=not args.quiet)
+    stats = train_experts(bank, task, schedule, images, cfg, args.out, labels=labels, identity={"ref": args.guide},
+                          accelerator=acc if acc.num_processes > 1 else None, progress=not args.quiet)
     if acc.is_main_process and not args.quiet:
         for name, s in stats.items():
             print(f"{name} t∈[{s['range'][0]},{s['range'][1]}): loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} ({s['seconds']} s)")
@@ -158,22 +195,86 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
+TERM_KEYS = ("guide", "guide_weights", "experts", "method", "task", "target", "target_image", "target_map", "scale", "calibration")
+
+
+def parse_term(spec: str) -> dict[str, str]:
+    """``'guide=fashion-classifier,experts=fashion-ppap5,target=ankle boot,scale=30'`` -> dict."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in TERM_KEYS:
+            raise PPAPError(f"bad guidance term part {part!r}; use key=value with keys: {', '.join(sorted(TERM_KEYS))}")
+        out[key] = value.strip()
+    if "guide" not in out:
+        raise PPAPError(f"guidance term {spec!r} has no guide=...")
+    return out
+
+
+def _number(value, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise PPAPError(f"bad {what} {value!r}: expected a number") from None
+    if not np.isfinite(v):
+        raise PPAPError(f"bad {what} {value!r}: expected a finite number")
+    return v
+
+
+def build_term(pipe, num: int, *, guide: str, guide_weights: str | None = None, experts: str | None = None, method: str = "ppap",
+               task: str | None = None, target: str | None = None, target_image: str | None = None, target_map: str | None = None,
+               scale=None, calibration: str = "", fit: str = "resize"):
+    """Load what one guidance term names and resolve its ``num`` targets."""
+    import copy
+
     from .guidance import Calibration
-    from .pipeline import build_term, compose, load_diffusion, parse_term, sample_images, to_hwc_uint8
+    from .images import load_reference_image, load_target_map
+    from .loading import load_experts, load_guide
+
+    if target_image is not None and target_map is not None:
+        raise PPAPError("give --target-image or --target-map, not both")
+    model = load_guide(guide, guide_weights, task=task)
+    bank = load_experts(experts, copy.deepcopy(model), pipe.diffusion) if experts else None
+    image = load_reference_image(target_image, pipe.image_shape, fit) if target_image else None
+    target_value = load_target_map(target_map) if target_map else target
+    return pipe.guidance_term(num, guide=model, experts=bank, target=target_value, target_image=image, method=method,
+                              classifier_scale=_number(scale, "guidance scale"), calibration=Calibration.parse(calibration),
+                              task=task)
+
+
+def cmd_sample(args) -> int:
+    from . import zoo
+    from .images import to_hwc_uint8
+    from .pipeline import generate
 
     torch.manual_seed(args.seed)  # for any third-party randomness; ppap's own noise is seeded per sample
     if args.num < 1:
         raise PPAPError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size < 1 or args.nrow < 1:
+        raise PPAPError(f"--batch-size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
+    _number(args.scale, "--scale")
+    _number(args.eta, "--eta")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
-    diffusion = load_diffusion(args.diffusion)
+    for path in (out, out.with_suffix(".npz")):
+        if path.is_dir():
+            raise PPAPError(f"--out {path} is a directory")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise PPAPError(f"--out {out}: {parent} is a file, not a folder")
+    pipe = _pipeline(args)
+    pipe.diffusion.schedule.grid(args.steps, args.sampler)  # one-line errors before loading guides
+    cond = _conditioning(args, args.num)
+    fit = zoo.ZOO[args.diffusion].reference_fit if zoo.is_zoo_name(args.diffusion) else "resize"
     terms = []
     if args.guide:
-        terms.append(build_term(diffusion, args.num, guide=args.guide, guide_weights=args.guide_weights, experts=args.experts,
+        terms.append(build_term(pipe, args.num, guide=args.guide, guide_weights=args.guide_weights, experts=args.experts,
                                 method=args.method, task=args.task, target=args.target, target_image=args.target_image,
-                                target_map=args.target_map, scale=args.scale, calibration=Calibration.parse(args.calibration)))
+                                target_map=args.target_map, scale=args.scale, calibration=args.calibration, fit=fit))
     elif args.experts:
         raise PPAPError("--experts needs --guide (the off-the-shelf model they adapt)")
     elif args.method != "unguided" and not args.term:
@@ -181,16 +282,17 @@ def cmd_sample(args) -> int:
     for spec in args.term:
         kw = parse_term(spec)
         kw.setdefault("method", args.method)
-        kw["calibration"] = Calibration.parse(kw.get("calibration", ""))
-        terms.append(build_term(diffusion, args.num, **kw))
-    x = sample_images(diffusion, args.num, seed=args.seed, make_guide=compose(terms), targets=torch.arange(args.num), steps=args.steps,
-                      sampler=args.sampler, eta=args.eta, batch_size=args.batch_size, progress=not args.quiet,
-                      desc=" + ".join(t.description for t in terms) or "unguided sampling")
-    targets = {"targets": terms[0].targets.numpy() if terms else np.full(args.num, -1)}
-    targets |= {f"targets_{k}": t.targets.numpy() for k, t in enumerate(terms[1:], start=1)}
+        terms.append(build_term(pipe, args.num, fit=fit, **kw))
+    terms = [t for t in terms if t is not None]
+    described = " + ".join(t.description for t in terms)
+    x = generate(pipe, args.num, seed=args.seed, terms=terms, conditioning=cond, batch_size=args.batch_size,
+                 progress=not args.quiet, desc=described or "unguided sampling", num_inference_steps=args.steps,
+                 sampler=args.sampler, eta=args.eta)
+    targets = {"targets": terms[0].targets.cpu().numpy() if terms else np.full(args.num, -1)}
+    targets |= {f"targets_{k}": t.targets.cpu().numpy() for k, t in enumerate(terms[1:], start=1)}
     _save_sample_outputs(out, to_hwc_uint8(x), targets, nrow=args.nrow)
     if not args.quiet:
-        print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images; guidance: {' + '.join(t.description for t in terms) or 'none'})")
+        print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images; guidance: {described or 'none'})")
     return 0
 
 
@@ -224,7 +326,7 @@ def cmd_bench(args) -> int:
     else:
         if args.workers is not None:
             raise PPAPError("--workers applies to `ppap bench classifier` only")
-        from .bench_dense import dense_report, run_dense_bench
+        from .bench import dense_report, run_dense_bench
 
         results = run_dense_bench(out, quick=args.quick, progress=not args.quiet)
         print(dense_report(results))
@@ -244,6 +346,17 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the diffusion model runs, and the conditions of a conditional one."""
+    group = parser.add_argument_group("diffusion model")
+    group.add_argument("--device", help="cpu | cuda | cuda:N | mps (default: cuda when available)")
+    group.add_argument("--dtype", help="UNet dtype: float32 | float16 | bfloat16 (guidance stays float32)")
+    group.add_argument("--class-label", help="class-conditional UNet: class label(s), e.g. '3' or '0,1,2' (cycled)")
+    group.add_argument("--prompt-embeds", help="text-conditional UNet: safetensors file with 'prompt_embeds' [N, L, D] or [L, D] "
+                       "(cycled) and optionally 'negative_prompt_embeds'")
+    group.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
@@ -255,19 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diffusion", required=True, help="zoo name or diffusers model directory")
     g.add_argument("--out", required=True, help="corpus directory (re-run to resume)")
     g.add_argument("--num", type=int, default=1000, help="number of images")
-    g.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    g.add_argument("--steps", type=int, default=25, help="sampling steps")
+    g.add_argument("--sampler", default="ddim", help="ddim | ddpm")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--shard-size", type=int, default=256, help="images per shard file")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quiet", action="store_true")
+    add_model_flags(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train noise-range experts (PPAP, or supervised baselines)")
     t.add_argument("--diffusion", required=True, help="zoo name or diffusers model directory (its schedule is used)")
-    t.add_argument("--guide", required=True, help="zoo name or package.module:function of the off-the-shelf model")
+    t.add_argument("--guide", required=True, help="the off-the-shelf model: zoo name, transformers model folder, or package.module:function")
     t.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
-    t.add_argument("--task", default="classification", help="task of the guidance model")
+    t.add_argument("--task", help="task of the guidance model: classification | segmentation | dense "
+                   "(default: what the model says, else classification)")
+    t.add_argument("--device", help="cpu | cuda | cuda:N | mps (default: accelerate's device)")
     t.add_argument("--data", required=True, help="corpus directory from `ppap generate`, or 'fashion-mnist' (labelled)")
     t.add_argument("--data-dir", help="Fashion-MNIST folder (default $PPAP_DATA_DIR or Debian's)")
     t.add_argument("--limit", type=int, help="use only the first N images")
@@ -280,13 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images, guided or not; writes a PNG grid and an .npz")
     s.add_argument("--diffusion", required=True, help="zoo name or diffusers model directory")
-    s.add_argument("--guide", help="zoo name or package.module:function of the off-the-shelf model")
+    s.add_argument("--guide", help="the off-the-shelf model: zoo name, transformers model folder, or package.module:function")
     s.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
     s.add_argument("--experts", help="zoo name or directory from `ppap train` (for --method ppap)")
     s.add_argument("--method", default="ppap", help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut")
     s.add_argument("--calibration", default="", help="x0-shortcut options, e.g. 'norm_temperature=2,softplus_beta=3,scale_schedule=sigma'")
     s.add_argument("--task", help="task of a --guide without experts (default: the zoo entry's, else classification)")
-    s.add_argument("--target", default="0", help="class index or name, a comma list (cycled), or 'all'")
+    s.add_argument("--target", help="class index or name, a comma list (cycled), or 'all' (default: class 0)")
     s.add_argument("--target-image", help="segmentation/dense guides: reference image; the target is the clean model's output on it")
     s.add_argument("--target-map", help="segmentation/dense guides: target map .npy ([H,W] labels, [C,H,W] map, or a stack [N,...])")
     s.add_argument("--term", action="append", default=[], metavar="K=V,...",
@@ -303,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=8, help="images per grid row")
     s.add_argument("--out", default="samples.png", help="PNG path; the .npz is written beside it")
     s.add_argument("--quiet", action="store_true")
+    add_model_flags(s)
     s.set_defaults(func=cmd_sample)
 
     z = sub.add_parser("zoo", help="list or (re)train the shipped models")

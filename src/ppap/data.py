@@ -103,6 +103,9 @@ class CorpusSpec:
     eta: float  # DDIM eta
     seed: int  # sample k's noise depends only on (seed, k): resumption does not depend on rank or history
     schedule: dict  # num_train_timesteps, beta schedule etc., for the record
+    batch_size: int = 64  # sampling batch: conv kernels round differently per batch size, so it is part of the identity
+    sampler: str = "ddim"  # "ddim" or "ddpm"
+    condition: dict | None = None  # a conditional model's conditions (class labels cycled, prompt embeddings' hash, CFG scale)
 
     @property
     def num_shards(self) -> int:
@@ -208,3 +211,53 @@ class InfiniteBatches:
     def batch(self, step: int) -> tuple[Tensor, ...]:
         idx = self.indices(step)
         return tuple(t[idx] for t in self.tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing a corpus from a diffusion model
+# --------------------------------------------------------------------------------------------
+
+
+def corpus_spec(pipe, ref: str, num: int, *, shard_size: int = 256, steps: int = 25, eta: float = 0.0, seed: int = 0,
+                batch_size: int = 64, sampler: str = "ddim", conditioning=None) -> CorpusSpec:
+    """The identity of a corpus of ``num`` samples of ``pipe`` (a ``PPAPPipeline``); a conditional
+    model's ``conditioning`` (for all ``num`` samples) is part of it."""
+    from .io import fingerprint
+
+    for name, value in (("corpus size", num), ("shard size", shard_size), ("batch size", batch_size), ("steps", steps)):
+        if not isinstance(value, int) or value < 1:
+            raise PPAPError(f"{name} must be >= 1, got {value!r}")
+    schedule = pipe.diffusion.schedule
+    condition = None
+    if conditioning is not None:
+        condition = {"class_labels": None if conditioning.class_labels is None else conditioning.class_labels.tolist(),
+                     "prompt_embeds": None if conditioning.prompt_embeds is None else
+                     fingerprint({"p": conditioning.prompt_embeds, **({} if conditioning.negative_prompt_embeds is None
+                                                                       else {"n": conditioning.negative_prompt_embeds})})[:16],
+                     "guidance_scale": conditioning.guidance_scale}
+    return CorpusSpec(model=f"{ref}@{fingerprint(pipe.unet.state_dict())[:16]}", num_samples=num, shard_size=shard_size,
+                      steps=steps, eta=eta, seed=seed, batch_size=batch_size, sampler=sampler, condition=condition,
+                      schedule={"num_train_timesteps": schedule.num_train_timesteps, "beta_schedule": schedule.config.get("beta_schedule"),
+                                "prediction_type": schedule.prediction_type})
+
+
+def generate_corpus(pipe, root, spec: CorpusSpec, *, conditioning=None, rank: int = 0, world: int = 1,
+                    shards: list[int] | None = None, progress: bool = True) -> int:
+    """Draw the shards of corpus ``spec`` that ``root`` still lacks with ``pipe`` (unguided); with
+    ``world`` processes, rank r takes every world-th missing shard (or exactly ``shards``, as a
+    caller that hands them out chose). Returns how many shards this call wrote. The caller opens
+    the corpus (``open_corpus``) once, on one process, before."""
+    from tqdm.auto import tqdm
+
+    from .images import to_hwc_uint8
+    from .pipeline import generate
+
+    missing = open_corpus(root, spec)
+    mine = missing[rank::world] if shards is None else [k for k in shards if k in missing]
+    for k in tqdm(mine, desc="corpus" if world == 1 else f"corpus (rank {rank})", unit="shard", disable=not progress):
+        start, n = k * spec.shard_size, spec.shard_count(k)
+        cond = conditioning.select(slice(start, start + n)) if conditioning is not None else None
+        x = generate(pipe, n, seed=spec.seed, start=start, batch_size=spec.batch_size, conditioning=cond, progress=False,
+                     num_inference_steps=spec.steps, eta=spec.eta, sampler=spec.sampler)
+        write_shard(Path(root), k, torch.from_numpy(to_hwc_uint8(x)))
+    return len(mine)

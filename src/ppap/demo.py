@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from . import zoo
+from .images import image_grid, to_hwc_uint8
 from .io import atomic_write_bytes, atomic_write_json
-from .pipeline import (data_free_experts, guide_builder, image_grid, load_bank, load_diffusion, load_guide, sample_images,
-                       to_hwc_uint8)
-from .train import TrainConfig
+from .loading import load_experts, load_guide, load_pipeline
+from .pipeline import generate
+from .train import TrainConfig, data_free_experts
 
 
 @dataclass(frozen=True)
@@ -44,35 +45,36 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
     out = Path(out)
     t_start = time.time()
-    diffusion = load_diffusion("fashion-ddpm")
-    evaluator = load_guide("fashion-evaluator").net
+    pipe = load_pipeline("fashion-ddpm", device="cpu")
+    evaluator = load_guide("fashion-evaluator")
     classes = zoo.get("fashion-classifier").classes
     num_classes = len(classes)
 
     print(f"[1-2/4] data-free experts: {cfg.corpus_size} DDPM samples, 5 experts x {cfg.train.iterations} steps")
     t0 = time.time()
-    fresh, task, _ = data_free_experts(diffusion, "fashion-ddpm", load_guide("fashion-classifier"), out / ("work-quick" if quick else "work"),
-                                       corpus_size=cfg.corpus_size, cfg=cfg.train)
+    fresh, _ = data_free_experts(pipe, "fashion-ddpm", load_guide("fashion-classifier"), out / ("work-quick" if quick else "work"),
+                                 corpus_size=cfg.corpus_size, cfg=cfg.train)
     t_experts = time.time() - t0
 
+    targets = torch.arange(num_classes).repeat_interleave(cfg.per_class)
     naive_guide = load_guide("fashion-classifier")  # a separate copy: the bank above injected LoRA into its net
-    methods = {
-        "unguided": guide_builder("unguided", task=task, scale=0.0),
-        "naive": guide_builder("naive", task=task, scale=cfg.scales["naive"], guide=naive_guide),
-        "ppap (fresh experts)": guide_builder("ppap", task=task, scale=cfg.scales["ppap"], experts=fresh),
+    terms = {
+        "unguided": None,
+        "naive": pipe.guidance_term(len(targets), guide=naive_guide, target=targets, method="naive", classifier_scale=cfg.scales["naive"]),
+        "ppap (fresh experts)": pipe.guidance_term(len(targets), guide=naive_guide, experts=fresh, target=targets,
+                                                   classifier_scale=cfg.scales["ppap"]),
     }
     if zoo.ZOO["fashion-ppap5"].available:
-        zoo_guide = load_guide("fashion-classifier")
-        zoo_bank, _ = load_bank("fashion-ppap5", zoo_guide, diffusion)
-        methods["ppap (zoo experts)"] = guide_builder("ppap", task=task, scale=cfg.scales["ppap"], experts=zoo_bank)
+        zoo_bank = load_experts("fashion-ppap5", load_guide("fashion-classifier"), pipe.diffusion)
+        terms["ppap (zoo experts)"] = pipe.guidance_term(len(targets), guide=naive_guide, experts=zoo_bank, target=targets,
+                                                         classifier_scale=cfg.scales["ppap"])
 
-    targets = torch.arange(num_classes).repeat_interleave(cfg.per_class)
     print(f"[3/4] guided sampling: {len(targets)} images per method, DDIM-{cfg.steps}")
     results, images = {}, {}
-    for name, make in methods.items():
+    for name, term in terms.items():
         t0 = time.time()
-        x = sample_images(diffusion, len(targets), seed=seed + 1, make_guide=make, targets=targets, steps=cfg.steps,
-                          batch_size=50, desc=name)
+        x = generate(pipe, len(targets), seed=seed + 1, terms=[term] if term else [], batch_size=50, desc=name,
+                     num_inference_steps=cfg.steps, sampler="ddim")
         seconds = time.time() - t0
         with torch.no_grad():
             pred = evaluator(x).argmax(-1)

@@ -1,15 +1,19 @@
-"""The diffusion backbone: a diffusers ``UNet2DModel`` plus its noise schedule, in one convention.
+"""The diffusion backbone: any pixel-space diffusers UNet plus its noise schedule, in one convention.
 
 Timestep spaces are named, never remapped behind a wrapper:
   * ``t``     training timestep, int in [0, T) (what the UNet, the router and q_sample take);
   * ``i``     sampler step index (0 = first, noisiest step);
   * ``sigma`` noise level sqrt((1 - abar_t) / abar_t).
+
+Whatever the model predicts (``epsilon``, ``v_prediction`` or ``sample``), ``Diffusion`` returns
+both the noise and the clean-image estimate (``Prediction``), so samplers and guidance work in
+(eps, x0) and never branch on the prediction type.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +23,10 @@ from torch import LongTensor, Tensor, nn
 from .io import PPAPError, read_json
 
 SCHEDULER_CONFIG = "scheduler_config.json"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+SPACINGS = ("leading", "trailing", "linspace")
+SAMPLER_KINDS = ("ddim", "ddpm")
 
 
 def append_dims(x: Tensor, ndim: int) -> Tensor:
@@ -26,34 +34,73 @@ def append_dims(x: Tensor, ndim: int) -> Tensor:
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
+@dataclass(frozen=True)
+class SamplingGrid:
+    """The steps of an S-step sampler exactly as diffusers' scheduler of that kind takes them:
+    step i goes from ``timesteps[i]`` (abar_t = ``abar[i]``) to abar_prev = ``abar_prev[i]``."""
+
+    timesteps: LongTensor  # [S] descending training timesteps
+    abar: Tensor  # [S] float64
+    abar_prev: Tensor  # [S] float64; after the last step: 1 (or abar_0 where set_alpha_to_one is off)
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def __getitem__(self, index: slice) -> "SamplingGrid":
+        return SamplingGrid(self.timesteps[index], self.abar[index], self.abar_prev[index])
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
-    """The discrete forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
+    """The discrete forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) and the
+    diffusers scheduler config it came from (prediction type, spacing, variance, clipping).
 
-    ``alphas_cumprod`` is kept in float64 (the 1000-step products lose digits in float32); values
-    are cast to the data dtype only at use. Build it from a diffusers scheduler so that ppap and
-    diffusers agree bit-for-bit on the table.
+    ``alphas_cumprod`` is kept in float64 (holding diffusers' float32 values exactly); values are
+    cast to the data dtype only at use, so ppap and diffusers agree bit-for-bit on the table.
     """
 
     alphas_cumprod: Tensor  # [T] float64, index = training timestep t
-    config: dict  # the diffusers scheduler config it came from (for manifests and round-trips)
+    config: dict  # the diffusers scheduler config (for sampling grids, manifests and round-trips)
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
+    @property
+    def prediction_type(self) -> str:
+        return self.config.get("prediction_type", "epsilon")
+
+    @property
+    def variance_type(self) -> str:
+        return self.config.get("variance_type") or "fixed_small"
+
+    @property
+    def clip_range(self) -> float | None:
+        """|x0| bound of the scheduler's ``clip_sample`` (None: no clipping)."""
+        return float(self.config.get("clip_sample_range", 1.0)) if self.config.get("clip_sample", True) else None
+
     @classmethod
     def from_diffusers(cls, scheduler) -> "NoiseSchedule":
         """From any diffusers scheduler instance with ``alphas_cumprod`` (DDPM, DDIM, ...)."""
-        pred = scheduler.config.get("prediction_type", "epsilon")
-        if pred != "epsilon":
-            raise PPAPError(f"prediction_type {pred!r} is not supported yet (ppap needs an epsilon-prediction model)")
-        return cls(scheduler.alphas_cumprod.to(torch.float64).clone(), dict(scheduler.config))
+        config = dict(scheduler.config)
+        if config.get("thresholding"):
+            raise PPAPError("scheduler option thresholding=True (dynamic thresholding) is not supported; set it to false")
+        checks = {"prediction_type": PREDICTION_TYPES, "timestep_spacing": SPACINGS}
+        if "variance_type" in config:
+            checks["variance_type"] = VARIANCE_TYPES
+        for key, valid in checks.items():
+            if key in config and config[key] not in valid:
+                raise PPAPError(f"scheduler option {key}={config[key]!r} is not supported; valid: {', '.join(valid)}")
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise PPAPError(f"{type(scheduler).__name__} has no alphas_cumprod: ppap needs a DDPM-family scheduler")
+        return cls(scheduler.alphas_cumprod.to(torch.float64).clone(), config)
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
         from diffusers import DDPMScheduler
 
+        if not isinstance(config, dict):
+            raise PPAPError(f"a scheduler config is a JSON object, got {type(config).__name__}")
         try:
             return cls.from_diffusers(DDPMScheduler.from_config(config))
         except PPAPError:
@@ -62,8 +109,11 @@ class NoiseSchedule:
             raise PPAPError(f"bad scheduler config ({e})") from None
 
     def to_diffusers(self, kind: str = "ddim"):
+        """The diffusers scheduler of ``kind`` ("ddim" / "ddpm") with this config."""
         from diffusers import DDIMScheduler, DDPMScheduler
 
+        if kind not in SAMPLER_KINDS:
+            raise PPAPError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLER_KINDS)}")
         return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind].from_config(self.config)
 
     def check_t(self, t: Tensor) -> None:
@@ -86,35 +136,100 @@ class NoiseSchedule:
         a = self.abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def timesteps(self, num_steps: int, spacing: str = "leading") -> LongTensor:
-        """Descending training timesteps for an S-step sampler, as diffusers' DDIM spaces them."""
-        if not 1 <= num_steps <= self.num_train_timesteps:
+    def grid(self, num_steps: int, kind: str = "ddim") -> SamplingGrid:
+        """The S-step grid diffusers' ``kind`` scheduler would run with this config: its
+        ``timestep_spacing`` / ``steps_offset`` for the timesteps; for DDIM the previous step is
+        t - T // S (``set_alpha_to_one`` after the end), for DDPM the next timestep in the list."""
+        if not isinstance(num_steps, int) or not 1 <= num_steps <= self.num_train_timesteps:
             raise PPAPError(f"number of sampling steps {num_steps} must be in [1, {self.num_train_timesteps}]")
-        sched = self.to_diffusers("ddim")
-        sched.register_to_config(timestep_spacing=spacing)
+        sched = self.to_diffusers(kind)
         sched.set_timesteps(num_steps)
-        return sched.timesteps.long()
+        ts = sched.timesteps.long()
+        self.check_t(ts)
+        if kind == "ddim":
+            prev, final = ts - self.num_train_timesteps // num_steps, float(sched.final_alpha_cumprod)
+        else:
+            prev, final = torch.cat([ts[1:], ts.new_tensor([-1])]), 1.0
+        table = self.alphas_cumprod
+        abar_prev = torch.where(prev >= 0, table[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
+        return SamplingGrid(ts, table[ts], abar_prev)
+
+    def timesteps(self, num_steps: int, kind: str = "ddim") -> LongTensor:
+        """Descending training timesteps of ``grid(num_steps, kind)``."""
+        return self.grid(num_steps, kind).timesteps
 
     def eps_to_x0(self, x_t: Tensor, t: LongTensor, eps: Tensor) -> Tensor:
         a = self.abar(t, x_t)
-        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        return (x_t - (1 - a) ** 0.5 * eps) / a**0.5
 
     def x0_to_eps(self, x_t: Tensor, t: LongTensor, x0: Tensor) -> Tensor:
         a = self.abar(t, x_t)
-        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return (x_t - a**0.5 * x0) / (1 - a) ** 0.5
+
+    def to_prediction(self, x_t: Tensor, t: LongTensor, output: Tensor) -> tuple[Tensor, Tensor]:
+        """(eps, x0) from a model output of this schedule's prediction type, in diffusers' order."""
+        a = self.abar(t, x_t)
+        b = 1 - a
+        if self.prediction_type == "epsilon":
+            return output, (x_t - b**0.5 * output) / a**0.5
+        if self.prediction_type == "sample":
+            return (x_t - a**0.5 * output) / b**0.5, output
+        return a**0.5 * output + b**0.5 * x_t, a**0.5 * x_t - b**0.5 * output  # v = sqrt(abar) eps - sqrt(1 - abar) x0
 
 
 class Prediction(NamedTuple):
     eps: Tensor  # [B, C, H, W] predicted noise
     x0: Tensor  # [B, C, H, W] predicted clean image (not clipped)
+    variance: Tensor | None = None  # [B, C, H, W] the UNet's extra variance channels (learned-variance models)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a conditional UNet takes besides (x_t, t), one entry per sample, and classifier-free
+    guidance (diffusers' meaning: ``guidance_scale`` 1 = off, eps = eps_u + w (eps_c - eps_u)).
+
+    With ``guidance_scale > 1`` the unconditional branch uses ``negative_prompt_embeds`` (zeros
+    when not given: ppap has no text encoder to encode "") and ``negative_class_labels`` (the
+    model's null class, required when the only condition is a class label)."""
+
+    class_labels: LongTensor | None = None  # [B]
+    prompt_embeds: Tensor | None = None  # [B, L, D], the UNet's encoder_hidden_states
+    negative_prompt_embeds: Tensor | None = None  # [B, L, D]
+    negative_class_labels: LongTensor | None = None  # [B]
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.guidance_scale, (int, float)) or not torch.isfinite(torch.tensor(float(self.guidance_scale))):
+            raise PPAPError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        if self.cfg and self.prompt_embeds is None and self.negative_class_labels is None:
+            raise PPAPError("classifier-free guidance (guidance_scale > 1) needs prompt_embeds or negative_class_labels "
+                            "(the model's null class)")
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.class_labels is None and self.prompt_embeds is None
+
+    def select(self, index: Tensor | slice) -> "Conditioning":
+        """The entries of the samples ``index`` (a batch of a longer run)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+    def check_batch(self, batch: int) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor) and v.shape[0] != batch:
+                raise PPAPError(f"{f.name} has {v.shape[0]} entries for a batch of {batch} images")
 
 
 class Diffusion(nn.Module):
-    """An epsilon-prediction UNet and its schedule behind one call: ``(x_t, t) -> Prediction``.
-
-    ``unet`` is a diffusers ``UNet2DModel`` (or anything with its call signature returning
-    ``.sample``); learned-variance outputs (2C channels) are cut to the first C (the epsilon).
-    """
+    """A diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``) and its schedule behind one
+    call: ``(x_t, t, cond) -> Prediction``. Learned-variance outputs (2C channels) are split into
+    the prediction and ``Prediction.variance``. The UNet may run in float16 / bfloat16: inputs are
+    cast to its dtype and outputs back to the data's, so the sampler state and guidance stay float32."""
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, name: str = "in-memory"):
         super().__init__()
@@ -125,39 +240,109 @@ class Diffusion(nn.Module):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+        h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+        return (cfg.in_channels, int(h), int(w))
 
-    def forward(self, x_t: Tensor, t: LongTensor) -> Prediction:
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def takes_prompt(self) -> bool:
+        """Whether the UNet has cross-attention (needs ``encoder_hidden_states``)."""
+        return "cross_attention_dim" in self.unet.config
+
+    def _unet(self, x: Tensor, t: LongTensor, class_labels: Tensor | None, prompt_embeds: Tensor | None) -> Tensor:
+        kwargs = {}
+        if class_labels is not None:
+            kwargs["class_labels"] = class_labels
+        if self.takes_prompt:
+            if prompt_embeds is None:
+                raise PPAPError("this UNet is text-conditional (UNet2DConditionModel): pass prompt_embeds")
+            kwargs["encoder_hidden_states"] = prompt_embeds.to(self.dtype)
+        elif prompt_embeds is not None:
+            raise PPAPError(f"prompt_embeds given but {type(self.unet).__name__} takes no encoder_hidden_states")
+        return self.unet(x.to(self.dtype), t, **kwargs).sample.to(x.dtype)
+
+    def forward(self, x_t: Tensor, t: LongTensor, cond: Conditioning | None = None) -> Prediction:
+        """x_t [B, C, H, W], t [B] (or a scalar) training timesteps."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        eps = self.unet(x_t, t).sample[:, : x_t.shape[1]]
-        return Prediction(eps, self.schedule.eps_to_x0(x_t, t, eps))
+        cond = cond or Conditioning()
+        if cond.cfg:
+            negative = cond.negative_prompt_embeds
+            if cond.prompt_embeds is not None and negative is None:
+                negative = torch.zeros_like(cond.prompt_embeds)
+            neg_labels = cond.negative_class_labels if cond.negative_class_labels is not None else cond.class_labels
+            labels = None if cond.class_labels is None else torch.cat([neg_labels, cond.class_labels])
+            prompts = None if cond.prompt_embeds is None else torch.cat([negative, cond.prompt_embeds])
+            uncond, c = self._unet(torch.cat([x_t, x_t]), torch.cat([t, t]), labels, prompts).chunk(2)
+            output = uncond + cond.guidance_scale * (c - uncond)
+        else:
+            output = self._unet(x_t, t, cond.class_labels, cond.prompt_embeds)
+        channels = x_t.shape[1]
+        variance = output[:, channels:] if output.shape[1] == 2 * channels else None
+        eps, x0 = self.schedule.to_prediction(x_t, t, output[:, :channels])
+        return Prediction(eps, x0, variance)
+
+    def bind(self, cond: Conditioning | None) -> "Denoiser":
+        """This model with its condition fixed: the ``(x_t, t) -> Prediction`` that samplers take."""
+        return Denoiser(self, cond)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Diffusion":
         """Load a diffusers directory: a pipeline folder (``unet/`` + ``scheduler/``) or a UNet
         folder with ``scheduler_config.json`` beside its ``config.json``."""
-        from diffusers import UNet2DModel
-
         root = Path(path)
         if not root.is_dir():
             raise PPAPError(f"diffusion model directory not found: {root}")
         unet_dir, sched_file = (root / "unet", root / "scheduler" / SCHEDULER_CONFIG) if (root / "unet").is_dir() \
             else (root, root / SCHEDULER_CONFIG)
         if not (unet_dir / "config.json").exists():
-            raise PPAPError(f"{root} is not a diffusers UNet2DModel directory (no config.json or unet/config.json)")
+            raise PPAPError(f"{root} is not a diffusers UNet directory (no config.json or unet/config.json)")
         if not sched_file.exists():
             raise PPAPError(f"{root} has no scheduler config ({sched_file} missing)")
         schedule = NoiseSchedule.from_config(read_json(sched_file, "scheduler config"))
-        try:
-            unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
-        except Exception as e:  # corrupt weights, wrong class, missing safetensors
-            raise PPAPError(f"cannot load the UNet in {unet_dir} ({str(e).splitlines()[0][:200]})") from None
-        return cls(unet, schedule, name=str(root))
+        return cls(load_unet(unet_dir), schedule, name=str(root))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write a diffusers ``DDPMPipeline`` directory (loads with ``DDPMPipeline.from_pretrained``)."""
+        """Write a diffusers pipeline directory (loads with ``DDPMPipeline`` / ``PPAPPipeline.from_pretrained``)."""
         from diffusers import DDPMPipeline
 
         DDPMPipeline(unet=self.unet, scheduler=self.schedule.to_diffusers("ddpm")).save_pretrained(path, safe_serialization=True)
+
+
+@dataclass
+class Denoiser:
+    """A ``Diffusion`` with its condition bound: ``(x_t, t) -> Prediction`` (k-diffusion's
+    "model wrapped once" idea), what samplers and the x0 guides call."""
+
+    diffusion: Diffusion
+    cond: Conditioning | None = None
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    def __call__(self, x_t: Tensor, t: LongTensor) -> Prediction:
+        return self.diffusion(x_t, t, self.cond)
+
+
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def load_unet(directory: Path) -> nn.Module:
+    """A diffusers pixel-space UNet from its folder, of the class its config names."""
+    import diffusers
+
+    name = read_json(directory / "config.json", "UNet config").get("_class_name", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise PPAPError(f"{directory} holds a {name}; ppap takes pixel-space {' or '.join(UNET_CLASSES)}")
+    try:
+        return getattr(diffusers, name).from_pretrained(directory, use_safetensors=True)
+    except Exception as e:  # corrupt weights, missing safetensors
+        raise PPAPError(f"cannot load the UNet in {directory} ({str(e).splitlines()[0][:200]})") from None

@@ -16,14 +16,18 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import LongTensor, Tensor, nn
 
-from .io import PPAPError, atomic_save_safetensors, fingerprint, load_safetensors, load_weights_into
+from .diffusion import NoiseSchedule
+from .guide_model import GuideModel
+from .io import (PPAPError, atomic_save_safetensors, atomic_write_json, file_sha256, fingerprint, load_safetensors,
+                 load_weights_into, read_json)
+from .tasks import Task, make_task
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
@@ -165,13 +169,18 @@ def expert_name(i: int) -> str:
 class ExpertBank(nn.Module):
     """Experts behind one call ``bank(x, t)``: each sample goes to the expert owning its t.
 
-    Subclasses implement ``run_expert``, ``teacher``, state access and saving. The bank's mode
-    (train/eval) is the caller's business, as for any nn.Module.
+    ``x`` is what the guide takes: images in [-1, 1] at the diffusion model's size; the bank's
+    ``guide`` (a ``GuideModel``) does the off-the-shelf model's own preprocessing and output
+    reading for every expert. Subclasses implement ``run_expert``, ``teacher``, state access and
+    saving. The bank's mode (train/eval) is the caller's business, as for any nn.Module.
     """
 
     router: TimestepRouter
     adapter: AdapterConfig
+    guide: GuideModel
     base_fingerprint: str  # sha256 of the off-the-shelf weights the experts were built on
+    task: Task | None = None  # set when loaded from disk (what the experts were trained for)
+    default_scale: float | None = None  # the bank's measured best guidance scale, when its card records one
 
     def train(self, mode: bool = True) -> "ExpertBank":
         """Train mode for the experts only: frozen layers keep eval-mode statistics, so the
@@ -185,7 +194,7 @@ class ExpertBank(nn.Module):
         return []
 
     def forward(self, x: Tensor, t: LongTensor) -> Tensor:
-        """x [B, ...] in the guidance net's input convention, t [B] training timesteps."""
+        """x [B, C, H, W] in [-1, 1], t [B] training timesteps."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -223,49 +232,73 @@ class ExpertBank(nn.Module):
         """The off-the-shelf network's own tensors, for checking they never change."""
         raise NotImplementedError
 
-    def save_expert(self, i: int, directory: str | os.PathLike) -> None:
+    def save_expert(self, i: int, directory: str | os.PathLike) -> list[Path]:
+        """Write expert i under ``directory/expert_i``; returns the files written."""
         raise NotImplementedError
 
     def load_expert(self, i: int, directory: str | os.PathLike) -> None:
         raise NotImplementedError
 
 
-class _Rooted(nn.Module):
-    """Puts the user's net under one name, so every module path has a dot in it. peft matches
-    ``modules_to_save`` by plain suffix, and a bare nn.Sequential name like "1" would otherwise
-    match adapter paths such as "0.lora_A.expert_1"."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+def as_guide_model(guide: nn.Module) -> GuideModel:
+    """A plain nn.Module taking the diffusion model's images in [-1, 1] is a GuideModel as it is."""
+    return guide if isinstance(guide, GuideModel) else GuideModel(guide)
 
 
 def _module_names(net: nn.Module, types) -> list[str]:
     return [n for n, m in net.named_modules() if n and isinstance(m, types)]
 
 
-class LoRAExperts(ExpertBank):
-    """PPAP's bank: one frozen net, N peft LoRA adapters (plus per-expert norm copies)."""
+LORA_TYPES = (nn.Conv2d, nn.Linear)  # what the bank adapts by default; peft supports both
 
-    def __init__(self, net: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig(), seed: int = 0):
+
+class _Rooted(nn.Module):
+    """Puts a net under one name, so every module path has a dot in it. peft finds
+    ``modules_to_save`` by plain string suffix, and a top-level child named by a digit ("1" in a
+    bare nn.Sequential) would also match adapter paths such as "0.lora_A.expert_1". Only such nets
+    are wrapped; their saved adapters then carry a "net." prefix."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+
+class LoRAExperts(ExpertBank):
+    """PPAP's bank: one frozen net, N peft LoRA adapters (plus per-expert norm copies).
+
+    peft is applied to the off-the-shelf model itself (``guide.net``), so each saved expert loads
+    on the bare model with ``PeftModel.from_pretrained(model, bank_dir / "expert_0")``."""
+
+    def __init__(self, guide: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig(), seed: int = 0):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
         if adapter.kind != "lora":
             raise PPAPError("LoRAExperts needs AdapterConfig(kind='lora')")
         self.router, self.adapter = router, adapter
+        self.guide = as_guide_model(guide)
+        net = self.guide.net.requires_grad_(False).eval()
         self.base_fingerprint = fingerprint(net.state_dict())
-        net = _Rooted(net.requires_grad_(False).eval())
-        targets = list(adapter.target_modules or _module_names(net, (nn.Conv2d, nn.Linear)))
+        names = dict(net.named_modules())
+        if adapter.target_modules:
+            unknown = [n for n in adapter.target_modules if n not in names]
+            if unknown:
+                raise PPAPError(f"LoRA target module {unknown[0]!r} is not in the guidance model")
+            targets = list(adapter.target_modules)
+        else:
+            targets = _module_names(net, LORA_TYPES)
         if not targets:
             raise PPAPError("the guidance network has no Conv2d or Linear layer for LoRA")
         norms = _module_names(net, NORM_TYPES) if adapter.per_expert_norm else []
+        if any("." not in n and n.isdigit() for n in norms):
+            net = self.guide.net = _Rooted(net)
+            targets, norms = [f"net.{n}" for n in targets], [f"net.{n}" for n in norms]
         # a full-match regex, so that names like "0" in an nn.Sequential never match by suffix
-        config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha,
-                            target_modules="|".join(re.escape(n) for n in targets), modules_to_save=norms or None)
+        config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, target_modules="|".join(re.escape(n) for n in targets),
+                            modules_to_save=norms or None)
         # LoRA A matrices are drawn from torch's global RNG: fix it (and only here), so that every
         # process of a data-parallel run, and every re-run, starts from the same experts
         with torch.random.fork_rng(devices=[]):
@@ -288,16 +321,17 @@ class LoRAExperts(ExpertBank):
 
     def run_expert(self, i: int, x: Tensor) -> Tensor:
         self._activate(i)
-        return self.model(x)
+        return self.guide(x)  # guide.net carries the injected adapters
 
     def teacher(self, x: Tensor) -> Tensor:
-        was_training = self.model.training
+        modes = {m: m.training for m in self.model.modules()}  # restored exactly (shared BN included)
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                return self.model(x)
+                return self.guide(x)
         finally:
-            self.model.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
 
     def trainable_parameters(self, i: int) -> list[nn.Parameter]:
         tag = f".{expert_name(i)}."
@@ -319,15 +353,20 @@ class LoRAExperts(ExpertBank):
         skip = ("lora_", "modules_to_save")
         return {k: v for k, v in self.model.state_dict().items() if not any(s in k for s in skip)}
 
-    def save_expert(self, i: int, directory: str | os.PathLike) -> None:
+    def save_expert(self, i: int, directory: str | os.PathLike) -> list[Path]:
         """Write ``directory/expert_i/{adapter_config.json, adapter_model.safetensors}`` (peft layout)."""
         self.model.save_pretrained(str(directory), selected_adapters=[expert_name(i)], safe_serialization=True)
         (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing useful
+        folder = Path(directory) / expert_name(i)
+        return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
 
     def load_expert(self, i: int, directory: str | os.PathLike) -> None:
         path = Path(directory) / expert_name(i)
         state = load_safetensors(path / "adapter_model.safetensors")  # one-line errors for missing/corrupt
         want = set(self.expert_state(i))
+        legacy = "base_model.model.net."  # ppap-experts-v1 wrapped the model in a private "net" module
+        if set(state) != want and all(k.startswith(legacy) for k in state):
+            state = {"base_model.model." + k[len(legacy):]: v for k, v in state.items()}
         if set(state) != want:
             extra = sorted(set(state) - want) or sorted(want - set(state))
             raise PPAPError(f"adapter {path} does not fit the guidance model (mismatched keys, e.g. {extra[0]})")
@@ -340,22 +379,23 @@ class LoRAExperts(ExpertBank):
 class FullExperts(ExpertBank):
     """N fully fine-tuned copies (the supervised multi-expert / noise-aware baselines)."""
 
-    def __init__(self, net: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig(kind="full")):
+    def __init__(self, guide: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig(kind="full")):
         super().__init__()
         self.router, self.adapter = router, adapter
+        self.guide = as_guide_model(guide)
+        net = self.guide.net.requires_grad_(False).eval()
         self.base_fingerprint = fingerprint(net.state_dict())
-        self.base = net.requires_grad_(False).eval()
         self.experts = nn.ModuleDict({expert_name(i): copy.deepcopy(net).requires_grad_(True) for i in range(router.num_experts)})
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [self.base]
+        return [self.guide]
 
     def run_expert(self, i: int, x: Tensor) -> Tensor:
-        return self.experts[expert_name(i)](x)
+        return self.guide(x, net=self.experts[expert_name(i)])
 
     def teacher(self, x: Tensor) -> Tensor:
-        self.base.eval()
-        return self.base(x)
+        self.guide.eval()
+        return self.guide(x)
 
     def trainable_parameters(self, i: int) -> list[nn.Parameter]:
         return list(self.experts[expert_name(i)].parameters())
@@ -367,19 +407,21 @@ class FullExperts(ExpertBank):
         self.experts[expert_name(i)].load_state_dict(state, strict=True)
 
     def base_state(self) -> dict[str, Tensor]:
-        return self.base.state_dict()
+        return self.guide.net.state_dict()
 
-    def save_expert(self, i: int, directory: str | os.PathLike) -> None:
-        atomic_save_safetensors(Path(directory) / expert_name(i) / "model.safetensors", self.expert_state(i))
+    def save_expert(self, i: int, directory: str | os.PathLike) -> list[Path]:
+        path = Path(directory) / expert_name(i) / "model.safetensors"
+        atomic_save_safetensors(path, self.expert_state(i))
+        return [path]
 
     def load_expert(self, i: int, directory: str | os.PathLike) -> None:
         load_weights_into(self.experts[expert_name(i)], Path(directory) / expert_name(i) / "model.safetensors")
 
 
-def make_bank(net: nn.Module, router: TimestepRouter, adapter: AdapterConfig, seed: int = 0) -> ExpertBank:
+def make_bank(guide: nn.Module, router: TimestepRouter, adapter: AdapterConfig, seed: int = 0) -> ExpertBank:
     if adapter.kind == "lora":
-        return LoRAExperts(net, router, adapter, seed=seed)
-    return FullExperts(net, router, adapter)
+        return LoRAExperts(guide, router, adapter, seed=seed)
+    return FullExperts(guide, router, adapter)
 
 
 def parameter_report(bank: ExpertBank) -> dict[str, float]:
@@ -388,3 +430,97 @@ def parameter_report(bank: ExpertBank) -> dict[str, float]:
     per_expert = sum(p.numel() for p in bank.trainable_parameters(0))
     return {"backbone_parameters": backbone, "trainable_per_expert": per_expert,
             "fraction_per_expert": per_expert / backbone, "num_experts": bank.router.num_experts}
+
+
+# --------------------------------------------------------------------------------------------
+# On disk: one folder per expert (peft's layout for LoRA) and ``ppap_experts.json`` beside them
+# --------------------------------------------------------------------------------------------
+
+MANIFEST = "ppap_experts.json"
+FORMAT = "ppap-experts-v2"  # v2: adapters on the bare off-the-shelf model (v1 had a private "net." prefix)
+OLD_FORMATS = ("ppap-experts-v1",)
+
+
+def schedule_fingerprint(schedule: NoiseSchedule) -> str:
+    return fingerprint({"alphas_cumprod": schedule.alphas_cumprod})
+
+
+def bank_manifest(bank: ExpertBank, task: Task, schedule: NoiseSchedule, **extra) -> dict:
+    """The description of a bank that ``load_bank`` needs: router, adapter, task, the backbone
+    and schedule it belongs to; ``trained`` (finished experts) and ``files`` (their sha256) are
+    filled in as experts are saved."""
+    return {"format": FORMAT, "boundaries": list(bank.router.boundaries), "adapter": asdict(bank.adapter),
+            "task": asdict(task), "guide": bank.guide.identity, "guide_fingerprint": bank.base_fingerprint,
+            "schedule": {"num_train_timesteps": schedule.num_train_timesteps, "fingerprint": schedule_fingerprint(schedule)},
+            "trained": [], "files": {}, "stats": {}, "parameters": parameter_report(bank)} | extra
+
+
+def record_expert(manifest: dict, bank: ExpertBank, i: int, directory: str | os.PathLike, stats: dict | None = None) -> dict:
+    """Save expert i and note it (and its files' checksums) in ``manifest``; returns the manifest."""
+    root = Path(directory)
+    for path in bank.save_expert(i, root):
+        manifest.setdefault("files", {})[path.relative_to(root).as_posix()] = file_sha256(path)
+    manifest["trained"] = sorted(set(manifest["trained"]) | {expert_name(i)}, key=lambda n: int(n.split("_")[1]))
+    if stats is not None:
+        manifest["stats"][expert_name(i)] = stats
+    return manifest
+
+
+def save_bank(bank: ExpertBank, directory: str | os.PathLike, task: Task, schedule: NoiseSchedule, **extra) -> None:
+    """Write every expert of ``bank`` and its manifest to ``directory`` (``load_bank`` reads it)."""
+    manifest = bank_manifest(bank, task, schedule, **extra)
+    for i in range(bank.router.num_experts):
+        record_expert(manifest, bank, i, directory)
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PPAPError(f"experts directory not found: {directory}")
+    manifest = read_json(directory / MANIFEST, "expert manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT,) + OLD_FORMATS:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PPAPError(f"{directory / MANIFEST} is not a ppap expert manifest (format {found!r}, expected {FORMAT!r})")
+    return manifest
+
+
+def load_bank(guide: nn.Module, directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None,
+              require_all: bool = True) -> ExpertBank:
+    """Rebuild the bank saved in ``directory`` on top of ``guide`` (the off-the-shelf model, weights
+    loaded; its net receives the adapters). Checks that the guide and the schedule are the ones the
+    experts were trained for, and every adapter file against its recorded checksum. The bank's
+    ``task`` (and ``default_scale``, when recorded) come from the manifest."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    guide = as_guide_model(guide)
+    try:
+        router = TimestepRouter(tuple(manifest["boundaries"]))
+        adapter = AdapterConfig(**{k: tuple(v) if k == "target_modules" and v else v for k, v in manifest["adapter"].items()})
+        task = make_task(**manifest["task"])
+        trained, want_fp, sched = list(manifest["trained"]), manifest["guide_fingerprint"], manifest["schedule"]
+    except (KeyError, TypeError) as e:
+        raise PPAPError(f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e})") from None
+    if schedule is not None and sched.get("fingerprint") != schedule_fingerprint(schedule):
+        raise PPAPError(f"experts in {directory} were trained for another noise schedule "
+                        f"(T={sched.get('num_train_timesteps')}) than this diffusion model's (T={schedule.num_train_timesteps})")
+    have = fingerprint(guide.net.state_dict())
+    if have != want_fp:
+        name = (manifest.get("guide") or {}).get("ref", "another model")
+        raise PPAPError(f"experts in {directory} were trained on {name} (weights {str(want_fp)[:12]}), "
+                        f"not on the given guidance model (weights {have[:12]})")
+    missing = [expert_name(i) for i in range(router.num_experts) if expert_name(i) not in trained]
+    if missing and require_all:
+        raise PPAPError(f"experts in {directory} are unfinished ({missing[0]} not trained); re-run `ppap train` to finish them")
+    for rel, digest in (manifest.get("files") or {}).items():
+        path = directory / rel
+        if not path.is_file():
+            raise PPAPError(f"expert file {path} is missing")
+        if file_sha256(path) != digest:
+            raise PPAPError(f"expert file {path} does not match its checksum in {MANIFEST} (damaged or replaced)")
+    bank = make_bank(guide, router, adapter)
+    for i in range(router.num_experts):
+        if expert_name(i) in trained:
+            bank.load_expert(i, directory)
+    bank.task, bank.default_scale = task, manifest.get("default_scale")
+    return bank.eval()

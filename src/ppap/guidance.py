@@ -23,13 +23,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import copy
+import dataclasses
+import math
 
 import torch
 from torch import LongTensor, Tensor, nn
 
-from .diffusion import Diffusion, Prediction
+from .diffusion import Prediction
 from .experts import ExpertBank
 from .io import PPAPError
+from .samplers import DenoiserFn
 from .tasks import Classification, Task
 
 
@@ -65,7 +68,7 @@ class NoisyInputGuide:
 class PredictedX0Guide:
     """grad of log p(target | x0_hat(x_t)) through the diffusion UNet (costs a UNet backward)."""
 
-    diffusion: Diffusion
+    diffusion: DenoiserFn
     net: nn.Module
     task: Task
     target: Tensor
@@ -156,7 +159,7 @@ class ShortcutX0Guide:
     task: Task
     target: Tensor
     scale: float
-    diffusion: Diffusion
+    diffusion: DenoiserFn
     scale_schedule: str = "constant"
 
     def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
@@ -201,7 +204,7 @@ class GuideSpec:
     scale: float
     net: nn.Module | None = None  # the off-the-shelf model, eval mode, input in [-1, 1]
     experts: ExpertBank | None = None
-    diffusion: Diffusion | None = None
+    diffusion: DenoiserFn | None = None  # the (conditioned) diffusion model, for the x0 methods
     calibration: Calibration = field(default_factory=Calibration)  # x0-shortcut only
 
 
@@ -252,3 +255,45 @@ def build_guide(method: str, spec: GuideSpec) -> Guide | None:
     if method not in METHODS:
         raise PPAPError(f"unknown guidance method {method!r}; valid: {', '.join(METHODS)}")
     return METHODS[method](spec)
+
+
+@dataclass
+class GuidanceTerm:
+    """One summand of (composed) guidance: a method with its models, task, per-sample targets and
+    scale. ``select(index)`` keeps the targets of some samples (a batch of a longer run);
+    ``build(denoiser)`` makes the guide the samplers call."""
+
+    method: str
+    task: Task
+    targets: Tensor  # [N, ...]: one target per sample of the run
+    scale: float
+    net: nn.Module | None = None  # the off-the-shelf model (a GuideModel)
+    experts: ExpertBank | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+    description: str = ""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise PPAPError(f"unknown guidance method {self.method!r}; valid: {', '.join(METHODS)}")
+        if not math.isfinite(self.scale):
+            raise PPAPError(f"guidance scale must be a finite number, got {self.scale}")
+        needs = {"naive": "net", "x0": "net", "x0-shortcut": "net", "ppap": "experts", "noise-aware": "experts",
+                 "multi-expert-supervised": "experts"}.get(self.method)
+        if needs is not None:
+            _need(GuideSpec(self.task, self.targets, self.scale, net=self.net, experts=self.experts), needs, self.method)
+
+    def select(self, index: Tensor | slice) -> "GuidanceTerm":
+        return dataclasses.replace(self, targets=self.targets[index])
+
+    def build(self, denoiser: DenoiserFn | None = None) -> Guide | None:
+        spec = GuideSpec(task=self.task, target=self.targets, scale=self.scale, net=self.net, experts=self.experts,
+                         diffusion=denoiser, calibration=self.calibration)
+        return build_guide(self.method, spec)
+
+
+def compose(terms: Sequence[GuidanceTerm], denoiser: DenoiserFn | None = None) -> Guide | None:
+    """The summed guide of ``terms`` (None when nothing guides)."""
+    guides = [g for g in (term.build(denoiser) for term in terms) if g is not None]
+    if not guides:
+        return None
+    return guides[0] if len(guides) == 1 else SumGuide(guides)

@@ -122,6 +122,16 @@ def resolve_factory(ref: str) -> Callable[..., nn.Module]:
     return fn
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint(state: dict[str, Tensor]) -> str:
     """sha256 of a state dict's names, shapes, dtypes and values: a weights identity that does
     not depend on file names or formats."""

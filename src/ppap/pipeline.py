@@ -1,390 +1,312 @@
-"""Glue a user (or the CLI) needs around the pieces: models by reference, noise, batched sampling.
+"""``PPAPPipeline``: a diffusers pipeline that samples any pixel-space diffusers UNet with
+plug-and-play guidance by an off-the-shelf model (Go et al., CVPR 2023).
 
-References: a diffusion model is a zoo name or a diffusers directory; a guidance model is a zoo
-name or ``package.module:function`` plus a safetensors file; experts are a zoo name or a
-directory written by ``ppap train``.
+It holds the ``unet`` and the ``scheduler`` as registered modules (so ``from_pretrained``,
+``save_pretrained`` and ``.to(device)`` work as in diffusers) and takes the guidance at call time,
+as diffusers' community guided pipelines take their operator: a guide is not a saved component.
+The sampling maths lives in ``ppap.samplers``; this module only wires arguments, devices, noise
+and outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+import os
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import zoo
-from .data import unit_to_uint8
-from .diffusion import Diffusion
-from .experts import ExpertBank
-from .guidance import Calibration, Guide, GuideSpec, build_guide
-from .io import PPAPError, load_weights_into, resolve_factory
+from .diffusion import Conditioning, Diffusion, NoiseSchedule
+from .experts import ExpertBank, as_guide_model, load_bank
+from .guidance import Calibration, GuidanceTerm, compose
+from .io import PPAPError
 from .samplers import SAMPLERS
-from .tasks import Task, make_task
-from .train import load_experts
+from .tasks import class_targets, dense_targets, output_shape, task_for
+
+DEFAULT_CLASSIFIER_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); dense losses need far larger ones
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def load_diffusion(ref: str) -> Diffusion:
-    if zoo.is_zoo_name(ref):
-        d = Diffusion.from_pretrained(zoo.get(ref, "diffusion").location)
-        d.name = ref
-        return d
-    return Diffusion.from_pretrained(ref)
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of sample k of a run seeded ``seed``: a sample's noise (x_T and every later
+    draw) depends only on (seed, k), not on the batch size, the process count or a resume point."""
+    digest = hashlib.sha256(f"ppap-noise:{seed}:{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-@dataclass
-class GuideModel:
-    """An off-the-shelf model with what ppap knows about it."""
+def sample_generators(seed: int, start: int, num: int) -> list[torch.Generator]:
+    """CPU generators for samples start..start+num-1 (diffusers draws CPU noise and moves it, so
+    that a seed gives the same x_T on every device)."""
+    return [torch.Generator("cpu").manual_seed(sample_seed(seed, start + j)) for j in range(num)]
 
-    net: nn.Module  # eval mode, frozen, input [-1, 1]
-    ref: str  # zoo name or factory reference
-    classes: tuple[str, ...] | None = None  # class names when known (zoo models)
+
+class PPAPPipeline(DiffusionPipeline):
+    r"""Guided sampling of a pixel-space diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``).
+
+    Parameters:
+        unet: the denoiser; any prediction type (``epsilon`` / ``v_prediction`` / ``sample``, as the
+            scheduler config says), learned variance (2C output channels) included.
+        scheduler: a ``DDPMScheduler`` or ``DDIMScheduler`` (its config gives the noise schedule,
+            the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and variance).
+
+    Example:
+        ```py
+        >>> from ppap import PPAPPipeline
+        >>> from ppap.loading import load_guide
+        >>> pipe = PPAPPipeline.from_pretrained("./my-ddpm").to("cuda")
+        >>> out = pipe(batch_size=16, num_inference_steps=25, guide=load_guide("fashion-classifier"),
+        ...            experts="./experts", target="sneaker", generator=torch.manual_seed(0))
+        >>> out.images[0].save("sneaker.png")
+        ```
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
 
     @property
-    def identity(self) -> dict:
-        return {"ref": self.ref}
+    def diffusion(self) -> Diffusion:
+        """The UNet and the scheduler's schedule behind one ``(x_t, t, cond) -> Prediction`` call."""
+        return Diffusion(self.unet, NoiseSchedule.from_diffusers(self.scheduler), name=str(self.name_or_path or "in-memory"))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.diffusion.image_shape
+
+    @classmethod
+    def from_diffusion(cls, diffusion: Diffusion) -> "PPAPPipeline":
+        return cls(unet=diffusion.unet, scheduler=diffusion.schedule.to_diffusers("ddpm"))
+
+    # ---- guidance and conditions, resolved for a whole run -------------------------------------
+
+    def guidance_term(
+        self,
+        num: int,
+        *,
+        guide: nn.Module | None = None,
+        experts: ExpertBank | str | os.PathLike | None = None,
+        target: Any = None,
+        target_image: Tensor | None = None,
+        method: str | None = None,
+        classifier_scale: float | None = None,
+        calibration: Calibration | None = None,
+        task: str | None = None,
+    ) -> GuidanceTerm | None:
+        """One guidance term with ``num`` per-sample targets (None when nothing guides).
+
+        ``guide`` is the off-the-shelf model (a ``GuideModel``, or an ``nn.Module`` taking the
+        diffusion model's images in [-1, 1]); ``experts`` a bank or its directory (then loaded on a
+        copy of the guide, which stays untouched); ``target`` class index / name / list (cycled),
+        ``'all'``, or a label / dense map tensor; ``target_image`` reference images [C, H, W] or
+        [N, C, H, W] in [-1, 1] whose clean-model output is the dense target; ``method`` defaults to
+        ``ppap`` with experts, ``naive`` with only a guide."""
+        method = method or ("ppap" if experts is not None else "naive" if guide is not None else "unguided")
+        if method == "unguided":
+            return None
+        if guide is None:
+            raise PPAPError(f"method {method!r} needs a guide (the off-the-shelf model)")
+        guide = as_guide_model(guide)
+        diffusion = self.diffusion
+        bank = experts
+        if experts is not None and not isinstance(experts, ExpertBank):
+            bank = load_bank(copy.deepcopy(guide), experts, schedule=diffusion.schedule)
+        if bank is not None:
+            the_task = bank.task
+            clean = bank.teacher  # the bank's adapters live in its own net: targets use the frozen model
+        else:
+            the_task = task_for(guide, diffusion.image_shape, task or guide.task or "classification")
+            clean = guide
+        if the_task.name == "classification":
+            if target_image is not None or (isinstance(target, Tensor) and target.ndim > 1):
+                raise PPAPError("reference images and target maps are for segmentation or dense guides; "
+                                "a classifier takes --target CLASS")
+            targets = class_targets(0 if target is None else target, num, the_task.num_classes, guide.classes)
+        else:
+            if target is not None and not isinstance(target, (Tensor, np.ndarray)):
+                raise PPAPError(f"a {the_task.name} guide takes a target map or a reference image, not {target!r}")
+            image = None if target_image is None else target_image.to(next(iter(guide.parameters())).device)
+            targets = dense_targets(the_task, clean, num, output_shape(clean, diffusion.image_shape),
+                                    image=image, target_map=None if target is None else torch.as_tensor(target))
+        if classifier_scale is None:
+            classifier_scale = getattr(bank, "default_scale", None) if method in ("ppap", "noise-aware", "multi-expert-supervised") else None
+        scale = float(DEFAULT_CLASSIFIER_SCALE if classifier_scale is None else classifier_scale)
+        return GuidanceTerm(method, the_task, targets, scale, net=guide, experts=bank, calibration=calibration or Calibration(),
+                            description=f"{method} {guide.ref} ({the_task.name}) x{scale:g}")
+
+    def conditioning(self, num: int, *, class_labels=None, prompt_embeds: Tensor | None = None,
+                     negative_prompt_embeds: Tensor | None = None, negative_class_labels=None,
+                     guidance_scale: float = 1.0) -> Conditioning | None:
+        """The UNet's conditions for ``num`` samples: labels cycled, a single prompt embedding repeated."""
+
+        def per_sample(v, name: str, dtype):
+            if v is None:
+                return None
+            v = torch.as_tensor(v, dtype=dtype) if not isinstance(v, Tensor) else v
+            v = v.reshape(1) if v.ndim == 0 else v
+            if v.shape[0] not in (1, num) and name.endswith("labels"):
+                return v[torch.arange(num) % v.shape[0]]
+            if v.shape[0] == 1:
+                return v.expand((num,) + tuple(v.shape[1:]))
+            if v.shape[0] != num:
+                raise PPAPError(f"{name} has {v.shape[0]} entries for {num} images (give 1 or {num})")
+            return v
+
+        labels = per_sample(class_labels, "class_labels", torch.long)
+        neg_labels = per_sample(negative_class_labels, "negative_class_labels", torch.long)
+        embeds = per_sample(prompt_embeds, "prompt_embeds", torch.float32)
+        negative = per_sample(negative_prompt_embeds, "negative_prompt_embeds", torch.float32)
+        num_classes = getattr(self.unet.config, "num_class_embeds", None)
+        for name, lab in (("class_labels", labels), ("negative_class_labels", neg_labels)):
+            if lab is not None and num_classes is not None and bool(((lab < 0) | (lab >= num_classes)).any()):
+                bad = int(lab[(lab < 0) | (lab >= num_classes)][0])
+                raise PPAPError(f"{name} {bad} is out of range: the UNet has {num_classes} class embeddings (0..{num_classes - 1})")
+        if embeds is not None and negative is not None and negative.shape != embeds.shape:
+            raise PPAPError(f"negative_prompt_embeds {list(negative.shape)} and prompt_embeds {list(embeds.shape)} differ in shape")
+        cond = Conditioning(labels, embeds, negative, neg_labels, guidance_scale)
+        if cond.is_empty:
+            if guidance_scale > 1:
+                raise PPAPError("guidance_scale > 1 (classifier-free guidance) needs class_labels or prompt_embeds")
+            return None
+        return cond
+
+    # ---- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[["PPAPPipeline", int, int, dict], dict | None] | None = None,
+        guide: nn.Module | None = None,
+        experts: ExpertBank | str | os.PathLike | None = None,
+        target: Any = None,
+        target_image: Tensor | None = None,
+        method: str | None = None,
+        classifier_scale: float | None = None,
+        calibration: Calibration | None = None,
+        terms: Sequence[GuidanceTerm] = (),
+        class_labels=None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_class_labels=None,
+        guidance_scale: float = 1.0,
+        sampler: str | None = None,
+        progress: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Sample ``batch_size`` images, guided by an off-the-shelf model when ``guide`` is given.
+
+        Args:
+            batch_size: number of images (taken from ``latents`` when given).
+            num_inference_steps: S, the sampler's steps on the scheduler's timestep spacing.
+            eta: DDIM eta (0 = deterministic DDIM; ignored by DDPM).
+            generator: a generator or one per image (diffusers' habit: CPU generators give the same
+                noise on every device).
+            latents: x_T [B, C, H, W] given by the caller (else drawn from ``generator``).
+            output_type: "pil", "np" ([B, H, W, C] in [0, 1]), "pt" ([B, C, H, W] in [0, 1]) or
+                "latent" (the raw [B, C, H, W] sample in the model's [-1, 1] range).
+            callback_on_step_end: ``fn(pipe, i, t, {"latents": x}) -> dict | None`` after each step;
+                a returned ``{"latents": ...}`` replaces the sample.
+            guide, experts, target, target_image, method, classifier_scale, calibration: one
+                guidance term (see ``guidance_term``); methods: unguided, naive, ppap, noise-aware,
+                multi-expert-supervised, x0, x0-shortcut.
+            terms: further guidance terms (composed guidance: their gradients add), each with
+                ``batch_size`` targets (``guidance_term(batch_size, ...)``).
+            class_labels, prompt_embeds, negative_prompt_embeds, negative_class_labels,
+                guidance_scale: conditions of a conditional UNet and classifier-free guidance
+                (diffusers' meaning: 1 = off).
+            sampler: "ddim" or "ddpm"; default by the scheduler's class (DDPMScheduler -> ddpm).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise PPAPError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
+        sampler = sampler or ("ddpm" if isinstance(self.scheduler, DDPMScheduler) else "ddim")
+        if sampler not in SAMPLERS:
+            raise PPAPError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
+            raise PPAPError(f"eta must be a finite number >= 0, got {eta!r}")
+        diffusion = self.diffusion
+        device = diffusion.device
+        shape = diffusion.image_shape
+        if latents is not None:
+            if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+                raise PPAPError(f"latents have shape {list(latents.shape)}; this UNet takes [B, {', '.join(map(str, shape))}]")
+            batch_size = latents.shape[0]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise PPAPError(f"batch_size must be >= 1, got {batch_size!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
+        grid = diffusion.schedule.grid(num_inference_steps, sampler)
+        cond = self.conditioning(batch_size, class_labels=class_labels, prompt_embeds=prompt_embeds,
+                                 negative_prompt_embeds=negative_prompt_embeds, negative_class_labels=negative_class_labels,
+                                 guidance_scale=guidance_scale)
+        if cond is not None:
+            cond = Conditioning(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in cond.__dict__.items()})
+        first = self.guidance_term(batch_size, guide=guide, experts=experts, target=target, target_image=target_image, method=method,
+                                   classifier_scale=classifier_scale, calibration=calibration)
+        all_terms = ([first] if first is not None else []) + list(terms)
+        for term in all_terms:
+            if len(term.targets) != batch_size:
+                raise PPAPError(f"a guidance term has {len(term.targets)} targets for a batch of {batch_size} images")
+            for module in (term.net, term.experts):
+                if module is not None:
+                    module.to(device)
+        denoiser = diffusion.bind(cond)
+        guide_fn = compose(all_terms, denoiser)
+        if latents is None:
+            x = randn_tensor((batch_size,) + shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            x = latents.to(device=device, dtype=torch.float32)
+
+        def on_step(state: dict) -> Tensor | None:
+            if callback_on_step_end is None:
+                return None
+            out = callback_on_step_end(self, state["i"], state["t"], {"latents": state["x"]})
+            return out.get("latents") if isinstance(out, dict) else None
+
+        extra = {"eta": eta} if sampler == "ddim" else {}
+        x = SAMPLERS[sampler](denoiser, x, grid, guide=guide_fn, generator=generator, callback=on_step, progress=progress, **extra)
+        image = x if output_type == "latent" else (x / 2 + 0.5).clamp(0, 1)
+        if output_type in ("np", "pil"):
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
 
 
-def load_guide(ref: str, weights: str | None = None) -> GuideModel:
-    """Build and load a guidance model; ``weights`` is required for factory references."""
-    if zoo.is_zoo_name(ref):
-        entry = zoo.get(ref, "guide")
-        net = resolve_factory(entry.factory)()
-        load_weights_into(net, weights or entry.location)
-        return GuideModel(net.eval().requires_grad_(False), ref, entry.classes)
-    factory = resolve_factory(ref)
-    if weights is None:
-        raise PPAPError(f"--guide {ref} is a factory reference: also pass --guide-weights FILE.safetensors")
-    try:
-        net = factory()
-    except Exception as e:
-        raise PPAPError(f"factory {ref} failed: {type(e).__name__}: {e}") from None
-    if not isinstance(net, nn.Module):
-        raise PPAPError(f"factory {ref} returned {type(net).__name__}, not a torch.nn.Module")
-    load_weights_into(net, weights)
-    return GuideModel(net.eval().requires_grad_(False), ref)
-
-
-def probe_output_shape(net: nn.Module, image_shape: tuple[int, ...], ref: str = "the guidance model") -> tuple[int, ...]:
-    """Run the net once on a blank image of the diffusion model's shape; a net that cannot take
-    it fails here with one line instead of deep inside the sampler."""
-    try:
-        with torch.no_grad():
-            out = net(torch.zeros((2,) + tuple(image_shape)))
-    except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise PPAPError(f"{ref} cannot take images of shape {list(image_shape)} from the diffusion model ({msg})") from None
-    return tuple(out.shape)
-
-
-def task_for(guide: GuideModel, image_shape: tuple[int, ...], name: str = "classification", **kwargs) -> Task:
-    """The task for a guidance model, with its size (e.g. the class count) read off its output."""
-    shape = probe_output_shape(guide.net, image_shape, guide.ref)
-    if name == "classification":
-        if len(shape) != 2:
-            raise PPAPError(f"{guide.ref} gives output of shape {list(shape[1:])} per image, not class logits")
-        kwargs.setdefault("num_classes", shape[1])
-    elif name == "segmentation":
-        if len(shape) != 4:
-            raise PPAPError(f"{guide.ref} gives output of shape {list(shape[1:])} per image, not per-pixel logits [K, H, W]")
-        kwargs.setdefault("num_classes", shape[1])
-    return make_task(name, **kwargs)
-
-
-def load_bank(ref: str, guide: GuideModel, diffusion: Diffusion) -> tuple[ExpertBank, Task]:
-    directory = zoo.get(ref, "experts").location if zoo.is_zoo_name(ref) else Path(ref)
-    return load_experts(guide.net, directory, schedule=diffusion.schedule)
-
-
-def parse_class_targets(spec: str, num: int, num_classes: int, classes: tuple[str, ...] | None = None) -> Tensor:
-    """``'3'``, ``'sneaker'``, ``'0,7,9'`` (cycled) or ``'all'`` (0..K-1 cycled) -> [num] int64."""
-    names = {c.lower(): i for i, c in enumerate(classes or ())}
-    if spec.strip().lower() == "all":
-        values = list(range(num_classes))
-    else:
-        values = []
-        for part in spec.split(","):
-            part = part.strip().lower()
-            if part.lstrip("-").isdigit():
-                values.append(int(part))
-            elif part in names:
-                values.append(names[part])
-            else:
-                valid = f" or one of: {', '.join(classes)}" if classes else ""
-                raise PPAPError(f"bad class target {part!r}: use an index 0..{num_classes - 1}{valid}")
-    for v in values:
-        if not 0 <= v < num_classes:
-            raise PPAPError(f"class index {v} is out of range: the guidance model has {num_classes} classes (0..{num_classes - 1})")
-    return torch.tensor([values[k % len(values)] for k in range(num)], dtype=torch.long)
-
-
-def initial_noise(num: int, shape: tuple[int, ...], seed: int, start: int = 0) -> Tensor:
-    """x_T for samples start..start+num-1: sample k's noise depends only on (seed, k), so a
-    sample is the same whatever the batch size, the process count or the resume point."""
-    out = torch.empty((num,) + tuple(shape))
-    for j in range(num):
-        digest = hashlib.sha256(f"ppap-noise:{seed}:{start + j}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        out[j] = torch.randn(shape, generator=g)
-    return out
-
-
-def sample_images(
-    diffusion: Diffusion,
-    num: int,
-    *,
-    seed: int,
-    make_guide: Callable[[Tensor], Guide | None] = lambda target: None,
-    targets: Tensor | None = None,
-    steps: int = 25,
-    sampler: str = "ddim",
-    eta: float = 0.0,
-    batch_size: int = 64,
-    start: int = 0,
-    progress: bool = True,
-    desc: str = "sampling",
-) -> Tensor:
-    """``num`` images as float [N, C, H, W] in [-1, 1]. ``make_guide(targets_of_batch)`` builds
-    the guide for each batch (None = unguided); ``targets`` [N] are per-sample targets."""
-    if sampler not in SAMPLERS:
-        raise PPAPError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    timesteps = diffusion.schedule.timesteps(steps)
-    extra = {"eta": eta} if sampler == "ddim" else {}
+def generate(pipe: PPAPPipeline, num: int, *, seed: int, batch_size: int = 64, start: int = 0, terms: Sequence[GuidanceTerm] = (),
+             conditioning: Conditioning | None = None, progress: bool = True, desc: str = "sampling", **call_kwargs) -> Tensor:
+    """``num`` images as float [N, C, H, W] in [-1, 1] (CPU), sample k seeded by ``sample_seed(seed,
+    start + k)``. ``terms`` and ``conditioning`` hold per-sample targets / conditions for all
+    ``num``; each batch takes its slice. ``call_kwargs`` go to every ``pipe(...)`` call."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PPAPError(f"batch size must be >= 1, got {batch_size!r}")
     out = []
     bar = tqdm(total=num, desc=desc, unit="img", disable=not progress)
     for b0 in range(0, num, batch_size):
         n = min(batch_size, num - b0)
-        x_T = initial_noise(n, diffusion.image_shape, seed, start + b0)
-        g = torch.Generator().manual_seed(seed * 7919 + start + b0)  # DDPM / eta>0 noise
-        guide = make_guide(targets[b0 : b0 + n] if targets is not None else None)
-        out.append(SAMPLERS[sampler](diffusion, x_T, timesteps, guide=guide, generator=g, **extra).clamp(-1, 1))
+        index = slice(b0, b0 + n)
+        cond = conditioning.select(index) if conditioning is not None else None
+        cond_kwargs = {} if cond is None else {"class_labels": cond.class_labels, "prompt_embeds": cond.prompt_embeds,
+                                               "negative_prompt_embeds": cond.negative_prompt_embeds,
+                                               "negative_class_labels": cond.negative_class_labels,
+                                               "guidance_scale": cond.guidance_scale}
+        x = pipe(batch_size=n, generator=sample_generators(seed, start + b0, n), terms=[t.select(index) for t in terms],
+                 output_type="latent", progress=False, **cond_kwargs, **call_kwargs).images
+        out.append(x.clamp(-1, 1).cpu())
         bar.update(n)
     bar.close()
-    return torch.cat(out) if out else torch.empty((0,) + diffusion.image_shape)
-
-
-def generate_corpus(diffusion: Diffusion, root, spec, *, batch_size: int = 64, rank: int = 0, world: int = 1,
-                    shards: list[int] | None = None, progress: bool = True) -> int:
-    """Draw the shards of corpus ``spec`` that ``root`` still lacks; with ``world`` processes,
-    rank r takes every world-th missing shard (or exactly ``shards``, as a caller that hands
-    them out chose). Returns how many shards this call wrote. The caller opens the corpus
-    (``data.open_corpus``) once, on one process, before."""
-    from .data import open_corpus, write_shard
-
-    missing = open_corpus(root, spec)
-    mine = missing[rank::world] if shards is None else [k for k in shards if k in missing]
-    for k in tqdm(mine, desc="corpus" if world == 1 else f"corpus (rank {rank})", unit="shard", disable=not progress):
-        x = sample_images(diffusion, spec.shard_count(k), seed=spec.seed, start=k * spec.shard_size, steps=spec.steps,
-                          eta=spec.eta, batch_size=batch_size, progress=False)
-        write_shard(Path(root), k, torch.from_numpy(to_hwc_uint8(x)))
-    return len(mine)
-
-
-def corpus_spec(diffusion: Diffusion, ref: str, num: int, *, shard_size: int = 256, steps: int = 25, eta: float = 0.0, seed: int = 0):
-    from .data import CorpusSpec
-    from .io import fingerprint
-
-    if num < 1 or shard_size < 1:
-        raise PPAPError(f"corpus size and shard size must be >= 1 (got {num}, {shard_size})")
-    return CorpusSpec(model=f"{ref}@{fingerprint(diffusion.unet.state_dict())[:16]}", num_samples=num, shard_size=shard_size,
-                      steps=steps, eta=eta, seed=seed,
-                      schedule={"num_train_timesteps": diffusion.schedule.num_train_timesteps,
-                                "beta_schedule": diffusion.schedule.config.get("beta_schedule")})
-
-
-def data_free_experts(diffusion: Diffusion, diffusion_ref: str, guide: GuideModel, work_dir, *, corpus_size: int,
-                      cfg, corpus_steps: int = 25, task_name: str = "classification", corpus_dir=None, progress: bool = True):
-    """The whole data-free PPAP recipe: sample a corpus from the diffusion model (no labels),
-    then distill the off-the-shelf model into noise-range experts. Resumable at every stage.
-    Returns (bank, task, stats); experts are saved in ``work_dir/experts``, the corpus in
-    ``corpus_dir`` (default ``work_dir/corpus``)."""
-    from .data import load_corpus, open_corpus
-    from .experts import TimestepRouter, make_bank
-    from .train import train_experts
-
-    work_dir = Path(work_dir)
-    spec = corpus_spec(diffusion, diffusion_ref, corpus_size, steps=corpus_steps, seed=cfg.seed)
-    corpus_dir = Path(corpus_dir) if corpus_dir is not None else work_dir / "corpus"
-    open_corpus(corpus_dir, spec)
-    generate_corpus(diffusion, corpus_dir, spec, progress=progress)
-    images = load_corpus(corpus_dir)
-    task = task_for(guide, diffusion.image_shape, task_name, tau=cfg.tau)
-    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
-    bank = make_bank(guide.net, router, cfg.adapter_config(), seed=cfg.seed)
-    stats = train_experts(bank, task, diffusion.schedule, images, cfg, work_dir / "experts", identity=guide.identity, progress=progress)
-    return bank, task, stats
-
-
-def to_hwc_uint8(x: Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C]."""
-    return unit_to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [H', W', C] grid, ``nrow`` images per row."""
-    n, h, w, c = images.shape
-    rows = -(-n // nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, q = divmod(k, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[k]
-    return grid
-
-
-def guide_builder(method: str, *, task: Task, scale: float, guide: GuideModel | None = None,
-                  experts: ExpertBank | None = None, diffusion: Diffusion | None = None,
-                  calibration: Calibration | None = None) -> Callable[[Tensor], Guide | None]:
-    """A per-batch guide factory for ``sample_images`` (validates the method once, up front)."""
-    calibration = calibration or Calibration()
-
-    def make(target: Tensor | None) -> Guide | None:
-        spec = GuideSpec(task=task, target=target, scale=scale, net=guide.net if guide else None, experts=experts,
-                         diffusion=diffusion, calibration=calibration)
-        return build_guide(method, spec)
-
-    if method != "unguided":
-        make(torch.zeros(1, dtype=torch.long))  # raises now for a method missing its model
-    return make
-
-
-# --------------------------------------------------------------------------------------------
-# Dense targets and composed guidance
-# --------------------------------------------------------------------------------------------
-
-
-def load_reference_image(path: str | Path, image_shape: tuple[int, ...]) -> Tensor:
-    """A PNG/JPEG reference as [1, C, H, W] in [-1, 1]; it must have the diffusion model's size."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise PPAPError(f"reference image not found: {path}")
-    try:
-        img = Image.open(path)
-        img = img.convert("L" if image_shape[0] == 1 else "RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise PPAPError(f"cannot read reference image {path} ({type(e).__name__})") from None
-    if (img.height, img.width) != tuple(image_shape[1:]):
-        raise PPAPError(f"reference image {path} is {img.width}x{img.height} but the diffusion model makes "
-                        f"{image_shape[2]}x{image_shape[1]} images")
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-    return x[None].float().div(127.5).sub(1.0)
-
-
-def load_target_map(path: str | Path) -> Tensor:
-    """A target map from ``.npy`` (no pickles): [H, W] / [C, H, W] or a stack [N, ...]."""
-    path = Path(path)
-    if not path.is_file():
-        raise PPAPError(f"target map not found: {path}")
-    if path.suffix.lower() != ".npy":
-        raise PPAPError(f"--target-map must be a .npy file, got {path.name}")
-    try:
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    except ValueError as e:
-        raise PPAPError(f"cannot read target map {path} ({e})") from None
-
-
-def dense_targets(task: Task, guide: GuideModel, num: int, image_shape: tuple[int, ...], *, target_image=None,
-                  target_map=None) -> Tensor:
-    """[num, ...] targets for a segmentation or dense task: the clean off-the-shelf model's output
-    on a reference image (as the paper does with DeepLabV3 / MiDaS), or a given map; a single
-    map is repeated, a stack of maps is cycled. Shapes are checked against the model's output."""
-    if (target_image is None) == (target_map is None):
-        raise PPAPError(f"a {task.name} guide needs exactly one of --target-image or --target-map")
-    out_shape = probe_output_shape(guide.net, image_shape, guide.ref)
-    if target_image is not None:
-        with torch.no_grad():
-            maps = task.target_from_output(guide.net(load_reference_image(target_image, image_shape)))
-    else:
-        maps = load_target_map(target_map)
-        per_sample = 2 if task.name == "segmentation" else 3  # [H, W] label map / [C, H, W] dense map
-        if task.name == "dense" and maps.ndim == 2 and out_shape[1] == 1:
-            maps = maps[None]  # an [H, W] map for a one-channel model
-        maps = maps[None] if maps.ndim == per_sample else maps
-        if task.name == "segmentation" and maps.is_floating_point() and bool((maps == maps.round()).all()):
-            maps = maps.long()  # integer labels stored as floats
-        if task.name == "dense":
-            maps = maps.float() if not maps.is_floating_point() else maps
-    maps = task.check_target(maps, (len(maps),) + tuple(out_shape[1:]))
-    return maps[torch.arange(num) % len(maps)]
-
-
-@dataclass
-class GuidanceTerm:
-    """One summand of composed guidance: a model, its task, per-sample targets and a scale."""
-
-    make: Callable[[Tensor], Guide | None]
-    targets: Tensor  # [num, ...]
-    description: str
-
-
-def parse_term(spec: str) -> dict[str, str]:
-    """``'guide=fashion-classifier,experts=fashion-ppap5,target=ankle boot,scale=30'`` -> dict."""
-    keys = {"guide", "guide_weights", "experts", "method", "task", "target", "target_image", "target_map", "scale", "calibration"}
-    out = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        key, sep, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in keys:
-            raise PPAPError(f"bad guidance term part {part!r}; use key=value with keys: {', '.join(sorted(keys))}")
-        out[key] = value.strip()
-    if "guide" not in out:
-        raise PPAPError(f"guidance term {spec!r} has no guide=...")
-    return out
-
-
-def build_term(diffusion: Diffusion, num: int, *, guide: str, guide_weights: str | None = None, experts: str | None = None,
-               method: str = "ppap", task: str | None = None, target: str | None = None, target_image: str | None = None,
-               target_map: str | None = None, scale: float | str | None = None, calibration: Calibration | None = None) -> GuidanceTerm:
-    """Load what one guidance term needs and resolve its targets (class, label map or dense map).
-    The task comes from the experts' manifest, else the zoo entry, else ``task`` (default classification).
-    ``scale`` defaults to the zoo experts' measured best (method ppap), else ``DEFAULT_SCALE``."""
-    scale = _guidance_scale(scale, experts, method)
-    model = load_guide(guide, guide_weights)
-    bank = None
-    if experts:
-        bank, bank_task = load_bank(experts, model, diffusion)
-        model = load_guide(guide, guide_weights)  # a clean copy for targets and naive guidance (the bank adapted the first)
-        the_task = bank_task
-    else:
-        name = task or (zoo.ZOO[guide].task if zoo.is_zoo_name(guide) else "classification")
-        the_task = task_for(model, diffusion.image_shape, name)
-    if the_task.name == "classification":
-        if target_image is not None or target_map is not None:
-            raise PPAPError("--target-image / --target-map are for segmentation or dense guides; a classifier takes --target CLASS")
-        targets = parse_class_targets(target if target is not None else "0", num, the_task.num_classes, model.classes)
-    else:
-        targets = dense_targets(the_task, model, num, diffusion.image_shape, target_image=target_image, target_map=target_map)
-    make = guide_builder(method, task=the_task, scale=scale, guide=model, experts=bank, diffusion=diffusion,
-                         calibration=calibration)
-    return GuidanceTerm(make, targets, f"{method} {guide} ({the_task.name}) x{scale:g}")
-
-
-DEFAULT_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); per-pixel dense losses need far larger ones
-
-
-def _guidance_scale(scale: float | str | None, experts: str | None, method: str) -> float:
-    if scale is None:
-        entry = zoo.ZOO.get(experts or "")
-        return entry.scale if entry is not None and entry.scale is not None and method == "ppap" else DEFAULT_SCALE
-    try:
-        return float(scale)
-    except ValueError:
-        raise PPAPError(f"bad guidance scale {scale!r}: expected a number") from None
-
-
-def compose(terms: list[GuidanceTerm]) -> Callable[[Tensor], Guide | None]:
-    """A ``make_guide`` for ``sample_images(targets=torch.arange(num))``: each batch's sample
-    indices select every term's own targets, and the guides are summed (``SumGuide``)."""
-    from .guidance import SumGuide
-
-    def make(index: Tensor) -> Guide | None:
-        guides = [g for g in (t.make(t.targets[index]) for t in terms) if g is not None]
-        return SumGuide(guides) if guides else None
-
-    return make
+    return torch.cat(out) if out else torch.empty((0,) + pipe.image_shape)

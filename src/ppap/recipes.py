@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import InfiniteBatches, load_fashion_mnist
 from .diffusion import Diffusion, NoiseSchedule
-from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_resume_state
+from .io import PPAPError, atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_resume_state
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -33,7 +33,7 @@ def _same_recipe(saved: dict, recipe, ckpt: Path) -> None:
     keys = ("iterations", "checkpoint_every") if isinstance(recipe, DDPMRecipe) else ("checkpoint_every",)
     diff = [k for k in now if k not in keys and json.dumps(saved.get(k)) != json.dumps(now[k])]
     if diff:
-        raise SystemExit(f"{ckpt} was made with another recipe ({diff[0]} differs); delete {ckpt.parent} to start over")
+        raise PPAPError(f"{ckpt} was made with another recipe ({diff[0]} differs); delete {ckpt.parent} to start over")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,14 +322,15 @@ def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int) -> Path:
 def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> dict:
     """Corpus + experts in ``work_dir`` (resumable); the finished experts are swapped into ``out_dir``.
     The corpus lives beside the zoo work folder (``runs/corpus``), shared with other recipes."""
-    from .pipeline import data_free_experts, load_diffusion, load_guide
+    from .loading import load_guide, load_pipeline
+    from .train import data_free_experts
 
     r = EXPERT_RECIPES[name]
     t0 = time.time()
-    diffusion = load_diffusion(r.diffusion)
+    pipe = load_pipeline(r.diffusion, device="cpu")
     corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size)
-    bank, task, stats = data_free_experts(diffusion, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size,
-                                          cfg=r.train, task_name=r.task, corpus_dir=corpus)
+    bank, stats = data_free_experts(pipe, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size,
+                                    cfg=r.train, task_name=r.task, corpus_dir=corpus)
     out_dir, tmp = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(Path(work_dir) / "experts", tmp, ignore=shutil.ignore_patterns(".resume"))

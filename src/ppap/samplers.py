@@ -1,49 +1,50 @@
-"""Samplers: each is one readable loop over ``(diffusion, x_T, timesteps)`` with a guidance hook.
+"""Samplers: each is one readable loop over ``(denoiser, x_T, grid)`` with a guidance hook.
 
-A guide is any callable ``guide(x_t, t, pred) -> g`` returning the *scaled* gradient
-``s * grad_{x_t} log p(target | x_t)`` ([B, C, H, W]); see ``ppap.guidance``. The samplers apply it
-as in Dhariwal & Nichol (2021), "Diffusion Models Beat GANs", Sec. 4:
+``denoiser(x_t, t) -> Prediction`` is a ``Diffusion`` (or one with its condition bound,
+``Diffusion.bind``); ``grid`` is ``NoiseSchedule.grid(S, kind)``, the steps diffusers' scheduler
+of that kind would take. A guide is any callable ``guide(x_t, t, pred) -> g`` returning the
+*scaled* gradient ``s * grad_{x_t} log p(target | x_t)`` ([B, C, H, W]); see ``ppap.guidance``.
+The samplers apply it as in Dhariwal & Nichol (2021), "Diffusion Models Beat GANs", Sec. 4:
   * DDIM (Algorithm 2): eps_hat = eps - sqrt(1 - abar_t) * g, and x0 is recomputed from eps_hat;
   * DDPM (Algorithm 1): mu' = mu + Sigma_t * g.
-With ``guide=None`` both loops reproduce diffusers' ``DDIMScheduler`` / ``DDPMScheduler`` step for
-step (tests/test_samplers.py checks this to 1e-5).
+Working in (eps, x0) makes this the same correction whatever the model predicts (eps, v or x0).
+With ``guide=None`` both loops reproduce diffusers' ``DDIMScheduler`` / ``DDPMScheduler``
+step for step, noise included (``randn_tensor`` with the caller's generator or generator list).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import LongTensor, Tensor
 from tqdm.auto import tqdm
 
-from .diffusion import Diffusion, Prediction
+from .diffusion import NoiseSchedule, Prediction, SamplingGrid
+from .io import PPAPError
 
 GuideFn = Callable[[Tensor, LongTensor, Prediction], Tensor]
 Callback = Callable[[dict], None]
+Generator = torch.Generator | list[torch.Generator] | None
 
 
-def _clip_range(diffusion: Diffusion, clip_x0: bool | None) -> float | None:
-    cfg = diffusion.schedule.config
-    if cfg.get("thresholding"):
-        raise NotImplementedError("dynamic thresholding is not supported; set thresholding=False in the scheduler config")
-    clip = cfg.get("clip_sample", True) if clip_x0 is None else clip_x0
-    return float(cfg.get("clip_sample_range", 1.0)) if clip else None
+class DenoiserFn(Protocol):
+    schedule: NoiseSchedule
+
+    def __call__(self, x_t: Tensor, t: LongTensor) -> Prediction: ...
 
 
-def _abars(diffusion: Diffusion, timesteps: LongTensor, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """(abar_t, abar_prev) of step i as 0-dim tensors in the data's dtype; abar_prev is 1 after
-    the last step (diffusers' set_alpha_to_one). The step arithmetic is done in the data's dtype,
-    in diffusers' order, so that the loops match diffusers' schedulers to float32 rounding."""
-    table = diffusion.schedule.alphas_cumprod
-    a_t = table[timesteps[i]].to(like.dtype)
-    a_prev = table[timesteps[i + 1]].to(like.dtype) if i + 1 < len(timesteps) else torch.ones((), dtype=like.dtype)
-    return a_t.to(like.device), a_prev.to(like.device)
+def _clip_range(schedule: NoiseSchedule, clip_x0: bool | None) -> float | None:
+    if clip_x0 is None:
+        return schedule.clip_range
+    return float(schedule.config.get("clip_sample_range", 1.0)) if clip_x0 else None
 
 
-def _guided(diffusion: Diffusion, x: Tensor, t: LongTensor, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
+def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
+    t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
     with torch.no_grad():
-        pred = diffusion(x, t)
+        pred = denoiser(x, t)
     if guide is None:
         return pred, None
     with torch.enable_grad():
@@ -51,29 +52,34 @@ def _guided(diffusion: Diffusion, x: Tensor, t: LongTensor, guide: GuideFn | Non
     return pred, g.detach()
 
 
+def _scalars(grid: SamplingGrid, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(abar_t, abar_prev) of step i as 0-dim tensors in the data's dtype and device: the step
+    arithmetic runs in that dtype, in diffusers' order, so that the loops match its schedulers."""
+    return grid.abar[i].to(like.dtype).to(like.device), grid.abar_prev[i].to(like.dtype).to(like.device)
+
+
 @torch.no_grad()
 def sample_ddim(
-    diffusion: Diffusion,
+    denoiser: DenoiserFn,
     x_T: Tensor,
-    timesteps: LongTensor,
+    grid: SamplingGrid,
     *,
     guide: GuideFn | None = None,
     eta: float = 0.0,
     clip_x0: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """DDIM (Song et al., 2021, eq. 12). x_T [B, C, H, W] ~ N(0, I); ``timesteps`` descending
-    training timesteps (``NoiseSchedule.timesteps``). Returns x_0 [B, C, H, W] (unclipped)."""
-    clip = _clip_range(diffusion, clip_x0)
+    """DDIM (Song et al., 2021, eq. 12). x_T [B, C, H, W] ~ N(0, I); ``grid`` from
+    ``schedule.grid(S, "ddim")``. ``clip_x0`` None follows the scheduler's ``clip_sample``.
+    Returns x_0 [B, C, H, W] (unclipped)."""
+    clip = _clip_range(denoiser.schedule, clip_x0)
     x = x_T
-    for i, t_int in enumerate(tqdm(timesteps.tolist(), desc="DDIM", disable=not progress, leave=False)):
-        t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
-        a_t, a_prev = _abars(diffusion, timesteps, i, x)
-        pred, g = _guided(diffusion, x, t, guide)
-        eps = pred.eps
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    for i, t_int in enumerate(tqdm(grid.timesteps.tolist(), desc="DDIM", disable=not progress, leave=False)):
+        a_t, a_prev = _scalars(grid, i, x)
+        pred, g = _step(denoiser, x, t_int, guide)
+        eps, x0 = pred.eps, pred.x0
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
         if g is not None:
@@ -81,50 +87,77 @@ def sample_ddim(
             # eps_hat, i.e. x0 += (1 - abar_t) / sqrt(abar_t) g. Both are applied *after* the x0
             # clip: clipping the guided x0 (but not eps_hat) would cancel the x0 term at high noise
             # and leave only -sqrt(1 - abar_prev) sqrt(1 - abar_t) g, guidance in reverse.
+            # At abar_t = 0 (zero terminal SNR) x0 carries no information about x_t: eps only.
             eps = eps - (1 - a_t) ** 0.5 * g
-            x0 = x0 + (1 - a_t) / a_t**0.5 * g
+            if a_t > 0:
+                x0 = x0 + (1 - a_t) / a_t**0.5 * g
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2 (eq. 16)
         std = eta * var**0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         if eta > 0:
-            x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        if callback is not None:
-            callback({"i": i, "t": t_int, "x": x, "x0": x0, "guidance": g})
+            x = x + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if callback is not None:  # a callback may return a replacement sample tensor (diffusers' callback_on_step_end)
+            replaced = callback({"i": i, "t": t_int, "x": x, "x0": x0, "guidance": g})
+            x = replaced if isinstance(replaced, Tensor) else x
     return x
+
+
+def _ddpm_std_and_var(schedule: NoiseSchedule, pred: Prediction, a_t: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """(std, variance) of the DDPM step from x_t to x_prev, for the scheduler's ``variance_type``,
+    computed as diffusers' ``DDPMScheduler._get_variance`` / ``step`` do."""
+    beta = 1 - a_t / a_prev
+    small = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)  # the posterior variance (Ho et al. eq. 7)
+    kind = schedule.variance_type
+    if kind in ("learned", "learned_range") and pred.variance is None:
+        raise PPAPError(f"variance_type {kind!r} needs a UNet with 2x the image channels (mean and variance)")
+    if kind == "fixed_small":
+        return small**0.5, small
+    if kind == "fixed_small_log":
+        std = torch.exp(0.5 * torch.log(small))
+        return std, std**2
+    if kind == "fixed_large":
+        return beta**0.5, beta
+    if kind == "learned":  # diffusers' meaning: the extra channels are the variance itself
+        return pred.variance**0.5, pred.variance
+    frac = (pred.variance + 1) / 2  # learned_range (Nichol & Dhariwal eq. 15): interpolate log-variances
+    log_var = frac * torch.log(beta) + (1 - frac) * torch.log(small)
+    return torch.exp(0.5 * log_var), torch.exp(log_var)
 
 
 @torch.no_grad()
 def sample_ddpm(
-    diffusion: Diffusion,
+    denoiser: DenoiserFn,
     x_T: Tensor,
-    timesteps: LongTensor,
+    grid: SamplingGrid,
     *,
     guide: GuideFn | None = None,
     clip_x0: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Ancestral DDPM (Ho et al., 2020, Algorithm 2) on a possibly respaced grid, with the
-    posterior variance ("fixed_small"). Same arguments as ``sample_ddim``."""
-    clip = _clip_range(diffusion, clip_x0)
+    """Ancestral DDPM (Ho et al., 2020, Algorithm 2) on a possibly respaced grid (from
+    ``schedule.grid(S, "ddpm")``), with the scheduler's variance (fixed or learned). Same
+    arguments as ``sample_ddim``."""
+    schedule = denoiser.schedule
+    clip = _clip_range(schedule, clip_x0)
     x = x_T
-    for i, t_int in enumerate(tqdm(timesteps.tolist(), desc="DDPM", disable=not progress, leave=False)):
-        t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
-        a_t, a_prev = _abars(diffusion, timesteps, i, x)
+    for i, t_int in enumerate(tqdm(grid.timesteps.tolist(), desc="DDPM", disable=not progress, leave=False)):
+        a_t, a_prev = _scalars(grid, i, x)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # the one-step alpha/beta of the respaced chain
-        pred, g = _guided(diffusion, x, t, guide)
+        pred, g = _step(denoiser, x, t_int, guide)
         x0 = pred.x0 if clip is None else pred.x0.clamp(-clip, clip)
         # posterior mean of q(x_{t-1} | x_t, x0) (Ho et al. eq. 7)
         mean = (a_prev**0.5 * beta) / (1 - a_t) * x0 + alpha**0.5 * (1 - a_prev) / (1 - a_t) * x
-        var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
+        std, var = _ddpm_std_and_var(schedule, pred, a_t, a_prev)
         if g is not None:  # Dhariwal & Nichol Algorithm 1: mu + s * Sigma * grad
             mean = mean + var * g
         x = mean
         if t_int > 0:
-            x = x + var**0.5 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        if callback is not None:
-            callback({"i": i, "t": t_int, "x": x, "x0": x0, "guidance": g})
+            x = x + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if callback is not None:  # a callback may return a replacement sample tensor (diffusers' callback_on_step_end)
+            replaced = callback({"i": i, "t": t_int, "x": x, "x0": x0, "guidance": g})
+            x = replaced if isinstance(replaced, Tensor) else x
     return x
 
 

@@ -162,3 +162,101 @@ def make_task(name: str, **kwargs) -> Task:
     if name not in TASKS:
         raise PPAPError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}")
     return TASKS[name](**kwargs)
+
+
+def output_shape(net, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The output shape of ``net`` on a batch of 2 blank images of the diffusion model's shape; a
+    net that cannot take them fails here with one line instead of deep inside the sampler."""
+    params = list(net.parameters()) if hasattr(net, "parameters") else []
+    device = params[0].device if params else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros((2,) + tuple(image_shape), device=device))
+    except Exception as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise PPAPError(f"{getattr(net, 'ref', 'the guidance model')} cannot take images of shape {list(image_shape)} "
+                        f"from the diffusion model ({msg})") from None
+    if not isinstance(out, Tensor):
+        raise PPAPError(f"the guidance model returns {type(out).__name__}, not a tensor: wrap it in ppap.GuideModel(..., output=...)")
+    return tuple(out.shape)
+
+
+def task_for(net, image_shape: tuple[int, ...], name: str = "classification", **kwargs) -> Task:
+    """The task for a guidance model, with its size (the class count) read off its output."""
+    shape = output_shape(net, image_shape)
+    ref = getattr(net, "ref", "the guidance model")
+    if name == "classification":
+        if len(shape) != 2:
+            raise PPAPError(f"{ref} gives output of shape {list(shape[1:])} per image, not class logits")
+        kwargs.setdefault("num_classes", shape[1])
+    elif name == "segmentation":
+        if len(shape) != 4:
+            raise PPAPError(f"{ref} gives output of shape {list(shape[1:])} per image, not per-pixel logits [K, H, W]")
+        kwargs.setdefault("num_classes", shape[1])
+    return make_task(name, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Targets: what the user asks for, per sample
+# --------------------------------------------------------------------------------------------
+
+
+def class_targets(spec, num: int, num_classes: int, classes: tuple[str, ...] | None = None) -> Tensor:
+    """[num] int64 class targets, cycled: an index, a class name, ``'all'`` (0..K-1), a comma
+    list of these (``'0,7,ankle boot'``), a sequence, or a tensor of indices."""
+    names = {c.lower(): i for i, c in enumerate(classes or ())}
+
+    def one(part) -> int:
+        if isinstance(part, (int, torch.Tensor)) and not isinstance(part, bool):
+            return int(part)
+        text = str(part).strip().lower()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        if text in names:
+            return names[text]
+        valid = f" or one of: {', '.join(classes)}" if classes else ""
+        raise PPAPError(f"bad class target {part!r}: use an index 0..{num_classes - 1}{valid}")
+
+    if isinstance(spec, str):
+        values = list(range(num_classes)) if spec.strip().lower() == "all" else [one(p) for p in spec.split(",")]
+    elif isinstance(spec, torch.Tensor):
+        if spec.is_floating_point():
+            raise PPAPError(f"class targets are integers, got a {spec.dtype} tensor")
+        values = spec.reshape(-1).tolist()
+    elif isinstance(spec, (list, tuple)):
+        values = [one(p) for p in spec]
+    else:
+        values = [one(spec)]
+    if not values:
+        raise PPAPError("no class target given")
+    for v in values:
+        if not 0 <= v < num_classes:
+            raise PPAPError(f"class index {v} is out of range: the guidance model has {num_classes} classes (0..{num_classes - 1})")
+    return torch.tensor([values[k % len(values)] for k in range(num)], dtype=torch.long)
+
+
+def dense_targets(task: Task, net, num: int, out_shape: tuple[int, ...], *, image: Tensor | None = None,
+                  target_map: Tensor | None = None) -> Tensor:
+    """[num, ...] targets for a segmentation or dense task, cycled: the clean off-the-shelf
+    model's output on reference images ``image`` ([C, H, W] or [N, C, H, W] in [-1, 1], at the
+    diffusion model's size; the paper's use of DeepLabV3 / MiDaS), or a given ``target_map``
+    ([H, W] labels or [C, H, W] map, or a stack [N, ...]). ``out_shape`` is the model's output
+    shape for one batch, [B, ...]; every target is checked against it."""
+    if (image is None) == (target_map is None):
+        raise PPAPError(f"a {task.name} guide needs exactly one of --target-image or --target-map (a reference image or a map)")
+    if image is not None:
+        image = image[None] if image.ndim == 3 else image
+        with torch.no_grad():
+            maps = task.target_from_output(net(image)).cpu()
+    else:
+        maps = torch.as_tensor(target_map)
+        per_sample = 2 if task.name == "segmentation" else 3  # [H, W] label map / [C, H, W] dense map
+        if task.name == "dense" and maps.ndim == 2 and out_shape[1] == 1:
+            maps = maps[None]  # an [H, W] map for a one-channel model
+        maps = maps[None] if maps.ndim == per_sample else maps
+        if task.name == "segmentation" and maps.is_floating_point() and bool((maps == maps.round()).all()):
+            maps = maps.long()  # integer labels stored as floats
+        if task.name == "dense" and not maps.is_floating_point():
+            maps = maps.float()
+    maps = task.check_target(maps, (len(maps),) + tuple(out_shape[1:]))
+    return maps[torch.arange(num) % len(maps)]

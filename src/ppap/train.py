@@ -25,12 +25,9 @@ from tqdm.auto import tqdm
 
 from .data import InfiniteBatches
 from .diffusion import NoiseSchedule
-from .experts import AdapterConfig, ExpertBank, TimestepRouter, expert_name, make_bank, parameter_report
-from .io import PPAPError, atomic_torch_save, atomic_write_json, fingerprint, load_resume_state, read_json
-from .tasks import Task, make_task
-
-MANIFEST = "ppap_experts.json"
-FORMAT = "ppap-experts-v1"
+from .experts import MANIFEST, AdapterConfig, ExpertBank, bank_manifest, expert_name, record_expert
+from .io import PPAPError, atomic_torch_save, atomic_write_json, load_resume_state, read_json
+from .tasks import Task
 
 
 @dataclass(frozen=True)
@@ -62,10 +59,6 @@ class TrainConfig:
         return AdapterConfig(kind=self.adapter, rank=self.rank, alpha=self.alpha, per_expert_norm=self.per_expert_norm)
 
 
-def schedule_fingerprint(schedule: NoiseSchedule) -> str:
-    return fingerprint({"alphas_cumprod": schedule.alphas_cumprod})
-
-
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -75,11 +68,11 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 class _Dist:
     """The little of accelerate the loop needs; a single process when no accelerator is given."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, device: torch.device | None = None):
         self.acc = accelerator
         self.world = accelerator.num_processes if accelerator else 1
         self.rank = accelerator.process_index if accelerator else 0
-        self.device = accelerator.device if accelerator else torch.device("cpu")
+        self.device = accelerator.device if accelerator else (device or torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -128,7 +121,7 @@ def train_experts(
     with ``labels``). Finished experts are skipped on re-runs; an interrupted expert resumes from
     its last checkpoint in ``out_dir/.resume``. Returns per-expert loss statistics.
     """
-    dist = _Dist(accelerator)
+    dist = _Dist(accelerator, device=next(iter(bank.parameters())).device)  # without accelerate: where the bank is
     out_dir = Path(out_dir)
     router = bank.router
     if router.num_train_timesteps != schedule.num_train_timesteps:
@@ -150,41 +143,26 @@ def train_experts(
         stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
         dist.barrier()
         if dist.main:
-            bank.save_expert(i, out_dir)
-            manifest["trained"] = sorted(set(manifest["trained"]) | {expert_name(i)}, key=lambda n: int(n.split("_")[1]))
-            manifest["stats"][expert_name(i)] = stats[expert_name(i)]
-            atomic_write_json(out_dir / MANIFEST, manifest)
+            atomic_write_json(out_dir / MANIFEST, record_expert(manifest, bank, i, out_dir, stats[expert_name(i)]))
             (out_dir / ".resume" / f"{expert_name(i)}.pt").unlink(missing_ok=True)
         dist.barrier()
     return stats
 
 
 def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity, dist) -> dict:
-    want = {
-        "format": FORMAT,
-        "boundaries": list(bank.router.boundaries),
-        "adapter": asdict(bank.adapter),
-        "task": task_config(task),
-        "guide": identity or {},
-        "guide_fingerprint": bank.base_fingerprint,
-        "schedule": {"num_train_timesteps": schedule.num_train_timesteps, "fingerprint": schedule_fingerprint(schedule)},
-        "train": asdict(cfg),
-    }
+    want = bank_manifest(bank, task, schedule, train=asdict(cfg))
+    if identity:
+        want["guide"] = want["guide"] | identity
     path = out_dir / MANIFEST
     if path.exists():
         have = read_json(path, "expert manifest")
-        for key, value in want.items():
-            if json.dumps(have.get(key), sort_keys=True) != json.dumps(value, sort_keys=True):
+        for key in ("format", "boundaries", "adapter", "task", "guide_fingerprint", "schedule", "train"):
+            if json.dumps(have.get(key), sort_keys=True) != json.dumps(want[key], sort_keys=True):
                 raise PPAPError(f"{out_dir} holds experts trained with other settings ({key} differs); use another --out or the same settings to resume")
         return have
-    manifest = want | {"trained": [], "stats": {}, "parameters": parameter_report(bank)}
     if dist.main:
-        atomic_write_json(path, manifest)
-    return manifest
-
-
-def task_config(task: Task) -> dict:
-    return asdict(task)
+        atomic_write_json(path, want)
+    return want
 
 
 def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_dir: Path, dist: _Dist, progress: bool) -> dict:
@@ -242,45 +220,27 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
             "loss_last": sum(losses[-k:]) / k, "seconds": round(time.time() - t0, 2)}
 
 
-# --------------------------------------------------------------------------------------------
-# Loading trained experts
-# --------------------------------------------------------------------------------------------
+def data_free_experts(pipe, diffusion_ref: str, guide, work_dir, *, corpus_size: int, cfg: TrainConfig, corpus_steps: int = 25,
+                      task_name: str = "classification", corpus_dir=None, conditioning=None, progress: bool = True):
+    """The whole data-free PPAP recipe: sample a corpus from the diffusion model (no labels; a
+    conditional model with the given ``conditioning``), then distill the off-the-shelf model
+    (``guide``, whose net receives the adapters) into noise-range experts. Resumable at every
+    stage. Returns (bank, stats); experts are saved in ``work_dir/experts``, the corpus in
+    ``corpus_dir`` (default ``work_dir/corpus``)."""
+    from .data import corpus_spec, generate_corpus, load_corpus, open_corpus
+    from .experts import TimestepRouter, make_bank
+    from .tasks import task_for
 
-
-def load_manifest(directory: str | Path) -> dict:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise PPAPError(f"experts directory not found: {directory}")
-    manifest = read_json(directory / MANIFEST, "expert manifest")
-    if manifest.get("format") != FORMAT:
-        raise PPAPError(f"{directory / MANIFEST} is not a ppap expert manifest (format {manifest.get('format')!r}, expected {FORMAT!r})")
-    return manifest
-
-
-def load_experts(net, directory: str | Path, *, schedule: NoiseSchedule | None = None, require_all: bool = True) -> tuple[ExpertBank, Task]:
-    """Rebuild the bank and task that ``train_experts`` saved in ``directory`` on top of ``net``
-    (the off-the-shelf model, weights loaded). Checks that ``net`` and ``schedule`` are the ones
-    the experts were trained for."""
-    manifest = load_manifest(directory)
-    try:
-        router = TimestepRouter(tuple(manifest["boundaries"]))
-        adapter = AdapterConfig(**manifest["adapter"])
-        task = make_task(**manifest["task"])
-    except (KeyError, TypeError) as e:
-        raise PPAPError(f"{Path(directory) / MANIFEST} is malformed ({e})") from None
-    if schedule is not None and manifest["schedule"]["fingerprint"] != schedule_fingerprint(schedule):
-        raise PPAPError(f"experts in {directory} were trained for another noise schedule "
-                        f"(T={manifest['schedule']['num_train_timesteps']}) than this diffusion model's (T={schedule.num_train_timesteps})")
-    have = fingerprint(net.state_dict())
-    if have != manifest["guide_fingerprint"]:
-        name = manifest.get("guide", {}).get("ref", "another model")
-        raise PPAPError(f"experts in {directory} were trained on {name} (weights {manifest['guide_fingerprint'][:12]}), "
-                        f"not on the given guidance model (weights {have[:12]})")
-    missing = [expert_name(i) for i in range(router.num_experts) if expert_name(i) not in manifest["trained"]]
-    if missing and require_all:
-        raise PPAPError(f"experts in {directory} are unfinished ({missing[0]} not trained); re-run `ppap train` to finish them")
-    bank = make_bank(net, router, adapter)
-    for i in range(router.num_experts):
-        if expert_name(i) in manifest["trained"]:
-            bank.load_expert(i, directory)
-    return bank.eval(), task
+    work_dir = Path(work_dir)
+    schedule = pipe.diffusion.schedule
+    spec = corpus_spec(pipe, diffusion_ref, corpus_size, steps=corpus_steps, seed=cfg.seed, conditioning=conditioning)
+    corpus_dir = Path(corpus_dir) if corpus_dir is not None else work_dir / "corpus"
+    open_corpus(corpus_dir, spec)
+    generate_corpus(pipe, corpus_dir, spec, conditioning=conditioning, progress=progress)
+    images = load_corpus(corpus_dir)
+    task = task_for(guide, pipe.image_shape, task_name, tau=cfg.tau)
+    router = TimestepRouter.parse(cfg.experts, schedule.num_train_timesteps, schedule.alphas_cumprod)
+    bank = make_bank(guide, router, cfg.adapter_config(), seed=cfg.seed)
+    stats = train_experts(bank, task, schedule, images, cfg, work_dir / "experts", progress=progress)
+    bank.task = task
+    return bank, stats

@@ -32,6 +32,7 @@ class ZooEntry:
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
     guide: str | None = None  # experts: the zoo guide they adapt
     scale: float | None = None  # experts: their measured best PPAP guidance scale (the default of `ppap sample`)
+    reference_fit: str = "resize"  # diffusion: how a reference image of another size is fitted (images.fit_image)
 
     @property
     def location(self) -> Path:
@@ -44,7 +45,7 @@ class ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("fashion-ddpm", "diffusion", "unconditional DDPM, diffusers UNet2DModel 2.6M params, 1x32x32, T=1000 linear, EMA",
-             "fashion-ddpm"),
+             "fashion-ddpm", reference_fit="pad"),
     ZooEntry("fashion-classifier", "guide", "off-the-shelf ResNet classifier trained on clean images only",
              "fashion-classifier.safetensors", factory="ppap.models:fashion_classifier"),
     ZooEntry("fashion-evaluator", "guide", "independent judge (VGG/GroupNorm, augmented); FID features; never guides",

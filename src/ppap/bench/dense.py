@@ -15,6 +15,7 @@ classifier bench.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -22,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from .bench import _savefig, _Stage, machine, time_steps
-from .data import load_fashion_mnist
-from .io import atomic_write_bytes, atomic_write_json
-from .metrics import features, fid
-from .models import FOREGROUND_THRESHOLD, sobel_magnitude
-from .pipeline import guide_builder, load_bank, load_diffusion, load_guide, sample_images, task_for
+from ..experts import ExpertBank
+from ..guidance import GuidanceTerm
+from ..io import atomic_write_bytes, atomic_write_json
+from ..loading import load_experts, load_guide
+from ..metrics import features, fid, predict
+from ..models import FOREGROUND_THRESHOLD, sobel_magnitude
+from .common import Bench, _savefig, machine, pyplot, time_steps
 
 TASKS = {"segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"), "dense": ("fashion-edges", "fashion-edges-ppap5")}
 METHODS = ("naive", "x0", "ppap")
@@ -61,15 +64,14 @@ def _foreground(x: torch.Tensor) -> torch.Tensor:
     return x[:, 0] > FOREGROUND_THRESHOLD
 
 
-def segmentation_scores(x: torch.Tensor, target: torch.Tensor, evaluator) -> dict:
+def segmentation_scores(x: torch.Tensor, target: torch.Tensor, evaluator: nn.Module) -> dict:
     """Per-sample foreground IoU with the target mask, and whether the evaluator sees the class
     the mask implies (its most frequent non-background label)."""
     fg, want = _foreground(x), target != 0
     union = (fg | want).flatten(1).sum(1).clamp_min(1)
     iou = (fg & want).flatten(1).sum(1) / union
     implied = torch.tensor([int(torch.mode(m[m != 0]).values) - 1 if (m != 0).any() else -1 for m in target])
-    with torch.no_grad():
-        pred = torch.cat([evaluator(x[k : k + 500]).argmax(-1) for k in range(0, len(x), 500)])
+    pred = predict(evaluator, x).argmax(-1)
     return {"iou": iou.tolist(), "class_hit": (pred == implied).float().tolist()}
 
 
@@ -81,37 +83,32 @@ def dense_scores(x: torch.Tensor, target: torch.Tensor) -> dict:
     return {"l1": (s - t).abs().mean(1).tolist(), "pearson": r.tolist()}
 
 
-class DenseBench:
+class DenseBench(Bench):
     def __init__(self, cfg: DenseBenchConfig, out: Path, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.stage = _Stage(self.out)
-        self.stage.check_config(dataclasses.asdict(cfg))
-        self.diffusion = load_diffusion(cfg.diffusion)
-        self.evaluator = load_guide(cfg.evaluator).net
-        self.x_test, _ = load_fashion_mnist("test")
-        self.real_features = features(self.evaluator, self.x_test)
-        self.models = {}
+        super().__init__(cfg, out, progress)
+        self.models: dict[str, tuple[nn.Module, ExpertBank]] = {}  # task -> (clean guide, its PPAP-5 bank)
         for task_name, (guide_ref, experts_ref) in TASKS.items():
             guide = load_guide(guide_ref)
-            bank, task = load_bank(experts_ref, load_guide(guide_ref), self.diffusion)
-            self.models[task_name] = (guide, bank, task)
+            self.models[task_name] = (guide, load_experts(experts_ref, copy.deepcopy(guide), self.diffusion))
 
     def references(self, sweep: bool) -> torch.Tensor:
         n, s = self.cfg.num_targets, self.cfg.sweep_targets
         return self.x_test[n : n + s] if sweep else self.x_test[:n]
 
     def targets(self, task_name: str, refs: torch.Tensor) -> torch.Tensor:
-        guide, _, task = self.models[task_name]
+        guide, bank = self.models[task_name]
         with torch.no_grad():
-            return task.target_from_output(torch.cat([guide.net(refs[k : k + 500]) for k in range(0, len(refs), 500)]))
+            return bank.task.target_from_output(torch.cat([guide(refs[k : k + 500]) for k in range(0, len(refs), 500)]))
 
-    def sample(self, task_name: str, method: str, scale: float, targets: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
-        guide, bank, task = self.models[task_name]
-        make = guide_builder(method, task=task, scale=scale, guide=guide, experts=bank, diffusion=self.diffusion)
-        t0 = time.time()
-        x = sample_images(self.diffusion, len(targets), seed=seed, make_guide=make, targets=targets, steps=self.cfg.steps,
-                          batch_size=self.cfg.batch_size, progress=self.progress, desc=f"{task_name} {method} s={scale:g}")
-        return x, time.time() - t0
+    def term(self, task_name: str, method: str, scale: float, targets: torch.Tensor) -> GuidanceTerm | None:
+        """``method``'s guidance toward ``targets`` (the bank's task for every method, as it is
+        the task the clean model's targets are read with)."""
+        guide, bank = self.models[task_name]
+        return self.pipe.guidance_term(len(targets), guide=guide, experts=bank, target=targets, method=method,
+                                       classifier_scale=scale)
+
+    def sample_task(self, task_name: str, method: str, scale: float, targets: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
+        return self.sample(len(targets), self.term(task_name, method, scale, targets), seed, desc=f"{task_name} {method} s={scale:g}")
 
     def score(self, task_name: str, x: torch.Tensor, targets: torch.Tensor) -> dict:
         per = segmentation_scores(x, targets, self.evaluator) if task_name == "segmentation" else dense_scores(x, targets)
@@ -128,40 +125,45 @@ class DenseBench:
         refs = self.references(sweep=True)
         for task_name in TASKS:
             targets = self.targets(task_name, refs)
-            out[task_name] = {m: [self.score(task_name, self.sample(task_name, m, s, targets, self.cfg.sweep_seed)[0], targets) | {"scale": s}
-                                  for s in self.cfg.sweep_scales[task_name][m]] for m in METHODS}
+            out[task_name] = {m: [self.score(task_name, self.sample_task(task_name, m, s, targets, self.cfg.sweep_seed)[0], targets)
+                                  | {"scale": s} for s in self.cfg.sweep_scales[task_name][m]] for m in METHODS}
         return out
+
+    def _sample_main(self, task_name: str, method: str, scale: float, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """A main-table row's samples, kept under ``samples/`` (for the unguided scores and the figure)."""
+        x, seconds = self.sample_task(task_name, method, scale, targets, self.cfg.seed)
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        np.save(self.out / "samples" / f"{task_name}-{method}.npy", x.numpy().astype(np.float16))
+        return x, seconds
+
+    def main_row(self, task_name: str, method: str, scale: float) -> dict:
+        targets = self.targets(task_name, self.references(sweep=False))
+        x, seconds = self._sample_main(task_name, method, scale, targets)
+        return self.score(task_name, x, targets) | {"scale": scale, "seconds": round(seconds, 1)}
 
     def main_stage(self, sweep: dict) -> dict:
         refs = self.references(sweep=False)
-        samples_dir = self.out / "samples"
-        samples_dir.mkdir(parents=True, exist_ok=True)
-
-        def run(task_name, method, scale, targets):
-            x, seconds = self.sample(task_name, method, scale, targets, self.cfg.seed)
-            np.save(samples_dir / f"{task_name}-{method}.npy", x.numpy().astype(np.float16))
-            return x, seconds
-
+        first = next(iter(TASKS))
         out = {}
         unguided = None
         for task_name in TASKS:
             targets = self.targets(task_name, refs)
             rows = {}
             if unguided is None:  # the same unguided images serve both tasks (same noises, no target)
-                unguided = self.stage.get("main-unguided-seconds", lambda: {"seconds": run(task_name, "unguided", 0.0, targets)[1]})
-            x_u = torch.from_numpy(np.load(samples_dir / f"{next(iter(TASKS))}-unguided.npy").astype(np.float32))
+                unguided = self.stage.get("main-unguided-seconds",
+                                          lambda: {"seconds": self._sample_main(task_name, "unguided", 0.0, targets)[1]})
+            x_u = torch.from_numpy(np.load(self.out / "samples" / f"{first}-unguided.npy").astype(np.float32))
             rows["unguided"] = self.score(task_name, x_u, targets) | {"scale": 0.0, "seconds": unguided["seconds"]}
-            for m in METHODS:
-                best = max(sweep[task_name][m], key=lambda p: self.key_metric(task_name, p))["scale"]
-
-                def compute(m=m, best=best):
-                    x, seconds = run(task_name, m, best, targets)
-                    return self.score(task_name, x, targets) | {"scale": best, "seconds": round(seconds, 1)}
-                rows[m] = self.stage.get(f"main-{task_name}-{m}", compute)
-            refs_scores = self.score(task_name, refs, targets)  # the reference images themselves
-            rows["reference images"] = refs_scores | {"scale": None, "seconds": None}
+            best = {m: max(sweep[task_name][m], key=lambda p: self.key_metric(task_name, p))["scale"] for m in METHODS}
+            done = self.jobs(f"main {task_name}", {f"main-{task_name}-{m}": ("main_row", (task_name, m, best[m])) for m in METHODS})
+            rows |= {m: done[f"main-{task_name}-{m}"] for m in METHODS}
+            rows["reference images"] = self.score(task_name, refs, targets) | {"scale": None, "seconds": None}
             out[task_name] = rows
         return out
+
+    def main_parts(self) -> list[str]:
+        """The stage files the main table is made of."""
+        return ["main-unguided-seconds"] + [f"main-{task_name}-{m}" for task_name in TASKS for m in METHODS]
 
     def cost_stage(self) -> dict:
         """Median seconds of one mid-noise DDIM step per method (timed round-robin), as a ratio to
@@ -169,22 +171,16 @@ class DenseBench:
         refs = self.x_test[: self.cfg.cost_batch]
         guides = {"unguided": None}
         for task_name in TASKS:
-            guide, bank, task = self.models[task_name]
             targets = self.targets(task_name, refs)
             for m in METHODS:
-                guides[f"{task_name}/{m}"] = guide_builder(m, task=task, scale=1.0, guide=guide, experts=bank,
-                                                           diffusion=self.diffusion)(targets)
+                guides[f"{task_name}/{m}"] = self.term(task_name, m, 1.0, targets).build(self.diffusion)
         seconds = time_steps(self.diffusion, guides, self.cfg.cost_batch, self.cfg.steps, self.cfg.cost_repeats)
         base = seconds.pop("unguided")
         return {"unguided_seconds": round(base, 4), "batch": self.cfg.cost_batch} | {
             name: round(t / base, 2) for name, t in seconds.items()}
 
     def figure(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         k = self.cfg.figure_targets
         cols = ("reference", "target map", "unguided", "naive", "ppap")
         fig, axes = plt.subplots(2 * k, len(cols), figsize=(1.6 * len(cols), 1.6 * 2 * k))
@@ -208,23 +204,14 @@ class DenseBench:
                         ax.set_title(cols[c] if c != 1 else f"target ({task_name})", fontsize=7)
                 row[0].set_ylabel(task_name if r == 0 else "", fontsize=7)
         _savefig(fig, path)
-        plt.close(fig)
 
-    def run(self) -> dict:
+    def _run(self) -> dict:
         t0 = time.time()
-        timings = {}
-
-        def timed(name, fn):
-            t = time.time()
-            v = fn()
-            timings[name] = round(time.time() - t, 1)
-            return v
-
-        cost = timed("cost", lambda: self.stage.get("cost", self.cost_stage))
-        sweep = timed("sweep", lambda: self.stage.get("sweep", self.sweep_stage))
-        main = timed("main", lambda: self.main_stage(sweep))
+        cost = self.timed("cost", self.cost_stage)
+        sweep = self.timed("sweep", self.sweep_stage)
+        main = self.timed("main", lambda: self.main_stage(sweep), cached=all(map(self.stage.exists, self.main_parts())), save=False)
         results = {"config": dataclasses.asdict(self.cfg), "machine": machine(), "cost": cost, "sweep": sweep, "main": main,
-                   "stage_seconds": timings, "seconds_this_call": round(time.time() - t0, 1)}
+                   "stage_seconds": self.timings, "seconds_this_call": round(time.time() - t0, 1)}
         atomic_write_json(self.out / "results.json", results)
         atomic_write_bytes(self.out / "report.md", dense_report(results).encode())
         self.figure(self.out / "bench_dense_grid.png")

@@ -17,29 +17,27 @@ Then ``results.json``, ``report.md`` and the two plots.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import multiprocessing
-import os
-import resource
-import statistics
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .data import FASHION_MNIST_CLASSES, load_corpus, load_fashion_mnist, open_corpus, uint8_to_unit
-from .experts import TimestepRouter, expert_name, make_bank, parameter_report
-from .guidance import Calibration
-from .io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
-from .metrics import accuracy_under_noise, features, fid, kid, precision_recall
-from .pipeline import (corpus_spec, generate_corpus, guide_builder, load_diffusion, load_guide, sample_images, task_for,
-                       to_hwc_uint8)
-from .train import TrainConfig, load_experts, load_manifest, train_experts
+from ..data import corpus_spec, generate_corpus, load_corpus, load_fashion_mnist, open_corpus
+from ..experts import ExpertBank, TimestepRouter, load_manifest, make_bank, parameter_report
+from ..guidance import Calibration, GuidanceTerm
+from ..images import to_hwc_uint8
+from ..io import atomic_write_bytes, atomic_write_json
+from ..loading import load_guide
+from ..metrics import accuracy_under_noise, features, fid, kid, precision_recall
+from ..tasks import task_for
+from ..train import TrainConfig, train_experts
+from .common import Bench, _savefig, guided_step_memory, machine, pyplot, time_steps
 
 
 @dataclass(frozen=True)
@@ -154,40 +152,6 @@ QUICK = BenchConfig(corpus_size=32, corpus_dir="", corpus_steps=2, expert_iterat
                     cost_batch=4, cost_repeats=1, cost_in_fresh_process=False, batch_size=20, workers=2)
 
 
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-class _Stage:
-    """A JSON result per stage under ``out/stages``: computed once, then read back."""
-
-    def __init__(self, out: Path):
-        self.dir = out / "stages"
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def get(self, name: str, compute):
-        path = self.dir / f"{name}.json"
-        if path.exists():
-            return read_json(path, f"bench stage {name}")
-        value = compute()
-        atomic_write_json(path, value)
-        return value
-
-    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers",)) -> None:
-        """A results folder belongs to one configuration: refuse to mix the stages of two."""
-        path = self.dir / "config.json"
-        config = json.loads(json.dumps(config))  # tuples -> lists, as read back
-        if not path.exists():
-            atomic_write_json(path, config)
-            return
-        old = read_json(path, "bench configuration")
-        differ = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
-        if differ:
-            raise PPAPError(f"{self.dir.parent} holds stages of another bench configuration ({', '.join(differ)} differ); "
-                            "use another --out, or delete that folder to start over")
-
-
 def _bank_seconds(directory: Path) -> float:
     m = load_manifest(directory)
     return round(sum(s["seconds"] for s in m["stats"].values()), 1)
@@ -199,31 +163,35 @@ def _choose(points: list[dict]) -> dict:
     return min((p for p in points if p["accuracy"] >= best - 0.02), key=lambda p: p["fid"])
 
 
-class ClassifierBench:
+def _training_steps(train: TrainConfig) -> int:
+    """Optimiser steps of a bank in all (``experts`` is "N", "logsnr:N" or explicit boundaries)."""
+    spec = train.experts.split(":")[-1]
+    return train.iterations * (int(spec) if spec.isdigit() else len(spec.split(",")))
+
+
+def _row_cost(row: Row) -> float:
+    """Relative sampling cost, to start the longest jobs first (x0 back-propagates through the UNet)."""
+    return 3.0 if row.method == "x0" else 0.5 if row.method == "unguided" else 1.0
+
+
+class ClassifierBench(Bench):
     def __init__(self, cfg: BenchConfig, out: Path, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.stage = _Stage(self.out)
-        self.stage.check_config(dataclasses.asdict(cfg))
-        self.diffusion = load_diffusion(cfg.diffusion)
-        self.evaluator = load_guide(cfg.evaluator).net
-        self.naive = load_guide(cfg.guide)
-        self.task = task_for(self.naive, self.diffusion.image_shape)
+        super().__init__(cfg, out, progress)
+        self.naive = load_guide(cfg.guide)  # clean: naive / x0 guidance; banks get copies of their own
+        self.task = task_for(self.naive, self.pipe.image_shape, "classification")
         self.classes = self.naive.classes or tuple(str(k) for k in range(self.task.num_classes))
-        self.x_test, self.y_test = load_fashion_mnist("test")
-        self.real_features = features(self.evaluator, self.x_test)
-        self._banks: dict[str, object] = {}
-        self._corpus = None
-        self._pool: ProcessPoolExecutor | None = None
+        self._banks: dict[str, ExpertBank] = {}
+        self._corpus: torch.Tensor | None = None
 
     # ---- data ------------------------------------------------------------------------------
 
     def _corpus_root_and_spec(self):
         root = Path(self.cfg.corpus_dir) if self.cfg.corpus_dir else self.out / "corpus"
-        return root, corpus_spec(self.diffusion, self.cfg.diffusion, self.cfg.corpus_size, steps=self.cfg.corpus_steps)
+        return root, corpus_spec(self.pipe, self.cfg.diffusion, self.cfg.corpus_size, steps=self.cfg.corpus_steps)
 
     def corpus_shard(self, k: int) -> int:
         root, spec = self._corpus_root_and_spec()
-        return generate_corpus(self.diffusion, root, spec, shards=[k], progress=False)
+        return generate_corpus(self.pipe, root, spec, shards=[k], progress=False)
 
     def corpus_stage(self) -> None:
         """Draw the shards the corpus still lacks, a job each (the shards are the cache)."""
@@ -240,41 +208,39 @@ class ClassifierBench:
     def bank_dir(self, key: str) -> Path:
         return self.out / "banks" / key
 
-    def train_bank(self, key: str, spec: BankSpec):
+    def train_bank(self, key: str, spec: BankSpec) -> ExpertBank:
         """Train (or resume, or just load) a bank with the one training loop."""
         guide = load_guide(self.cfg.guide)  # a fresh net per bank: LoRA is injected into it
-        task = task_for(guide, self.diffusion.image_shape, tau=spec.train.tau)
-        router = TimestepRouter.parse(spec.train.experts, self.diffusion.schedule.num_train_timesteps, self.diffusion.schedule.alphas_cumprod)
-        bank = make_bank(guide.net, router, spec.train.adapter_config(), seed=spec.train.seed)
+        task = task_for(guide, self.pipe.image_shape, "classification", tau=spec.train.tau)
+        sched = self.diffusion.schedule
+        router = TimestepRouter.parse(spec.train.experts, sched.num_train_timesteps, sched.alphas_cumprod)
+        bank = make_bank(guide, router, spec.train.adapter_config(), seed=spec.train.seed)
         labels = None
         if spec.data == "labelled":
             images, labels = load_fashion_mnist("train")
         else:
             images = self.corpus()[: spec.corpus_size]
-        train_experts(bank, task, self.diffusion.schedule, images, spec.train, self.bank_dir(key), labels=labels,
-                      identity=guide.identity, progress=self.progress)
+        train_experts(bank, task, sched, images, spec.train, self.bank_dir(key), labels=labels, identity=guide.identity,
+                      progress=self.progress)
+        bank.task = task  # as load_bank sets it: the guidance term reads the task off the bank
         return bank.eval()
 
-    def bank(self, key: str):
+    def bank(self, key: str) -> ExpertBank:
         if key not in self._banks:
             self._banks[key] = self.train_bank(key, _banks(self.cfg.expert_iterations)[key])
         return self._banks[key]
 
     # ---- sampling ----------------------------------------------------------------------------
 
-    def builder(self, row: Row, scale: float):
-        bank = self.bank(row.bank) if row.bank else None
-        return guide_builder(row.method, task=self.task, scale=scale, guide=self.naive, experts=bank, diffusion=self.diffusion,
-                             calibration=row.calibration)
+    def term(self, row: Row, scale: float, targets: torch.Tensor) -> GuidanceTerm | None:
+        """Row ``row``'s guidance toward ``targets`` at ``scale`` (None for the unguided row)."""
+        return self.pipe.guidance_term(len(targets), guide=self.naive, experts=self.bank(row.bank) if row.bank else None,
+                                       target=targets, method=row.method, classifier_scale=scale, calibration=row.calibration)
 
     def run_row(self, row: Row, scale: float, per_class: int, seed: int, save: Path | None = None) -> dict:
         targets = torch.arange(self.task.num_classes).repeat_interleave(per_class)
-        t0 = time.time()
-        x = sample_images(self.diffusion, len(targets), seed=seed, make_guide=self.builder(row, scale), targets=targets,
-                          steps=self.cfg.steps, batch_size=self.cfg.batch_size, progress=self.progress, desc=f"{row.name} s={scale:g}")
-        seconds = time.time() - t0
-        with torch.no_grad():
-            pred = torch.cat([self.evaluator(x[k : k + 500]).argmax(-1) for k in range(0, len(x), 500)])
+        x, seconds = self.sample(len(targets), self.term(row, scale, targets), seed, desc=f"{row.name} s={scale:g}")
+        pred = self.evaluator_classes(x)
         feats = features(self.evaluator, x)
         out = {"scale": scale, "n": len(x), "accuracy": (pred == targets).float().mean().item(), "fid": fid(feats, self.real_features),
                "seconds": round(seconds, 1)}
@@ -282,7 +248,7 @@ class ClassifierBench:
             prec, rec = precision_recall(self.real_features[: len(x)], feats)
             out |= {"kid": kid(feats, self.real_features), "precision": prec, "recall": rec,
                     "per_class_accuracy": (pred == targets).float().view(self.task.num_classes, -1).mean(1).tolist()}
-            buf = __import__("io").BytesIO()
+            buf = io.BytesIO()
             np.savez_compressed(buf, images=to_hwc_uint8(x), targets=targets.numpy())
             atomic_write_bytes(save, buf.getvalue())
         return out
@@ -310,16 +276,20 @@ class ClassifierBench:
         """Seconds per guided step, all methods timed round-robin in this process (a transient load
         hits every method alike); the memory a step adds, each method in a fresh process."""
         targets = torch.arange(self.cfg.cost_batch) % self.task.num_classes
-        guides = {row.name: self.builder(row, 1.0)(targets) for row in ROWS}
+        guides = {}
+        for row in ROWS:
+            term = self.term(row, 1.0, targets)
+            guides[row.name] = term.build(self.diffusion) if term is not None else None
         seconds = time_steps(self.diffusion, guides, self.cfg.cost_batch, self.cfg.steps, self.cfg.cost_repeats)
         rows = {}
         for row in ROWS:
-            args = (self.cfg, row, str(self.bank_dir(row.bank)) if row.bank else None)
+            args = (self.cfg.diffusion, self.cfg.guide, str(self.bank_dir(row.bank)) if row.bank else None, row.method,
+                    row.calibration, self.cfg.cost_batch, self.cfg.steps)
             if self.cfg.cost_in_fresh_process:
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    memory = pool.submit(_step_memory, *args).result()
+                    memory = pool.submit(guided_step_memory, *args).result()
             else:
-                memory = _step_memory(*args)
+                memory = guided_step_memory(*args)
             rows[row.name] = {"seconds_per_step": round(seconds[row.name], 4), "batch": self.cfg.cost_batch,
                               "ratio_to_unguided": round(seconds[row.name] / seconds["unguided"], 2)} | memory
         return rows
@@ -354,7 +324,7 @@ class ClassifierBench:
         x, y = self.x_test[: self.cfg.noise_images], self.y_test[: self.cfg.noise_images]
         ts = list(self.cfg.noise_timesteps)
         sched = self.diffusion.schedule
-        off = self.naive.net
+        off = self.naive
         out = {"timesteps": ts, "routed": {
             "off-the-shelf": accuracy_under_noise(lambda xt, t: off(xt), sched, x, y, ts),
             "noise-aware": accuracy_under_noise(self.bank("noise-aware"), sched, x, y, ts),
@@ -391,66 +361,27 @@ class ClassifierBench:
         done = self.jobs("ablations", {stage[n]: ("ablation", (n, scale)) for n in order})
         return {name: done[stage[name]] for name in names}
 
-    # ---- parallel jobs -----------------------------------------------------------------------
-
-    def jobs(self, desc: str, jobs: dict[str, tuple[str, tuple]], cache: bool = True) -> dict:
-        """Run ``{stage name: (method, args)}`` (``getattr(self, method)(*args)``), each result
-        saved as its own stage file (``cache``) so that a killed bench resumes; with
-        ``cfg.workers`` > 1 in a pool of worker processes, in the given order (longest first)."""
-        out = {name: read_json(self.stage.dir / f"{name}.json", f"bench stage {name}")
-               for name in jobs if cache and (self.stage.dir / f"{name}.json").exists()}
-        todo = {name: job for name, job in jobs.items() if name not in out}
-        if self.cfg.workers <= 1 or len(todo) <= 1:
-            for name, (method, args) in tqdm(todo.items(), desc=desc, unit="job", disable=not self.progress or len(todo) <= 1):
-                out[name] = _run_job(self, name if cache else None, method, args)
-            return {name: out[name] for name in jobs}
-        pool = self._executor()
-        futures = {pool.submit(_run_job, None, name if cache else None, method, args): name for name, (method, args) in todo.items()}
-        for f in tqdm(as_completed(futures), total=len(futures), desc=f"{desc} ({self.cfg.workers} workers)", unit="job",
-                      disable=not self.progress):
-            out[futures[f]] = f.result()
-        return {name: out[name] for name in jobs}
-
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            threads = max(1, (os.cpu_count() or 1) // self.cfg.workers)
-            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self.cfg, str(self.out), threads))
-        return self._pool
-
-    def run(self) -> dict:
-        try:
-            return self._run()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
+    def real_reference(self) -> dict:
+        """The same metrics for real training images: the floor a generator can reach."""
+        x, y = load_fashion_mnist("train")
+        n = self.task.num_classes * self.cfg.per_class
+        feats = features(self.evaluator, x[:n])
+        acc = (self.evaluator_classes(x[:n]) == y[:n]).float().mean().item()
+        prec, rec = precision_recall(self.real_features[:n], feats)
+        return {"n": n, "accuracy": acc, "fid": fid(feats, self.real_features), "kid": kid(feats, self.real_features),
+                "precision": prec, "recall": rec}
 
     def _run(self) -> dict:
         t0 = time.time()
-        cfg = self.cfg
-        # seconds of the call that computed each stage; a stage read back keeps its recorded time
-        seconds_file = self.stage.dir / "seconds.json"
-        timings = read_json(seconds_file, "bench stage times") if seconds_file.exists() else {}
-
-        def timed(name, fn, cached=None):
-            cached = (self.stage.dir / f"{name}.json").exists() if cached is None else cached
-            t = time.time()
-            value = self.stage.get(name, fn)
-            if not cached or name not in timings:
-                timings[name] = round(time.time() - t, 1)
-                atomic_write_json(seconds_file, timings)
-            return value
-
+        cfg, timed = self.cfg, self.timed
         banks = timed("banks", self.banks_stage)
         cost = timed("cost", self.cost_stage)
         sweep = timed("sweep", self.sweep_stage)
-        main = timed("main", lambda: self.main_stage(sweep),
-                     cached=all((self.stage.dir / f"main-{row.name}.json").exists() for row in ROWS))
+        main = timed("main", lambda: self.main_stage(sweep), cached=all(self.stage.exists(f"main-{row.name}") for row in ROWS))
         noise = timed("noise", self.noise_stage)
         ablations = timed("ablations", lambda: self.ablation_stage(main["ppap-5"]["scale"])) if cfg.ablate else {}
         results = {"config": dataclasses.asdict(cfg), "machine": machine(), "banks": banks, "cost": cost, "sweep": sweep,
-                   "main": main, "noise": noise, "ablations": ablations, "stage_seconds": timings,
+                   "main": main, "noise": noise, "ablations": ablations, "stage_seconds": self.timings,
                    "seconds_this_call": round(time.time() - t0, 1),
                    "real_reference": self.stage.get("real", self.real_reference)}
         atomic_write_json(self.out / "results.json", results)
@@ -458,125 +389,6 @@ class ClassifierBench:
         plot_sweep(results, self.out / "bench_sweep.png")
         plot_noise(results, self.out / "bench_noise_accuracy.png")
         return results
-
-    def real_reference(self) -> dict:
-        """The same metrics for real training images: the floor a generator can reach."""
-        x, y = load_fashion_mnist("train")
-        n = self.task.num_classes * self.cfg.per_class
-        feats = features(self.evaluator, x[:n])
-        with torch.no_grad():
-            acc = (self.evaluator(x[:n]).argmax(-1) == y[:n]).float().mean().item()
-        prec, rec = precision_recall(self.real_features[:n], feats)
-        return {"n": n, "accuracy": acc, "fid": fid(feats, self.real_features), "kid": kid(feats, self.real_features),
-                "precision": prec, "recall": rec}
-
-
-def _training_steps(train: TrainConfig) -> int:
-    """Optimiser steps of a bank in all (``experts`` is "N", "logsnr:N" or explicit boundaries)."""
-    spec = train.experts.split(":")[-1]
-    return train.iterations * (int(spec) if spec.isdigit() else len(spec.split(",")))
-
-
-def _row_cost(row: Row) -> float:
-    """Relative sampling cost, to start the longest jobs first (x0 back-propagates through the UNet)."""
-    return 3.0 if row.method == "x0" else 0.5 if row.method == "unguided" else 1.0
-
-
-_WORKER: ClassifierBench | None = None  # a pool worker's own bench, made once by _init_worker
-
-
-def _init_worker(cfg: BenchConfig, out: str, threads: int) -> None:
-    global _WORKER
-    torch.set_num_threads(threads)
-    _WORKER = ClassifierBench(cfg, Path(out), progress=False)
-
-
-def _run_job(bench: ClassifierBench | None, stage_name: str | None, method: str, args: tuple):
-    bench = bench or _WORKER
-    compute = lambda: getattr(bench, method)(*args)  # noqa: E731
-    return bench.stage.get(stage_name, compute) if stage_name else compute()
-
-
-def time_steps(diffusion, guides: dict, batch: int, steps: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one mid-noise DDIM step (of a ``steps``-step schedule) at ``batch`` for
-    each guide (None = unguided), timed round-robin so that a transient load on the machine hits
-    every method alike. Round 0 warms up and is dropped."""
-    from .samplers import sample_ddim
-
-    x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
-    ts = diffusion.schedule.timesteps(steps)
-    step = ts[len(ts) // 2 : len(ts) // 2 + 1]
-    times: dict[str, list[float]] = {name: [] for name in guides}
-    for r in range(repeats + 1):
-        for name, guide in guides.items():
-            t0 = time.perf_counter()
-            sample_ddim(diffusion, x, step, guide=guide)
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _step_memory(cfg: BenchConfig, row: Row, bank_dir: str | None) -> dict:
-    """In a fresh process: the peak RSS of two guided steps above the RSS just before them
-    (``step_memory_mib``; the load-time peak would hide everything but x0), and the process's
-    peak RSS. Linux only for the step memory (None elsewhere)."""
-    from .guidance import GuideSpec, build_guide
-    from .samplers import sample_ddim
-
-    diffusion = load_diffusion(cfg.diffusion)
-    guide = load_guide(cfg.guide)
-    task = task_for(guide, diffusion.image_shape)
-    bank = None
-    if bank_dir:
-        bank, _ = load_experts(load_guide(cfg.guide).net, bank_dir, schedule=diffusion.schedule)
-    targets = torch.arange(cfg.cost_batch) % task.num_classes
-    x = torch.randn((cfg.cost_batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
-    ts = diffusion.schedule.timesteps(cfg.steps)
-    g = build_guide(row.method, GuideSpec(task=task, target=targets, scale=1.0, net=guide.net, experts=bank, diffusion=diffusion,
-                                          calibration=row.calibration))
-    load_peak = _proc_status_mib("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
-    before = _reset_peak_rss()
-    for _ in range(2):
-        sample_ddim(diffusion, x, ts[len(ts) // 2 : len(ts) // 2 + 1], guide=g)
-    if before is None or load_peak is None:
-        scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
-        return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "step_memory_mib": None}
-    step_peak = _proc_status_mib("VmHWM")
-    return {"peak_rss_mib": round(max(load_peak, step_peak), 1), "step_memory_mib": round(step_peak - before, 1)}
-
-
-def _proc_status_mib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> float | None:
-    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs) and return the current RSS
-    in MiB; None where that is not possible (then only the process-wide peak is reported)."""
-    try:  # hand freed heap back first, so that memory the allocator kept does not hide the next peak
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _proc_status_mib("VmRSS")
-
-
-def machine() -> dict:
-    import os
-    import platform
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,20 +438,13 @@ def _memory(c: dict) -> str:
     return f"{step} / {c['peak_rss_mib']:.0f}"
 
 
-def _savefig(fig, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+def _short(cal: dict) -> str:
+    default = dataclasses.asdict(Calibration())
+    return "(" + ", ".join(f"{k.split('_')[0]}={v}" for k, v in cal.items() if v != default[k]) + ")"
 
 
 def plot_sweep(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])  # 20 distinct series
     for name, points in r["sweep"].items():
@@ -654,20 +459,10 @@ def plot_sweep(r: dict, path: Path) -> None:
     ax.set_title(f"Guidance-scale sweep ({10 * r['config']['sweep_per_class']} samples per point; labels = scale)")
     ax.legend(fontsize=7)
     _savefig(fig, path)
-    plt.close(fig)
-
-
-def _short(cal: dict) -> str:
-    default = dataclasses.asdict(Calibration())
-    return "(" + ", ".join(f"{k.split('_')[0]}={v}" for k, v in cal.items() if v != default[k]) + ")"
 
 
 def plot_noise(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ts = r["noise"]["timesteps"]
 
     def series(acc):
@@ -687,7 +482,6 @@ def plot_noise(r: dict, path: Path) -> None:
         ax.axhline(0.1, color="gray", lw=0.5, ls="--")
         ax.legend(fontsize=7)
     _savefig(fig, path)
-    plt.close(fig)
 
 
 def run_classifier_bench(out: Path, quick: bool = False, cfg: BenchConfig | None = None, progress: bool = True) -> dict:

@@ -1,0 +1,10 @@
+"""The benches behind ``ppap bench``: ``classifier`` (the paper's comparison on the zoo) and
+``dense`` (layout guidance with the zoo's dense models), on one shared stage / worker / report
+layer (``common``). Every stage is saved under the results folder, so a re-run resumes."""
+
+from .classifier import QUICK, BenchConfig, classifier_report, run_classifier_bench
+from .dense import QUICK as DENSE_QUICK
+from .dense import DenseBenchConfig, dense_report, run_dense_bench
+
+__all__ = ["BenchConfig", "DENSE_QUICK", "DenseBenchConfig", "QUICK", "classifier_report", "dense_report", "run_classifier_bench",
+           "run_dense_bench"]

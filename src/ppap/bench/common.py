@@ -1,0 +1,287 @@
+"""What both benches share: stage files and the configuration check, the models and real test set
+every bench loads, the timed stage runner, the job runner (a pool of worker processes), guided
+sampling, step timing and step memory, the machine description and figure saving."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..data import load_fashion_mnist
+from ..diffusion import Diffusion, SamplingGrid
+from ..guidance import Calibration, GuidanceTerm, Guide
+from ..io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
+from ..loading import load_experts, load_guide, load_pipeline
+from ..metrics import features, predict
+from ..pipeline import generate
+from ..samplers import sample_ddim
+
+
+class _Stage:
+    """A JSON result per stage under ``out/stages``: computed once, then read back."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def get(self, name: str, compute: Callable[[], Any]) -> Any:
+        path = self.path(name)
+        if path.exists():
+            return read_json(path, f"bench stage {name}")
+        value = compute()
+        atomic_write_json(path, value)
+        return value
+
+    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers",)) -> None:
+        """A results folder belongs to one configuration: refuse to mix the stages of two."""
+        path = self.dir / "config.json"
+        config = json.loads(json.dumps(config))  # tuples -> lists, as read back
+        if not path.exists():
+            atomic_write_json(path, config)
+            return
+        old = read_json(path, "bench configuration")
+        differ = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+        if differ:
+            raise PPAPError(f"{self.dir.parent} holds stages of another bench configuration ({', '.join(differ)} differ); "
+                            "use another --out, or delete that folder to start over")
+
+
+class Bench:
+    """What every bench builds alike from its configuration (which has at least ``diffusion``,
+    ``evaluator``, ``steps`` and ``batch_size``; ``workers`` when its jobs may run in parallel):
+    the results folder and its stages, the pipeline, the evaluator, the real test set and its
+    evaluator features. A subclass writes ``_run`` (its stages, then results and report)."""
+
+    def __init__(self, cfg: Any, out: Path, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.stage = _Stage(self.out)
+        self.stage.check_config(dataclasses.asdict(cfg))
+        self.pipe = load_pipeline(cfg.diffusion, device="cpu")
+        self.diffusion: Diffusion = self.pipe.diffusion
+        self.evaluator = load_guide(cfg.evaluator).net
+        self.x_test, self.y_test = load_fashion_mnist("test")
+        self.real_features = features(self.evaluator, self.x_test)
+        self.timings: dict[str, float] = {}
+        self._recorded: dict[str, float] = {}  # stages/seconds.json: every stage's seconds when it was computed
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def workers(self) -> int:
+        return getattr(self.cfg, "workers", 1)
+
+    # ---- running ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        seconds_file = self.stage.dir / "seconds.json"
+        self._recorded = read_json(seconds_file, "bench stage times") if seconds_file.exists() else {}
+        self.timings = {}  # this call's stages in the order they ran, each with its recorded seconds
+        try:
+            return self._run()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _run(self) -> dict:
+        raise NotImplementedError
+
+    def timed(self, name: str, compute: Callable[[], Any], cached: bool | None = None, save: bool = True) -> Any:
+        """Stage ``name``: its value (``save``: kept in, or read back from, its stage file) and its
+        seconds in ``stages/seconds.json``. A stage read back keeps the time recorded when it was
+        computed; ``cached`` says whether it is read back, where that is not its own file alone."""
+        cached = self.stage.exists(name) if cached is None else cached
+        t = time.time()
+        value = self.stage.get(name, compute) if save else compute()
+        if cached and name in self._recorded:
+            self.timings[name] = self._recorded[name]
+        else:
+            self.timings[name] = self._recorded[name] = round(time.time() - t, 1)
+            atomic_write_json(self.stage.dir / "seconds.json", self._recorded)
+        return value
+
+    def jobs(self, desc: str, jobs: dict[str, tuple[str, tuple]], cache: bool = True) -> dict:
+        """Run ``{stage name: (method, args)}`` (``getattr(self, method)(*args)``), each result
+        saved as its own stage file (``cache``) so that a killed bench resumes; with
+        ``workers`` > 1 in a pool of worker processes, in the given order (longest first)."""
+        out = {name: read_json(self.stage.path(name), f"bench stage {name}")
+               for name in jobs if cache and self.stage.exists(name)}
+        todo = {name: job for name, job in jobs.items() if name not in out}
+        if self.workers <= 1 or len(todo) <= 1:
+            for name, (method, args) in tqdm(todo.items(), desc=desc, unit="job", disable=not self.progress or len(todo) <= 1):
+                out[name] = _run_job(self, name if cache else None, method, args)
+            return {name: out[name] for name in jobs}
+        pool = self._executor()
+        futures = {pool.submit(_run_job, None, name if cache else None, method, args): name for name, (method, args) in todo.items()}
+        for f in tqdm(as_completed(futures), total=len(futures), desc=f"{desc} ({self.workers} workers)", unit="job",
+                      disable=not self.progress):
+            out[futures[f]] = f.result()
+        return {name: out[name] for name in jobs}
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(type(self), self.cfg, str(self.out), threads))
+        return self._pool
+
+    # ---- sampling and scoring --------------------------------------------------------------
+
+    def sample(self, num: int, term: GuidanceTerm | None, seed: int, desc: str) -> tuple[Tensor, float]:
+        """``num`` DDIM samples guided by ``term`` (None: unguided) and the seconds they took."""
+        t0 = time.time()
+        x = generate(self.pipe, num, seed=seed, terms=[term] if term is not None else [], batch_size=self.cfg.batch_size,
+                     progress=self.progress, desc=desc, num_inference_steps=self.cfg.steps, sampler="ddim")
+        return x, time.time() - t0
+
+    def evaluator_classes(self, x: Tensor) -> Tensor:
+        """The evaluator's predicted class of every image."""
+        return predict(self.evaluator, x).argmax(-1)
+
+
+_WORKER: Bench | None = None  # a pool worker's own bench, made once by _init_worker
+
+
+def _init_worker(cls: type, cfg: Any, out: str, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = cls(cfg, Path(out), progress=False)
+
+
+def _run_job(bench: Bench | None, stage_name: str | None, method: str, args: tuple) -> Any:
+    bench = bench or _WORKER
+    compute = lambda: getattr(bench, method)(*args)  # noqa: E731
+    return bench.stage.get(stage_name, compute) if stage_name else compute()
+
+
+# --------------------------------------------------------------------------------------------
+# step time and step memory
+# --------------------------------------------------------------------------------------------
+
+
+def mid_step(diffusion: Diffusion, steps: int) -> SamplingGrid:
+    """The mid-noise step of a ``steps``-step DDIM grid, as a one-step grid."""
+    grid = diffusion.schedule.grid(steps, "ddim")
+    return grid[len(grid) // 2 : len(grid) // 2 + 1]
+
+
+def time_steps(diffusion: Diffusion, guides: dict[str, Guide | None], batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one mid-noise DDIM step (of a ``steps``-step schedule) at ``batch`` for
+    each guide (None = unguided), timed round-robin so that a transient load on the machine hits
+    every method alike. Round 0 warms up and is dropped."""
+    x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
+    step = mid_step(diffusion, steps)
+    times: dict[str, list[float]] = {name: [] for name in guides}
+    for r in range(repeats + 1):
+        for name, guide in guides.items():
+            t0 = time.perf_counter()
+            sample_ddim(diffusion, x, step, guide=guide)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step_memory(diffusion: Diffusion, x: Tensor, step: SamplingGrid, guide: Guide | None) -> dict:
+    """The peak RSS of two guided steps above the RSS just before them (``step_memory_mib``; the
+    load-time peak would hide everything but x0), and the process's peak RSS. Meant for a fresh
+    process; Linux only for the step memory (None elsewhere)."""
+    load_peak = _proc_status_mib("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
+    before = _reset_peak_rss()
+    for _ in range(2):
+        sample_ddim(diffusion, x, step, guide=guide)
+    if before is None or load_peak is None:
+        scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
+        return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "step_memory_mib": None}
+    step_peak = _proc_status_mib("VmHWM")
+    return {"peak_rss_mib": round(max(load_peak, step_peak), 1), "step_memory_mib": round(step_peak - before, 1)}
+
+
+def guided_step_memory(diffusion_ref: str, guide_ref: str, bank_dir: str | None, method: str, calibration: Calibration,
+                       batch: int, steps: int, target: Any = "all") -> dict:
+    """``step_memory`` of ``method`` (with the bank in ``bank_dir``, if any) toward ``target``
+    (default: the classes cycled), everything loaded here: run it in a fresh process."""
+    pipe = load_pipeline(diffusion_ref, device="cpu")
+    diffusion = pipe.diffusion
+    guide = load_guide(guide_ref)
+    bank = load_experts(bank_dir, copy.deepcopy(guide), diffusion) if bank_dir else None
+    term = pipe.guidance_term(batch, guide=guide, experts=bank, target=target, method=method, classifier_scale=1.0,
+                              calibration=calibration)
+    x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
+    return step_memory(diffusion, x, mid_step(diffusion, steps), term.build(diffusion) if term is not None else None)
+
+
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float | None:
+    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs) and return the current RSS
+    in MiB; None where that is not possible (then only the process-wide peak is reported)."""
+    try:  # hand freed heap back first, so that memory the allocator kept does not hide the next peak
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_status_mib("VmRSS")
+
+
+# --------------------------------------------------------------------------------------------
+# machine and figures
+# --------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _savefig(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically and close it."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    pyplot().close(fig)
