@@ -290,6 +290,11 @@ class LoRAExperts(ExpertBank):
             targets = list(adapter.target_modules)
         else:
             targets = _module_names(net, LORA_TYPES)
+        # peft adapts a grouped convolution only when the rank is a multiple of its groups
+        # (depthwise convs in SegFormer, ConvNeXt): those stay frozen, listed in ``skipped``
+        self.skipped = [n for n in targets if isinstance(names[n], nn.Conv2d) and names[n].groups > 1
+                        and adapter.rank % names[n].groups]
+        targets = [n for n in targets if n not in self.skipped]
         if not targets:
             raise PPAPError("the guidance network has no Conv2d or Linear layer for LoRA")
         norms = _module_names(net, NORM_TYPES) if adapter.per_expert_norm else []

@@ -129,6 +129,7 @@ def train_experts(
     if cfg.objective == "supervised" and labels is None:
         raise PPAPError("objective 'supervised' needs labelled images (e.g. --data fashion-mnist)")
     manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity, dist)
+    bank.task = task
     bank.to(dist.device)
     images = images.to(dist.device)
     targets = None  # the teacher's outputs, computed only if an expert is left to train
@@ -242,5 +243,4 @@ def data_free_experts(pipe, diffusion_ref: str, guide, work_dir, *, corpus_size:
     router = TimestepRouter.parse(cfg.experts, schedule.num_train_timesteps, schedule.alphas_cumprod)
     bank = make_bank(guide, router, cfg.adapter_config(), seed=cfg.seed)
     stats = train_experts(bank, task, schedule, images, cfg, work_dir / "experts", progress=progress)
-    bank.task = task
     return bank, stats

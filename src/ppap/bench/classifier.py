@@ -37,7 +37,7 @@ from ..loading import load_guide
 from ..metrics import accuracy_under_noise, features, fid, kid, precision_recall
 from ..tasks import task_for
 from ..train import TrainConfig, train_experts
-from .common import Bench, _savefig, guided_step_memory, machine, pyplot, time_steps
+from .common import Bench, _savefig, guided_step_memory, in_order, machine, machine_in_order, pyplot, time_steps
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,12 @@ ROWS = (
     Row("x0-shortcut", "x0-shortcut"),
     Row("x0-shortcut-calibrated", "x0-shortcut", calibration=CALIBRATED),
 )
+
+
+STAGES = ("banks", "cost", "sweep", "main", "noise", "ablations")  # in the order they run
+# the noise-vs-accuracy models: the off-the-shelf net (no bank) and the routed banks
+NOISE_MODELS = {"off-the-shelf": None, "noise-aware": "noise-aware", "multi-expert-supervised-5": "mes5", "ppap-5": "ppap5",
+                "ppap-10": "ppap10"}
 
 
 def _ablations(its: int) -> dict[str, tuple[str, BankSpec]]:
@@ -179,7 +185,6 @@ class ClassifierBench(Bench):
         super().__init__(cfg, out, progress)
         self.naive = load_guide(cfg.guide)  # clean: naive / x0 guidance; banks get copies of their own
         self.task = task_for(self.naive, self.pipe.image_shape, "classification")
-        self.classes = self.naive.classes or tuple(str(k) for k in range(self.task.num_classes))
         self._banks: dict[str, ExpertBank] = {}
         self._corpus: torch.Tensor | None = None
 
@@ -326,11 +331,8 @@ class ClassifierBench(Bench):
         sched = self.diffusion.schedule
         off = self.naive
         out = {"timesteps": ts, "routed": {
-            "off-the-shelf": accuracy_under_noise(lambda xt, t: off(xt), sched, x, y, ts),
-            "noise-aware": accuracy_under_noise(self.bank("noise-aware"), sched, x, y, ts),
-            "multi-expert-supervised-5": accuracy_under_noise(self.bank("mes5"), sched, x, y, ts),
-            "ppap-5": accuracy_under_noise(self.bank("ppap5"), sched, x, y, ts),
-            "ppap-10": accuracy_under_noise(self.bank("ppap10"), sched, x, y, ts)}, "per_expert": {}}
+            name: accuracy_under_noise((lambda xt, t: off(xt)) if key is None else self.bank(key), sched, x, y, ts)
+            for name, key in NOISE_MODELS.items()}, "per_expert": {}}
         for name, key in (("ppap-5", "ppap5"), ("multi-expert-supervised-5", "mes5")):
             bank = self.bank(key)
             out["per_expert"][name] = [
@@ -380,10 +382,10 @@ class ClassifierBench(Bench):
         main = timed("main", lambda: self.main_stage(sweep), cached=all(self.stage.exists(f"main-{row.name}") for row in ROWS))
         noise = timed("noise", self.noise_stage)
         ablations = timed("ablations", lambda: self.ablation_stage(main["ppap-5"]["scale"])) if cfg.ablate else {}
-        results = {"config": dataclasses.asdict(cfg), "machine": machine(), "banks": banks, "cost": cost, "sweep": sweep,
-                   "main": main, "noise": noise, "ablations": ablations, "stage_seconds": self.timings,
-                   "seconds_this_call": round(time.time() - t0, 1),
-                   "real_reference": self.stage.get("real", self.real_reference)}
+        results = _in_order({"config": dataclasses.asdict(cfg), "machine": machine(), "banks": banks, "cost": cost, "sweep": sweep,
+                             "main": main, "noise": noise, "ablations": ablations, "stage_seconds": self.timings,
+                             "seconds_this_call": round(time.time() - t0, 1),
+                             "real_reference": self.stage.get("real", self.real_reference)})
         atomic_write_json(self.out / "results.json", results)
         atomic_write_bytes(self.out / "report.md", classifier_report(results).encode())
         plot_sweep(results, self.out / "bench_sweep.png")
@@ -396,10 +398,21 @@ class ClassifierBench(Bench):
 # --------------------------------------------------------------------------------------------
 
 
+def _in_order(r: dict) -> dict:
+    """``r`` with its tables in the bench's order (rows, noise models, ablations, stages): stages
+    read back from their files (and results.json) hold them sorted by name, and a resumed report
+    or figure must read as the first one did."""
+    rows = [row.name for row in ROWS]
+    return r | {"main": in_order(r["main"], rows), "sweep": in_order(r["sweep"], rows),
+                "ablations": in_order(r["ablations"], _ablations(1)), "stage_seconds": in_order(r["stage_seconds"], STAGES),
+                "noise": r["noise"] | {"routed": in_order(r["noise"]["routed"], NOISE_MODELS)}}
+
+
 def classifier_report(r: dict) -> str:
+    r = _in_order(r)
     cfg, main, banks, cost = r["config"], r["main"], r["banks"], r["cost"]
     bank_of = {row.name: row.bank for row in ROWS}
-    lines = [f"Machine: {r['machine']}. DDIM-{cfg['steps']}, {10 * cfg['per_class']} samples per row (balanced over the 10 classes), "
+    lines = [f"Machine: {machine_in_order(r)}. DDIM-{cfg['steps']}, {10 * cfg['per_class']} samples per row (balanced over the 10 classes), "
              f"same initial noises for every row; scale chosen per method on a separate seed set.", "",
              "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | memory: step / peak (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -444,7 +457,7 @@ def _short(cal: dict) -> str:
 
 
 def plot_sweep(r: dict, path: Path) -> None:
-    plt = pyplot()
+    r, plt = _in_order(r), pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])  # 20 distinct series
     for name, points in r["sweep"].items():
@@ -462,7 +475,7 @@ def plot_sweep(r: dict, path: Path) -> None:
 
 
 def plot_noise(r: dict, path: Path) -> None:
-    plt = pyplot()
+    r, plt = _in_order(r), pyplot()
     ts = r["noise"]["timesteps"]
 
     def series(acc):

@@ -1,6 +1,6 @@
 """What both benches share: stage files and the configuration check, the models and real test set
 every bench loads, the timed stage runner, the job runner (a pool of worker processes), guided
-sampling, step timing and step memory, the machine description and figure saving."""
+sampling, step timing and step memory, the machine description, report order and figure saving."""
 
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ def _reset_peak_rss() -> float | None:
 
 
 # --------------------------------------------------------------------------------------------
-# machine and figures
+# machine, reports and figures
 # --------------------------------------------------------------------------------------------
 
 
@@ -265,6 +265,17 @@ def machine() -> dict:
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def machine_in_order(r: dict) -> dict:
+    """A results dict's machine description, its keys in ``machine()``'s order (for the report)."""
+    return in_order(r["machine"], ("cpu", "cores", "torch_threads", "torch", "cuda"))
+
+
+def in_order(d: dict, keys) -> dict:
+    """``d`` with ``keys`` first, in that order (then any others): a dict read back from a stage
+    file or results.json is sorted by name, a table or figure wants the bench's own order."""
+    return {k: d[k] for k in keys if k in d} | d
 
 
 def pyplot():

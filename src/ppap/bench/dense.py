@@ -31,7 +31,7 @@ from ..io import atomic_write_bytes, atomic_write_json
 from ..loading import load_experts, load_guide
 from ..metrics import features, fid, predict
 from ..models import FOREGROUND_THRESHOLD, sobel_magnitude
-from .common import Bench, _savefig, machine, pyplot, time_steps
+from .common import Bench, _savefig, in_order, machine, machine_in_order, pyplot, time_steps
 
 TASKS = {"segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"), "dense": ("fashion-edges", "fashion-edges-ppap5")}
 METHODS = ("naive", "x0", "ppap")
@@ -223,10 +223,11 @@ def _fmt_scale(scale) -> str:
 
 
 def dense_report(r: dict) -> str:
-    cfg = r["config"]
-    lines = [f"Machine: {r['machine']}. DDIM-{cfg['steps']}, {cfg['num_targets']} targets per row from real test images; "
+    cfg, stage_seconds = r["config"], in_order(r["stage_seconds"], ("cost", "sweep", "main"))  # results.json sorts them
+    lines = [f"Machine: {machine_in_order(r)}. DDIM-{cfg['steps']}, {cfg['num_targets']} targets per row from real test images; "
              f"scale per (task, method) from a sweep on {cfg['sweep_targets']} other targets and another seed.", ""]
-    seg, dense = r["main"]["segmentation"], r["main"]["dense"]
+    rows = ("unguided",) + METHODS + ("reference images",)
+    seg, dense = in_order(r["main"]["segmentation"], rows), in_order(r["main"]["dense"], rows)
     lines += ["Segmentation (target: fashion-segmenter's label map of a real test image):", "",
               "| method | scale | foreground IoU | evaluator acc. (class of the mask) | FID | step cost (x unguided) |", "|---|---|---|---|---|---|"]
     for m, s in seg.items():
@@ -241,7 +242,7 @@ def dense_report(r: dict) -> str:
                      f"{'' if cost is None else f'{cost:.2f}'} |")
     lines += ["", f"PPAP vs naive: IoU {seg['ppap']['iou']:.3f} vs {seg['naive']['iou']:.3f} ({seg['ppap']['iou'] - seg['naive']['iou']:+.3f}); "
               f"Sobel L1 {dense['ppap']['l1']:.4f} vs {dense['naive']['l1']:.4f} ({(dense['ppap']['l1'] / dense['naive']['l1'] - 1):+.1%}).",
-              "", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
+              "", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in stage_seconds.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,181 @@
+"""PPAPPipeline: the diffusers object a user meets first, on tiny random UNets of every kind."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+from PIL import Image
+
+from ppap import Classification, LoRAExperts, PPAPError, PPAPPipeline, TimestepRouter, sample_ddim
+from ppap.models import tiny_classifier
+
+from conftest import tiny_cond_unet, tiny_unet
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def _pipe(unet=None, **scheduler_options):
+    return PPAPPipeline(unet=unet or tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100, **scheduler_options))
+
+
+def test_loads_a_diffusers_ddpm_folder_and_round_trips(tmp_path):
+    """A DDPMPipeline folder loads as a PPAPPipeline; save_pretrained / from_pretrained keep the images."""
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "ddpm")
+    pipe = PPAPPipeline.from_pretrained(tmp_path / "ddpm")
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    first = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np", progress=False)
+    assert first.images.shape == (2, 8, 8, 1) and first.images.min() >= 0 and first.images.max() <= 1
+    pipe.save_pretrained(tmp_path / "ppap")
+    again = PPAPPipeline.from_pretrained(tmp_path / "ppap")(batch_size=2, num_inference_steps=4, output_type="np", progress=False,
+                                                            generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(first.images, again.images)
+    pil = pipe(num_inference_steps=2, progress=False).images
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (8, 8)
+
+
+def test_the_zoo_ddpm_loads_with_from_pretrained():
+    from ppap import zoo
+
+    pipe = PPAPPipeline.from_pretrained(zoo.get("fashion-ddpm").location)
+    out = pipe(batch_size=1, num_inference_steps=2, output_type="pt", progress=False, sampler="ddim").images
+    assert out.shape == (1, 1, 32, 32) and 0 <= out.min() <= out.max() <= 1
+
+
+def test_latents_generators_and_callback():
+    pipe = _pipe()
+    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = pipe(latents=latents, num_inference_steps=5, output_type="latent", progress=False).images
+    diffusion = pipe.diffusion
+    assert torch.equal(ours, sample_ddim(diffusion, latents, diffusion.schedule.grid(5, "ddim")))
+    # one generator per image gives each image its own noise: image 1 of a batch of 2 = image 0 of a batch of 1
+    pair = pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (7, 8)], num_inference_steps=3,
+                output_type="latent", progress=False).images
+    single = pipe(batch_size=1, generator=[torch.Generator().manual_seed(8)], num_inference_steps=3, output_type="latent",
+                  progress=False).images
+    assert torch.allclose(pair[1], single[0], atol=1e-6)
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        seen.append((i, t))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 4 else None
+
+    zeroed = pipe(latents=latents, num_inference_steps=5, output_type="latent", progress=False, callback_on_step_end=callback).images
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4] and torch.equal(zeroed, torch.zeros_like(zeroed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_seed_gives_the_same_start_on_every_device(device):
+    """Noise is drawn on the CPU from the caller's generator and moved (diffusers' randn_tensor habit)."""
+    def first_latents(pipe):
+        seen = []
+        pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(3), progress=False, output_type="latent",
+             callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"]))
+        return seen[0]
+
+    on_device, on_cpu = first_latents(_pipe().to(device)), first_latents(_pipe())
+    grabbed, grabbed_cpu = {0: on_device}, {0: on_cpu}
+    assert grabbed[0].device.type == torch.device(device).type
+    assert torch.allclose(grabbed[0].cpu(), grabbed_cpu[0], atol=1e-4)
+
+
+def test_bfloat16_unet_with_float32_guidance():
+    pipe = _pipe()
+    pipe.unet.to(torch.bfloat16)
+    torch.manual_seed(0)
+    net = tiny_classifier().eval()
+    dtypes = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            dtypes.append(x.dtype)
+            return self.net(x)
+
+    out = pipe(batch_size=2, num_inference_steps=3, guide=Spy(), target=3, output_type="latent", progress=False,
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+def _log_prob(net, x, target):
+    with torch.no_grad():
+        return net(x.clamp(-1, 1)).log_softmax(-1)[:, target]
+
+
+def _bank():
+    torch.manual_seed(0)
+    return LoRAExperts(tiny_classifier(), TimestepRouter.uniform(2, 100))
+
+
+@pytest.mark.parametrize("kind", ["class_labels", "prompt_embeds"])
+def test_ppap_guidance_raises_the_target_on_conditional_unets(kind):
+    """The paper's GLIDE / IF setting in miniature: a conditional UNet (class labels; or text
+    embeddings with classifier-free guidance), guided by a PPAP expert bank. The final samples'
+    target log-probability under the guide rises against the same latents unguided."""
+    if kind == "class_labels":
+        pipe, cond = _pipe(tiny_unet(num_class_embeds=3)), {"class_labels": [0, 1, 2, 0]}
+    else:
+        pipe = _pipe(tiny_cond_unet())
+        embeds = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(2))
+        cond = {"prompt_embeds": embeds, "guidance_scale": 3.0}
+    bank = _bank().eval()
+    bank.task = Classification(10)
+    latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    common = dict(latents=latents, num_inference_steps=6, output_type="latent", progress=False, **cond)
+    plain = pipe(**common).images
+    guided = pipe(guide=bank.guide, experts=bank, target=7, classifier_scale=20.0, **common).images
+    assert not torch.equal(plain, guided)
+    assert (_log_prob(bank.teacher, guided, 7) > _log_prob(bank.teacher, plain, 7)).all()
+
+
+def test_bad_calls_are_one_line_errors():
+    pipe = _pipe(tiny_unet(num_class_embeds=3))
+    cases = [
+        (dict(output_type="jpeg"), "unknown output_type 'jpeg'"),
+        (dict(batch_size=2, generator=[torch.Generator()]), "1 generators for a batch of 2"),
+        (dict(latents=torch.zeros(1, 3, 8, 8)), "latents have shape [1, 3, 8, 8]"),
+        (dict(class_labels=[5]), "class_labels 5 is out of range: the UNet has 3 class embeddings"),
+        (dict(class_labels=[1], guidance_scale=2.0), "needs prompt_embeds or negative_class_labels"),
+        (dict(eta=float("nan")), "eta must be a finite number"),
+        (dict(guide=tiny_classifier(), target=12), "class index 12 is out of range"),
+        (dict(method="ppap", guide=tiny_classifier()), "method 'ppap' needs --experts"),
+        (dict(num_inference_steps=0), "number of sampling steps 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(PPAPError) as e:
+            pipe(progress=False, **({"class_labels": [0]} | kwargs))
+        assert message in str(e.value) and "\n" not in str(e.value), (kwargs, str(e.value))
+
+
+def test_learned_variance_v_prediction_trailing_folder_through_the_cli(tmp_path, capsys):
+    """The IF-like configuration end to end from the command line: generate, train, sample."""
+    from safetensors.torch import save_file
+
+    from ppap.cli import main
+
+    folder = tmp_path / "model"
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction", timestep_spacing="trailing",
+                              variance_type="learned_range")
+    DDPMPipeline(unet=tiny_unet(out_channels=2), scheduler=scheduler).save_pretrained(folder)
+    torch.manual_seed(1)
+    save_file(tiny_classifier().state_dict(), str(tmp_path / "clf.safetensors"))
+    guide = ["--guide", "ppap.models:tiny_classifier", "--guide-weights", str(tmp_path / "clf.safetensors")]
+
+    def run(argv):
+        code = main(["--threads", "1"] + argv)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    run(["generate", "--diffusion", str(folder), "--out", str(tmp_path / "corpus"), "--num", "24", "--steps", "4",
+         "--sampler", "ddpm", "--quiet"])
+    run(["train", "--diffusion", str(folder), *guide, "--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "experts"),
+         "--experts", "2", "--iterations", "3", "--batch-size", "8", "--quiet"])
+    for sampler in ("ddpm", "ddim"):
+        run(["sample", "--diffusion", str(folder), *guide, "--experts", str(tmp_path / "experts"), "--target", "2", "--num", "3",
+             "--steps", "4", "--sampler", sampler, "--out", str(tmp_path / f"{sampler}.png"), "--quiet"])
+        images = np.load(tmp_path / f"{sampler}.npz")["images"]
+        assert images.shape == (3, 8, 8, 1) and images.std() > 0
