@@ -15,7 +15,8 @@ import torch
 
 from ppap.data import load_fashion_mnist
 from ppap.metrics import features, fid, kid, precision_recall
-from ppap.pipeline import load_diffusion, load_guide, sample_images
+from ppap.loading import load_guide, load_pipeline
+from ppap.pipeline import generate
 
 
 def main() -> None:
@@ -30,7 +31,8 @@ def main() -> None:
     x_train, _ = load_fashion_mnist("train")
     f_test = features(evaluator, x_test)
     t0 = time.time()
-    x = sample_images(load_diffusion("fashion-ddpm"), args.num, seed=args.seed, steps=args.steps, batch_size=100)
+    x = generate(load_pipeline("fashion-ddpm", device="cpu"), args.num, seed=args.seed, batch_size=100,
+                 num_inference_steps=args.steps, sampler="ddim")
     seconds = time.time() - t0
     f_gen = features(evaluator, x)
     f_real = features(evaluator, x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]])

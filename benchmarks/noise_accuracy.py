@@ -10,13 +10,14 @@ accuracy (classifier), mIoU (segmenter), L1 to the analytic Sobel map (edge esti
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 from ppap import zoo
 from ppap.data import load_fashion_mnist
+from ppap.loading import load_diffusion, load_experts, load_guide
 from ppap.metrics import mean_iou, score_under_noise
 from ppap.models import segmentation_labels, sobel_magnitude
-from ppap.pipeline import load_bank, load_diffusion, load_guide
 
 
 def card_metric(task: str, x, y):
@@ -41,13 +42,13 @@ def main() -> None:
     x, y = load_fashion_mnist("test")
     x, y = x[: args.num], y[: args.num]
     guide = load_guide(entry.guide)
-    bank, _ = load_bank(args.experts, load_guide(entry.guide), diffusion)
+    bank = load_experts(args.experts, copy.deepcopy(guide), diffusion)  # the adapters go into the copy: guide stays clean
     ts = list(range(0, 1000, 100))
 
     def measure(model):
         return score_under_noise(model, diffusion.schedule, x, ts, card_metric(entry.task, x, y))
 
-    rows = {"off-the-shelf": measure(lambda v, t: guide.net(v)), "experts (routed)": measure(bank)}
+    rows = {"off-the-shelf": measure(lambda v, t: guide(v)), "experts (routed)": measure(bank)}
     for i in range(bank.router.num_experts):
         rows[f"expert_{i} at every t"] = measure(lambda v, t, i=i: bank.run_expert(i, v))
     metric = {"classification": "accuracy", "segmentation": "mIoU", "dense": "L1 to Sobel (lower is better)"}[entry.task]

@@ -8,12 +8,11 @@ an unguided step. `ppap bench classifier` measures the same for every row of its
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
-import torch
-
-from ppap.bench import time_steps
-from ppap.pipeline import guide_builder, load_bank, load_diffusion, load_guide, task_for
+from ppap.bench.common import time_steps
+from ppap.loading import load_experts, load_guide, load_pipeline
 
 
 def main() -> None:
@@ -21,13 +20,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
-    diffusion = load_diffusion("fashion-ddpm")
+    pipe = load_pipeline("fashion-ddpm", device="cpu")
+    diffusion = pipe.diffusion
     naive = load_guide("fashion-classifier")
-    task = task_for(naive, diffusion.image_shape)
-    bank, _ = load_bank("fashion-ppap5", load_guide("fashion-classifier"), diffusion)
-    targets = torch.arange(args.batch) % task.num_classes
-    guides = {m: guide_builder(m, task=task, scale=1.0, guide=naive, experts=bank, diffusion=diffusion)(targets)
-              for m in ("unguided", "naive", "ppap", "x0", "x0-shortcut")}
+    bank = load_experts("fashion-ppap5", copy.deepcopy(naive), diffusion)
+    guides = {}
+    for m in ("unguided", "naive", "ppap", "x0", "x0-shortcut"):  # targets: the classes cycled over the batch
+        term = pipe.guidance_term(args.batch, guide=naive, experts=bank, target="all", method=m, classifier_scale=1.0)
+        guides[m] = term.build(diffusion) if term is not None else None
     seconds = time_steps(diffusion, guides, args.batch, steps=25, repeats=args.repeats)
     for method, sec in seconds.items():
         print(json.dumps({"method": method, "batch": args.batch, "seconds_per_step": round(sec, 4),

@@ -7,12 +7,14 @@ class per (method, scale). Writes JSON lines; used to pick the demo's scales (do
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
 import torch
 
-from ppap.pipeline import guide_builder, load_bank, load_diffusion, load_guide, sample_images, task_for
+from ppap.loading import load_experts, load_guide, load_pipeline
+from ppap.pipeline import generate
 
 
 def main() -> None:
@@ -26,19 +28,19 @@ def main() -> None:
     p.add_argument("--out", default="runs/sweep.jsonl")
     args = p.parse_args()
 
-    diffusion = load_diffusion("fashion-ddpm")
+    pipe = load_pipeline("fashion-ddpm", device="cpu")
     evaluator = load_guide("fashion-evaluator").net
     naive = load_guide("fashion-classifier")
-    task = task_for(naive, diffusion.image_shape)
-    bank, _ = load_bank(args.experts, load_guide("fashion-classifier"), diffusion)
+    bank = load_experts(args.experts, copy.deepcopy(naive), pipe.diffusion)
     targets = torch.arange(10).repeat_interleave(args.per_class)
     with open(args.out, "a") as f:
         for method in args.methods.split(","):
             for scale in map(float, args.scales.split(",")):
-                make = guide_builder(method, task=task, scale=scale, guide=naive, experts=bank, diffusion=diffusion)
+                term = pipe.guidance_term(len(targets), guide=naive, experts=bank, target=targets, method=method,
+                                          classifier_scale=scale)
                 t0 = time.time()
-                x = sample_images(diffusion, len(targets), seed=args.seed, make_guide=make, targets=targets,
-                                  steps=args.steps, batch_size=50, progress=False)
+                x = generate(pipe, len(targets), seed=args.seed, terms=[term] if term is not None else [], batch_size=50,
+                             progress=False, num_inference_steps=args.steps, sampler="ddim")
                 with torch.no_grad():
                     acc = (evaluator(x).argmax(-1) == targets).float().mean().item()
                 row = {"method": method, "scale": scale, "accuracy": acc, "n": len(targets), "seconds": round(time.time() - t0, 1),

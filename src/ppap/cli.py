@@ -48,7 +48,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        typ = _bool if isinstance(f.default, bool) else type(f.default)
+        typ = _bool if isinstance(f.default, bool) else float if f.default is None else type(f.default)
         group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=typ, default=None,
                            metavar=typ.__name__.upper() if typ is not _bool else "BOOL",
                            help=f"{helps.get(f.name, '')} [{f.default}]")
@@ -61,6 +61,8 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
         from .io import read_json
 
         values = read_json(args.config, "config file")
+        if not isinstance(values, dict):
+            raise PPAPError(f"config file {args.config} must hold a JSON object of {cls.__name__} fields, not a {type(values).__name__}")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise PPAPError(f"config file {args.config} has unknown key {sorted(unknown)[0]!r}")
@@ -132,6 +134,9 @@ def cmd_generate(args) -> int:
     """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
     from .data import corpus_spec, generate_corpus, open_corpus
 
+    check_out(args.out)
+    if _number(args.eta, "--eta") < 0:
+        raise PPAPError(f"--eta must be >= 0, got {args.eta}")
     acc = _accelerator()
     if args.device is None:
         args.device = str(acc.device)
@@ -151,9 +156,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def check_out(path: str | Path, kind: str = "folder") -> Path:
+    """``--out``: no file in the way of a folder (or a folder in the way of a file), checked
+    before anything is computed or written."""
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise PPAPError(f"--out {path} is a file, not a folder")
+    if kind == "file" and path.is_dir():
+        raise PPAPError(f"--out {path} is a directory")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise PPAPError(f"--out {path}: {parent} is a file, not a folder")
+    return path
+
+
 def _load_training_data(args, task_name: str):
     from .data import load_corpus, load_fashion_mnist
 
+    if args.limit is not None and args.limit < 1:
+        raise PPAPError(f"--limit must be >= 1, got {args.limit}")
     if args.data == "fashion-mnist":
         x, y = load_fashion_mnist("train", args.data_dir)
         return (x[: args.limit], y[: args.limit]) if args.limit else (x, y)
@@ -167,6 +188,9 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, train_experts
 
     cfg = config_from_args(TrainConfig, args)
+    check_out(args.out)
+    if args.limit is not None and args.limit < 1:
+        raise PPAPError(f"--limit must be >= 1, got {args.limit}")
     acc = _accelerator()
     device = resolve_device(args.device) if args.device else acc.device
     diffusion = load_diffusion(args.diffusion)  # its schedule and image shape; the UNet is not run
@@ -260,12 +284,8 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
-    for path in (out, out.with_suffix(".npz")):
-        if path.is_dir():
-            raise PPAPError(f"--out {path} is a directory")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise PPAPError(f"--out {out}: {parent} is a file, not a folder")
+    check_out(out, "file")
+    check_out(out.with_suffix(".npz"), "file")
     pipe = _pipeline(args)
     pipe.diffusion.schedule.grid(args.steps, args.sampler)  # one-line errors before loading guides
     cond = _conditioning(args, args.num)
@@ -362,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="ppap", description="Practical plug-and-play guidance of diffusion models (PPAP).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="draw a data-free corpus from a diffusion model")
@@ -450,18 +471,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted, 1 internal error
+    (one line; the traceback only with ``--debug``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except PPAPError as e:
-        print(f"ppap: error: {e}", file=sys.stderr)
+        print(f"ppap: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ppap: interrupted (finished shards/checkpoints are kept; re-run to resume)", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"ppap: internal error: {type(e).__name__}: {msg} (re-run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

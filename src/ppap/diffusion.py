@@ -93,6 +93,10 @@ class NoiseSchedule:
                 raise PPAPError(f"scheduler option {key}={config[key]!r} is not supported; valid: {', '.join(valid)}")
         if not hasattr(scheduler, "alphas_cumprod"):
             raise PPAPError(f"{type(scheduler).__name__} has no alphas_cumprod: ppap needs a DDPM-family scheduler")
+        betas = getattr(scheduler, "betas", None)
+        if betas is not None and not bool(((betas > 0) & (betas <= 1)).all()):
+            bad = betas[~((betas > 0) & (betas <= 1))][0].item()
+            raise PPAPError(f"scheduler betas must lie in (0, 1], found {bad:g} (check beta_start / beta_end / trained_betas)")
         return cls(scheduler.alphas_cumprod.to(torch.float64).clone(), config)
 
     @classmethod

@@ -100,8 +100,9 @@ class TimestepRouter:
         T = len(abar)
         if not 1 <= num_experts <= T:
             raise PPAPError(f"number of experts {num_experts} must be in [1, {T}]")
-        log_snr = (abar / (1 - abar)).log()  # decreasing in t
-        levels = log_snr[0] + (log_snr[-1] - log_snr[0]) * torch.arange(1, num_experts, dtype=torch.float64) / num_experts
+        log_snr = (abar / (1 - abar)).log()  # decreasing in t; -inf where abar = 0 (zero terminal SNR)
+        lowest = log_snr[torch.isfinite(log_snr)].min()  # such timesteps fall in the last range
+        levels = log_snr[0] + (lowest - log_snr[0]) * torch.arange(1, num_experts, dtype=torch.float64) / num_experts
         inner = [int((log_snr > v).sum()) for v in levels]  # first t whose log-SNR is at or below the level
         bounds = [0]
         for b in inner:
@@ -504,7 +505,11 @@ def load_bank(guide: nn.Module, directory: str | os.PathLike, *, schedule: Noise
         adapter = AdapterConfig(**{k: tuple(v) if k == "target_modules" and v else v for k, v in manifest["adapter"].items()})
         task = make_task(**manifest["task"])
         trained, want_fp, sched = list(manifest["trained"]), manifest["guide_fingerprint"], manifest["schedule"]
-    except (KeyError, TypeError) as e:
+        if not isinstance(sched, dict) or not isinstance(trained, list):
+            raise TypeError("schedule must be an object and trained a list")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, PPAPError):
+            raise PPAPError(f"{directory / MANIFEST} is malformed ({e})") from None
         raise PPAPError(f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e})") from None
     if schedule is not None and sched.get("fingerprint") != schedule_fingerprint(schedule):
         raise PPAPError(f"experts in {directory} were trained for another noise schedule "

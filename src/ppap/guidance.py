@@ -32,7 +32,7 @@ from torch import LongTensor, Tensor, nn
 from .diffusion import Prediction
 from .experts import ExpertBank
 from .io import PPAPError
-from .samplers import DenoiserFn
+from .samplers import DenoiserFn, NonFiniteError
 from .tasks import Classification, Task
 
 
@@ -47,6 +47,8 @@ def _grad_log_likelihood(task: Task, output: Tensor, target: Tensor, wrt: Tensor
     if target.shape[0] != output.shape[0]:
         raise PPAPError(f"{target.shape[0]} targets for a batch of {output.shape[0]} images")
     ll = task.log_likelihood(output, target)
+    if not bool(torch.isfinite(ll).all()):  # one reduction over [B]: NaN/inf logits or maps of the guide
+        raise NonFiniteError("the guidance model's output is not finite")
     return torch.autograd.grad(ll.sum(), wrt)[0]
 
 
@@ -75,9 +77,18 @@ class PredictedX0Guide:
     scale: float
 
     def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
+        return self.guided_prediction(x_t, t)[1]
+
+    def guided_prediction(self, x_t: Tensor, t: LongTensor) -> tuple[Prediction, Tensor]:
+        """The UNet's prediction and the guidance from ONE forward with grad (samplers use this
+        instead of their own no-grad forward). x0_hat is clipped to [-1, 1] straight-through: the
+        value the classifier sees is clipped, the gradient is not cut on saturated pixels, the
+        same loss as ``ShortcutX0Guide`` (which clips a detached x0_hat)."""
         x = x_t.detach().requires_grad_(True)
-        x0 = self.diffusion(x, t).x0.clamp(-1, 1)
-        return self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
+        pred = self.diffusion(x, t)
+        x0 = pred.x0 + (pred.x0.clamp(-1, 1) - pred.x0).detach()
+        g = self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
+        return Prediction(*(None if v is None else v.detach() for v in pred)), g
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, NonFiniteError
 from .tasks import class_targets, dense_targets, output_shape, task_for
 
 DEFAULT_CLASSIFIER_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); dense losses need far larger ones
@@ -119,8 +119,13 @@ class PPAPPipeline(DiffusionPipeline):
         if experts is not None and not isinstance(experts, ExpertBank):
             bank = load_bank(copy.deepcopy(guide), experts, schedule=diffusion.schedule)
         if bank is not None:
+            if bank.task is None:
+                raise PPAPError("the expert bank has no task: load it with ppap.load_bank or train it with train_experts")
             the_task = bank.task
             clean = bank.teacher  # the bank's adapters live in its own net: targets use the frozen model
+            # experts for another image shape or another output fail here, in one line, not mid-sampling
+            shape = output_shape(bank.guide, diffusion.image_shape)
+            the_task.check_target(the_task.target_from_output(torch.zeros(shape)), shape)
         else:
             the_task = task_for(guide, diffusion.image_shape, task or guide.task or "classification")
             clean = guide
@@ -133,7 +138,7 @@ class PPAPPipeline(DiffusionPipeline):
             if target is not None and not isinstance(target, (Tensor, np.ndarray)):
                 raise PPAPError(f"a {the_task.name} guide takes a target map or a reference image, not {target!r}")
             image = None if target_image is None else target_image.to(next(iter(guide.parameters())).device)
-            targets = dense_targets(the_task, clean, num, output_shape(clean, diffusion.image_shape),
+            targets = dense_targets(the_task, clean, num, output_shape(bank.guide if bank is not None else clean, diffusion.image_shape),
                                     image=image, target_map=None if target is None else torch.as_tensor(target))
         if classifier_scale is None:
             classifier_scale = getattr(bank, "default_scale", None) if method in ("ppap", "noise-aware", "multi-expert-supervised") else None
@@ -276,7 +281,10 @@ class PPAPPipeline(DiffusionPipeline):
             return out.get("latents") if isinstance(out, dict) else None
 
         extra = {"eta": eta} if sampler == "ddim" else {}
-        x = SAMPLERS[sampler](denoiser, x, grid, guide=guide_fn, generator=generator, callback=on_step, progress=progress, **extra)
+        try:
+            x = SAMPLERS[sampler](denoiser, x, grid, guide=guide_fn, generator=generator, callback=on_step, progress=progress, **extra)
+        except NonFiniteError as e:
+            raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
         image = x if output_type == "latent" else (x / 2 + 0.5).clamp(0, 1)
         if output_type in ("np", "pil"):
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()

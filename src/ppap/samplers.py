@@ -24,6 +24,10 @@ from tqdm.auto import tqdm
 from .diffusion import NoiseSchedule, Prediction, SamplingGrid
 from .io import PPAPError
 
+
+class NonFiniteError(PPAPError):
+    """A NaN or inf in guidance or sampling (the pipeline adds which guidance method)."""
+
 GuideFn = Callable[[Tensor, LongTensor, Prediction], Tensor]
 Callback = Callable[[dict], None]
 Generator = torch.Generator | list[torch.Generator] | None
@@ -43,13 +47,25 @@ def _clip_range(schedule: NoiseSchedule, clip_x0: bool | None) -> float | None:
 
 def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
     t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
-    with torch.no_grad():
-        pred = denoiser(x, t)
-    if guide is None:
-        return pred, None
-    with torch.enable_grad():
-        g = guide(x, t, pred)
+    if guide is not None and hasattr(guide, "guided_prediction"):  # a guide that needs the UNet forward with grad
+        with torch.enable_grad():
+            pred, g = guide.guided_prediction(x, t)
+    else:
+        with torch.no_grad():
+            pred = denoiser(x, t)
+        if guide is None:
+            return pred, None
+        with torch.enable_grad():
+            g = guide(x, t, pred)
+    if not bool(torch.isfinite(g).all()):
+        raise NonFiniteError(f"the guidance gradient is not finite at t={t_int}")
     return pred, g.detach()
+
+
+def _check_finite(x: Tensor, t_int: int) -> None:
+    """One reduction per step: a NaN/inf sample is an error now, never an all-black image later."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"the sample became non-finite at t={t_int} (the diffusion model's output or the guidance scale)")
 
 
 def _scalars(grid: SamplingGrid, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,6 +112,7 @@ def sample_ddim(
         x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         if eta > 0:
             x = x + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        _check_finite(x, t_int)
         if callback is not None:  # a callback may return a replacement sample tensor (diffusers' callback_on_step_end)
             replaced = callback({"i": i, "t": t_int, "x": x, "x0": x0, "guidance": g})
             x = replaced if isinstance(replaced, Tensor) else x
@@ -155,6 +172,7 @@ def sample_ddpm(
         x = mean
         if t_int > 0:
             x = x + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        _check_finite(x, t_int)
         if callback is not None:  # a callback may return a replacement sample tensor (diffusers' callback_on_step_end)
             replaced = callback({"i": i, "t": t_int, "x": x, "x0": x0, "guidance": g})
             x = replaced if isinstance(replaced, Tensor) else x

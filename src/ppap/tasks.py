@@ -182,7 +182,10 @@ def output_shape(net, image_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def task_for(net, image_shape: tuple[int, ...], name: str = "classification", **kwargs) -> Task:
-    """The task for a guidance model, with its size (the class count) read off its output."""
+    """The task for a guidance model, with its size (the class count) read off its output.
+    ``tau=None`` keeps the task's own default temperature."""
+    if kwargs.get("tau", 0) is None:
+        kwargs.pop("tau")
     shape = output_shape(net, image_shape)
     ref = getattr(net, "ref", "the guidance model")
     if name == "classification":

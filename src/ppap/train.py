@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -44,16 +44,28 @@ class TrainConfig:
     warmup: int = 20  # warm-up steps of each expert's schedule
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warm_start: bool = False  # start expert i from expert i-1's weights (the official code does)
-    tau: float = 0.25  # KD temperature on the teacher (classification / segmentation)
+    tau: float | None = None  # KD temperature on the teacher (None: the task's own, 0.25 classification, 1 segmentation)
     seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
     checkpoint_every: int = 100  # steps between resume checkpoints
 
     def __post_init__(self):
+        for f in fields(self):  # types first: a config file can hold anything
+            value, want = getattr(self, f.name), type(f.default) if f.default is not None else float
+            ok = isinstance(value, bool) if want is bool else (value is None and f.default is None) or (
+                isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool))
+            if not ok:
+                raise PPAPError(f"training option {f.name} must be {want.__name__}, got {value!r}")
         if self.objective not in ("distill", "supervised"):
             raise PPAPError(f"unknown objective {self.objective!r}; valid: 'distill', 'supervised'")
-        for name in ("iterations", "batch_size"):
+        for name in ("iterations", "batch_size", "rank", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise PPAPError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, lo in (("lr", 0.0), ("alpha", 0.0), ("tau", 0.0), ("weight_decay", None)):
+            v = getattr(self, name)
+            if v is not None and (not math.isfinite(v) or (lo is not None and v <= lo) or v < 0):
+                raise PPAPError(f"{name} must be a finite number {'> 0' if lo is not None else '>= 0'}, got {v}")
+        if self.warmup < 0:
+            raise PPAPError(f"warmup must be >= 0, got {self.warmup}")
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(kind=self.adapter, rank=self.rank, alpha=self.alpha, per_expert_norm=self.per_expert_norm)
@@ -141,6 +153,9 @@ def train_experts(
         if targets is None:
             targets = (teacher_outputs(bank, images, progress=progress and dist.main) if cfg.objective == "distill"
                        else labels.to(dist.device))
+            if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+                bad = int((~torch.isfinite(targets.flatten(1))).any(1).sum())
+                raise PPAPError(f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; nothing was trained")
         stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
         dist.barrier()
         if dist.main:
@@ -200,12 +215,16 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
             loss = task.supervised_loss(out, target).mean()
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        value = loss.item()
+        if not math.isfinite(value):  # stop before the step: the last checkpoint stays finite
+            raise PPAPError(f"{expert_name(i)} step {step}: the loss is {value} (learning rate {cfg.lr:g} too high, "
+                            f"or a non-finite guidance model); nothing of this expert was saved since its last checkpoint")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.mean_([p.grad for p in params if p.grad is not None])
         opt.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(value)
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
