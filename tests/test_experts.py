@@ -110,3 +110,29 @@ def test_full_experts_are_independent_copies(tiny_diffusion, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in bank.base_state().items())
     assert (tmp_path / "expert_1" / "model.safetensors").exists()
     assert parameter_report(bank)["fraction_per_expert"] == 1.0
+
+
+def test_merged_experts_guide_like_unmerged_and_restore_the_backbone_exactly():
+    """Inference merges the routed expert's LoRA into the weights (the cost of a naive forward);
+    the guidance equals the unmerged one to 1e-5 and the backbone comes back bit for bit."""
+    from ppap import NoisyInputGuide
+
+    bank = _bank(3)
+    with torch.no_grad():
+        for name, p in bank.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+    base = {k: v.clone() for k, v in bank.base_state().items()}
+    x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3, 4])
+    grads = {}
+    for merge in (False, True):
+        bank.merge = merge
+        guide = NoisyInputGuide(bank.eval(), Classification(10), y, 1.0)
+        grads[merge] = [guide(x, torch.full((4,), t), None) for t in (10, 50, 90, 10)]
+        if merge:
+            assert bank._merged == 0  # the last call left expert 0 merged
+    for a, b in zip(grads[False], grads[True]):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-5)
+    assert all(torch.equal(base[k], v) for k, v in bank.base_state().items())
+    bank.train()  # training always sees separate LoRA branches
+    assert bank._merged is None

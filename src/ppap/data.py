@@ -7,17 +7,20 @@ uint8 [N, H, W, C] (the layout of every image file and of ``np.savez`` outputs).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .io import PPAPError, atomic_write_bytes, atomic_write_json
+from .io import PPAPError, atomic_write_bytes, atomic_write_json, check_fields, exclusive_lock, read_json_object
 
 FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -86,10 +89,22 @@ def unit_to_uint8(x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Data-free corpus: shards of generated images + a manifest.
+# Data-free corpus: shards of generated images + a manifest that records each shard's checksum.
 # --------------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT = "ppap-corpus-v2"
+_V1 = "ppap-corpus-v1"  # shards written atomically but not recorded; the next open_corpus records them
+
+_COUNT = (int, lambda v: v >= 1, ">= 1")
+_SPEC_FIELDS = {"model": (str,), "num_samples": _COUNT, "shard_size": _COUNT, "steps": _COUNT, "batch_size": _COUNT,
+                "eta": (float, lambda v: math.isfinite(v) and v >= 0, "(finite, >= 0)"), "seed": (int,),
+                "schedule": (dict,), "sampler": (str,), "condition": ((dict, type(None)),)}
+_MANIFEST_FIELDS = _SPEC_FIELDS | {"format": (str, lambda v: v in (FORMAT, _V1), f"'{FORMAT}'"),
+                                   "shards": (dict, None, "", False)}  # required from v2 on (checked below)
+_RECORD_FIELDS = {"sha256": (str, lambda v: len(v) == 64, "of 64 hex digits"), "bytes": _COUNT, "dtype": (str,),
+                  "shape": (list, lambda v: len(v) == 4 and all(type(i) is int and i >= 0 for i in v), "of 4 sizes")}
 
 
 @dataclass(frozen=True)
@@ -116,63 +131,169 @@ class CorpusSpec:
 
 
 def shard_path(root: Path, k: int) -> Path:
-    return root / f"shard-{k:05d}.npy"
+    return Path(root) / f"shard-{k:05d}.npy"
+
+
+def _name(k: int) -> str:  # a shard's key in the manifest's "shards"
+    return f"{k:05d}"
+
+
+def _locked(root: Path):
+    """The folder's lock: opening a corpus and recording a shard are read-modify-writes of the
+    manifest (and the opener deletes files), so they must not interleave."""
+    if not root.is_dir():
+        raise PPAPError(f"{root} is not a ppap corpus (no such folder); create one with `ppap generate`")
+    return exclusive_lock(root / LOCK)
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.exists():
+        raise PPAPError(f"{root} is not a ppap corpus (no {MANIFEST}); create one with `ppap generate`")
+    meta = read_json_object(path, "corpus manifest", _MANIFEST_FIELDS)
+    if meta["format"] == FORMAT:
+        check_fields(meta, f"corpus manifest {path}", {"shards": (dict,)})
+    for name, record in meta.get("shards", {}).items():
+        check_fields(record, f"corpus manifest {path}, record of shard {name}", _RECORD_FIELDS)
+    return meta
+
+
+def _same_corpus(root: Path, meta: dict, spec: CorpusSpec) -> None:
+    for key, new in spec.__dict__.items():
+        if meta[key] != new:
+            raise PPAPError(f"{root} holds a different corpus ({key}: {meta[key]!r} there, {new!r} asked); "
+                            "use another --out or the same settings to resume")
+
+
+def _record(data: bytes, shape) -> dict:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "shape": list(shape), "dtype": "uint8"}
+
+
+def _read_shard(path: Path, record: dict | None, count: int, hwc: list | None) -> tuple[np.ndarray | None, str | None]:
+    """``(images, None)`` if ``path`` is the file its manifest ``record`` describes (size, sha256)
+    and a shard of ``count`` uint8 images of size ``hwc`` (None: any); else ``(None, why not)``."""
+    if not path.is_file():
+        return None, "missing"
+    if record is None:
+        return None, "not recorded in the manifest (a foreign file, or a crash before its record)"
+    data = path.read_bytes()
+    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        return None, "damaged (checksum mismatch)"
+    try:  # the checksum matches, so these can only fail for a record someone wrote by hand
+        arr = np.load(BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None, "not a readable .npy file"
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        return None, f"not uint8 [n, H, W, C] images (it is {arr.dtype} {list(arr.shape)})"
+    if len(arr) != count:
+        return None, f"a shard of {len(arr)} images where the corpus needs {count}"
+    if hwc is not None and list(arr.shape[1:]) != hwc:
+        return None, f"a shard of {list(arr.shape[1:])} images (H, W, C) where the others have {hwc}"
+    return arr, None
 
 
 def open_corpus(root: str | os.PathLike, spec: CorpusSpec) -> list[int]:
-    """Create or reopen corpus ``root`` for ``spec``; return the shard indices still missing.
+    """Create or reopen corpus ``root`` for ``spec``; return the shard indices still to draw.
 
-    A half-written shard cannot exist (shards are written atomically), so "missing" is exact.
+    A shard is present only if its file is what ``write_shard`` recorded in the manifest (size and
+    sha256) and a well-formed shard. Every other shard file -- truncated, altered, foreign, or left
+    by a crash between file and record -- is deleted and its shard returned, so it is drawn again,
+    never adopted. The opener also deletes the temp files (``.*.tmp``) of killed writers: call it
+    once, on one process, before any shard is drawn (the drawing ranks of ``generate_corpus`` only
+    read). It all runs under the folder's lock, which ``write_shard`` holds for its whole write, so
+    it never sees a write half-way, and of two openers with different specs exactly one wins.
     """
     root = Path(root)
+    check_fields(spec.__dict__, "corpus spec", _SPEC_FIELDS)  # before the folder exists: a bad spec leaves no trace, and the fixed command runs
+    if root.exists() and not root.is_dir():
+        raise PPAPError(f"corpus folder {root} is a file")
     root.mkdir(parents=True, exist_ok=True)
-    manifest = root / MANIFEST
-    want = spec.__dict__ | {"format": "ppap-corpus-v1"}
-    if manifest.exists():
-        have = json.loads(manifest.read_text())
-        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-        if diff:
-            key, (old, new) = next(iter(diff.items()))
-            raise PPAPError(
-                f"{root} holds a different corpus ({key}: {old!r} there, {new!r} asked); "
-                "use another --out or the same settings to resume"
-            )
-    else:
-        atomic_write_json(manifest, want)
-    return [k for k in range(spec.num_shards) if not shard_path(root, k).exists()]
+    with _locked(root):
+        path = root / MANIFEST
+        meta = _read_manifest(root) if path.exists() else dict(spec.__dict__, format=FORMAT, shards={})
+        before = json.dumps(meta, sort_keys=True) if path.exists() else None
+        _same_corpus(root, meta, spec)
+        if meta["format"] == _V1:  # v1 wrote shards atomically: take each file's checksum now, then check it as any
+            meta["shards"] = {_name(k): _record(p.read_bytes(), [0] * 4)
+                              for k in range(spec.num_shards) if (p := shard_path(root, k)).is_file()}
+            meta["format"] = FORMAT
+        for tmp in root.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        keep, missing, hwc = {}, [], None
+        for k in range(spec.num_shards):
+            record = meta["shards"].get(_name(k))
+            arr, why = _read_shard(shard_path(root, k), record, spec.shard_count(k), hwc)
+            if why is None:
+                hwc = hwc or list(arr.shape[1:])
+                keep[_name(k)] = dict(record, shape=list(arr.shape), dtype=str(arr.dtype))
+            else:
+                missing.append(k)
+                shard_path(root, k).unlink(missing_ok=True)
+        names = {shard_path(root, k).name for k in range(spec.num_shards)}
+        for extra in root.glob("shard-*.npy"):  # not one of this corpus' shards: foreign
+            if extra.name not in names:
+                extra.unlink()
+        meta["shards"] = keep
+        if json.dumps(meta, sort_keys=True) != before:
+            atomic_write_json(path, meta)
+    return missing
 
 
-def write_shard(root: Path, k: int, images: Tensor) -> None:
-    """Atomically write shard k: ``images`` uint8 [n, H, W, C]."""
-    arr = images.cpu().numpy()
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"a shard is uint8 [n, H, W, C], got {arr.dtype} {arr.shape}")
-    import io as _io
-
-    buf = _io.BytesIO()
+def write_shard(root: Path, k: int, images: Tensor | np.ndarray) -> None:
+    """Write shard k (``images`` uint8 [n, H, W, C], n as the corpus' spec says) and record its
+    checksum in the manifest, holding the folder's lock for both. The file goes first: a crash
+    in between leaves an unrecorded file, which the next ``open_corpus`` deletes and redraws."""
+    arr = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) == 0:
+        raise ValueError(f"a shard is uint8 [n >= 1, H, W, C], got {arr.dtype} {arr.shape}")
+    buf = BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(shard_path(root, k), buf.getvalue())
+    data, root = buf.getvalue(), Path(root)
+    with _locked(root):
+        meta = _read_manifest(root)
+        spec = CorpusSpec(**{key: meta[key] for key in _SPEC_FIELDS})
+        if meta["format"] != FORMAT or not 0 <= k < spec.num_shards or len(arr) != spec.shard_count(k):
+            raise ValueError(f"shard {k} of {root} must hold {spec.shard_count(k)} images of an opened corpus, got {len(arr)}")
+        if any(r["shape"][1:] != list(arr.shape[1:]) for name, r in meta["shards"].items() if name != _name(k)):
+            raise ValueError(f"shard {k} of {root} has images of {list(arr.shape[1:])} (H, W, C), unlike the other shards")
+        atomic_write_bytes(shard_path(root, k), data)
+        meta["shards"][_name(k)] = _record(data, arr.shape)
+        atomic_write_json(root / MANIFEST, meta)
+
+
+def _pending(root: Path, spec: CorpusSpec) -> list[int]:
+    """The shards still to draw, for a drawing rank after the opener: a cheap check (file, record,
+    size) that deletes nothing, so ranks never touch each other's work."""
+    meta = _read_manifest(root)
+    _same_corpus(root, meta, spec)
+    records = meta.get("shards", {})
+    return [k for k in range(spec.num_shards)
+            if not ((r := records.get(_name(k))) and (p := shard_path(root, k)).is_file() and p.stat().st_size == r["bytes"])]
 
 
 def load_corpus(root: str | os.PathLike, limit: int | None = None) -> Tensor:
-    """All images of a finished corpus as float [N, C, H, W] in [-1, 1]."""
+    """The images of a finished corpus (the first ``limit``) as float [N, C, H, W] in [-1, 1].
+
+    Every shard is checked against its manifest record (sha256) and for shape, also those past
+    ``limit``: a corpus is used whole or not at all. Takes no lock (the corpus may be read-only)."""
     root = Path(root)
-    manifest = root / MANIFEST
-    if not manifest.exists():
-        raise PPAPError(f"{root} is not a ppap corpus (no {MANIFEST}); create one with `ppap generate`")
-    meta = json.loads(manifest.read_text())
-    n_shards = -(-meta["num_samples"] // meta["shard_size"])
-    missing = [k for k in range(n_shards) if not shard_path(root, k).exists()]
-    if missing:
-        raise PPAPError(f"corpus {root} is incomplete: shard {missing[0]} of {n_shards} missing; re-run `ppap generate` to finish it")
-    arrays = []
-    for k in range(n_shards):
-        try:
-            arrays.append(np.load(shard_path(root, k), allow_pickle=False))
-        except Exception as e:  # a damaged file must not surface as a numpy traceback
-            raise PPAPError(f"corpus shard {shard_path(root, k)} is corrupt ({e})") from None
-        if limit is not None and sum(len(a) for a in arrays) >= limit:
-            break
+    meta = _read_manifest(root)
+    if meta["format"] == _V1:
+        raise PPAPError(f"corpus {root} has no shard checksums ({_V1}); re-run `ppap generate` with the same settings once to add them")
+    spec = CorpusSpec(**{key: meta[key] for key in _SPEC_FIELDS})
+    arrays, hwc, n = [], None, 0
+    for k in range(spec.num_shards):
+        path = shard_path(root, k)
+        arr, why = _read_shard(path, meta["shards"].get(_name(k)), spec.shard_count(k), hwc)
+        if why == "missing":
+            raise PPAPError(f"corpus {root} is incomplete: shard {path.name} of {spec.num_shards} is missing; "
+                            "re-run `ppap generate` with the same settings to finish it")
+        if why is not None:
+            raise PPAPError(f"corpus shard {path} is {why}; re-run `ppap generate` with the same settings to re-draw it")
+        hwc = hwc or list(arr.shape[1:])
+        if limit is None or n < limit:
+            arrays.append(arr)
+            n += len(arr)
     x = torch.from_numpy(np.concatenate(arrays)[:limit]).permute(0, 3, 1, 2)
     return uint8_to_unit(x)
 
@@ -225,7 +346,7 @@ def corpus_spec(pipe, ref: str, num: int, *, shard_size: int = 256, steps: int =
     from .io import fingerprint
 
     for name, value in (("corpus size", num), ("shard size", shard_size), ("batch size", batch_size), ("steps", steps)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PPAPError(f"{name} must be >= 1, got {value!r}")
     schedule = pipe.diffusion.schedule
     condition = None
@@ -235,10 +356,12 @@ def corpus_spec(pipe, ref: str, num: int, *, shard_size: int = 256, steps: int =
                      fingerprint({"p": conditioning.prompt_embeds, **({} if conditioning.negative_prompt_embeds is None
                                                                        else {"n": conditioning.negative_prompt_embeds})})[:16],
                      "guidance_scale": conditioning.guidance_scale}
-    return CorpusSpec(model=f"{ref}@{fingerprint(pipe.unet.state_dict())[:16]}", num_samples=num, shard_size=shard_size,
+    spec = CorpusSpec(model=f"{ref}@{fingerprint(pipe.unet.state_dict())[:16]}", num_samples=num, shard_size=shard_size,
                       steps=steps, eta=eta, seed=seed, batch_size=batch_size, sampler=sampler, condition=condition,
                       schedule={"num_train_timesteps": schedule.num_train_timesteps, "beta_schedule": schedule.config.get("beta_schedule"),
                                 "prediction_type": schedule.prediction_type})
+    check_fields(spec.__dict__, "corpus spec", _SPEC_FIELDS)  # open_corpus' rules: a spec from here always opens
+    return spec
 
 
 def generate_corpus(pipe, root, spec: CorpusSpec, *, conditioning=None, rank: int = 0, world: int = 1,
@@ -246,18 +369,20 @@ def generate_corpus(pipe, root, spec: CorpusSpec, *, conditioning=None, rank: in
     """Draw the shards of corpus ``spec`` that ``root`` still lacks with ``pipe`` (unguided); with
     ``world`` processes, rank r takes every world-th missing shard (or exactly ``shards``, as a
     caller that hands them out chose). Returns how many shards this call wrote. The caller opens
-    the corpus (``open_corpus``) once, on one process, before."""
+    the corpus (``open_corpus``) once, on one process, before; then this only reads what is left
+    (a folder without a manifest is opened here)."""
     from tqdm.auto import tqdm
 
     from .images import to_hwc_uint8
     from .pipeline import generate
 
-    missing = open_corpus(root, spec)
+    root = Path(root)
+    missing = _pending(root, spec) if (root / MANIFEST).exists() else open_corpus(root, spec)
     mine = missing[rank::world] if shards is None else [k for k in shards if k in missing]
     for k in tqdm(mine, desc="corpus" if world == 1 else f"corpus (rank {rank})", unit="shard", disable=not progress):
         start, n = k * spec.shard_size, spec.shard_count(k)
         cond = conditioning.select(slice(start, start + n)) if conditioning is not None else None
         x = generate(pipe, n, seed=spec.seed, start=start, batch_size=spec.batch_size, conditioning=cond, progress=False,
                      num_inference_steps=spec.steps, eta=spec.eta, sampler=spec.sampler)
-        write_shard(Path(root), k, torch.from_numpy(to_hwc_uint8(x)))
+        write_shard(root, k, to_hwc_uint8(x))
     return len(mine)

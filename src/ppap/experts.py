@@ -314,22 +314,56 @@ class LoRAExperts(ExpertBank):
                 self.model.add_adapter(expert_name(i), config)
         self._active = 0
         self.model.set_adapter(expert_name(0))
+        self.merge = True  # eval mode: the routed expert's LoRA is merged into the weights (a naive-guidance forward)
+        self._merged: int | None = None
+        self._base_weights: dict[str, Tensor] | None = None  # exact copies, restored on unmerge
 
     def frozen_modules(self) -> list[nn.Module]:
         if self.adapter.per_expert_norm:
             return []
         return [m for m in self.model.modules() if isinstance(m, NORM_TYPES)]
 
+    def _lora_layers(self) -> list[nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def _unmerge(self) -> None:
+        """Back to base weights + separate LoRA branches, bit for bit (peft's own unmerge
+        subtracts the delta again, which is not exact in floating point)."""
+        if self._merged is None:
+            return
+        self.model.base_model.unmerge_adapter()
+        with torch.no_grad():
+            for layer in self._lora_layers():
+                layer.get_base_layer().weight.copy_(self._base_weights[id(layer)])
+        self._merged = None
+
     def _activate(self, i: int) -> None:
+        merge = self.merge and not self.training
+        if merge and self._merged == i:
+            return
+        self._unmerge()
         if i != self._active:
             self.model.set_adapter(expert_name(i))
             self._active = i
+        if merge:
+            if self._base_weights is None:
+                self._base_weights = {id(m): m.get_base_layer().weight.detach().clone() for m in self._lora_layers()}
+            self.model.base_model.merge_adapter([expert_name(i)])
+            self._merged = i
+
+    def train(self, mode: bool = True) -> "LoRAExperts":
+        if mode:
+            self._unmerge()  # adapters train as separate branches
+        return super().train(mode)
 
     def run_expert(self, i: int, x: Tensor) -> Tensor:
         self._activate(i)
         return self.guide(x)  # guide.net carries the injected adapters
 
     def teacher(self, x: Tensor) -> Tensor:
+        self._unmerge()
         modes = {m: m.training for m in self.model.modules()}  # restored exactly (shared BN included)
         self.model.eval()
         try:
@@ -346,16 +380,19 @@ class LoRAExperts(ExpertBank):
     def expert_state(self, i: int) -> dict[str, Tensor]:
         from peft import get_peft_model_state_dict
 
+        self._unmerge()
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=expert_name(i)).items()}
 
     def load_expert_state(self, i: int, state: dict[str, Tensor]) -> None:
         from peft import set_peft_model_state_dict
 
+        self._unmerge()
         result = set_peft_model_state_dict(self.model, state, adapter_name=expert_name(i))
         if result.unexpected_keys:
             raise PPAPError(f"adapter weights do not fit the model (unexpected {result.unexpected_keys[:3]})")
 
     def base_state(self) -> dict[str, Tensor]:
+        self._unmerge()
         skip = ("lora_", "modules_to_save")
         return {k: v for k, v in self.model.state_dict().items() if not any(s in k for s in skip)}
 

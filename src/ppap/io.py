@@ -6,12 +6,14 @@ ppap itself wrote) are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -39,6 +41,18 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+@contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for the ``with`` block; the OS
+    drops it when the process dies, so a killed holder never leaves a stale lock behind."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic(Path(path), lambda p: p.write_bytes(data))
 
@@ -64,14 +78,82 @@ def load_resume_state(path: str | os.PathLike) -> dict:
         raise PPAPError(f"resume checkpoint {path} is unreadable ({type(e).__name__}); delete it to start over") from None
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> dict:
-    path = Path(path)
+def _parse_json(path: Path, what: str) -> Any:
     if not path.exists():
         raise PPAPError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PPAPError(f"{what} {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PPAPError(f"{what} {path} is not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise PPAPError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise PPAPError(f"cannot read {what} {path} ({e.strerror or e})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    return _parse_json(Path(path), what)
+
+
+class Field(NamedTuple):
+    """One key of a JSON object, for ``check_fields`` / ``read_json_object``.
+
+    ``check`` gets the (type-checked) value and returns whether it is acceptable; ``need`` says
+    what it demands, for the message (">= 1"). A plain tuple ``(types, check, need, required)``
+    works as well. ``float`` in ``types`` admits integers too (JSON has one number type);
+    ``int`` never admits ``true``/``false``.
+    """
+
+    types: type | tuple[type, ...]
+    check: Callable[[Any], bool] | None = None
+    need: str = ""
+    required: bool = True
+
+
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "an integer", float: "a number",
+               type(None): "null"}
+
+
+def _json_kind(value: Any) -> str:
+    return next((name for t, name in _JSON_KINDS.items() if isinstance(value, t)), type(value).__name__)
+
+
+def check_fields(obj: Any, where: str, schema: Mapping[str, Field | tuple]) -> dict:
+    """``obj`` if it is a dict whose keys satisfy ``schema`` (key -> ``Field``); otherwise a
+    one-line PPAPError naming ``where`` and the first bad field. Keys not in ``schema`` pass."""
+    if not isinstance(obj, dict):
+        raise PPAPError(f"{where} is not a JSON object (it is {_json_kind(obj)})")
+    for key, field in schema.items():
+        field = Field(*field)
+        types = field.types if isinstance(field.types, tuple) else (field.types,)
+        if key not in obj:
+            if field.required:
+                raise PPAPError(f"{where} lacks field {key!r}")
+            continue
+        value = obj[key]
+        ok = (isinstance(value, types) or (float in types and isinstance(value, int))) and \
+            (not isinstance(value, bool) or bool in types)
+        try:
+            ok = ok and (field.check is None or bool(field.check(value)))
+        except (TypeError, ValueError, KeyError, IndexError):  # a check of a malformed nested value
+            ok = False
+        if not ok:
+            try:
+                shown = repr(value) if isinstance(value, float) else json.dumps(value)  # repr: nan, inf as Python says them
+            except (TypeError, ValueError):  # not a JSON value (a caller-built dict)
+                shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            want = " or ".join(_JSON_KINDS.get(t, t.__name__) for t in types) + (f" {field.need}" if field.need else "")
+            raise PPAPError(f"{where}: field {key!r} must be {want}, got {shown}")
+    return obj
+
+
+def read_json_object(path: str | os.PathLike, what: str, schema: Mapping[str, Field | tuple]) -> dict:
+    """Read JSON file ``path`` (a ``what``: "corpus manifest") that must be an object matching
+    ``schema``; a missing, unreadable, non-JSON, binary or mis-shaped file is one PPAPError line
+    naming the file and, where it is one field, that field."""
+    path = Path(path)
+    return check_fields(_parse_json(path, what), f"{what} {path}", schema)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -158,3 +158,8 @@ def tiny_segmenter(num_classes: int = 3) -> EncoderDecoder:
 def tiny_classifier(num_classes: int = 10, in_channels: int = 1) -> SmallResNet:
     """A randomly initialised miniature for tests and smoke runs."""
     return SmallResNet(num_classes=num_classes, widths=(8, 16), in_channels=in_channels, stem=8)
+
+
+def tiny_rgb_classifier(num_classes: int = 10) -> SmallResNet:
+    """``tiny_classifier`` for 3-channel images (tests of RGB / grey mismatches)."""
+    return tiny_classifier(num_classes, in_channels=3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -140,22 +141,39 @@ def train_experts(
         raise PPAPError(f"experts cover [0, {router.num_train_timesteps}) but the diffusion has T={schedule.num_train_timesteps}")
     if cfg.objective == "supervised" and labels is None:
         raise PPAPError("objective 'supervised' needs labelled images (e.g. --data fashion-mnist)")
-    manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity, dist)
+    manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity)
     bank.task = task
     bank.to(dist.device)
     images = images.to(dist.device)
+    todo = [i for i in (only if only is not None else range(router.num_experts)) if expert_name(i) not in manifest["trained"]]
     targets = None  # the teacher's outputs, computed only if an expert is left to train
+    if todo:
+        targets = (teacher_outputs(bank, images, progress=progress and dist.main) if cfg.objective == "distill"
+                   else labels.to(dist.device))
+        if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+            bad = int((~torch.isfinite(targets.flatten(1))).any(1).sum())
+            raise PPAPError(f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; nothing was trained")
+    created = not (out_dir / MANIFEST).exists()
+    if dist.main and created:  # written only once the inputs passed every check
+        atomic_write_json(out_dir / MANIFEST, manifest)
+    dist.barrier()
+    try:
+        return _train_all(bank, task, schedule, images, targets, cfg, out_dir, dist, manifest, todo, only, progress)
+    except PPAPError:
+        if dist.main and created and not manifest["trained"]:  # nothing learnt: leave the folder as it was found
+            shutil.rmtree(out_dir / ".resume", ignore_errors=True)
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+        raise
+
+
+def _train_all(bank, task, schedule, images, targets, cfg, out_dir, dist, manifest, todo, only, progress) -> dict:
     stats = {}
-    for i in only if only is not None else range(router.num_experts):
-        if expert_name(i) in manifest["trained"]:
+    for i in only if only is not None else range(bank.router.num_experts):
+        if i not in todo:
             bank.load_expert(i, out_dir)  # a later warm-started expert, and the caller, need it
             continue
-        if targets is None:
-            targets = (teacher_outputs(bank, images, progress=progress and dist.main) if cfg.objective == "distill"
-                       else labels.to(dist.device))
-            if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
-                bad = int((~torch.isfinite(targets.flatten(1))).any(1).sum())
-                raise PPAPError(f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; nothing was trained")
         stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
         dist.barrier()
         if dist.main:
@@ -165,7 +183,8 @@ def train_experts(
     return stats
 
 
-def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity, dist) -> dict:
+def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity) -> dict:
+    """The folder's manifest, or the one it will get (written by the caller after the checks)."""
     want = bank_manifest(bank, task, schedule, train=asdict(cfg))
     if identity:
         want["guide"] = want["guide"] | identity
@@ -176,8 +195,6 @@ def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity, dist) -> 
             if json.dumps(have.get(key), sort_keys=True) != json.dumps(want[key], sort_keys=True):
                 raise PPAPError(f"{out_dir} holds experts trained with other settings ({key} differs); use another --out or the same settings to resume")
         return have
-    if dist.main:
-        atomic_write_json(path, want)
     return want
 
 
