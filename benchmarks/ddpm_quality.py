@@ -14,8 +14,8 @@ import time
 import torch
 
 from ppap.data import load_fashion_mnist
-from ppap.metrics import features, fid, kid, precision_recall
 from ppap.loading import load_guide, load_pipeline
+from ppap.metrics import features, fid, kid, precision_recall
 from ppap.pipeline import generate
 
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from safetensors.torch import load_file
 
 from ppap.cli import main
@@ -23,7 +22,7 @@ def _launch(*args):
 def test_two_process_generate_and_train_match_one_process(tiny_models, tmp_path):
     m = tiny_models
     gen = ["generate", "--diffusion", m["diffusion"], "--num", "40", "--shard-size", "8", "--steps", "3", "--quiet"]
-    proc = _launch(*gen, "--out", str(tmp_path / "c2"))
+    _launch(*gen, "--out", str(tmp_path / "c2"))
     assert main(["--threads", "1", *gen, "--out", str(tmp_path / "c1")]) == 0
     shards = sorted(p.name for p in (tmp_path / "c2").glob("shard-*.npy"))
     assert shards == [f"shard-{k:05d}.npy" for k in range(5)]

@@ -71,7 +71,6 @@ def bad_inputs(tiny_models, tmp_path, monkeypatch, capsys):
     (tmp_path / "user_models.py").write_text(FIXED_SIZE_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     from safetensors.torch import save_file
-    import torch
     from torch import nn
 
     save_file(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).state_dict(), str(tmp_path / "w28.safetensors"))

@@ -261,11 +261,12 @@ def test_two_openers_with_different_specs_exactly_one_wins(tmp_path):
 
 
 def test_generate_corpus_redraws_a_truncated_shard(tmp_path):
-    from conftest import tiny_unet
     from diffusers import DDPMScheduler
 
     from ppap import PPAPPipeline
     from ppap.data import corpus_spec, generate_corpus
+
+    from conftest import tiny_unet
 
     pipe = PPAPPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
     spec = corpus_spec(pipe, "tiny", 10, shard_size=4, steps=2, batch_size=4)

@@ -110,6 +110,16 @@ def test_full_experts_are_independent_copies(tiny_diffusion, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in bank.base_state().items())
     assert (tmp_path / "expert_1" / "model.safetensors").exists()
     assert parameter_report(bank)["fraction_per_expert"] == 1.0
+    # two experts, two trainings: no shared tensor, different weights, different outputs
+    e0, e1 = bank.experts["expert_0"], bank.experts["expert_1"]
+    assert not {p.data_ptr() for p in e0.parameters()} & {p.data_ptr() for p in e1.parameters()}
+    assert any(not torch.equal(a, b) for a, b in zip(e0.state_dict().values(), e1.state_dict().values()))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    assert not torch.allclose(bank.eval().run_expert(0, x), bank.run_expert(1, x))
+    with torch.no_grad():  # changing one expert leaves the other alone
+        out1 = bank.run_expert(1, x)
+        next(e0.parameters()).add_(1.0)
+        assert torch.equal(bank.run_expert(1, x), out1)
 
 
 def test_merged_experts_guide_like_unmerged_and_restore_the_backbone_exactly():

@@ -6,10 +6,17 @@ import torch
 from torch import nn
 
 from ppap import PPAPError
-from ppap.diffusion import Prediction
 from ppap.experts import TimestepRouter, make_bank
-from ppap.guidance import (Calibration, CalibratedClassification, GuideSpec, NoisyInputGuide, NormalizedGuide, ShortcutX0Guide,
-                           SumGuide, build_guide)
+from ppap.guidance import (
+    CalibratedClassification,
+    Calibration,
+    GuideSpec,
+    NoisyInputGuide,
+    NormalizedGuide,
+    ShortcutX0Guide,
+    SumGuide,
+    build_guide,
+)
 from ppap.models import tiny_classifier, tiny_dense
 from ppap.tasks import Classification, DenseRegression, Segmentation
 from ppap.train import TrainConfig
@@ -63,14 +70,23 @@ def test_calibrated_log_likelihood_and_softplus():
 
 
 def test_supervised_banks_guide_under_their_own_names():
+    """noise-aware and multi-expert-supervised route x_t through the bank's expert for t (not the
+    frozen net), and a step along the gradient raises the routed expert's target log-probability."""
     torch.manual_seed(0)
-    bank = make_bank(tiny_classifier(), TimestepRouter.uniform(1, 100), TrainConfig(adapter="full").adapter_config())
-    spec = GuideSpec(task=Classification(10), target=torch.tensor([3, 4]), scale=1.0, experts=bank)
+    bank = make_bank(tiny_classifier(), TimestepRouter.uniform(2, 100), TrainConfig(adapter="full").adapter_config()).eval()
+    with torch.no_grad():
+        next(bank.experts["expert_1"].parameters()).mul_(-3.0)  # make the two experts differ
+    y, x, t = torch.tensor([3, 4]), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 90])
+    spec = GuideSpec(task=Classification(10), target=y, scale=1.0, experts=bank)
     for method in ("noise-aware", "multi-expert-supervised"):
-        g = build_guide(method, spec)
-        assert isinstance(g, NoisyInputGuide)
-        x = torch.randn(2, 1, 8, 8)
-        assert g(x, torch.tensor([5, 90]), None).shape == x.shape
+        g = build_guide(method, spec)(x, t, None)
+        xr = x.clone().requires_grad_(True)
+        routed = torch.cat([bank.run_expert(0, xr[:1]), bank.run_expert(1, xr[1:])]).log_softmax(-1)[torch.arange(2), y]
+        assert torch.allclose(g, torch.autograd.grad(routed.sum(), xr)[0], atol=1e-6)
+        with torch.no_grad():
+            before = bank(x, t).log_softmax(-1)[torch.arange(2), y]
+            after = bank(x + 1e-2 * g, t).log_softmax(-1)[torch.arange(2), y]
+        assert (after > before).all()
 
 
 @pytest.mark.parametrize("layout", ["segmentation", "dense"])

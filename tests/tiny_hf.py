@@ -8,7 +8,7 @@ ViT, SegFormer and DPT use a wider init (0.15-0.2)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

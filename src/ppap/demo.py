@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +84,9 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
 
     print("[4/4] writing report")
     grid = _method_grid(images, num_classes, cfg.per_class, cfg.grid_per_class)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(grid[..., 0]).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(buf, format="PNG")
@@ -114,7 +114,7 @@ def _method_grid(images: dict[str, np.ndarray], num_classes: int, per_class: int
 
 def _print_table(results: dict, classes, summary: dict) -> None:
     names = list(results)
-    print(f"\nevaluator accuracy on the requested class (judge: fashion-evaluator, chance 10%)")
+    print("\nevaluator accuracy on the requested class (judge: fashion-evaluator, chance 10%)")
     header = f"{'class':<12}" + "".join(f"{n[:20]:>22}" for n in names)
     print(header)
     for c, cname in enumerate(classes):

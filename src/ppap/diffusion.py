@@ -46,7 +46,7 @@ class SamplingGrid:
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def __getitem__(self, index: slice) -> "SamplingGrid":
+    def __getitem__(self, index: slice) -> SamplingGrid:
         return SamplingGrid(self.timesteps[index], self.abar[index], self.abar_prev[index])
 
 
@@ -80,7 +80,7 @@ class NoiseSchedule:
         return float(self.config.get("clip_sample_range", 1.0)) if self.config.get("clip_sample", True) else None
 
     @classmethod
-    def from_diffusers(cls, scheduler) -> "NoiseSchedule":
+    def from_diffusers(cls, scheduler) -> NoiseSchedule:
         """From any diffusers scheduler instance with ``alphas_cumprod`` (DDPM, DDIM, ...)."""
         config = dict(scheduler.config)
         if config.get("thresholding"):
@@ -100,7 +100,7 @@ class NoiseSchedule:
         return cls(scheduler.alphas_cumprod.to(torch.float64).clone(), config)
 
     @classmethod
-    def from_config(cls, config: dict) -> "NoiseSchedule":
+    def from_config(cls, config: dict) -> NoiseSchedule:
         from diffusers import DDPMScheduler
 
         if not isinstance(config, dict):
@@ -217,7 +217,7 @@ class Conditioning:
     def is_empty(self) -> bool:
         return self.class_labels is None and self.prompt_embeds is None
 
-    def select(self, index: Tensor | slice) -> "Conditioning":
+    def select(self, index: Tensor | slice) -> Conditioning:
         """The entries of the samples ``index`` (a batch of a longer run)."""
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
                                 if isinstance(getattr(self, f.name), Tensor)})
@@ -293,12 +293,12 @@ class Diffusion(nn.Module):
         eps, x0 = self.schedule.to_prediction(x_t, t, output[:, :channels])
         return Prediction(eps, x0, variance)
 
-    def bind(self, cond: Conditioning | None) -> "Denoiser":
+    def bind(self, cond: Conditioning | None) -> Denoiser:
         """This model with its condition fixed: the ``(x_t, t) -> Prediction`` that samplers take."""
         return Denoiser(self, cond)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Diffusion":
+    def from_pretrained(cls, path: str | os.PathLike) -> Diffusion:
         """Load a diffusers directory: a pipeline folder (``unet/`` + ``scheduler/``) or a UNet
         folder with ``scheduler_config.json`` beside its ``config.json``."""
         root = Path(path)

@@ -16,17 +16,26 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import LongTensor, Tensor, nn
 
 from .diffusion import NoiseSchedule
 from .guide_model import GuideModel
-from .io import (PPAPError, atomic_save_safetensors, atomic_write_json, file_sha256, fingerprint, load_safetensors,
-                 load_weights_into, read_json)
+from .io import (
+    PPAPError,
+    atomic_save_safetensors,
+    atomic_write_json,
+    check_fields,
+    file_sha256,
+    fingerprint,
+    load_safetensors,
+    load_weights_into,
+    read_json,
+)
 from .tasks import Task, make_task
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
@@ -67,14 +76,14 @@ class TimestepRouter:
         return self.boundaries[-1]
 
     @classmethod
-    def uniform(cls, num_experts: int, num_train_timesteps: int) -> "TimestepRouter":
+    def uniform(cls, num_experts: int, num_train_timesteps: int) -> TimestepRouter:
         """N equal ranges in timestep index, the official code's split: [int(n T / N), int((n+1) T / N))."""
         if not 1 <= num_experts <= num_train_timesteps:
             raise PPAPError(f"number of experts {num_experts} must be in [1, {num_train_timesteps}]")
         return cls(tuple(int(n * num_train_timesteps / num_experts) for n in range(num_experts + 1)))
 
     @classmethod
-    def from_ranges(cls, ranges: Sequence[tuple[int, int]], num_train_timesteps: int) -> "TimestepRouter":
+    def from_ranges(cls, ranges: Sequence[tuple[int, int]], num_train_timesteps: int) -> TimestepRouter:
         """Explicit half-open ranges; they must tile [0, T) with no gap and no overlap."""
         ranges = sorted((int(lo), int(hi)) for lo, hi in ranges)
         if not ranges:
@@ -93,7 +102,7 @@ class TimestepRouter:
         return cls((0,) + tuple(hi for _, hi in ranges))
 
     @classmethod
-    def equal_log_snr(cls, num_experts: int, alphas_cumprod: Tensor) -> "TimestepRouter":
+    def equal_log_snr(cls, num_experts: int, alphas_cumprod: Tensor) -> TimestepRouter:
         """N ranges of equal width in log-SNR = log(abar / (1 - abar)) instead of in t: more,
         narrower experts where the signal-to-noise ratio changes fast (low t for a linear schedule)."""
         abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -110,7 +119,7 @@ class TimestepRouter:
         return cls(tuple(bounds) + (T,))
 
     @classmethod
-    def parse(cls, spec: str, num_train_timesteps: int, alphas_cumprod: Tensor | None = None) -> "TimestepRouter":
+    def parse(cls, spec: str, num_train_timesteps: int, alphas_cumprod: Tensor | None = None) -> TimestepRouter:
         """``'5'`` (uniform in t), ``'logsnr:5'`` (uniform in log-SNR; needs the schedule's
         ``alphas_cumprod``) or ``'0-200,200-500,500-1000'`` (explicit ranges)."""
         spec = spec.strip()
@@ -183,7 +192,7 @@ class ExpertBank(nn.Module):
     task: Task | None = None  # set when loaded from disk (what the experts were trained for)
     default_scale: float | None = None  # the bank's measured best guidance scale, when its card records one
 
-    def train(self, mode: bool = True) -> "ExpertBank":
+    def train(self, mode: bool = True) -> ExpertBank:
         """Train mode for the experts only: frozen layers keep eval-mode statistics, so the
         teacher's BatchNorm buffers never move."""
         super().train(mode)
@@ -353,7 +362,7 @@ class LoRAExperts(ExpertBank):
             self.model.base_model.merge_adapter([expert_name(i)])
             self._merged = i
 
-    def train(self, mode: bool = True) -> "LoRAExperts":
+    def train(self, mode: bool = True) -> LoRAExperts:
         if mode:
             self._unmerge()  # adapters train as separate branches
         return super().train(mode)
@@ -525,7 +534,19 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT,) + OLD_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PPAPError(f"{directory / MANIFEST} is not a ppap expert manifest (format {found!r}, expected {FORMAT!r})")
-    return manifest
+    return check_fields(manifest, f"expert manifest {directory / MANIFEST}", MANIFEST_SCHEMA)
+
+
+MANIFEST_SCHEMA = {  # what load_bank reads; a damaged manifest is one line naming the field
+    "boundaries": (list, lambda v: len(v) >= 2 and all(isinstance(b, int) for b in v), "a list of >= 2 timesteps"),
+    "adapter": (dict,),
+    "task": (dict, lambda v: isinstance(v.get("name"), str), "an object with a task name"),
+    "guide_fingerprint": (str,),
+    "schedule": (dict, lambda v: isinstance(v.get("fingerprint"), str), "an object with a fingerprint"),
+    "trained": (list, lambda v: all(isinstance(n, str) for n in v), "a list of expert names"),
+    "files": (dict, None, "", False),
+    "default_scale": ((float, type(None)), None, "", False),
+}
 
 
 def load_bank(guide: nn.Module, directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None,

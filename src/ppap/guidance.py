@@ -19,12 +19,12 @@ guide. ``METHODS`` maps the CLI names to builders:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
-
 import copy
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import LongTensor, Tensor, nn
@@ -109,7 +109,7 @@ class Calibration:
             raise PPAPError(f"unknown scale schedule {self.scale_schedule!r}; valid: 'constant', 'sigma'")
 
     @classmethod
-    def parse(cls, spec: str) -> "Calibration":
+    def parse(cls, spec: str) -> Calibration:
         """``'target_temperature=0.5,norm_temperature=2,softplus_beta=3,scale_schedule=sigma'``."""
         fields = {f: type(getattr(cls(), f)) for f in cls.__dataclass_fields__}
         values = {}
@@ -293,7 +293,7 @@ class GuidanceTerm:
         if needs is not None:
             _need(GuideSpec(self.task, self.targets, self.scale, net=self.net, experts=self.experts), needs, self.method)
 
-    def select(self, index: Tensor | slice) -> "GuidanceTerm":
+    def select(self, index: Tensor | slice) -> GuidanceTerm:
         return dataclasses.replace(self, targets=self.targets[index])
 
     def build(self, denoiser: DenoiserFn | None = None) -> Guide | None:

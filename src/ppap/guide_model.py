@@ -14,8 +14,8 @@ contrasted. Here both steps are folded into one affine map, ``x * 0.5 / std + (0
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -11,9 +11,10 @@ import importlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -42,12 +43,16 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 @contextmanager
-def exclusive_lock(path: str | os.PathLike):
+def exclusive_lock(path: str | os.PathLike, blocking: bool = True):
     """Hold an exclusive ``flock`` on ``path`` (created if absent) for the ``with`` block; the OS
-    drops it when the process dies, so a killed holder never leaves a stale lock behind."""
+    drops it when the process dies, so a killed holder never leaves a stale lock behind. Not
+    ``blocking``: a held lock is a one-line PPAPError instead of a wait."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise PPAPError(f"{Path(path).parent} is in use by another ppap process (lock {path} held)") from None
         yield
     finally:
         os.close(fd)  # closing releases the lock

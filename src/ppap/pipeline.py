@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ class PPAPPipeline(DiffusionPipeline):
         return self.diffusion.image_shape
 
     @classmethod
-    def from_diffusion(cls, diffusion: Diffusion) -> "PPAPPipeline":
+    def from_diffusion(cls, diffusion: Diffusion) -> PPAPPipeline:
         return cls(unet=diffusion.unet, scheduler=diffusion.schedule.to_diffusers("ddpm"))
 
     # ---- guidance and conditions, resolved for a whole run -------------------------------------
@@ -194,7 +195,7 @@ class PPAPPipeline(DiffusionPipeline):
         latents: Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[["PPAPPipeline", int, int, dict], dict | None] | None = None,
+        callback_on_step_end: Callable[[PPAPPipeline, int, int, dict], dict | None] | None = None,
         guide: nn.Module | None = None,
         experts: ExpertBank | str | os.PathLike | None = None,
         target: Any = None,

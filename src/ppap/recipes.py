@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .data import InfiniteBatches, load_fashion_mnist
 from .diffusion import Diffusion, NoiseSchedule
 from .io import PPAPError, atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_resume_state
+from .train import TrainConfig
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -97,7 +98,9 @@ def train_ddpm(out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRe
     if ckpt.exists():
         state = load_resume_state(ckpt)
         _same_recipe(state["recipe"], r, ckpt)  # the DDPM's lr is constant after warm-up: its length may change
-        unet.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
     x_all, _ = load_fashion_mnist("train", data_dir)
     batches = InfiniteBatches(x_all, batch_size=r.batch_size, seed=r.seed)
@@ -248,7 +251,8 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
     if ckpt.exists():
         state = load_resume_state(ckpt)
         _same_recipe(state["recipe"], r, ckpt)
-        net.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
         step, elapsed = state["step"], state["elapsed"]
     end = total if stop_after is None else min(total, step + stop_after)
     t_start = time.time() - elapsed
@@ -294,13 +298,11 @@ class ExpertRecipe:
     diffusion: str = "fashion-ddpm"
     guide: str = "fashion-classifier"
     corpus_size: int = 4000  # unlabelled images sampled from the DDPM (DDIM-25)
-    train: "TrainConfig" = None  # filled in EXPERT_RECIPES
+    train: TrainConfig | None = None  # filled in EXPERT_RECIPES
     task: str = "classification"  # the guide's task (its KD loss)
 
 
 def _expert_recipes() -> dict:
-    from .train import TrainConfig
-
     return {
         "fashion-ppap5": ExpertRecipe(corpus_size=4000, train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=8, alpha=8)),
         # dense experts: same corpus (no labels); KD = per-pixel KL at tau 1 / L1 to the teacher's map
@@ -333,7 +335,7 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> d
                                     cfg=r.train, task_name=r.task, corpus_dir=corpus)
     out_dir, tmp = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(Path(work_dir) / "experts", tmp, ignore=shutil.ignore_patterns(".resume"))
+    shutil.copytree(Path(work_dir) / "experts", tmp, ignore=shutil.ignore_patterns(".resume", ".lock"))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     card = {"recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)},

@@ -14,7 +14,8 @@ step for step, noise included (``randn_tensor`` with the caller's generator or g
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor

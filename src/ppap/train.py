@@ -13,6 +13,7 @@ same data. Under ``accelerate launch`` gradients are averaged across processes (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -27,8 +28,10 @@ from tqdm.auto import tqdm
 from .data import InfiniteBatches
 from .diffusion import NoiseSchedule
 from .experts import MANIFEST, AdapterConfig, ExpertBank, bank_manifest, expert_name, record_expert
-from .io import PPAPError, atomic_torch_save, atomic_write_json, load_resume_state, read_json
+from .io import PPAPError, atomic_torch_save, atomic_write_json, exclusive_lock, load_resume_state, read_json
 from .tasks import Task
+
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -141,30 +144,40 @@ def train_experts(
         raise PPAPError(f"experts cover [0, {router.num_train_timesteps}) but the diffusion has T={schedule.num_train_timesteps}")
     if cfg.objective == "supervised" and labels is None:
         raise PPAPError("objective 'supervised' needs labelled images (e.g. --data fashion-mnist)")
-    manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity)
-    bank.task = task
-    bank.to(dist.device)
-    images = images.to(dist.device)
-    todo = [i for i in (only if only is not None else range(router.num_experts)) if expert_name(i) not in manifest["trained"]]
-    targets = None  # the teacher's outputs, computed only if an expert is left to train
-    if todo:
-        targets = (teacher_outputs(bank, images, progress=progress and dist.main) if cfg.objective == "distill"
-                   else labels.to(dist.device))
-        if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
-            bad = int((~torch.isfinite(targets.flatten(1))).any(1).sum())
-            raise PPAPError(f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; nothing was trained")
-    created = not (out_dir / MANIFEST).exists()
-    if dist.main and created:  # written only once the inputs passed every check
-        atomic_write_json(out_dir / MANIFEST, manifest)
+    existed = out_dir.exists()
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    try:
-        return _train_all(bank, task, schedule, images, targets, cfg, out_dir, dist, manifest, todo, only, progress)
+    created = False
+    try:  # one writer per folder: a second `ppap train` on it is refused, not interleaved
+        with exclusive_lock(out_dir / LOCK, blocking=False) if dist.main else contextlib.nullcontext():
+            manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity)
+            bank.task = task
+            bank.to(dist.device)
+            images = images.to(dist.device)
+            todo = [i for i in (only if only is not None else range(router.num_experts)) if expert_name(i) not in manifest["trained"]]
+            targets = None  # the teacher's outputs, computed only if an expert is left to train
+            if todo:
+                targets = (teacher_outputs(bank, images, progress=progress and dist.main) if cfg.objective == "distill"
+                           else labels.to(dist.device))
+                if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+                    bad = int((~torch.isfinite(targets.flatten(1))).any(1).sum())
+                    raise PPAPError(f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; "
+                                    "nothing was trained")
+            created = not (out_dir / MANIFEST).exists()
+            if dist.main and created:  # written only once the inputs passed every check
+                atomic_write_json(out_dir / MANIFEST, manifest)
+            dist.barrier()
+            return _train_all(bank, task, schedule, images, targets, cfg, out_dir, dist, manifest, todo, only, progress)
     except PPAPError:
-        if dist.main and created and not manifest["trained"]:  # nothing learnt: leave the folder as it was found
+        if dist.main and (not existed or (created and not manifest["trained"])):  # nothing learnt: leave the folder as found
             shutil.rmtree(out_dir / ".resume", ignore_errors=True)
-            (out_dir / MANIFEST).unlink(missing_ok=True)
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
+            if created or not existed:
+                (out_dir / MANIFEST).unlink(missing_ok=True)
+            if not existed:
+                (out_dir / LOCK).unlink(missing_ok=True)
+                if out_dir.is_dir() and not any(out_dir.iterdir()):
+                    out_dir.rmdir()
         raise
 
 

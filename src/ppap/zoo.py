@@ -13,7 +13,6 @@ from pathlib import Path
 from .data import FASHION_MNIST_CLASSES
 from .io import PPAPError
 
-
 SEGMENTER_CLASSES = ("background",) + FASHION_MNIST_CLASSES
 
 

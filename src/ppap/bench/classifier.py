@@ -337,7 +337,7 @@ class ClassifierBench(Bench):
             bank = self.bank(key)
             out["per_expert"][name] = [
                 {"range": list(bank.router.interval(i)),
-                 "accuracy": accuracy_under_noise(lambda xt, t, i=i: bank.run_expert(i, xt), sched, x, y, ts)}
+                 "accuracy": accuracy_under_noise(lambda xt, t, i=i, bank=bank: bank.run_expert(i, xt), sched, x, y, ts)}
                 for i in range(bank.router.num_experts)]
         return out
 

@@ -151,7 +151,8 @@ class DenseBench(Bench):
             rows = {}
             if unguided is None:  # the same unguided images serve both tasks (same noises, no target)
                 unguided = self.stage.get("main-unguided-seconds",
-                                          lambda: {"seconds": self._sample_main(task_name, "unguided", 0.0, targets)[1]})
+                                          lambda task_name=task_name, targets=targets: {
+                                              "seconds": self._sample_main(task_name, "unguided", 0.0, targets)[1]})
             x_u = torch.from_numpy(np.load(self.out / "samples" / f"{first}-unguided.npy").astype(np.float32))
             rows["unguided"] = self.score(task_name, x_u, targets) | {"scale": 0.0, "seconds": unguided["seconds"]}
             best = {m: max(sweep[task_name][m], key=lambda p: self.key_metric(task_name, p))["scale"] for m in METHODS}
@@ -199,7 +200,8 @@ class DenseBench(Bench):
                 for c, m in enumerate(("unguided", "naive", "ppap"), start=2):
                     row[c].imshow(imgs[m][r], cmap="gray", vmin=-1, vmax=1)
                 for c, ax in enumerate(row):
-                    ax.set_xticks([]); ax.set_yticks([])
+                    ax.set_xticks([])
+                    ax.set_yticks([])
                     if ti * k + r == 0 or (r == 0 and c == 1):
                         ax.set_title(cols[c] if c != 1 else f"target ({task_name})", fontsize=7)
                 row[0].set_ylabel(task_name if r == 0 else "", fontsize=7)
