@@ -31,8 +31,14 @@ def main() -> None:
     x_train, _ = load_fashion_mnist("train")
     f_test = features(evaluator, x_test)
     t0 = time.time()
-    x = generate(load_pipeline("fashion-ddpm", device="cpu"), args.num, seed=args.seed, batch_size=100,
-                 num_inference_steps=args.steps, sampler="ddim")
+    x = generate(
+        load_pipeline("fashion-ddpm", device="cpu"),
+        args.num,
+        seed=args.seed,
+        batch_size=100,
+        num_inference_steps=args.steps,
+        sampler="ddim",
+    )
     seconds = time.time() - t0
     f_gen = features(evaluator, x)
     f_real = features(evaluator, x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]])
@@ -41,11 +47,19 @@ def main() -> None:
     n = min(args.num, 10000)
     pr_gen = precision_recall(f_test[:n], f_gen[:n])
     pr_real = precision_recall(f_test[:n], f_real[:n])
-    row = {"num": args.num, "steps": args.steps, "sampling_seconds": round(seconds, 1),
-           "class_histogram": [round(v, 4) for v in hist.tolist()], "min_class_fraction": hist.min().item(),
-           "fid_generated_vs_test": fid(f_gen, f_test), "fid_real_train10k_vs_test": fid(f_real, f_test),
-           "kid_generated_vs_test": kid(f_gen, f_test), "kid_real_train10k_vs_test": kid(f_real, f_test),
-           "precision_recall_generated": pr_gen, "precision_recall_real": pr_real}
+    row = {
+        "num": args.num,
+        "steps": args.steps,
+        "sampling_seconds": round(seconds, 1),
+        "class_histogram": [round(v, 4) for v in hist.tolist()],
+        "min_class_fraction": hist.min().item(),
+        "fid_generated_vs_test": fid(f_gen, f_test),
+        "fid_real_train10k_vs_test": fid(f_real, f_test),
+        "kid_generated_vs_test": kid(f_gen, f_test),
+        "kid_real_train10k_vs_test": kid(f_real, f_test),
+        "precision_recall_generated": pr_gen,
+        "precision_recall_real": pr_real,
+    }
     print(json.dumps(row, indent=1))
     with open(args.out, "w") as f:
         json.dump(row, f, indent=1)

@@ -27,15 +27,29 @@ def main() -> None:
     unmerged = load_experts("fashion-ppap5", copy.deepcopy(naive), diffusion)
     unmerged.merge = False  # LoRA as separate branches, as during training
     guides = {}
-    for name, m, experts in (("unguided", "unguided", bank), ("naive", "naive", bank), ("ppap", "ppap", bank),
-                             ("ppap (unmerged LoRA)", "ppap", unmerged), ("x0", "x0", bank), ("x0-shortcut", "x0-shortcut", bank)):
+    for name, m, experts in (
+        ("unguided", "unguided", bank),
+        ("naive", "naive", bank),
+        ("ppap", "ppap", bank),
+        ("ppap (unmerged LoRA)", "ppap", unmerged),
+        ("x0", "x0", bank),
+        ("x0-shortcut", "x0-shortcut", bank),
+    ):
         term = pipe.guidance_term(args.batch, guide=naive, experts=experts, target="all", method=m, classifier_scale=1.0)
         guides[name] = term.build(diffusion) if term is not None else None  # targets: the classes cycled over the batch
     seconds = time_steps(diffusion, guides, args.batch, steps=25, repeats=args.repeats)
     for method, sec in seconds.items():
-        print(json.dumps({"method": method, "batch": args.batch, "seconds_per_step": round(sec, 4),
-                          "ratio_to_unguided": round(sec / seconds["unguided"], 3),
-                          "ratio_to_naive": round(sec / seconds["naive"], 3)}))
+        print(
+            json.dumps(
+                {
+                    "method": method,
+                    "batch": args.batch,
+                    "seconds_per_step": round(sec, 4),
+                    "ratio_to_unguided": round(sec / seconds["unguided"], 3),
+                    "ratio_to_naive": round(sec / seconds["naive"], 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -36,15 +36,28 @@ def main() -> None:
     with open(args.out, "a") as f:
         for method in args.methods.split(","):
             for scale in map(float, args.scales.split(",")):
-                term = pipe.guidance_term(len(targets), guide=naive, experts=bank, target=targets, method=method,
-                                          classifier_scale=scale)
+                term = pipe.guidance_term(len(targets), guide=naive, experts=bank, target=targets, method=method, classifier_scale=scale)
                 t0 = time.time()
-                x = generate(pipe, len(targets), seed=args.seed, terms=[term] if term is not None else [], batch_size=50,
-                             progress=False, num_inference_steps=args.steps, sampler="ddim")
+                x = generate(
+                    pipe,
+                    len(targets),
+                    seed=args.seed,
+                    terms=[term] if term is not None else [],
+                    batch_size=50,
+                    progress=False,
+                    num_inference_steps=args.steps,
+                    sampler="ddim",
+                )
                 with torch.no_grad():
                     acc = (evaluator(x).argmax(-1) == targets).float().mean().item()
-                row = {"method": method, "scale": scale, "accuracy": acc, "n": len(targets), "seconds": round(time.time() - t0, 1),
-                       "experts": args.experts}
+                row = {
+                    "method": method,
+                    "scale": scale,
+                    "accuracy": acc,
+                    "n": len(targets),
+                    "seconds": round(time.time() - t0, 1),
+                    "experts": args.experts,
+                }
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")
 

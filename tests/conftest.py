@@ -17,9 +17,18 @@ def tiny_unet(seed: int = 0, out_channels: int = 1, num_class_embeds: int | None
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=out_channels, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=num_class_embeds,
+    )
 
 
 def tiny_cond_unet(seed: int = 0, out_channels: int = 1, cross_attention_dim: int = 8):
@@ -27,10 +36,18 @@ def tiny_cond_unet(seed: int = 0, out_channels: int = 1, cross_attention_dim: in
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=out_channels, block_out_channels=(8, 16),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-                                layers_per_block=1, norm_num_groups=4, attention_head_dim=2)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
 
 
 @pytest.fixture

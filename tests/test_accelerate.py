@@ -12,8 +12,25 @@ from ppap.cli import main
 
 def _launch(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppap", "--threads", "1", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ppap",
+        "--threads",
+        "1",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -30,8 +47,26 @@ def test_two_process_generate_and_train_match_one_process(tiny_models, tmp_path)
         assert np.array_equal(np.load(tmp_path / "c2" / name), np.load(tmp_path / "c1" / name))
 
     # frozen norms: then the data-parallel gradient equals the full-batch one, so weights must match
-    train = ["train", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"], "--data",
-             str(tmp_path / "c1"), "--experts", "2", "--iterations", "8", "--batch-size", "8", "--per-expert-norm", "false", "--quiet"]
+    train = [
+        "train",
+        "--diffusion",
+        m["diffusion"],
+        "--guide",
+        m["guide"],
+        "--guide-weights",
+        m["weights"],
+        "--data",
+        str(tmp_path / "c1"),
+        "--experts",
+        "2",
+        "--iterations",
+        "8",
+        "--batch-size",
+        "8",
+        "--per-expert-norm",
+        "false",
+        "--quiet",
+    ]
     _launch(*train, "--out", str(tmp_path / "e2"))
     assert main(["--threads", "1", *train, "--out", str(tmp_path / "e1")]) == 0
     for i in range(2):

@@ -9,8 +9,10 @@ import pytest
 from ppap import zoo
 from ppap.data import fashion_mnist_dir
 
-needs_data = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+needs_data = pytest.mark.skipif(
+    not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
 
 
 def needs(*names):
@@ -53,8 +55,7 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     assert again["stage_seconds"] == r["stage_seconds"]  # a stage read back keeps the time it took when computed
 
 
-DENSE_MODELS = ("fashion-ddpm", "fashion-evaluator", "fashion-segmenter", "fashion-edges", "fashion-segmenter-ppap5",
-                "fashion-edges-ppap5")
+DENSE_MODELS = ("fashion-ddpm", "fashion-evaluator", "fashion-segmenter", "fashion-edges", "fashion-segmenter-ppap5", "fashion-edges-ppap5")
 
 
 @pytest.fixture(scope="module")

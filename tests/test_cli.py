@@ -24,21 +24,88 @@ def run(argv, capsys):
 def test_generate_train_sample_end_to_end(tiny_models, capsys, tmp_path):
     m = tiny_models
     corpus, experts, grid = tmp_path / "corpus", tmp_path / "experts", tmp_path / "grid.png"
-    assert run(["generate", "--diffusion", m["diffusion"], "--out", str(corpus), "--num", "40", "--shard-size", "16",
-                "--steps", "5", "--quiet"], capsys)[0] == 0
+    assert (
+        run(
+            [
+                "generate",
+                "--diffusion",
+                m["diffusion"],
+                "--out",
+                str(corpus),
+                "--num",
+                "40",
+                "--shard-size",
+                "16",
+                "--steps",
+                "5",
+                "--quiet",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     assert json.loads((corpus / "manifest.json").read_text())["num_samples"] == 40
-    code, out, err = run(["train", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"],
-                          "--data", str(corpus), "--out", str(experts), "--experts", "0-30,30-100", "--iterations", "10",
-                          "--batch-size", "8", "--rank", "2", "--alpha", "4"], capsys)
+    code, out, err = run(
+        [
+            "train",
+            "--diffusion",
+            m["diffusion"],
+            "--guide",
+            m["guide"],
+            "--guide-weights",
+            m["weights"],
+            "--data",
+            str(corpus),
+            "--out",
+            str(experts),
+            "--experts",
+            "0-30,30-100",
+            "--iterations",
+            "10",
+            "--batch-size",
+            "8",
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "expert_1 t∈[30,100)" in out
     manifest = json.loads((experts / "ppap_experts.json").read_text())
     assert manifest["boundaries"] == [0, 30, 100] and manifest["trained"] == ["expert_0", "expert_1"]
     assert manifest["adapter"]["rank"] == 2 and manifest["task"] == {"name": "classification", "num_classes": 10, "tau": 0.25}
     for method, sampler in (("ppap", "ddim"), ("ppap", "ddpm"), ("naive", "ddim"), ("x0", "ddim"), ("unguided", "ddpm")):
-        code, out, err = run(["sample", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"],
-                              "--experts", str(experts), "--method", method, "--sampler", sampler, "--target", "3,4", "--num", "5",
-                              "--steps", "4", "--batch-size", "3", "--out", str(grid), "--quiet"], capsys)
+        code, out, err = run(
+            [
+                "sample",
+                "--diffusion",
+                m["diffusion"],
+                "--guide",
+                m["guide"],
+                "--guide-weights",
+                m["weights"],
+                "--experts",
+                str(experts),
+                "--method",
+                method,
+                "--sampler",
+                sampler,
+                "--target",
+                "3,4",
+                "--num",
+                "5",
+                "--steps",
+                "4",
+                "--batch-size",
+                "3",
+                "--out",
+                str(grid),
+                "--quiet",
+            ],
+            capsys,
+        )
         assert code == 0, err
         data = np.load(grid.with_suffix(".npz"))
         assert data["images"].shape == (5, 8, 8, 1) and data["images"].dtype == np.uint8
@@ -51,19 +118,41 @@ def test_sampling_is_reproducible_and_batch_size_independent(tiny_models, capsys
     outs = []
     for bs in ("4", "2"):
         out = tmp_path / f"u{bs}.png"
-        assert run(["sample", "--diffusion", m["diffusion"], "--method", "unguided", "--num", "4", "--steps", "3",
-                    "--batch-size", bs, "--seed", "7", "--out", str(out), "--quiet"], capsys)[0] == 0
+        assert (
+            run(
+                [
+                    "sample",
+                    "--diffusion",
+                    m["diffusion"],
+                    "--method",
+                    "unguided",
+                    "--num",
+                    "4",
+                    "--steps",
+                    "3",
+                    "--batch-size",
+                    bs,
+                    "--seed",
+                    "7",
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ],
+                capsys,
+            )[0]
+            == 0
+        )
         outs.append(np.load(out.with_suffix(".npz"))["images"])
     assert np.array_equal(outs[0], outs[1])
 
 
-FIXED_SIZE_MODULE = '''
+FIXED_SIZE_MODULE = """
 import torch
 from torch import nn
 
 def needs_28px():
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
-'''
+"""
 
 
 @pytest.fixture
@@ -79,8 +168,29 @@ def bad_inputs(tiny_models, tmp_path, monkeypatch, capsys):
     corpus, experts = tmp_path / "corpus", tmp_path / "experts"
     m = tiny_models
     run(["generate", "--diffusion", m["diffusion"], "--out", str(corpus), "--num", "8", "--steps", "2", "--quiet"], capsys)
-    run(["train", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"], "--data", str(corpus),
-         "--out", str(experts), "--experts", "2", "--iterations", "2", "--batch-size", "4", "--quiet"], capsys)
+    run(
+        [
+            "train",
+            "--diffusion",
+            m["diffusion"],
+            "--guide",
+            m["guide"],
+            "--guide-weights",
+            m["weights"],
+            "--data",
+            str(corpus),
+            "--out",
+            str(experts),
+            "--experts",
+            "2",
+            "--iterations",
+            "2",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ],
+        capsys,
+    )
     bad_manifest = tmp_path / "bad_manifest"
     bad_manifest.mkdir()
     (bad_manifest / "ppap_experts.json").write_text('{"format": "something-else"}')
@@ -88,8 +198,23 @@ def bad_inputs(tiny_models, tmp_path, monkeypatch, capsys):
 
 
 def _sample(b, *extra, weights=None):
-    return ["sample", "--diffusion", b["diffusion"], "--guide", b["guide"], "--guide-weights", weights or b["weights"],
-            "--num", "2", "--steps", "2", "--quiet", "--out", str(b["tmp"] / "never.png"), *extra]
+    return [
+        "sample",
+        "--diffusion",
+        b["diffusion"],
+        "--guide",
+        b["guide"],
+        "--guide-weights",
+        weights or b["weights"],
+        "--num",
+        "2",
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        str(b["tmp"] / "never.png"),
+        *extra,
+    ]
 
 
 def _bench_folder_of_another_config(tmp: Path) -> str:
@@ -104,35 +229,91 @@ def _bench_folder_of_another_config(tmp: Path) -> str:
 
 
 CASES = {
-    "class index": (lambda b: _sample(b, "--method", "naive", "--target", "10"),
-                    "class index 10 is out of range: the guidance model has 10 classes (0..9)"),
+    "class index": (
+        lambda b: _sample(b, "--method", "naive", "--target", "10"),
+        "class index 10 is out of range: the guidance model has 10 classes (0..9)",
+    ),
     "class name": (lambda b: _sample(b, "--method", "naive", "--target", "giraffe"), "bad class target 'giraffe'"),
-    "image size": (lambda b: ["sample", "--diffusion", b["diffusion"], "--guide", "user_models:needs_28px", "--guide-weights",
-                              str(b["tmp"] / "w28.safetensors"), "--method", "naive", "--num", "2", "--quiet"],
-                   "user_models:needs_28px cannot take images of shape [1, 8, 8]"),
-    "missing weights": (lambda b: _sample(b, "--method", "naive", weights="nope.safetensors"),
-                        "weights file not found: nope.safetensors"),
-    "corrupt weights": (lambda b: _sample(b, "--method", "naive", weights=str(b["tmp"] / "corrupt.safetensors")),
-                        "is corrupt or not safetensors"),
-    "pickle weights": (lambda b: _sample(b, "--method", "naive", weights=str(b["tmp"] / "weights.pt")),
-                       "ppap loads weights only from .safetensors files"),
+    "image size": (
+        lambda b: [
+            "sample",
+            "--diffusion",
+            b["diffusion"],
+            "--guide",
+            "user_models:needs_28px",
+            "--guide-weights",
+            str(b["tmp"] / "w28.safetensors"),
+            "--method",
+            "naive",
+            "--num",
+            "2",
+            "--quiet",
+        ],
+        "user_models:needs_28px cannot take images of shape [1, 8, 8]",
+    ),
+    "missing weights": (lambda b: _sample(b, "--method", "naive", weights="nope.safetensors"), "weights file not found: nope.safetensors"),
+    "corrupt weights": (
+        lambda b: _sample(b, "--method", "naive", weights=str(b["tmp"] / "corrupt.safetensors")),
+        "is corrupt or not safetensors",
+    ),
+    "pickle weights": (
+        lambda b: _sample(b, "--method", "naive", weights=str(b["tmp"] / "weights.pt")),
+        "ppap loads weights only from .safetensors files",
+    ),
     "missing experts": (lambda b: _sample(b, "--experts", str(b["tmp"] / "nowhere")), "experts directory not found"),
     "wrong manifest": (lambda b: _sample(b, "--experts", b["bad_manifest"]), "is not a ppap expert manifest"),
-    "missing diffusion": (lambda b: ["sample", "--diffusion", str(b["tmp"] / "nope"), "--method", "unguided"],
-                          "diffusion model directory not found"),
-    "bad factory": (lambda b: ["sample", "--diffusion", b["diffusion"], "--guide", "no_such_module:f", "--guide-weights", "x"],
-                    "cannot import 'no_such_module'"),
+    "missing diffusion": (
+        lambda b: ["sample", "--diffusion", str(b["tmp"] / "nope"), "--method", "unguided"],
+        "diffusion model directory not found",
+    ),
+    "bad factory": (
+        lambda b: ["sample", "--diffusion", b["diffusion"], "--guide", "no_such_module:f", "--guide-weights", "x"],
+        "cannot import 'no_such_module'",
+    ),
     "unknown method": (lambda b: _sample(b, "--method", "magic"), "unknown guidance method 'magic'"),
     "ppap without experts": (lambda b: _sample(b, "--method", "ppap"), "method 'ppap' needs --experts"),
-    "range gap": (lambda b: ["train", "--diffusion", b["diffusion"], "--guide", b["guide"], "--guide-weights", b["weights"],
-                             "--data", b["corpus"], "--out", str(b["tmp"] / "e2"), "--experts", "0-40,50-100"],
-                  "gap between timestep ranges [0, 40) and [50, 100): timesteps 40..49 have no expert"),
-    "bench workers": (lambda b: ["bench", "classifier", "--workers", "0", "--out", str(b["tmp"] / "bench")],
-                      "--workers must be >= 1 (got 0)"),
-    "bench of another configuration": (lambda b: ["bench", "classifier", "--out", _bench_folder_of_another_config(b["tmp"])],
-                                       "holds stages of another bench configuration (per_class differ)"),
-    "not a corpus": (lambda b: ["train", "--diffusion", b["diffusion"], "--guide", b["guide"], "--guide-weights", b["weights"],
-                                "--data", str(b["tmp"]), "--out", str(b["tmp"] / "e3")], "is not a ppap corpus"),
+    "range gap": (
+        lambda b: [
+            "train",
+            "--diffusion",
+            b["diffusion"],
+            "--guide",
+            b["guide"],
+            "--guide-weights",
+            b["weights"],
+            "--data",
+            b["corpus"],
+            "--out",
+            str(b["tmp"] / "e2"),
+            "--experts",
+            "0-40,50-100",
+        ],
+        "gap between timestep ranges [0, 40) and [50, 100): timesteps 40..49 have no expert",
+    ),
+    "bench workers": (
+        lambda b: ["bench", "classifier", "--workers", "0", "--out", str(b["tmp"] / "bench")],
+        "--workers must be >= 1 (got 0)",
+    ),
+    "bench of another configuration": (
+        lambda b: ["bench", "classifier", "--out", _bench_folder_of_another_config(b["tmp"])],
+        "holds stages of another bench configuration (per_class differ)",
+    ),
+    "not a corpus": (
+        lambda b: [
+            "train",
+            "--diffusion",
+            b["diffusion"],
+            "--guide",
+            b["guide"],
+            "--guide-weights",
+            b["weights"],
+            "--data",
+            str(b["tmp"]),
+            "--out",
+            str(b["tmp"] / "e3"),
+        ],
+        "is not a ppap corpus",
+    ),
 }
 
 
@@ -157,15 +338,31 @@ def test_experts_of_another_guide_model_are_refused(bad_inputs, capsys, tmp_path
     torch.manual_seed(123)
     save_file(tiny_classifier().state_dict(), str(tmp_path / "other.safetensors"))
     b = bad_inputs
-    code, _, err = run(["sample", "--diffusion", b["diffusion"], "--guide", b["guide"], "--guide-weights", str(tmp_path / "other.safetensors"),
-                        "--experts", b["experts"], "--num", "2", "--quiet"], capsys)
+    code, _, err = run(
+        [
+            "sample",
+            "--diffusion",
+            b["diffusion"],
+            "--guide",
+            b["guide"],
+            "--guide-weights",
+            str(tmp_path / "other.safetensors"),
+            "--experts",
+            b["experts"],
+            "--num",
+            "2",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 2 and "were trained on ppap.models:tiny_classifier" in err
 
 
 def _ppap(*args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "ppap", "--threads", "1", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ppap", "--threads", "1", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw
+    )
 
 
 def _shards(root: Path):
@@ -173,8 +370,20 @@ def _shards(root: Path):
 
 
 def test_generate_resumes_after_kill_without_loss_or_duplicates(tiny_models, tmp_path):
-    args = ["generate", "--diffusion", tiny_models["diffusion"], "--num", "100", "--shard-size", "10", "--steps", "20",
-            "--batch-size", "5", "--quiet"]
+    args = [
+        "generate",
+        "--diffusion",
+        tiny_models["diffusion"],
+        "--num",
+        "100",
+        "--shard-size",
+        "10",
+        "--steps",
+        "20",
+        "--batch-size",
+        "5",
+        "--quiet",
+    ]
     ref = _ppap(*args, "--out", str(tmp_path / "ref"))
     victim = _ppap(*args, "--out", str(tmp_path / "run"))
     deadline = time.time() + 120

@@ -14,8 +14,20 @@ from ppap.io import Field, check_fields, read_json_object
 
 
 def _spec(**kw) -> CorpusSpec:
-    return CorpusSpec(**({"model": "m@0", "num_samples": 10, "shard_size": 4, "steps": 2, "eta": 0.0, "seed": 0,
-                          "schedule": {"num_train_timesteps": 100}} | kw))
+    return CorpusSpec(
+        **(
+            {
+                "model": "m@0",
+                "num_samples": 10,
+                "shard_size": 4,
+                "steps": 2,
+                "eta": 0.0,
+                "seed": 0,
+                "schedule": {"num_train_timesteps": 100},
+            }
+            | kw
+        )
+    )
 
 
 def _images(k: int, n: int, hw: int = 8) -> np.ndarray:
@@ -44,8 +56,12 @@ def _plant(root, k, arr):
     np.save(shard_path(root, k), arr)
     data = shard_path(root, k).read_bytes()
     meta = _manifest(root)
-    meta["shards"][f"{k:05d}"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                                  "shape": [max(0, d) for d in (list(arr.shape) + [1] * 4)[:4]], "dtype": "uint8"}
+    meta["shards"][f"{k:05d}"] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "shape": [max(0, d) for d in (list(arr.shape) + [1] * 4)[:4]],
+        "dtype": "uint8",
+    }
     (root / "manifest.json").write_text(json.dumps(meta))
 
 
@@ -150,8 +166,12 @@ def test_malformed_shards_are_refused_by_name(tmp_path, case):
 
 def test_write_shard_refuses_what_would_not_load(tmp_path):
     _fill(tmp_path)
-    for k, arr, message in [(1, _images(1, 3), "must hold 4 images"), (3, _images(3, 4), "must hold"),
-                            (1, _images(1, 4, hw=16), "unlike the other shards"), (1, np.zeros((4, 8, 8, 1), np.float32), "uint8")]:
+    for k, arr, message in [
+        (1, _images(1, 3), "must hold 4 images"),
+        (3, _images(3, 4), "must hold"),
+        (1, _images(1, 4, hw=16), "unlike the other shards"),
+        (1, np.zeros((4, 8, 8, 1), np.float32), "uint8"),
+    ]:
         with pytest.raises(ValueError, match=message):
             write_shard(tmp_path, k, arr)
     with pytest.raises(PPAPError, match="is not a ppap corpus"):
@@ -172,8 +192,10 @@ MANIFESTS = {  # what to write as manifest.json -> what the one-line error must 
     "nan eta": (lambda m: json.dumps(m | {"eta": float("nan")}), "field 'eta' must be a number (finite, >= 0), got nan"),
     "other format": (lambda m: json.dumps(m | {"format": "x"}), "field 'format' must be a string 'ppap-corpus-v2', got \"x\""),
     "no shards": (lambda m: json.dumps({k: v for k, v in m.items() if k != "shards"}), "lacks field 'shards'"),
-    "bad record": (lambda m: json.dumps(m | {"shards": {"00000": m["shards"]["00000"] | {"sha256": 7}}}),
-                   "record of shard 00000: field 'sha256' must be a string of 64 hex digits, got 7"),
+    "bad record": (
+        lambda m: json.dumps(m | {"shards": {"00000": m["shards"]["00000"] | {"sha256": 7}}}),
+        "record of shard 00000: field 'sha256' must be a string of 64 hex digits, got 7",
+    ),
 }
 
 
@@ -185,8 +207,7 @@ def test_a_damaged_manifest_is_one_line_naming_the_field(tmp_path, case):
     manifest = tmp_path / "manifest.json"
     manifest.write_bytes(content if isinstance(content, bytes) else content.encode())
     shards = {p.name: p.read_bytes() for p in tmp_path.glob("shard-*.npy")}
-    for action in (lambda: open_corpus(tmp_path, spec), lambda: load_corpus(tmp_path),
-                   lambda: write_shard(tmp_path, 0, _images(0, 4))):
+    for action in (lambda: open_corpus(tmp_path, spec), lambda: load_corpus(tmp_path), lambda: write_shard(tmp_path, 0, _images(0, 4))):
         with pytest.raises(PPAPError) as e:
             action()
         _one_line(e, f"corpus manifest {manifest}", message)
@@ -205,8 +226,19 @@ def test_orphan_temp_files_are_removed_by_the_opener(tmp_path):
     _tidy(tmp_path)
 
 
-@pytest.mark.parametrize("bad", [{"num_samples": 0}, {"shard_size": 0}, {"steps": 0}, {"eta": -0.5}, {"eta": float("inf")},
-                                 {"batch_size": 0}, {"num_samples": 2.5}, {"seed": "0"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_samples": 0},
+        {"shard_size": 0},
+        {"steps": 0},
+        {"eta": -0.5},
+        {"eta": float("inf")},
+        {"batch_size": 0},
+        {"num_samples": 2.5},
+        {"seed": "0"},
+    ],
+)
 def test_an_invalid_spec_leaves_no_trace(tmp_path, bad):
     root = tmp_path / "new" / "corpus"
     with pytest.raises(PPAPError) as e:
@@ -289,14 +321,19 @@ def test_generate_corpus_redraws_a_truncated_shard(tmp_path):
 def test_read_json_object_checks_types_and_values(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"rank": 4, "scale": 1, "name": "x", "flag": True}))
-    schema = {"rank": Field(int, lambda v: v >= 1, ">= 1"), "scale": (float,), "name": (str, None, "", True),
-              "extra": Field((list, type(None)), required=False)}
+    schema = {
+        "rank": Field(int, lambda v: v >= 1, ">= 1"),
+        "scale": (float,),
+        "name": (str, None, "", True),
+        "extra": Field((list, type(None)), required=False),
+    }
     assert read_json_object(path, "config", schema)["scale"] == 1  # a float field takes JSON integers
     with pytest.raises(PPAPError, match=r"config .*cfg.json: field 'flag' must be an integer, got true"):
         read_json_object(path, "config", {"flag": (int,)})  # true is not an integer
     with pytest.raises(PPAPError, match="field 'extra' must be a list or null, got 3"):
-        check_fields({"extra": 3}, "x", schema | {"rank": (int, None, "", False), "scale": (float, None, "", False),
-                                                  "name": (str, None, "", False)})
+        check_fields(
+            {"extra": 3}, "x", schema | {"rank": (int, None, "", False), "scale": (float, None, "", False), "name": (str, None, "", False)}
+        )
     with pytest.raises(PPAPError, match=f"config not found: {tmp_path / 'none.json'}"):
         read_json_object(tmp_path / "none.json", "config", schema)
     with pytest.raises(PPAPError, match="cannot read config"):

@@ -8,8 +8,10 @@ import torch
 from ppap import PPAPError
 from ppap.data import InfiniteBatches, fashion_mnist_dir, load_fashion_mnist
 
-needs_data = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+needs_data = pytest.mark.skipif(
+    not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
 
 
 @needs_data

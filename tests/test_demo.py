@@ -9,11 +9,12 @@ from ppap.demo import DemoConfig, run_demo
 from ppap.train import TrainConfig
 
 
-@pytest.mark.skipif(not all(zoo.ZOO[n].available for n in ("fashion-ddpm", "fashion-classifier", "fashion-evaluator")),
-                    reason="zoo models not built in this checkout")
+@pytest.mark.skipif(
+    not all(zoo.ZOO[n].available for n in ("fashion-ddpm", "fashion-classifier", "fashion-evaluator")),
+    reason="zoo models not built in this checkout",
+)
 def test_demo_writes_grid_summary_and_table(tmp_path, capsys):
-    cfg = DemoConfig(corpus_size=16, train=TrainConfig(experts="5", iterations=3, batch_size=8), per_class=1, steps=3,
-                     grid_per_class=1)
+    cfg = DemoConfig(corpus_size=16, train=TrainConfig(experts="5", iterations=3, batch_size=8), per_class=1, steps=3, grid_per_class=1)
     summary = run_demo(tmp_path, cfg=cfg)
     out = capsys.readouterr().out
     assert "evaluator accuracy on the requested class" in out and "ALL" in out

@@ -32,12 +32,25 @@ def dense_models(tiny_models):
     np.save(root / "labels.npy", np.random.default_rng(0).integers(0, 3, (2, 8, 8)))
     np.save(root / "bad_labels.npy", np.full((8, 8), 7))
     np.save(root / "wrong_shape.npy", np.zeros((6, 6), dtype=np.float32))
-    base = ["sample", "--diffusion", tiny_models["diffusion"], "--num", "4", "--steps", "3", "--batch-size", "3", "--quiet",
-            "--method", "naive"]
-    return tiny_models | {"base": base, "edges": ["--guide", "ppap.models:tiny_dense", "--guide-weights", str(root / "edges.safetensors"),
-                                                   "--task", "dense"],
-                          "seg": ["--guide", "ppap.models:tiny_segmenter", "--guide-weights", str(root / "seg.safetensors"),
-                                  "--task", "segmentation"]}
+    base = [
+        "sample",
+        "--diffusion",
+        tiny_models["diffusion"],
+        "--num",
+        "4",
+        "--steps",
+        "3",
+        "--batch-size",
+        "3",
+        "--quiet",
+        "--method",
+        "naive",
+    ]
+    return tiny_models | {
+        "base": base,
+        "edges": ["--guide", "ppap.models:tiny_dense", "--guide-weights", str(root / "edges.safetensors"), "--task", "dense"],
+        "seg": ["--guide", "ppap.models:tiny_segmenter", "--guide-weights", str(root / "seg.safetensors"), "--task", "segmentation"],
+    }
 
 
 def test_dense_targets_from_image_and_map_and_composed_terms(dense_models, capsys):
@@ -48,10 +61,22 @@ def test_dense_targets_from_image_and_map_and_composed_terms(dense_models, capsy
     data = np.load(out.with_suffix(".npz"))
     assert data["images"].shape == (4, 8, 8, 1) and data["targets"].shape == (4, 1, 8, 8)
     assert np.allclose(data["targets"][0], data["targets"][3])  # one reference, repeated
-    code, _, err = run(m["base"] + m["seg"] + ["--target-map", str(root / "labels.npy"), "--out", str(out),
-                       "--term", f"guide=ppap.models:tiny_classifier,guide_weights={m['weights']},method=naive,target=7,scale=5",
-                       "--term", f"guide=ppap.models:tiny_dense,guide_weights={root / 'edges.safetensors'},task=dense,"
-                                 f"method=naive,target_map={root / 'edges.npy'},scale=50"], capsys)
+    code, _, err = run(
+        m["base"]
+        + m["seg"]
+        + [
+            "--target-map",
+            str(root / "labels.npy"),
+            "--out",
+            str(out),
+            "--term",
+            f"guide=ppap.models:tiny_classifier,guide_weights={m['weights']},method=naive,target=7,scale=5",
+            "--term",
+            f"guide=ppap.models:tiny_dense,guide_weights={root / 'edges.safetensors'},task=dense,"
+            f"method=naive,target_map={root / 'edges.npy'},scale=50",
+        ],
+        capsys,
+    )
     assert code == 0, err
     data = np.load(out.with_suffix(".npz"))
     labels = np.load(root / "labels.npy")
@@ -59,12 +84,15 @@ def test_dense_targets_from_image_and_map_and_composed_terms(dense_models, capsy
     assert data["targets_1"].tolist() == [7, 7, 7, 7] and data["targets_2"].shape == (4, 1, 8, 8)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--target-map", "{root}/wrong_shape.npy"], "a dense target map must be float [B, 1, 8, 8] like the model output"),
-    (["--target-image", "{root}/nope.png"], "reference image not found"),
-    ([], "needs exactly one of --target-image or --target-map"),
-    (["--target-map", "{root}/ref.png"], "--target-map must be a .npy file"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--target-map", "{root}/wrong_shape.npy"], "a dense target map must be float [B, 1, 8, 8] like the model output"),
+        (["--target-image", "{root}/nope.png"], "reference image not found"),
+        ([], "needs exactly one of --target-image or --target-map"),
+        (["--target-map", "{root}/ref.png"], "--target-map must be a .npy file"),
+    ],
+)
 def test_dense_target_errors_are_one_line(dense_models, capsys, extra, message):
     root = str(dense_models["root"])
     argv = dense_models["base"] + dense_models["edges"] + [e.format(root=root) for e in extra] + ["--out", f"{root}/never.png"]
@@ -77,13 +105,17 @@ def test_segmentation_label_out_of_range_and_classifier_with_map(dense_models, c
     m, root = dense_models, str(dense_models["root"])
     code, _, err = run(m["base"] + m["seg"] + ["--target-map", f"{root}/bad_labels.npy", "--out", f"{root}/never.png"], capsys)
     assert code == 2 and "label 7 in the target map is out of range: the model has 3 classes" in err
-    code, _, err = run(m["base"] + ["--guide", m["guide"], "--guide-weights", m["weights"], "--target-map", f"{root}/labels.npy",
-                                    "--out", f"{root}/never.png"], capsys)
+    code, _, err = run(
+        m["base"]
+        + ["--guide", m["guide"], "--guide-weights", m["weights"], "--target-map", f"{root}/labels.npy", "--out", f"{root}/never.png"],
+        capsys,
+    )
     assert code == 2 and "a classifier takes --target CLASS" in err
     code, _, err = run(m["base"] + ["--term", "experts=x,target=1", "--out", f"{root}/never.png"], capsys)
     assert code == 2 and "has no guide=" in err
-    code, _, err = run(m["base"] + ["--term", f"guide={m['guide']},guide_weights={m['weights']},target=1,scale=big",
-                                    "--out", f"{root}/never.png"], capsys)
+    code, _, err = run(
+        m["base"] + ["--term", f"guide={m['guide']},guide_weights={m['weights']},target=1,scale=big", "--out", f"{root}/never.png"], capsys
+    )
     assert code == 2 and err.count("\n") == 1 and "bad guidance scale 'big': expected a number" in err
 
 

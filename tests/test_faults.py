@@ -47,31 +47,143 @@ def world(tmp_path_factory):
     save_file({k: v.clone().fill_(float("nan")) if k == "fc.weight" else v for k, v in state.items()}, str(root / "nan.safetensors"))
     save_file({k: v.clone().fill_(float("inf")) if k == "fc.bias" else v for k, v in state.items()}, str(root / "inf.safetensors"))
     guide = ["--guide", "ppap.models:tiny_classifier", "--guide-weights", str(root / "clf.safetensors")]
-    assert main(["--threads", "1", "generate", "--diffusion", str(root / "ddpm"), "--out", str(root / "corpus"), "--num", "16",
-                 "--shard-size", "8", "--steps", "2", "--quiet"]) == 0
-    assert main(["--threads", "1", "train", "--diffusion", str(root / "ddpm"), *guide, "--data", str(root / "corpus"),
-                 "--out", str(root / "experts"), "--experts", "2", "--iterations", "2", "--batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--threads",
+                "1",
+                "generate",
+                "--diffusion",
+                str(root / "ddpm"),
+                "--out",
+                str(root / "corpus"),
+                "--num",
+                "16",
+                "--shard-size",
+                "8",
+                "--steps",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--threads",
+                "1",
+                "train",
+                "--diffusion",
+                str(root / "ddpm"),
+                *guide,
+                "--data",
+                str(root / "corpus"),
+                "--out",
+                str(root / "experts"),
+                "--experts",
+                "2",
+                "--iterations",
+                "2",
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     # an RGB world: experts of an RGB classifier must be refused by the grey diffusion model, in one line
-    DDPMPipeline(unet=tiny_unet(in_channels=3, out_channels=3), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(root / "rgb")
+    DDPMPipeline(unet=tiny_unet(in_channels=3, out_channels=3), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        root / "rgb"
+    )
     torch.manual_seed(2)
     save_file(tiny_classifier(in_channels=3).state_dict(), str(root / "rgb.safetensors"))
-    assert main(["--threads", "1", "generate", "--diffusion", str(root / "rgb"), "--out", str(root / "rgb-corpus"), "--num", "8",
-                 "--steps", "2", "--quiet"]) == 0
-    assert main(["--threads", "1", "train", "--diffusion", str(root / "rgb"), "--guide", "ppap.models:tiny_rgb_classifier",
-                 "--guide-weights", str(root / "rgb.safetensors"), "--data", str(root / "rgb-corpus"), "--out", str(root / "rgb-experts"),
-                 "--experts", "1", "--iterations", "1", "--batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--threads",
+                "1",
+                "generate",
+                "--diffusion",
+                str(root / "rgb"),
+                "--out",
+                str(root / "rgb-corpus"),
+                "--num",
+                "8",
+                "--steps",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--threads",
+                "1",
+                "train",
+                "--diffusion",
+                str(root / "rgb"),
+                "--guide",
+                "ppap.models:tiny_rgb_classifier",
+                "--guide-weights",
+                str(root / "rgb.safetensors"),
+                "--data",
+                str(root / "rgb-corpus"),
+                "--out",
+                str(root / "rgb-experts"),
+                "--experts",
+                "1",
+                "--iterations",
+                "1",
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return {"root": root, "ddpm": str(root / "ddpm"), "guide": guide, "corpus": str(root / "corpus"), "experts": str(root / "experts")}
 
 
 def _sample(w, *extra, weights=None, out=None):
     guide = ["--guide", "ppap.models:tiny_classifier", "--guide-weights", weights] if weights else w["guide"]
-    return ["sample", "--diffusion", w["ddpm"], *guide, "--num", "2", "--steps", "2", "--quiet", "--out",
-            out or str(w["root"] / "out" / "never.png"), *extra]
+    return [
+        "sample",
+        "--diffusion",
+        w["ddpm"],
+        *guide,
+        "--num",
+        "2",
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        out or str(w["root"] / "out" / "never.png"),
+        *extra,
+    ]
 
 
 def _train(w, *extra, out="never-experts"):
-    return ["train", "--diffusion", w["ddpm"], *w["guide"], "--data", w["corpus"], "--out", str(w["root"] / out),
-            "--experts", "2", "--iterations", "2", "--batch-size", "4", "--quiet", *extra]
+    return [
+        "train",
+        "--diffusion",
+        w["ddpm"],
+        *w["guide"],
+        "--data",
+        w["corpus"],
+        "--out",
+        str(w["root"] / out),
+        "--experts",
+        "2",
+        "--iterations",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _generate(w, *extra, out="never-corpus"):
@@ -114,6 +226,7 @@ def _drop_key(key):
         m = json.loads((folder / "ppap_experts.json").read_text())
         m.pop(key)
         (folder / "ppap_experts.json").write_text(json.dumps(m))
+
     return mutate
 
 
@@ -139,25 +252,65 @@ CASES = {  # name: (argv builder, exit status, message)
     "sample --scale 1e30": (lambda w: _sample(w, "--method", "naive", "--scale", "1e30"), 2, "non-finite at t="),
     "sample --eta nan": (lambda w: _sample(w, "--method", "naive", "--eta", "nan"), 2, "bad --eta nan"),
     "sample --eta -1": (lambda w: _sample(w, "--method", "naive", "--eta", "-1"), 2, "eta must be a finite number >= 0"),
-    "term scale=nan": (lambda w: _sample(w, "--method", "unguided", "--term",
-                                         f"guide=ppap.models:tiny_classifier,guide_weights={w['root'] / 'clf.safetensors'},scale=nan"),
-                       2, "bad guidance scale 'nan'"),
-    "NaN guide, naive": (lambda w: _sample(w, "--method", "naive", weights=str(w["root"] / "nan.safetensors")), 2,
-                         "naive ppap.models:tiny_classifier (classification) x30: the guidance model's output is not finite"),
-    "NaN guide, x0": (lambda w: _sample(w, "--method", "x0", weights=str(w["root"] / "nan.safetensors")), 2,
-                      "x0 ppap.models:tiny_classifier"),
-    "inf guide, x0-shortcut": (lambda w: _sample(w, "--method", "x0-shortcut", weights=str(w["root"] / "inf.safetensors")), 2,
-                               "the guidance model's output is not finite"),
-    "NaN adapter weights": (lambda w: _sample(w, "--experts", _bank_copy(w, "nan-bank", _nan_adapters)), 2,
-                            "ppap ppap.models:tiny_classifier (classification) x30: the guidance model's output is not finite"),
+    "term scale=nan": (
+        lambda w: _sample(
+            w,
+            "--method",
+            "unguided",
+            "--term",
+            f"guide=ppap.models:tiny_classifier,guide_weights={w['root'] / 'clf.safetensors'},scale=nan",
+        ),
+        2,
+        "bad guidance scale 'nan'",
+    ),
+    "NaN guide, naive": (
+        lambda w: _sample(w, "--method", "naive", weights=str(w["root"] / "nan.safetensors")),
+        2,
+        "naive ppap.models:tiny_classifier (classification) x30: the guidance model's output is not finite",
+    ),
+    "NaN guide, x0": (
+        lambda w: _sample(w, "--method", "x0", weights=str(w["root"] / "nan.safetensors")),
+        2,
+        "x0 ppap.models:tiny_classifier",
+    ),
+    "inf guide, x0-shortcut": (
+        lambda w: _sample(w, "--method", "x0-shortcut", weights=str(w["root"] / "inf.safetensors")),
+        2,
+        "the guidance model's output is not finite",
+    ),
+    "NaN adapter weights": (
+        lambda w: _sample(w, "--experts", _bank_copy(w, "nan-bank", _nan_adapters)),
+        2,
+        "ppap ppap.models:tiny_classifier (classification) x30: the guidance model's output is not finite",
+    ),
     "train --lr inf": (lambda w: _train(w, "--lr", "inf"), 2, "lr must be a finite number > 0, got inf"),
     "train --lr nan": (lambda w: _train(w, "--lr", "nan"), 2, "lr must be a finite number > 0, got nan"),
     "train --tau 0": (lambda w: _train(w, "--tau", "0"), 2, "tau must be a finite number > 0, got 0"),
     "train --alpha nan": (lambda w: _train(w, "--alpha", "nan"), 2, "alpha must be a finite number > 0"),
-    "train, inf guide": (lambda w: ["train", "--diffusion", w["ddpm"], "--guide", "ppap.models:tiny_classifier", "--guide-weights",
-                          str(w["root"] / "inf.safetensors"), "--data", w["corpus"], "--out", str(w["root"] / "never-experts"),
-                          "--experts", "2", "--iterations", "2", "--batch-size", "4", "--quiet"], 2,
-                         "the guidance model gives non-finite outputs on 16 of 16 training images"),
+    "train, inf guide": (
+        lambda w: [
+            "train",
+            "--diffusion",
+            w["ddpm"],
+            "--guide",
+            "ppap.models:tiny_classifier",
+            "--guide-weights",
+            str(w["root"] / "inf.safetensors"),
+            "--data",
+            w["corpus"],
+            "--out",
+            str(w["root"] / "never-experts"),
+            "--experts",
+            "2",
+            "--iterations",
+            "2",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ],
+        2,
+        "the guidance model gives non-finite outputs on 16 of 16 training images",
+    ),
     "train diverging": (lambda w: _train(w, "--lr", "1e30", "--iterations", "30"), 2, "the loss is nan"),
     # validation before anything is written
     "generate --steps 0": (lambda w: _generate(w, "--steps", "0"), 2, "steps must be >= 1, got 0"),
@@ -170,8 +323,11 @@ CASES = {  # name: (argv builder, exit status, message)
     "generate --out a file": (lambda w: _generate(w, out="a-file") if _file(w) else None, 2, "is a file, not a folder"),
     "train --checkpoint-every 0": (lambda w: _train(w, "--checkpoint-every", "0"), 2, "checkpoint_every must be >= 1, got 0"),
     "train --limit 0": (lambda w: _train(w, "--limit", "0"), 2, "--limit must be >= 1, got 0"),
-    "train --config wrong type": (lambda w: _train(w, "--config", _json(w, "bad-type.json", {"rank": "big"})), 2,
-                                  "training option rank must be int, got 'big'"),
+    "train --config wrong type": (
+        lambda w: _train(w, "--config", _json(w, "bad-type.json", {"rank": "big"})),
+        2,
+        "training option rank must be int, got 'big'",
+    ),
     "train --config a list": (lambda w: _train(w, "--config", _json(w, "list.json", [1, 2])), 2, "must hold a JSON object"),
     "train --config unknown key": (lambda w: _train(w, "--config", _json(w, "unknown.json", {"rnak": 4})), 2, "unknown key 'rnak'"),
     "train --out under a file": (lambda w: _train(w, out="a-file2/x") if _file(w, "a-file2") else None, 2, "is a file, not a folder"),
@@ -181,8 +337,11 @@ CASES = {  # name: (argv builder, exit status, message)
     "sample --num 0": (lambda w: _sample(w, "--method", "naive", "--num", "0"), 2, "--num must be >= 1"),
     "sample --out a folder": (lambda w: _sample(w, "--method", "naive", out=str(w["root"])), 2, "--out must be a .png path"),
     "sample --out .png folder": (lambda w: _sample(w, "--method", "naive", out=_dir(w, "folder.png")), 2, "is a directory"),
-    "sample --out under a file": (lambda w: _sample(w, "--method", "naive", out=_file(w, "a-file3") + "/x.png"), 2,
-                                  "is a file, not a folder"),
+    "sample --out under a file": (
+        lambda w: _sample(w, "--method", "naive", out=_file(w, "a-file3") + "/x.png"),
+        2,
+        "is a file, not a folder",
+    ),
     "sample --steps 0": (lambda w: _sample(w, "--method", "naive", "--steps", "0"), 2, "number of sampling steps 0"),
     "sample --device bogus": (lambda w: _sample(w, "--device", "bogus"), 2, "unknown device 'bogus'"),
     "sample --dtype float8": (lambda w: _sample(w, "--dtype", "float8"), 2, "unknown dtype 'float8'"),
@@ -190,24 +349,63 @@ CASES = {  # name: (argv builder, exit status, message)
     "sample --cfg-scale alone": (lambda w: _sample(w, "--cfg-scale", "3"), 2, "--cfg-scale needs a conditional model"),
     "sample --prompt-embeds missing": (lambda w: _sample(w, "--prompt-embeds", "nope.safetensors"), 2, "weights file not found"),
     # damaged files
-    "RGB experts, grey model": (lambda w: ["sample", "--diffusion", w["ddpm"], "--guide", "ppap.models:tiny_rgb_classifier",
-                                           "--guide-weights", str(w["root"] / "rgb.safetensors"), "--experts", str(w["root"] / "rgb-experts"),
-                                           "--num", "2", "--steps", "2", "--quiet", "--out", str(w["root"] / "out" / "never.png")], 2,
-                                "cannot take images of shape [1, 8, 8]"),
-    "expert manifest a list": (lambda w: _sample(w, "--experts", _bank_copy(w, "list-bank", _manifest("[1, 2]"))), 2,
-                               "is not a ppap expert manifest"),
-    "expert manifest truncated": (lambda w: _sample(w, "--experts", _bank_copy(w, "trunc-bank", _manifest('{"format": "ppap-'))), 2,
-                                  "is not valid JSON"),
-    "expert manifest missing key": (lambda w: _sample(w, "--experts", _bank_copy(w, "nokey-bank", _drop_key("boundaries"))), 2,
-                                    "lacks field 'boundaries'"),
-    "adapter file swapped": (lambda w: _sample(w, "--experts", _bank_copy(w, "swapped-bank", _swap_adapter)), 2,
-                             "does not match its checksum"),
-    "scheduler config a list": (lambda w: _generate(w, "--diffusion", _diffusion_with_scheduler(w, "list-sched", [])), 2,
-                                "a scheduler config is a JSON object"),
-    "scheduler beta_end 1.5": (lambda w: _generate(w, "--diffusion", _diffusion_with_scheduler(w, "beta-sched", {"beta_end": 1.5})), 2,
-                               "scheduler betas must lie in (0, 1]"),
-    "scheduler thresholding": (lambda w: _generate(w, "--diffusion", _diffusion_with_scheduler(w, "thr-sched", {"thresholding": True})), 2,
-                               "thresholding=True (dynamic thresholding) is not supported"),
+    "RGB experts, grey model": (
+        lambda w: [
+            "sample",
+            "--diffusion",
+            w["ddpm"],
+            "--guide",
+            "ppap.models:tiny_rgb_classifier",
+            "--guide-weights",
+            str(w["root"] / "rgb.safetensors"),
+            "--experts",
+            str(w["root"] / "rgb-experts"),
+            "--num",
+            "2",
+            "--steps",
+            "2",
+            "--quiet",
+            "--out",
+            str(w["root"] / "out" / "never.png"),
+        ],
+        2,
+        "cannot take images of shape [1, 8, 8]",
+    ),
+    "expert manifest a list": (
+        lambda w: _sample(w, "--experts", _bank_copy(w, "list-bank", _manifest("[1, 2]"))),
+        2,
+        "is not a ppap expert manifest",
+    ),
+    "expert manifest truncated": (
+        lambda w: _sample(w, "--experts", _bank_copy(w, "trunc-bank", _manifest('{"format": "ppap-'))),
+        2,
+        "is not valid JSON",
+    ),
+    "expert manifest missing key": (
+        lambda w: _sample(w, "--experts", _bank_copy(w, "nokey-bank", _drop_key("boundaries"))),
+        2,
+        "lacks field 'boundaries'",
+    ),
+    "adapter file swapped": (
+        lambda w: _sample(w, "--experts", _bank_copy(w, "swapped-bank", _swap_adapter)),
+        2,
+        "does not match its checksum",
+    ),
+    "scheduler config a list": (
+        lambda w: _generate(w, "--diffusion", _diffusion_with_scheduler(w, "list-sched", [])),
+        2,
+        "a scheduler config is a JSON object",
+    ),
+    "scheduler beta_end 1.5": (
+        lambda w: _generate(w, "--diffusion", _diffusion_with_scheduler(w, "beta-sched", {"beta_end": 1.5})),
+        2,
+        "scheduler betas must lie in (0, 1]",
+    ),
+    "scheduler thresholding": (
+        lambda w: _generate(w, "--diffusion", _diffusion_with_scheduler(w, "thr-sched", {"thresholding": True})),
+        2,
+        "thresholding=True (dynamic thresholding) is not supported",
+    ),
 }
 
 
@@ -272,15 +470,31 @@ def test_exit_status_of_interrupts_and_internal_errors(world, capsys, monkeypatc
 
 def _ppap(*args):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "ppap", "--threads", "1", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ppap", "--threads", "1", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def test_train_killed_at_a_random_point_resumes_to_the_same_experts(world, tmp_path):
     """kill -9 anywhere in `ppap train` (checkpoints every 5 steps), then re-run: the adapters are
     byte-identical to an uninterrupted run's."""
-    args = ["train", "--diffusion", world["ddpm"], *world["guide"], "--data", world["corpus"], "--experts", "2",
-            "--iterations", "40", "--batch-size", "4", "--checkpoint-every", "5", "--quiet"]
+    args = [
+        "train",
+        "--diffusion",
+        world["ddpm"],
+        *world["guide"],
+        "--data",
+        world["corpus"],
+        "--experts",
+        "2",
+        "--iterations",
+        "40",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "5",
+        "--quiet",
+    ]
     ref = _ppap(*args, "--out", str(tmp_path / "ref"))
     assert ref.wait() == 0, ref.stderr.read()
     seed = random.randrange(10**6)

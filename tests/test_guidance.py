@@ -101,8 +101,7 @@ def test_composed_guidance_raises_both_log_likelihoods(layout):
         net, task, target = tiny_dense(1).eval(), DenseRegression("l1"), torch.rand(3, 1, 8, 8)
     x = torch.randn(3, 1, 8, 8)
     y = torch.tensor([0, 5, 9])
-    terms = [NoisyInputGuide(lambda v, s: clf(v), Classification(10), y, 1.0),
-             NoisyInputGuide(lambda v, s: net(v), task, target, 30.0)]
+    terms = [NoisyInputGuide(lambda v, s: clf(v), Classification(10), y, 1.0), NoisyInputGuide(lambda v, s: net(v), task, target, 30.0)]
     # equal-size terms: the sum then has a positive component along each term's own gradient
     g = SumGuide([NormalizedGuide(term, 1.0) for term in terms])(x, torch.full((3,), 10), None)
     step = x + 1e-3 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)

@@ -40,8 +40,7 @@ def to_x(pil: Image.Image) -> torch.Tensor:
 
 
 def imagenet_processor(size: int, **kw) -> ViTImageProcessor:
-    return ViTImageProcessor(size={"height": size, "width": size}, image_mean=IMAGENET_DEFAULT_MEAN,
-                             image_std=IMAGENET_DEFAULT_STD, **kw)
+    return ViTImageProcessor(size={"height": size, "width": size}, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD, **kw)
 
 
 def rand_x(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -97,8 +96,9 @@ def test_processor_fields(pil):
     g = GuideModel.from_transformers(tiny_resnet(), ConvNextImageProcessor(size={"shortest_edge": 24}))
     assert (g.input_size, g.resize, g.mean) == ((24, 24), "bicubic", (0.5, 0.5, 0.5))
     # do_center_crop: the whole image is resized to crop_size
-    g = GuideModel.from_transformers(tiny_resnet(), DeiTImageProcessor(size={"height": 40, "width": 40},
-                                                                       crop_size={"height": 20, "width": 28}))
+    g = GuideModel.from_transformers(
+        tiny_resnet(), DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 20, "width": 28})
+    )
     assert g.input_size == (20, 28) and g.preprocess(x).shape == (1, 3, 20, 28)
     # no processor: config.image_size (none for ResNet) and ImageNet's default mean/std
     g = GuideModel.from_transformers(tiny_vit())
@@ -235,8 +235,17 @@ def test_identity_normalisation():
     torch.testing.assert_close(g.net.seen, F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False))
     ident = g.identity
     assert json.loads(json.dumps(ident)) == ident
-    assert ident | {"ref": None} == {"ref": None, "net": "Recorder", "input_size": [64, 64], "resize": "bilinear",
-                                     "mean": [0.5], "std": [0.5], "in_channels": None, "output": None, "task": None}
+    assert ident | {"ref": None} == {
+        "ref": None,
+        "net": "Recorder",
+        "input_size": [64, 64],
+        "resize": "bilinear",
+        "mean": [0.5],
+        "std": [0.5],
+        "in_channels": None,
+        "output": None,
+        "task": None,
+    }
     assert g.net.training is False  # frozen and in eval mode from construction
 
 
@@ -311,8 +320,13 @@ class Convnet(nn.Module):
 
 def test_from_timm_stub(monkeypatch):
     """timm's documented ``resolve_data_config({}, model=...)`` dict, stubbed."""
-    cfg = {"input_size": (3, 40, 40), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-           "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}
+    cfg = {
+        "input_size": (3, 40, 40),
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.875,
+    }
     timm = types.ModuleType("timm")
     timm.data = types.SimpleNamespace(resolve_data_config=lambda args, model: cfg)
     monkeypatch.setitem(sys.modules, "timm", timm)
@@ -324,15 +338,18 @@ def test_from_timm_stub(monkeypatch):
 
 def test_from_torchvision_stub():
     """torchvision's documented weights API (transforms(), meta) and segmentation dict output, stubbed."""
+
     class SegNet(Convnet):
         def forward(self, x):
             return {"out": self.conv(x), "aux": self.conv(x)}
 
     SegNet.__module__ = "torchvision.models.segmentation.fake"
     weights = types.SimpleNamespace(
-        transforms=lambda: types.SimpleNamespace(resize_size=[48], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                                                 interpolation=types.SimpleNamespace(value="bilinear")),
-        meta={"categories": ["bg", "a", "b", "c", "d"]})
+        transforms=lambda: types.SimpleNamespace(
+            resize_size=[48], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], interpolation=types.SimpleNamespace(value="bilinear")
+        ),
+        meta={"categories": ["bg", "a", "b", "c", "d"]},
+    )
     g = GuideModel.from_torchvision(SegNet(), weights)
     assert (g.task, g.output, g.input_size, g.classes[0]) == ("segmentation", "out", (48, 48), "bg")
     assert g(rand_x(2, 3, 32, 32)).shape == (2, 5, 32, 32)

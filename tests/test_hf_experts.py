@@ -107,7 +107,27 @@ def test_transformers_folder_as_cli_guide(tmp_path, capsys):
     model = tiny_vit()
     model.save_pretrained(tmp_path / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
-    code = main(["--threads", "1", "sample", "--diffusion", str(tmp_path / "ddpm"), "--guide", str(tmp_path / "vit"),
-                 "--method", "naive", "--target", "2", "--num", "2", "--steps", "3", "--out", str(tmp_path / "s.png"), "--quiet"])
+    code = main(
+        [
+            "--threads",
+            "1",
+            "sample",
+            "--diffusion",
+            str(tmp_path / "ddpm"),
+            "--guide",
+            str(tmp_path / "vit"),
+            "--method",
+            "naive",
+            "--target",
+            "2",
+            "--num",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "s.png"),
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "s.npz").exists()

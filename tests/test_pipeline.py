@@ -26,8 +26,9 @@ def test_loads_a_diffusers_ddpm_folder_and_round_trips(tmp_path):
     first = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np", progress=False)
     assert first.images.shape == (2, 8, 8, 1) and first.images.min() >= 0 and first.images.max() <= 1
     pipe.save_pretrained(tmp_path / "ppap")
-    again = PPAPPipeline.from_pretrained(tmp_path / "ppap")(batch_size=2, num_inference_steps=4, output_type="np", progress=False,
-                                                            generator=torch.Generator().manual_seed(0))
+    again = PPAPPipeline.from_pretrained(tmp_path / "ppap")(
+        batch_size=2, num_inference_steps=4, output_type="np", progress=False, generator=torch.Generator().manual_seed(0)
+    )
     assert np.array_equal(first.images, again.images)
     pil = pipe(num_inference_steps=2, progress=False).images
     assert isinstance(pil[0], Image.Image) and pil[0].size == (8, 8)
@@ -48,10 +49,16 @@ def test_latents_generators_and_callback():
     diffusion = pipe.diffusion
     assert torch.equal(ours, sample_ddim(diffusion, latents, diffusion.schedule.grid(5, "ddim")))
     # one generator per image gives each image its own noise: image 1 of a batch of 2 = image 0 of a batch of 1
-    pair = pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (7, 8)], num_inference_steps=3,
-                output_type="latent", progress=False).images
-    single = pipe(batch_size=1, generator=[torch.Generator().manual_seed(8)], num_inference_steps=3, output_type="latent",
-                  progress=False).images
+    pair = pipe(
+        batch_size=2,
+        generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+        num_inference_steps=3,
+        output_type="latent",
+        progress=False,
+    ).images
+    single = pipe(
+        batch_size=1, generator=[torch.Generator().manual_seed(8)], num_inference_steps=3, output_type="latent", progress=False
+    ).images
     assert torch.allclose(pair[1], single[0], atol=1e-6)
     seen = []
 
@@ -66,10 +73,17 @@ def test_latents_generators_and_callback():
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_seed_gives_the_same_start_on_every_device(device):
     """Noise is drawn on the CPU from the caller's generator and moved (diffusers' randn_tensor habit)."""
+
     def first_latents(pipe):
         seen = []
-        pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(3), progress=False, output_type="latent",
-             callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"]))
+        pipe(
+            batch_size=2,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(3),
+            progress=False,
+            output_type="latent",
+            callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"]),
+        )
         return seen[0]
 
     on_device, on_cpu = first_latents(_pipe().to(device)), first_latents(_pipe())
@@ -94,8 +108,15 @@ def test_bfloat16_unet_with_float32_guidance():
             dtypes.append(x.dtype)
             return self.net(x)
 
-    out = pipe(batch_size=2, num_inference_steps=3, guide=Spy(), target=3, output_type="latent", progress=False,
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        batch_size=2,
+        num_inference_steps=3,
+        guide=Spy(),
+        target=3,
+        output_type="latent",
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert dtypes and set(dtypes) == {torch.float32}
 
@@ -157,8 +178,9 @@ def test_learned_variance_v_prediction_trailing_folder_through_the_cli(tmp_path,
     from ppap.cli import main
 
     folder = tmp_path / "model"
-    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction", timestep_spacing="trailing",
-                              variance_type="learned_range")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=100, prediction_type="v_prediction", timestep_spacing="trailing", variance_type="learned_range"
+    )
     DDPMPipeline(unet=tiny_unet(out_channels=2), scheduler=scheduler).save_pretrained(folder)
     torch.manual_seed(1)
     save_file(tiny_classifier().state_dict(), str(tmp_path / "clf.safetensors"))
@@ -170,12 +192,62 @@ def test_learned_variance_v_prediction_trailing_folder_through_the_cli(tmp_path,
         assert code == 0, err
         return out
 
-    run(["generate", "--diffusion", str(folder), "--out", str(tmp_path / "corpus"), "--num", "24", "--steps", "4",
-         "--sampler", "ddpm", "--quiet"])
-    run(["train", "--diffusion", str(folder), *guide, "--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "experts"),
-         "--experts", "2", "--iterations", "3", "--batch-size", "8", "--quiet"])
+    run(
+        [
+            "generate",
+            "--diffusion",
+            str(folder),
+            "--out",
+            str(tmp_path / "corpus"),
+            "--num",
+            "24",
+            "--steps",
+            "4",
+            "--sampler",
+            "ddpm",
+            "--quiet",
+        ]
+    )
+    run(
+        [
+            "train",
+            "--diffusion",
+            str(folder),
+            *guide,
+            "--data",
+            str(tmp_path / "corpus"),
+            "--out",
+            str(tmp_path / "experts"),
+            "--experts",
+            "2",
+            "--iterations",
+            "3",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ]
+    )
     for sampler in ("ddpm", "ddim"):
-        run(["sample", "--diffusion", str(folder), *guide, "--experts", str(tmp_path / "experts"), "--target", "2", "--num", "3",
-             "--steps", "4", "--sampler", sampler, "--out", str(tmp_path / f"{sampler}.png"), "--quiet"])
+        run(
+            [
+                "sample",
+                "--diffusion",
+                str(folder),
+                *guide,
+                "--experts",
+                str(tmp_path / "experts"),
+                "--target",
+                "2",
+                "--num",
+                "3",
+                "--steps",
+                "4",
+                "--sampler",
+                sampler,
+                "--out",
+                str(tmp_path / f"{sampler}.png"),
+                "--quiet",
+            ]
+        )
         images = np.load(tmp_path / f"{sampler}.npz")["images"]
         assert images.shape == (3, 8, 8, 1) and images.std() > 0

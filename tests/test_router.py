@@ -26,16 +26,19 @@ def test_custom_ranges_and_parse():
     assert TimestepRouter.parse("3", 10).boundaries == (0, 3, 6, 10)
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("0-200,300-1000", "gap between timestep ranges \\[0, 200\\) and \\[300, 1000\\): timesteps 200..299"),
-    ("0-500,400-1000", "overlap"),
-    ("0-500,500-1200", "\\[500, 1200\\) is empty or outside"),
-    ("100-1000", "timesteps 0..99 have no expert"),
-    ("0-500", "timesteps 500..999 have no expert"),
-    ("0-300,300-300,300-1000", "\\[300, 300\\) is empty"),
-    ("a-b", "bad expert ranges"),
-    ("0", "number of experts 0"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("0-200,300-1000", "gap between timestep ranges \\[0, 200\\) and \\[300, 1000\\): timesteps 200..299"),
+        ("0-500,400-1000", "overlap"),
+        ("0-500,500-1200", "\\[500, 1200\\) is empty or outside"),
+        ("100-1000", "timesteps 0..99 have no expert"),
+        ("0-500", "timesteps 500..999 have no expert"),
+        ("0-300,300-300,300-1000", "\\[300, 300\\) is empty"),
+        ("a-b", "bad expert ranges"),
+        ("0", "number of experts 0"),
+    ],
+)
 def test_bad_ranges_are_clear_errors(spec, message):
     with pytest.raises(PPAPError, match=message):
         TimestepRouter.parse(spec, 1000)

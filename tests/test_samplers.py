@@ -118,8 +118,17 @@ def test_text_conditional_unet_with_cfg_matches_diffusers(kind, cfg_scale):
     embeds = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(4))
     negative = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(5))
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = _reference_loop(unet, scheduler, x_T, 6, torch.Generator().manual_seed(1), 1, {"encoder_hidden_states": embeds},
-                          cfg_scale, {"encoder_hidden_states": negative})
+    ref = _reference_loop(
+        unet,
+        scheduler,
+        x_T,
+        6,
+        torch.Generator().manual_seed(1),
+        1,
+        {"encoder_hidden_states": embeds},
+        cfg_scale,
+        {"encoder_hidden_states": negative},
+    )
     cond = Conditioning(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=cfg_scale)
     sampler = sample_ddpm if kind == "ddpm" else sample_ddim
     ours = sampler(diffusion.bind(cond), x_T, diffusion.schedule.grid(6, kind), generator=torch.Generator().manual_seed(1))
@@ -131,9 +140,17 @@ def _log_prob(net, x, y):
         return net(x).log_softmax(-1)[torch.arange(len(y)), y]
 
 
-@pytest.mark.parametrize("prediction_type,clip_x0,steps", [  # slice(3, 5): a mid-noise step; slice(0, 2): the noisiest
-    ("epsilon", False, slice(3, 5)), ("epsilon", True, slice(3, 5)), ("epsilon", False, slice(0, 2)), ("epsilon", True, slice(0, 2)),
-    ("v_prediction", True, slice(0, 2)), ("sample", True, slice(3, 5))])
+@pytest.mark.parametrize(
+    "prediction_type,clip_x0,steps",
+    [  # slice(3, 5): a mid-noise step; slice(0, 2): the noisiest
+        ("epsilon", False, slice(3, 5)),
+        ("epsilon", True, slice(3, 5)),
+        ("epsilon", False, slice(0, 2)),
+        ("epsilon", True, slice(0, 2)),
+        ("v_prediction", True, slice(0, 2)),
+        ("sample", True, slice(3, 5)),
+    ],
+)
 @pytest.mark.parametrize("sampler", [sample_ddim, sample_ddpm])
 def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0, prediction_type):
     """One step from the same x_t with and without guidance: the guided x_{t-1} is more likely
@@ -151,8 +168,15 @@ def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0, pred
     after_first = {}
 
     def run(guide, key):
-        sampler(diffusion, x_t, grid, guide=guide, clip_x0=clip_x0, generator=torch.Generator().manual_seed(3),
-                callback=lambda d: after_first.setdefault(key, d["x"]))
+        sampler(
+            diffusion,
+            x_t,
+            grid,
+            guide=guide,
+            clip_x0=clip_x0,
+            generator=torch.Generator().manual_seed(3),
+            callback=lambda d: after_first.setdefault(key, d["x"]),
+        )
 
     run(None, "plain")
     run(guide, "guided")
@@ -170,8 +194,9 @@ def test_ddpm_guidance_is_variance_times_gradient(tiny_diffusion):
     seen = {}
 
     def first_step(key, **kw):
-        sample_ddpm(tiny_diffusion, x_t, grid[:2], generator=torch.Generator().manual_seed(0),
-                    callback=lambda d: seen.setdefault(key, d), **kw)
+        sample_ddpm(
+            tiny_diffusion, x_t, grid[:2], generator=torch.Generator().manual_seed(0), callback=lambda d: seen.setdefault(key, d), **kw
+        )
         return seen[key]
 
     plain, guided = first_step("plain"), first_step("guided", guide=guide)

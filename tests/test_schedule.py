@@ -30,8 +30,9 @@ def test_eps_x0_conversions_are_inverse():
 
 
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
-@pytest.mark.parametrize("steps,spacing,offset", [(25, "leading", 0), (25, "leading", 1), (10, "trailing", 0), (7, "linspace", 0),
-                                                  (1000, "leading", 0)])
+@pytest.mark.parametrize(
+    "steps,spacing,offset", [(25, "leading", 0), (25, "leading", 1), (10, "trailing", 0), (7, "linspace", 0), (1000, "leading", 0)]
+)
 def test_timesteps_follow_the_scheduler_config(kind, steps, spacing, offset):
     """The grid is the scheduler's own: its spacing and steps_offset, not ppap's choice."""
     cls = DDIMScheduler if kind == "ddim" else DDPMScheduler

@@ -13,8 +13,7 @@ def test_classification_kd_is_kl_to_the_sharpened_teacher():
     expected = (p * (p.log() - student.log_softmax(-1))).sum(-1)
     assert torch.allclose(task.distill_loss(student, teacher), expected, atol=1e-6)
     assert torch.allclose(task.distill_loss(teacher / 0.5, teacher), torch.zeros(3), atol=1e-6)  # zero at the target
-    assert torch.allclose(task.log_likelihood(student, torch.tensor([0, 1, 3])),
-                          student.log_softmax(-1)[[0, 1, 2], [0, 1, 3]])
+    assert torch.allclose(task.log_likelihood(student, torch.tensor([0, 1, 3])), student.log_softmax(-1)[[0, 1, 2], [0, 1, 3]])
 
 
 def test_segmentation_losses():
@@ -35,16 +34,19 @@ def test_dense_losses():
         DenseRegression("l3")
 
 
-@pytest.mark.parametrize("task,target,shape,message", [
-    (Classification(10), torch.tensor([3, 10]), (2, 10), "class index 10 is out of range"),
-    (Classification(10), torch.tensor([0.5]), (1, 10), "one integer per sample"),
-    (Classification(5), torch.tensor([1]), (1, 10), "needs model output \\[B, 5\\]"),
-    (Segmentation(3), torch.zeros(2, 8, 8, dtype=torch.long), (2, 3, 4, 4), "label map \\[B, 4, 4\\]"),
-    (Segmentation(3), torch.full((1, 4, 4), 3), (1, 3, 4, 4), "label 3 in the target map is out of range"),
-    (Segmentation(3), torch.zeros(1, 4, 4, dtype=torch.long), (1, 5, 4, 4), "needs model output \\[B, 3, H, W\\]"),
-    (DenseRegression(), torch.zeros(1, 2, 4, 4), (1, 1, 4, 4), "float \\[B, 1, 4, 4\\]"),
-    (DenseRegression(), torch.zeros(1, 1, 4, 4), (1, 10), "needs model output \\[B, C, H, W\\]"),
-])
+@pytest.mark.parametrize(
+    "task,target,shape,message",
+    [
+        (Classification(10), torch.tensor([3, 10]), (2, 10), "class index 10 is out of range"),
+        (Classification(10), torch.tensor([0.5]), (1, 10), "one integer per sample"),
+        (Classification(5), torch.tensor([1]), (1, 10), "needs model output \\[B, 5\\]"),
+        (Segmentation(3), torch.zeros(2, 8, 8, dtype=torch.long), (2, 3, 4, 4), "label map \\[B, 4, 4\\]"),
+        (Segmentation(3), torch.full((1, 4, 4), 3), (1, 3, 4, 4), "label 3 in the target map is out of range"),
+        (Segmentation(3), torch.zeros(1, 4, 4, dtype=torch.long), (1, 5, 4, 4), "needs model output \\[B, 3, H, W\\]"),
+        (DenseRegression(), torch.zeros(1, 2, 4, 4), (1, 1, 4, 4), "float \\[B, 1, 4, 4\\]"),
+        (DenseRegression(), torch.zeros(1, 1, 4, 4), (1, 10), "needs model output \\[B, C, H, W\\]"),
+    ],
+)
 def test_target_mismatches_are_one_line_errors(task, target, shape, message):
     with pytest.raises(PPAPError, match=message):
         task.check_target(target, shape)

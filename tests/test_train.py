@@ -73,11 +73,25 @@ def test_supervised_objective_needs_labels(tiny_diffusion, tmp_path):
 
 
 def test_other_settings_in_the_same_directory_are_refused(tiny_diffusion, tmp_path):
-    train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(),
-                  TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8), tmp_path, progress=False)
+    train_experts(
+        _bank(),
+        Classification(10),
+        tiny_diffusion.schedule,
+        _images(),
+        TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8),
+        tmp_path,
+        progress=False,
+    )
     with pytest.raises(PPAPError, match="trained with other settings \\(train differs\\)"):
-        train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(),
-                      TrainConfig(experts="2", rank=4, alpha=4, iterations=3, batch_size=8), tmp_path, progress=False)
+        train_experts(
+            _bank(),
+            Classification(10),
+            tiny_diffusion.schedule,
+            _images(),
+            TrainConfig(experts="2", rank=4, alpha=4, iterations=3, batch_size=8),
+            tmp_path,
+            progress=False,
+        )
 
 
 def test_load_experts_checks_model_and_schedule(tiny_diffusion, tmp_path):
@@ -85,8 +99,15 @@ def test_load_experts_checks_model_and_schedule(tiny_diffusion, tmp_path):
 
     from ppap import NoiseSchedule
 
-    train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(),
-                  TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8), tmp_path, progress=False)
+    train_experts(
+        _bank(),
+        Classification(10),
+        tiny_diffusion.schedule,
+        _images(),
+        TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8),
+        tmp_path,
+        progress=False,
+    )
     torch.manual_seed(0)
     bank = load_bank(tiny_classifier(), tmp_path, schedule=tiny_diffusion.schedule)
     assert bank.task == Classification(10) and bank.router.boundaries == (0, 50, 100)

@@ -10,8 +10,10 @@ from ppap.data import fashion_mnist_dir, load_fashion_mnist
 from ppap.loading import load_diffusion, load_guide
 from ppap.metrics import accuracy
 
-needs_data = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+needs_data = pytest.mark.skipif(
+    not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
 
 
 def needs(name):

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot")
+FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 def _labels(num_labels: int, labels: Sequence[str] | None) -> dict:
@@ -28,8 +27,9 @@ def tiny_resnet(num_labels: int = 10, labels: Sequence[str] | None = None, seed:
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(seed)
-    return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                     layer_type="basic", **_labels(num_labels, labels)))
+    return ResNetForImageClassification(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **_labels(num_labels, labels))
+    )
 
 
 def tiny_vit(num_labels: int = 10, labels: Sequence[str] | None = None, seed: int = 0):
@@ -38,9 +38,18 @@ def tiny_vit(num_labels: int = 10, labels: Sequence[str] | None = None, seed: in
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=32,
-                                               initializer_range=0.2, **_labels(num_labels, labels)))
+    return ViTForImageClassification(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            initializer_range=0.2,
+            **_labels(num_labels, labels),
+        )
+    )
 
 
 def tiny_segformer(num_labels: int = 4, labels: Sequence[str] | None = None, seed: int = 0):
@@ -48,10 +57,21 @@ def tiny_segformer(num_labels: int = 4, labels: Sequence[str] | None = None, see
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     torch.manual_seed(seed)
-    return SegformerForSemanticSegmentation(SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
-        patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, initializer_range=0.2,
-        **_labels(num_labels, labels)))
+    return SegformerForSemanticSegmentation(
+        SegformerConfig(
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[8, 16],
+            num_attention_heads=[1, 2],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            mlp_ratios=[2, 2],
+            decoder_hidden_size=16,
+            initializer_range=0.2,
+            **_labels(num_labels, labels),
+        )
+    )
 
 
 def tiny_dpt(seed: int = 0):
@@ -62,10 +82,22 @@ def tiny_dpt(seed: int = 0):
     from transformers import DPTConfig, DPTForDepthEstimation
 
     torch.manual_seed(seed)
-    model = DPTForDepthEstimation(DPTConfig(
-        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16], reassemble_factors=[2, 1], fusion_hidden_size=16,
-        head_hidden_size=8, initializer_range=0.15))
+    model = DPTForDepthEstimation(
+        DPTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            backbone_out_indices=[0, 1],
+            neck_hidden_sizes=[8, 16],
+            reassemble_factors=[2, 1],
+            fusion_hidden_size=16,
+            head_hidden_size=8,
+            initializer_range=0.15,
+        )
+    )
     with torch.no_grad():
         model.head.head[4].bias.fill_(0.5)  # head: conv, upsample, conv, ReLU, conv(-> 1), ReLU
     return model

@@ -48,9 +48,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
         if f.name in skip:
             continue
         typ = _bool if isinstance(f.default, bool) else float if f.default is None else type(f.default)
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=typ, default=None,
-                           metavar=typ.__name__.upper() if typ is not _bool else "BOOL",
-                           help=f"{helps.get(f.name, '')} [{f.default}]")
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f"cfg_{f.name}",
+            type=typ,
+            default=None,
+            metavar=typ.__name__.upper() if typ is not _bool else "BOOL",
+            help=f"{helps.get(f.name, '')} [{f.default}]",
+        )
 
 
 def config_from_args(cls, args: argparse.Namespace, **fixed):
@@ -141,14 +146,25 @@ def cmd_generate(args) -> int:
         args.device = str(acc.device)
     pipe = _pipeline(args)
     cond = _conditioning(args, args.num) if args.num >= 1 else None
-    spec = corpus_spec(pipe, args.diffusion, args.num, shard_size=args.shard_size, steps=args.steps, eta=args.eta, seed=args.seed,
-                       batch_size=args.batch_size, sampler=args.sampler, conditioning=cond)
+    spec = corpus_spec(
+        pipe,
+        args.diffusion,
+        args.num,
+        shard_size=args.shard_size,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sampler=args.sampler,
+        conditioning=cond,
+    )
     pipe.diffusion.schedule.grid(args.steps, args.sampler)  # bad steps / sampler fail before anything is written
     if acc.is_main_process:
         open_corpus(args.out, spec)  # one process creates the manifest (or refuses a different corpus)
     acc.wait_for_everyone()
-    written = generate_corpus(pipe, args.out, spec, conditioning=cond, rank=acc.process_index, world=acc.num_processes,
-                              progress=not args.quiet)
+    written = generate_corpus(
+        pipe, args.out, spec, conditioning=cond, rank=acc.process_index, world=acc.num_processes, progress=not args.quiet
+    )
     acc.wait_for_everyone()
     if not args.quiet:
         print(f"corpus {args.out}: {spec.num_samples} images in {spec.num_shards} shards ({written} written by rank {acc.process_index})")
@@ -198,8 +214,11 @@ def cmd_train(args) -> int:
     task = task_for(guide, image_shape, args.task or guide.task or "classification", tau=cfg.tau)
     router = TimestepRouter.parse(cfg.experts, schedule.num_train_timesteps, schedule.alphas_cumprod)
     if args.dry_run:
-        print(json.dumps({"train": dataclasses.asdict(cfg), "task": dataclasses.asdict(task),
-                          "boundaries": list(router.boundaries)}, indent=2))
+        print(
+            json.dumps(
+                {"train": dataclasses.asdict(cfg), "task": dataclasses.asdict(task), "boundaries": list(router.boundaries)}, indent=2
+            )
+        )
         return 0
     images, labels = _load_training_data(args, task.name)
     if images.shape[1:] != image_shape:
@@ -207,10 +226,22 @@ def cmd_train(args) -> int:
     bank = make_bank(guide, router, cfg.adapter_config(), seed=cfg.seed)
     if acc.is_main_process and not args.quiet:
         rep = parameter_report(bank)
-        print(f"{rep['num_experts']} {cfg.adapter} experts, {rep['trainable_per_expert']:,} trainable parameters each "
-              f"({rep['fraction_per_expert']:.2%} of the {rep['backbone_parameters']:,}-parameter backbone)")
-    stats = train_experts(bank, task, schedule, images, cfg, args.out, labels=labels, identity={"ref": args.guide},
-                          accelerator=acc if acc.num_processes > 1 else None, progress=not args.quiet)
+        print(
+            f"{rep['num_experts']} {cfg.adapter} experts, {rep['trainable_per_expert']:,} trainable parameters each "
+            f"({rep['fraction_per_expert']:.2%} of the {rep['backbone_parameters']:,}-parameter backbone)"
+        )
+    stats = train_experts(
+        bank,
+        task,
+        schedule,
+        images,
+        cfg,
+        args.out,
+        labels=labels,
+        identity={"ref": args.guide},
+        accelerator=acc if acc.num_processes > 1 else None,
+        progress=not args.quiet,
+    )
     if acc.is_main_process and not args.quiet:
         for name, s in stats.items():
             print(f"{name} t∈[{s['range'][0]},{s['range'][1]}): loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} ({s['seconds']} s)")
@@ -247,9 +278,22 @@ def _number(value, what: str) -> float | None:
     return v
 
 
-def build_term(pipe, num: int, *, guide: str, guide_weights: str | None = None, experts: str | None = None, method: str = "ppap",
-               task: str | None = None, target: str | None = None, target_image: str | None = None, target_map: str | None = None,
-               scale=None, calibration: str = "", fit: str = "resize"):
+def build_term(
+    pipe,
+    num: int,
+    *,
+    guide: str,
+    guide_weights: str | None = None,
+    experts: str | None = None,
+    method: str = "ppap",
+    task: str | None = None,
+    target: str | None = None,
+    target_image: str | None = None,
+    target_map: str | None = None,
+    scale=None,
+    calibration: str = "",
+    fit: str = "resize",
+):
     """Load what one guidance term names and resolve its ``num`` targets."""
     import copy
 
@@ -263,9 +307,17 @@ def build_term(pipe, num: int, *, guide: str, guide_weights: str | None = None, 
     bank = load_experts(experts, copy.deepcopy(model), pipe.diffusion) if experts else None
     image = load_reference_image(target_image, pipe.image_shape, fit) if target_image else None
     target_value = load_target_map(target_map) if target_map else target
-    return pipe.guidance_term(num, guide=model, experts=bank, target=target_value, target_image=image, method=method,
-                              classifier_scale=_number(scale, "guidance scale"), calibration=Calibration.parse(calibration),
-                              task=task)
+    return pipe.guidance_term(
+        num,
+        guide=model,
+        experts=bank,
+        target=target_value,
+        target_image=image,
+        method=method,
+        classifier_scale=_number(scale, "guidance scale"),
+        calibration=Calibration.parse(calibration),
+        task=task,
+    )
 
 
 def cmd_sample(args) -> int:
@@ -291,9 +343,23 @@ def cmd_sample(args) -> int:
     fit = zoo.ZOO[args.diffusion].reference_fit if zoo.is_zoo_name(args.diffusion) else "resize"
     terms = []
     if args.guide:
-        terms.append(build_term(pipe, args.num, guide=args.guide, guide_weights=args.guide_weights, experts=args.experts,
-                                method=args.method, task=args.task, target=args.target, target_image=args.target_image,
-                                target_map=args.target_map, scale=args.scale, calibration=args.calibration, fit=fit))
+        terms.append(
+            build_term(
+                pipe,
+                args.num,
+                guide=args.guide,
+                guide_weights=args.guide_weights,
+                experts=args.experts,
+                method=args.method,
+                task=args.task,
+                target=args.target,
+                target_image=args.target_image,
+                target_map=args.target_map,
+                scale=args.scale,
+                calibration=args.calibration,
+                fit=fit,
+            )
+        )
     elif args.experts:
         raise PPAPError("--experts needs --guide (the off-the-shelf model they adapt)")
     elif args.method != "unguided" and not args.term:
@@ -304,9 +370,19 @@ def cmd_sample(args) -> int:
         terms.append(build_term(pipe, args.num, fit=fit, **kw))
     terms = [t for t in terms if t is not None]
     described = " + ".join(t.description for t in terms)
-    x = generate(pipe, args.num, seed=args.seed, terms=terms, conditioning=cond, batch_size=args.batch_size,
-                 progress=not args.quiet, desc=described or "unguided sampling", num_inference_steps=args.steps,
-                 sampler=args.sampler, eta=args.eta)
+    x = generate(
+        pipe,
+        args.num,
+        seed=args.seed,
+        terms=terms,
+        conditioning=cond,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        desc=described or "unguided sampling",
+        num_inference_steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+    )
     targets = {"targets": terms[0].targets.cpu().numpy() if terms else np.full(args.num, -1)}
     targets |= {f"targets_{k}": t.targets.cpu().numpy() for k, t in enumerate(terms[1:], start=1)}
     _save_sample_outputs(out, to_hwc_uint8(x), targets, nrow=args.nrow)
@@ -371,8 +447,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu | cuda | cuda:N | mps (default: cuda when available)")
     group.add_argument("--dtype", help="UNet dtype: float32 | float16 | bfloat16 (guidance stays float32)")
     group.add_argument("--class-label", help="class-conditional UNet: class label(s), e.g. '3' or '0,1,2' (cycled)")
-    group.add_argument("--prompt-embeds", help="text-conditional UNet: safetensors file with 'prompt_embeds' [N, L, D] or [L, D] "
-                       "(cycled) and optionally 'negative_prompt_embeds'")
+    group.add_argument(
+        "--prompt-embeds",
+        help="text-conditional UNet: safetensors file with 'prompt_embeds' [N, L, D] or [L, D] "
+        "(cycled) and optionally 'negative_prompt_embeds'",
+    )
     group.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
 
 
@@ -400,10 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train noise-range experts (PPAP, or supervised baselines)")
     t.add_argument("--diffusion", required=True, help="zoo name or diffusers model directory (its schedule is used)")
-    t.add_argument("--guide", required=True, help="the off-the-shelf model: zoo name, transformers model folder, or package.module:function")
+    t.add_argument(
+        "--guide", required=True, help="the off-the-shelf model: zoo name, transformers model folder, or package.module:function"
+    )
     t.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
-    t.add_argument("--task", help="task of the guidance model: classification | segmentation | dense "
-                   "(default: what the model says, else classification)")
+    t.add_argument(
+        "--task",
+        help="task of the guidance model: classification | segmentation | dense (default: what the model says, else classification)",
+    )
     t.add_argument("--device", help="cpu | cuda | cuda:N | mps (default: accelerate's device)")
     t.add_argument("--data", required=True, help="corpus directory from `ppap generate`, or 'fashion-mnist' (labelled)")
     t.add_argument("--data-dir", help="Fashion-MNIST folder (default $PPAP_DATA_DIR or Debian's)")
@@ -426,11 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", help="class index or name, a comma list (cycled), or 'all' (default: class 0)")
     s.add_argument("--target-image", help="segmentation/dense guides: reference image; the target is the clean model's output on it")
     s.add_argument("--target-map", help="segmentation/dense guides: target map .npy ([H,W] labels, [C,H,W] map, or a stack [N,...])")
-    s.add_argument("--term", action="append", default=[], metavar="K=V,...",
-                   help="an extra guidance term to add (composed guidance), e.g. "
-                        "'guide=fashion-segmenter,experts=fashion-segmenter-ppap5,target-image=ref.png,scale=1000'; repeatable")
-    s.add_argument("--scale", type=float, default=None,
-                   help="guidance scale s (default: the zoo experts' measured best, else 30; docs/BENCHMARKS.md)")
+    s.add_argument(
+        "--term",
+        action="append",
+        default=[],
+        metavar="K=V,...",
+        help="an extra guidance term to add (composed guidance), e.g. "
+        "'guide=fashion-segmenter,experts=fashion-segmenter-ppap5,target-image=ref.png,scale=1000'; repeatable",
+    )
+    s.add_argument(
+        "--scale", type=float, default=None, help="guidance scale s (default: the zoo experts' measured best, else 30; docs/BENCHMARKS.md)"
+    )
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--sampler", default="ddim", help="ddim | ddpm")
@@ -456,8 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("suite", choices=("classifier", "dense"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
-    b.add_argument("--workers", type=int, help="processes for the independent jobs, the cores split between them "
-                   "(classifier suite; default 2, 1 = one process)")
+    b.add_argument(
+        "--workers",
+        type=int,
+        help="processes for the independent jobs, the cores split between them (classifier suite; default 2, 1 = one process)",
+    )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

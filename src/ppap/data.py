@@ -23,8 +23,16 @@ from torch import Tensor
 from .io import PPAPError, atomic_write_bytes, atomic_write_json, check_fields, exclusive_lock, read_json_object
 
 FASHION_MNIST_CLASSES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 )
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 _FILES = {
@@ -98,13 +106,28 @@ FORMAT = "ppap-corpus-v2"
 _V1 = "ppap-corpus-v1"  # shards written atomically but not recorded; the next open_corpus records them
 
 _COUNT = (int, lambda v: v >= 1, ">= 1")
-_SPEC_FIELDS = {"model": (str,), "num_samples": _COUNT, "shard_size": _COUNT, "steps": _COUNT, "batch_size": _COUNT,
-                "eta": (float, lambda v: math.isfinite(v) and v >= 0, "(finite, >= 0)"), "seed": (int,),
-                "schedule": (dict,), "sampler": (str,), "condition": ((dict, type(None)),)}
-_MANIFEST_FIELDS = _SPEC_FIELDS | {"format": (str, lambda v: v in (FORMAT, _V1), f"'{FORMAT}'"),
-                                   "shards": (dict, None, "", False)}  # required from v2 on (checked below)
-_RECORD_FIELDS = {"sha256": (str, lambda v: len(v) == 64, "of 64 hex digits"), "bytes": _COUNT, "dtype": (str,),
-                  "shape": (list, lambda v: len(v) == 4 and all(type(i) is int and i >= 0 for i in v), "of 4 sizes")}
+_SPEC_FIELDS = {
+    "model": (str,),
+    "num_samples": _COUNT,
+    "shard_size": _COUNT,
+    "steps": _COUNT,
+    "batch_size": _COUNT,
+    "eta": (float, lambda v: math.isfinite(v) and v >= 0, "(finite, >= 0)"),
+    "seed": (int,),
+    "schedule": (dict,),
+    "sampler": (str,),
+    "condition": ((dict, type(None)),),
+}
+_MANIFEST_FIELDS = _SPEC_FIELDS | {
+    "format": (str, lambda v: v in (FORMAT, _V1), f"'{FORMAT}'"),
+    "shards": (dict, None, "", False),
+}  # required from v2 on (checked below)
+_RECORD_FIELDS = {
+    "sha256": (str, lambda v: len(v) == 64, "of 64 hex digits"),
+    "bytes": _COUNT,
+    "dtype": (str,),
+    "shape": (list, lambda v: len(v) == 4 and all(type(i) is int and i >= 0 for i in v), "of 4 sizes"),
+}
 
 
 @dataclass(frozen=True)
@@ -161,8 +184,10 @@ def _read_manifest(root: Path) -> dict:
 def _same_corpus(root: Path, meta: dict, spec: CorpusSpec) -> None:
     for key, new in spec.__dict__.items():
         if meta[key] != new:
-            raise PPAPError(f"{root} holds a different corpus ({key}: {meta[key]!r} there, {new!r} asked); "
-                            "use another --out or the same settings to resume")
+            raise PPAPError(
+                f"{root} holds a different corpus ({key}: {meta[key]!r} there, {new!r} asked); "
+                "use another --out or the same settings to resume"
+            )
 
 
 def _record(data: bytes, shape) -> dict:
@@ -204,7 +229,9 @@ def open_corpus(root: str | os.PathLike, spec: CorpusSpec) -> list[int]:
     it never sees a write half-way, and of two openers with different specs exactly one wins.
     """
     root = Path(root)
-    check_fields(spec.__dict__, "corpus spec", _SPEC_FIELDS)  # before the folder exists: a bad spec leaves no trace, and the fixed command runs
+    check_fields(
+        spec.__dict__, "corpus spec", _SPEC_FIELDS
+    )  # before the folder exists: a bad spec leaves no trace, and the fixed command runs
     if root.exists() and not root.is_dir():
         raise PPAPError(f"corpus folder {root} is a file")
     root.mkdir(parents=True, exist_ok=True)
@@ -214,8 +241,9 @@ def open_corpus(root: str | os.PathLike, spec: CorpusSpec) -> list[int]:
         before = json.dumps(meta, sort_keys=True) if path.exists() else None
         _same_corpus(root, meta, spec)
         if meta["format"] == _V1:  # v1 wrote shards atomically: take each file's checksum now, then check it as any
-            meta["shards"] = {_name(k): _record(p.read_bytes(), [0] * 4)
-                              for k in range(spec.num_shards) if (p := shard_path(root, k)).is_file()}
+            meta["shards"] = {
+                _name(k): _record(p.read_bytes(), [0] * 4) for k in range(spec.num_shards) if (p := shard_path(root, k)).is_file()
+            }
             meta["format"] = FORMAT
         for tmp in root.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -267,8 +295,11 @@ def _pending(root: Path, spec: CorpusSpec) -> list[int]:
     meta = _read_manifest(root)
     _same_corpus(root, meta, spec)
     records = meta.get("shards", {})
-    return [k for k in range(spec.num_shards)
-            if not ((r := records.get(_name(k))) and (p := shard_path(root, k)).is_file() and p.stat().st_size == r["bytes"])]
+    return [
+        k
+        for k in range(spec.num_shards)
+        if not ((r := records.get(_name(k))) and (p := shard_path(root, k)).is_file() and p.stat().st_size == r["bytes"])
+    ]
 
 
 def load_corpus(root: str | os.PathLike, limit: int | None = None) -> Tensor:
@@ -286,8 +317,10 @@ def load_corpus(root: str | os.PathLike, limit: int | None = None) -> Tensor:
         path = shard_path(root, k)
         arr, why = _read_shard(path, meta["shards"].get(_name(k)), spec.shard_count(k), hwc)
         if why == "missing":
-            raise PPAPError(f"corpus {root} is incomplete: shard {path.name} of {spec.num_shards} is missing; "
-                            "re-run `ppap generate` with the same settings to finish it")
+            raise PPAPError(
+                f"corpus {root} is incomplete: shard {path.name} of {spec.num_shards} is missing; "
+                "re-run `ppap generate` with the same settings to finish it"
+            )
         if why is not None:
             raise PPAPError(f"corpus shard {path} is {why}; re-run `ppap generate` with the same settings to re-draw it")
         hwc = hwc or list(arr.shape[1:])
@@ -326,8 +359,11 @@ class InfiniteBatches:
     def indices(self, step: int) -> Tensor:
         k = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
         epochs, pos = k // self.n, k % self.n
-        return torch.stack([self._perm(int(e))[int(p)] for e, p in zip(epochs, pos)]) if epochs[0] != epochs[-1] \
+        return (
+            torch.stack([self._perm(int(e))[int(p)] for e, p in zip(epochs, pos)])
+            if epochs[0] != epochs[-1]
             else self._perm(int(epochs[0]))[pos]
+        )
 
     def batch(self, step: int) -> tuple[Tensor, ...]:
         idx = self.indices(step)
@@ -339,8 +375,19 @@ class InfiniteBatches:
 # --------------------------------------------------------------------------------------------
 
 
-def corpus_spec(pipe, ref: str, num: int, *, shard_size: int = 256, steps: int = 25, eta: float = 0.0, seed: int = 0,
-                batch_size: int = 64, sampler: str = "ddim", conditioning=None) -> CorpusSpec:
+def corpus_spec(
+    pipe,
+    ref: str,
+    num: int,
+    *,
+    shard_size: int = 256,
+    steps: int = 25,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    sampler: str = "ddim",
+    conditioning=None,
+) -> CorpusSpec:
     """The identity of a corpus of ``num`` samples of ``pipe`` (a ``PPAPPipeline``); a conditional
     model's ``conditioning`` (for all ``num`` samples) is part of it."""
     from .io import fingerprint
@@ -351,21 +398,49 @@ def corpus_spec(pipe, ref: str, num: int, *, shard_size: int = 256, steps: int =
     schedule = pipe.diffusion.schedule
     condition = None
     if conditioning is not None:
-        condition = {"class_labels": None if conditioning.class_labels is None else conditioning.class_labels.tolist(),
-                     "prompt_embeds": None if conditioning.prompt_embeds is None else
-                     fingerprint({"p": conditioning.prompt_embeds, **({} if conditioning.negative_prompt_embeds is None
-                                                                       else {"n": conditioning.negative_prompt_embeds})})[:16],
-                     "guidance_scale": conditioning.guidance_scale}
-    spec = CorpusSpec(model=f"{ref}@{fingerprint(pipe.unet.state_dict())[:16]}", num_samples=num, shard_size=shard_size,
-                      steps=steps, eta=eta, seed=seed, batch_size=batch_size, sampler=sampler, condition=condition,
-                      schedule={"num_train_timesteps": schedule.num_train_timesteps, "beta_schedule": schedule.config.get("beta_schedule"),
-                                "prediction_type": schedule.prediction_type})
+        condition = {
+            "class_labels": None if conditioning.class_labels is None else conditioning.class_labels.tolist(),
+            "prompt_embeds": None
+            if conditioning.prompt_embeds is None
+            else fingerprint(
+                {
+                    "p": conditioning.prompt_embeds,
+                    **({} if conditioning.negative_prompt_embeds is None else {"n": conditioning.negative_prompt_embeds}),
+                }
+            )[:16],
+            "guidance_scale": conditioning.guidance_scale,
+        }
+    spec = CorpusSpec(
+        model=f"{ref}@{fingerprint(pipe.unet.state_dict())[:16]}",
+        num_samples=num,
+        shard_size=shard_size,
+        steps=steps,
+        eta=eta,
+        seed=seed,
+        batch_size=batch_size,
+        sampler=sampler,
+        condition=condition,
+        schedule={
+            "num_train_timesteps": schedule.num_train_timesteps,
+            "beta_schedule": schedule.config.get("beta_schedule"),
+            "prediction_type": schedule.prediction_type,
+        },
+    )
     check_fields(spec.__dict__, "corpus spec", _SPEC_FIELDS)  # open_corpus' rules: a spec from here always opens
     return spec
 
 
-def generate_corpus(pipe, root, spec: CorpusSpec, *, conditioning=None, rank: int = 0, world: int = 1,
-                    shards: list[int] | None = None, progress: bool = True) -> int:
+def generate_corpus(
+    pipe,
+    root,
+    spec: CorpusSpec,
+    *,
+    conditioning=None,
+    rank: int = 0,
+    world: int = 1,
+    shards: list[int] | None = None,
+    progress: bool = True,
+) -> int:
     """Draw the shards of corpus ``spec`` that ``root`` still lacks with ``pipe`` (unguided); with
     ``world`` processes, rank r takes every world-th missing shard (or exactly ``shards``, as a
     caller that hands them out chose). Returns how many shards this call wrote. The caller opens
@@ -382,7 +457,17 @@ def generate_corpus(pipe, root, spec: CorpusSpec, *, conditioning=None, rank: in
     for k in tqdm(mine, desc="corpus" if world == 1 else f"corpus (rank {rank})", unit="shard", disable=not progress):
         start, n = k * spec.shard_size, spec.shard_count(k)
         cond = conditioning.select(slice(start, start + n)) if conditioning is not None else None
-        x = generate(pipe, n, seed=spec.seed, start=start, batch_size=spec.batch_size, conditioning=cond, progress=False,
-                     num_inference_steps=spec.steps, eta=spec.eta, sampler=spec.sampler)
+        x = generate(
+            pipe,
+            n,
+            seed=spec.seed,
+            start=start,
+            batch_size=spec.batch_size,
+            conditioning=cond,
+            progress=False,
+            num_inference_steps=spec.steps,
+            eta=spec.eta,
+            sampler=spec.sampler,
+        )
         write_shard(root, k, to_hwc_uint8(x))
     return len(mine)

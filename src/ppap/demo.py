@@ -51,8 +51,14 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
 
     print(f"[1-2/4] data-free experts: {cfg.corpus_size} DDPM samples, 5 experts x {cfg.train.iterations} steps")
     t0 = time.time()
-    fresh, _ = data_free_experts(pipe, "fashion-ddpm", load_guide("fashion-classifier"), out / ("work-quick" if quick else "work"),
-                                 corpus_size=cfg.corpus_size, cfg=cfg.train)
+    fresh, _ = data_free_experts(
+        pipe,
+        "fashion-ddpm",
+        load_guide("fashion-classifier"),
+        out / ("work-quick" if quick else "work"),
+        corpus_size=cfg.corpus_size,
+        cfg=cfg.train,
+    )
     t_experts = time.time() - t0
 
     targets = torch.arange(num_classes).repeat_interleave(cfg.per_class)
@@ -60,26 +66,39 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
     terms = {
         "unguided": None,
         "naive": pipe.guidance_term(len(targets), guide=naive_guide, target=targets, method="naive", classifier_scale=cfg.scales["naive"]),
-        "ppap (fresh experts)": pipe.guidance_term(len(targets), guide=naive_guide, experts=fresh, target=targets,
-                                                   classifier_scale=cfg.scales["ppap"]),
+        "ppap (fresh experts)": pipe.guidance_term(
+            len(targets), guide=naive_guide, experts=fresh, target=targets, classifier_scale=cfg.scales["ppap"]
+        ),
     }
     if zoo.ZOO["fashion-ppap5"].available:
         zoo_bank = load_experts("fashion-ppap5", load_guide("fashion-classifier"), pipe.diffusion)
-        terms["ppap (zoo experts)"] = pipe.guidance_term(len(targets), guide=naive_guide, experts=zoo_bank, target=targets,
-                                                         classifier_scale=cfg.scales["ppap"])
+        terms["ppap (zoo experts)"] = pipe.guidance_term(
+            len(targets), guide=naive_guide, experts=zoo_bank, target=targets, classifier_scale=cfg.scales["ppap"]
+        )
 
     print(f"[3/4] guided sampling: {len(targets)} images per method, DDIM-{cfg.steps}")
     results, images = {}, {}
     for name, term in terms.items():
         t0 = time.time()
-        x = generate(pipe, len(targets), seed=seed + 1, terms=[term] if term else [], batch_size=50, desc=name,
-                     num_inference_steps=cfg.steps, sampler="ddim")
+        x = generate(
+            pipe,
+            len(targets),
+            seed=seed + 1,
+            terms=[term] if term else [],
+            batch_size=50,
+            desc=name,
+            num_inference_steps=cfg.steps,
+            sampler="ddim",
+        )
         seconds = time.time() - t0
         with torch.no_grad():
             pred = evaluator(x).argmax(-1)
         hit = (pred == targets).float()
-        results[name] = {"accuracy": hit.mean().item(), "per_class": hit.view(num_classes, -1).mean(1).tolist(),
-                         "seconds": round(seconds, 1)}
+        results[name] = {
+            "accuracy": hit.mean().item(),
+            "per_class": hit.view(num_classes, -1).mean(1).tolist(),
+            "seconds": round(seconds, 1),
+        }
         images[name] = to_hwc_uint8(x)
 
     print("[4/4] writing report")
@@ -91,9 +110,15 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
     buf = io.BytesIO()
     Image.fromarray(grid[..., 0]).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(buf, format="PNG")
     atomic_write_bytes(out / "grid.png", buf.getvalue())
-    summary = {"config": dataclasses.asdict(cfg), "seed": seed, "classes": list(classes), "methods": results,
-               "experts_seconds": round(t_experts, 1), "total_seconds": round(time.time() - t_start, 1),
-               "judge": "fashion-evaluator (independent; chance = 10%)"}
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "seed": seed,
+        "classes": list(classes),
+        "methods": results,
+        "experts_seconds": round(t_experts, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "judge": "fashion-evaluator (independent; chance = 10%)",
+    }
     atomic_write_json(out / "summary.json", summary)
     _print_table(results, classes, summary)
     return summary

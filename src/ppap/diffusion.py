@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from torch import LongTensor, Tensor, nn
+from torch import Tensor, nn
 
 from .io import PPAPError, read_json
 
@@ -39,7 +39,7 @@ class SamplingGrid:
     """The steps of an S-step sampler exactly as diffusers' scheduler of that kind takes them:
     step i goes from ``timesteps[i]`` (abar_t = ``abar[i]``) to abar_prev = ``abar_prev[i]``."""
 
-    timesteps: LongTensor  # [S] descending training timesteps
+    timesteps: Tensor  # [S] descending training timesteps
     abar: Tensor  # [S] float64
     abar_prev: Tensor  # [S] float64; after the last step: 1 (or abar_0 where set_alpha_to_one is off)
 
@@ -85,7 +85,7 @@ class NoiseSchedule:
         config = dict(scheduler.config)
         if config.get("thresholding"):
             raise PPAPError("scheduler option thresholding=True (dynamic thresholding) is not supported; set it to false")
-        checks = {"prediction_type": PREDICTION_TYPES, "timestep_spacing": SPACINGS}
+        checks: dict[str, tuple[str, ...]] = {"prediction_type": PREDICTION_TYPES, "timestep_spacing": SPACINGS}
         if "variance_type" in config:
             checks["variance_type"] = VARIANCE_TYPES
         for key, valid in checks.items():
@@ -125,16 +125,16 @@ class NoiseSchedule:
             bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
             raise PPAPError(f"timestep {bad} is outside [0, {self.num_train_timesteps})")
 
-    def abar(self, t: LongTensor, like: Tensor) -> Tensor:
+    def abar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar_t broadcast to ``like``'s shape and dtype: [B] -> [B, 1, 1, 1]."""
         a = self.alphas_cumprod.to(like.device)[t.to(like.device)]
         return append_dims(a, like.ndim).to(like.dtype)
 
-    def sigma(self, t: LongTensor) -> Tensor:
+    def sigma(self, t: Tensor) -> Tensor:
         a = self.alphas_cumprod[t]
         return ((1 - a) / a).sqrt()
 
-    def q_sample(self, x0: Tensor, t: LongTensor, noise: Tensor) -> Tensor:
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4), same as diffusers ``add_noise``."""
         self.check_t(t)
         a = self.abar(t, x0)
@@ -158,19 +158,19 @@ class NoiseSchedule:
         abar_prev = torch.where(prev >= 0, table[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
         return SamplingGrid(ts, table[ts], abar_prev)
 
-    def timesteps(self, num_steps: int, kind: str = "ddim") -> LongTensor:
+    def timesteps(self, num_steps: int, kind: str = "ddim") -> Tensor:
         """Descending training timesteps of ``grid(num_steps, kind)``."""
         return self.grid(num_steps, kind).timesteps
 
-    def eps_to_x0(self, x_t: Tensor, t: LongTensor, eps: Tensor) -> Tensor:
+    def eps_to_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         a = self.abar(t, x_t)
         return (x_t - (1 - a) ** 0.5 * eps) / a**0.5
 
-    def x0_to_eps(self, x_t: Tensor, t: LongTensor, x0: Tensor) -> Tensor:
+    def x0_to_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         a = self.abar(t, x_t)
         return (x_t - a**0.5 * x0) / (1 - a) ** 0.5
 
-    def to_prediction(self, x_t: Tensor, t: LongTensor, output: Tensor) -> tuple[Tensor, Tensor]:
+    def to_prediction(self, x_t: Tensor, t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """(eps, x0) from a model output of this schedule's prediction type, in diffusers' order."""
         a = self.abar(t, x_t)
         b = 1 - a
@@ -196,18 +196,19 @@ class Conditioning:
     when not given: ppap has no text encoder to encode "") and ``negative_class_labels`` (the
     model's null class, required when the only condition is a class label)."""
 
-    class_labels: LongTensor | None = None  # [B]
+    class_labels: Tensor | None = None  # [B]
     prompt_embeds: Tensor | None = None  # [B, L, D], the UNet's encoder_hidden_states
     negative_prompt_embeds: Tensor | None = None  # [B, L, D]
-    negative_class_labels: LongTensor | None = None  # [B]
+    negative_class_labels: Tensor | None = None  # [B]
     guidance_scale: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.guidance_scale, (int, float)) or not torch.isfinite(torch.tensor(float(self.guidance_scale))):
             raise PPAPError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         if self.cfg and self.prompt_embeds is None and self.negative_class_labels is None:
-            raise PPAPError("classifier-free guidance (guidance_scale > 1) needs prompt_embeds or negative_class_labels "
-                            "(the model's null class)")
+            raise PPAPError(
+                "classifier-free guidance (guidance_scale > 1) needs prompt_embeds or negative_class_labels (the model's null class)"
+            )
 
     @property
     def cfg(self) -> bool:
@@ -219,8 +220,7 @@ class Conditioning:
 
     def select(self, index: Tensor | slice) -> Conditioning:
         """The entries of the samples ``index`` (a batch of a longer run)."""
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
 
     def check_batch(self, batch: int) -> None:
         for f in fields(self):
@@ -243,7 +243,7 @@ class Diffusion(nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        cfg = self.unet.config
+        cfg: Any = self.unet.config
         h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
         return (cfg.in_channels, int(h), int(w))
 
@@ -258,9 +258,10 @@ class Diffusion(nn.Module):
     @property
     def takes_prompt(self) -> bool:
         """Whether the UNet has cross-attention (needs ``encoder_hidden_states``)."""
-        return "cross_attention_dim" in self.unet.config
+        config: Any = self.unet.config
+        return "cross_attention_dim" in config
 
-    def _unet(self, x: Tensor, t: LongTensor, class_labels: Tensor | None, prompt_embeds: Tensor | None) -> Tensor:
+    def _unet(self, x: Tensor, t: Tensor, class_labels: Tensor | None, prompt_embeds: Tensor | None) -> Tensor:
         kwargs = {}
         if class_labels is not None:
             kwargs["class_labels"] = class_labels
@@ -272,7 +273,7 @@ class Diffusion(nn.Module):
             raise PPAPError(f"prompt_embeds given but {type(self.unet).__name__} takes no encoder_hidden_states")
         return self.unet(x.to(self.dtype), t, **kwargs).sample.to(x.dtype)
 
-    def forward(self, x_t: Tensor, t: LongTensor, cond: Conditioning | None = None) -> Prediction:
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Prediction:
         """x_t [B, C, H, W], t [B] (or a scalar) training timesteps."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
@@ -282,8 +283,8 @@ class Diffusion(nn.Module):
             if cond.prompt_embeds is not None and negative is None:
                 negative = torch.zeros_like(cond.prompt_embeds)
             neg_labels = cond.negative_class_labels if cond.negative_class_labels is not None else cond.class_labels
-            labels = None if cond.class_labels is None else torch.cat([neg_labels, cond.class_labels])
-            prompts = None if cond.prompt_embeds is None else torch.cat([negative, cond.prompt_embeds])
+            labels = None if cond.class_labels is None or neg_labels is None else torch.cat([neg_labels, cond.class_labels])
+            prompts = None if cond.prompt_embeds is None or negative is None else torch.cat([negative, cond.prompt_embeds])
             uncond, c = self._unet(torch.cat([x_t, x_t]), torch.cat([t, t]), labels, prompts).chunk(2)
             output = uncond + cond.guidance_scale * (c - uncond)
         else:
@@ -304,8 +305,9 @@ class Diffusion(nn.Module):
         root = Path(path)
         if not root.is_dir():
             raise PPAPError(f"diffusion model directory not found: {root}")
-        unet_dir, sched_file = (root / "unet", root / "scheduler" / SCHEDULER_CONFIG) if (root / "unet").is_dir() \
-            else (root, root / SCHEDULER_CONFIG)
+        unet_dir, sched_file = (
+            (root / "unet", root / "scheduler" / SCHEDULER_CONFIG) if (root / "unet").is_dir() else (root, root / SCHEDULER_CONFIG)
+        )
         if not (unet_dir / "config.json").exists():
             raise PPAPError(f"{root} is not a diffusers UNet directory (no config.json or unet/config.json)")
         if not sched_file.exists():
@@ -332,7 +334,7 @@ class Denoiser:
     def schedule(self) -> NoiseSchedule:
         return self.diffusion.schedule
 
-    def __call__(self, x_t: Tensor, t: LongTensor) -> Prediction:
+    def __call__(self, x_t: Tensor, t: Tensor) -> Prediction:
         return self.diffusion(x_t, t, self.cond)
 
 

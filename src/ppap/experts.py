@@ -19,9 +19,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import LongTensor, Tensor, nn
+from torch import Tensor, nn
 
 from .diffusion import NoiseSchedule
 from .guide_model import GuideModel
@@ -135,14 +136,14 @@ class TimestepRouter:
                 raise ValueError
         except ValueError:
             raise PPAPError(f"bad expert ranges {spec!r}: use a count ('5'), 'logsnr:5' or 'lo-hi,lo-hi,...'") from None
-        return cls.from_ranges(ranges, num_train_timesteps)
+        return cls.from_ranges([(r[0], r[1]) for r in ranges], num_train_timesteps)
 
     def interval(self, i: int) -> tuple[int, int]:
         if not 0 <= i < self.num_experts:
             raise PPAPError(f"expert {i} does not exist (there are {self.num_experts})")
         return self.boundaries[i], self.boundaries[i + 1]
 
-    def __call__(self, t: LongTensor) -> LongTensor:
+    def __call__(self, t: Tensor) -> Tensor:
         """[B] training timesteps -> [B] expert ids."""
         t = torch.as_tensor(t)
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
@@ -203,7 +204,7 @@ class ExpertBank(nn.Module):
     def frozen_modules(self) -> list[nn.Module]:
         return []
 
-    def forward(self, x: Tensor, t: LongTensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """x [B, C, H, W] in [-1, 1], t [B] training timesteps."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -219,6 +220,7 @@ class ExpertBank(nn.Module):
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[mask] = y
+        assert out is not None  # at least one expert ran
         return out
 
     def run_expert(self, i: int, x: Tensor) -> Tensor:
@@ -302,8 +304,7 @@ class LoRAExperts(ExpertBank):
             targets = _module_names(net, LORA_TYPES)
         # peft adapts a grouped convolution only when the rank is a multiple of its groups
         # (depthwise convs in SegFormer, ConvNeXt): those stay frozen, listed in ``skipped``
-        self.skipped = [n for n in targets if isinstance(names[n], nn.Conv2d) and names[n].groups > 1
-                        and adapter.rank % names[n].groups]
+        self.skipped = [n for n in targets if isinstance(names[n], nn.Conv2d) and names[n].groups > 1 and adapter.rank % names[n].groups]
         targets = [n for n in targets if n not in self.skipped]
         if not targets:
             raise PPAPError("the guidance network has no Conv2d or Linear layer for LoRA")
@@ -312,8 +313,9 @@ class LoRAExperts(ExpertBank):
             net = self.guide.net = _Rooted(net)
             targets, norms = [f"net.{n}" for n in targets], [f"net.{n}" for n in norms]
         # a full-match regex, so that names like "0" in an nn.Sequential never match by suffix
-        config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, target_modules="|".join(re.escape(n) for n in targets),
-                            modules_to_save=norms or None)
+        config = LoraConfig(
+            r=adapter.rank, lora_alpha=adapter.alpha, target_modules="|".join(re.escape(n) for n in targets), modules_to_save=norms or None
+        )
         # LoRA A matrices are drawn from torch's global RNG: fix it (and only here), so that every
         # process of a data-parallel run, and every re-run, starts from the same experts
         with torch.random.fork_rng(devices=[]):
@@ -325,7 +327,7 @@ class LoRAExperts(ExpertBank):
         self.model.set_adapter(expert_name(0))
         self.merge = True  # eval mode: the routed expert's LoRA is merged into the weights (a naive-guidance forward)
         self._merged: int | None = None
-        self._base_weights: dict[str, Tensor] | None = None  # exact copies, restored on unmerge
+        self._base_weights: dict[int, Tensor] = {}  # id(LoRA layer) -> exact copy of its base weight, restored on unmerge
 
     def frozen_modules(self) -> list[nn.Module]:
         if self.adapter.per_expert_norm:
@@ -345,7 +347,7 @@ class LoRAExperts(ExpertBank):
         self.model.base_model.unmerge_adapter()
         with torch.no_grad():
             for layer in self._lora_layers():
-                layer.get_base_layer().weight.copy_(self._base_weights[id(layer)])
+                layer.get_base_layer().weight.copy_(self._base_weights[id(layer)])  # type: ignore[operator]
         self._merged = None
 
     def _activate(self, i: int) -> None:
@@ -357,15 +359,16 @@ class LoRAExperts(ExpertBank):
             self.model.set_adapter(expert_name(i))
             self._active = i
         if merge:
-            if self._base_weights is None:
-                self._base_weights = {id(m): m.get_base_layer().weight.detach().clone() for m in self._lora_layers()}
+            if not self._base_weights:
+                self._base_weights = {id(m): m.get_base_layer().weight.detach().clone() for m in self._lora_layers()}  # type: ignore[operator]
             self.model.base_model.merge_adapter([expert_name(i)])
             self._merged = i
 
     def train(self, mode: bool = True) -> LoRAExperts:
         if mode:
             self._unmerge()  # adapters train as separate branches
-        return super().train(mode)
+        super().train(mode)
+        return self
 
     def run_expert(self, i: int, x: Tensor) -> Tensor:
         self._activate(i)
@@ -418,7 +421,7 @@ class LoRAExperts(ExpertBank):
         want = set(self.expert_state(i))
         legacy = "base_model.model.net."  # ppap-experts-v1 wrapped the model in a private "net" module
         if set(state) != want and all(k.startswith(legacy) for k in state):
-            state = {"base_model.model." + k[len(legacy):]: v for k, v in state.items()}
+            state = {"base_model.model." + k[len(legacy) :]: v for k, v in state.items()}
         if set(state) != want:
             extra = sorted(set(state) - want) or sorted(want - set(state))
             raise PPAPError(f"adapter {path} does not fit the guidance model (mismatched keys, e.g. {extra[0]})")
@@ -480,8 +483,12 @@ def parameter_report(bank: ExpertBank) -> dict[str, float]:
     """Trainable parameters of one expert, as a count and as a fraction of the backbone."""
     backbone = sum(v.numel() for k, v in bank.base_state().items() if v.is_floating_point() and "running_" not in k)
     per_expert = sum(p.numel() for p in bank.trainable_parameters(0))
-    return {"backbone_parameters": backbone, "trainable_per_expert": per_expert,
-            "fraction_per_expert": per_expert / backbone, "num_experts": bank.router.num_experts}
+    return {
+        "backbone_parameters": backbone,
+        "trainable_per_expert": per_expert,
+        "fraction_per_expert": per_expert / backbone,
+        "num_experts": bank.router.num_experts,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,10 +508,19 @@ def bank_manifest(bank: ExpertBank, task: Task, schedule: NoiseSchedule, **extra
     """The description of a bank that ``load_bank`` needs: router, adapter, task, the backbone
     and schedule it belongs to; ``trained`` (finished experts) and ``files`` (their sha256) are
     filled in as experts are saved."""
-    return {"format": FORMAT, "boundaries": list(bank.router.boundaries), "adapter": asdict(bank.adapter),
-            "task": asdict(task), "guide": bank.guide.identity, "guide_fingerprint": bank.base_fingerprint,
-            "schedule": {"num_train_timesteps": schedule.num_train_timesteps, "fingerprint": schedule_fingerprint(schedule)},
-            "trained": [], "files": {}, "stats": {}, "parameters": parameter_report(bank)} | extra
+    return {
+        "format": FORMAT,
+        "boundaries": list(bank.router.boundaries),
+        "adapter": asdict(bank.adapter),
+        "task": asdict(task),  # type: ignore[call-overload]  # every Task is a dataclass
+        "guide": bank.guide.identity,
+        "guide_fingerprint": bank.base_fingerprint,
+        "schedule": {"num_train_timesteps": schedule.num_train_timesteps, "fingerprint": schedule_fingerprint(schedule)},
+        "trained": [],
+        "files": {},
+        "stats": {},
+        "parameters": parameter_report(bank),
+    } | extra
 
 
 def record_expert(manifest: dict, bank: ExpertBank, i: int, directory: str | os.PathLike, stats: dict | None = None) -> dict:
@@ -549,8 +565,9 @@ MANIFEST_SCHEMA = {  # what load_bank reads; a damaged manifest is one line nami
 }
 
 
-def load_bank(guide: nn.Module, directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None,
-              require_all: bool = True) -> ExpertBank:
+def load_bank(
+    guide: nn.Module, directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None, require_all: bool = True
+) -> ExpertBank:
     """Rebuild the bank saved in ``directory`` on top of ``guide`` (the off-the-shelf model, weights
     loaded; its net receives the adapters). Checks that the guide and the schedule are the ones the
     experts were trained for, and every adapter file against its recorded checksum. The bank's
@@ -560,7 +577,8 @@ def load_bank(guide: nn.Module, directory: str | os.PathLike, *, schedule: Noise
     guide = as_guide_model(guide)
     try:
         router = TimestepRouter(tuple(manifest["boundaries"]))
-        adapter = AdapterConfig(**{k: tuple(v) if k == "target_modules" and v else v for k, v in manifest["adapter"].items()})
+        values: dict[str, Any] = {k: tuple(v) if k == "target_modules" and v else v for k, v in manifest["adapter"].items()}
+        adapter = AdapterConfig(**values)
         task = make_task(**manifest["task"])
         trained, want_fp, sched = list(manifest["trained"]), manifest["guide_fingerprint"], manifest["schedule"]
         if not isinstance(sched, dict) or not isinstance(trained, list):
@@ -570,13 +588,17 @@ def load_bank(guide: nn.Module, directory: str | os.PathLike, *, schedule: Noise
             raise PPAPError(f"{directory / MANIFEST} is malformed ({e})") from None
         raise PPAPError(f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e})") from None
     if schedule is not None and sched.get("fingerprint") != schedule_fingerprint(schedule):
-        raise PPAPError(f"experts in {directory} were trained for another noise schedule "
-                        f"(T={sched.get('num_train_timesteps')}) than this diffusion model's (T={schedule.num_train_timesteps})")
+        raise PPAPError(
+            f"experts in {directory} were trained for another noise schedule "
+            f"(T={sched.get('num_train_timesteps')}) than this diffusion model's (T={schedule.num_train_timesteps})"
+        )
     have = fingerprint(guide.net.state_dict())
     if have != want_fp:
         name = (manifest.get("guide") or {}).get("ref", "another model")
-        raise PPAPError(f"experts in {directory} were trained on {name} (weights {str(want_fp)[:12]}), "
-                        f"not on the given guidance model (weights {have[:12]})")
+        raise PPAPError(
+            f"experts in {directory} were trained on {name} (weights {str(want_fp)[:12]}), "
+            f"not on the given guidance model (weights {have[:12]})"
+        )
     missing = [expert_name(i) for i in range(router.num_experts) if expert_name(i) not in trained]
     if missing and require_all:
         raise PPAPError(f"experts in {directory} are unfinished ({missing[0]} not trained); re-run `ppap train` to finish them")

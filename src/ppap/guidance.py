@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import LongTensor, Tensor, nn
+from torch import Tensor, nn
 
 from .diffusion import Prediction
 from .experts import ExpertBank
@@ -37,7 +37,7 @@ from .tasks import Classification, Task
 
 
 class Guide(Protocol):
-    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor: ...
+    def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor: ...
 
 
 def _grad_log_likelihood(task: Task, output: Tensor, target: Tensor, wrt: Tensor) -> Tensor:
@@ -56,12 +56,12 @@ def _grad_log_likelihood(task: Task, output: Tensor, target: Tensor, wrt: Tensor
 class NoisyInputGuide:
     """grad of log p(target | x_t) from a model applied to x_t directly: ``model(x_t, t)``."""
 
-    model: Callable[[Tensor, LongTensor], Tensor]
+    model: Callable[[Tensor, Tensor], Tensor]
     task: Task
     target: Tensor
     scale: float
 
-    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
         x = x_t.detach().requires_grad_(True)
         return self.scale * _grad_log_likelihood(self.task, self.model(x, t), self.target, x)
 
@@ -76,10 +76,10 @@ class PredictedX0Guide:
     target: Tensor
     scale: float
 
-    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
         return self.guided_prediction(x_t, t)[1]
 
-    def guided_prediction(self, x_t: Tensor, t: LongTensor) -> tuple[Prediction, Tensor]:
+    def guided_prediction(self, x_t: Tensor, t: Tensor) -> tuple[Prediction, Tensor]:
         """The UNet's prediction and the guidance from ONE forward with grad (samplers use this
         instead of their own no-grad forward). x0_hat is clipped to [-1, 1] straight-through: the
         value the classifier sees is clipped, the gradient is not cut on saturated pixels, the
@@ -88,7 +88,7 @@ class PredictedX0Guide:
         pred = self.diffusion(x, t)
         x0 = pred.x0 + (pred.x0.clamp(-1, 1) - pred.x0).detach()
         g = self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
-        return Prediction(*(None if v is None else v.detach() for v in pred)), g
+        return Prediction(pred.eps.detach(), pred.x0.detach(), None if pred.variance is None else pred.variance.detach()), g
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,9 @@ class Calibration:
             return task
         if not isinstance(task, Classification):
             raise PPAPError(f"calibration temperatures apply to classification, not to {task.name}")
-        return CalibratedClassification(task.num_classes, task.tau, target_temperature=self.target_temperature,
-                                        norm_temperature=self.norm_temperature)
+        return CalibratedClassification(
+            task.num_classes, task.tau, target_temperature=self.target_temperature, norm_temperature=self.norm_temperature
+        )
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class ShortcutX0Guide:
     diffusion: DenoiserFn
     scale_schedule: str = "constant"
 
-    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
         x0 = pred.x0.detach().clamp(-1, 1).requires_grad_(True)
         g0 = _grad_log_likelihood(self.task, self.net(x0), self.target, x0)
         abar = self.diffusion.schedule.abar(t, x_t)
@@ -190,7 +191,7 @@ class NormalizedGuide:
     guide: Guide
     scale: float
 
-    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
         g = self.guide(x_t, t, pred)
         rms = g.flatten(1).square().mean(1).sqrt().clamp_min(1e-12)
         return self.scale * g / rms.view(-1, *([1] * (g.ndim - 1)))
@@ -202,8 +203,11 @@ class SumGuide:
 
     guides: Sequence[Guide] = field(default_factory=list)
 
-    def __call__(self, x_t: Tensor, t: LongTensor, pred: Prediction) -> Tensor:
-        return sum(g(x_t, t, pred) for g in self.guides)
+    def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
+        total = torch.zeros_like(x_t)
+        for guide in self.guides:
+            total = total + guide(x_t, t, pred)
+        return total
 
 
 @dataclass
@@ -247,8 +251,14 @@ def _x0(spec: GuideSpec) -> Guide:
 
 def _x0_shortcut(spec: GuideSpec) -> Guide:
     cal = spec.calibration
-    return ShortcutX0Guide(cal.calibrate_net(_need(spec, "net", "x0-shortcut")), cal.calibrate_task(spec.task), spec.target,
-                           spec.scale, _need(spec, "diffusion", "x0-shortcut"), cal.scale_schedule)
+    return ShortcutX0Guide(
+        cal.calibrate_net(_need(spec, "net", "x0-shortcut")),
+        cal.calibrate_task(spec.task),
+        spec.target,
+        spec.scale,
+        _need(spec, "diffusion", "x0-shortcut"),
+        cal.scale_schedule,
+    )
 
 
 METHODS: dict[str, Callable[[GuideSpec], Guide | None]] = {
@@ -288,8 +298,14 @@ class GuidanceTerm:
             raise PPAPError(f"unknown guidance method {self.method!r}; valid: {', '.join(METHODS)}")
         if not math.isfinite(self.scale):
             raise PPAPError(f"guidance scale must be a finite number, got {self.scale}")
-        needs = {"naive": "net", "x0": "net", "x0-shortcut": "net", "ppap": "experts", "noise-aware": "experts",
-                 "multi-expert-supervised": "experts"}.get(self.method)
+        needs = {
+            "naive": "net",
+            "x0": "net",
+            "x0-shortcut": "net",
+            "ppap": "experts",
+            "noise-aware": "experts",
+            "multi-expert-supervised": "experts",
+        }.get(self.method)
         if needs is not None:
             _need(GuideSpec(self.task, self.targets, self.scale, net=self.net, experts=self.experts), needs, self.method)
 
@@ -297,8 +313,15 @@ class GuidanceTerm:
         return dataclasses.replace(self, targets=self.targets[index])
 
     def build(self, denoiser: DenoiserFn | None = None) -> Guide | None:
-        spec = GuideSpec(task=self.task, target=self.targets, scale=self.scale, net=self.net, experts=self.experts,
-                         diffusion=denoiser, calibration=self.calibration)
+        spec = GuideSpec(
+            task=self.task,
+            target=self.targets,
+            scale=self.scale,
+            net=self.net,
+            experts=self.experts,
+            diffusion=denoiser,
+            calibration=self.calibration,
+        )
         return build_guide(self.method, spec)
 
 

@@ -31,15 +31,14 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
 # they get the nearest one in shape.
 PIL_RESAMPLE = {0: "nearest-exact", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "area", 5: "bilinear"}
 OUTPUT_FOR_TASK = {"classification": "logits", "segmentation": "logits", "dense": "predicted_depth"}
-TASK_SUFFIX = {"ForImageClassification": "classification", "ForSemanticSegmentation": "segmentation",
-               "ForDepthEstimation": "dense"}
+TASK_SUFFIX = {"ForImageClassification": "classification", "ForSemanticSegmentation": "segmentation", "ForDepthEstimation": "dense"}
 
 
 def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in hw):
         raise PPAPError(f"{what} must be a positive int or (height, width); got {size!r}")
-    return hw  # type: ignore[return-value]
+    return (int(hw[0]), int(hw[1]))
 
 
 def _field(obj: Any, key: str) -> Any:
@@ -67,11 +66,21 @@ class GuideModel(nn.Module):
     channel; ``in_channels`` defaults to ``len(mean)`` when that is above 1.
     """
 
-    def __init__(self, net: nn.Module, *, input_size: int | tuple[int, int] | None = None, resize: str = "bilinear",
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 in_channels: int | None = None, output: str | Callable | None = None, task: str | None = None,
-                 dense_size: str | tuple[int, int] | None = "input", classes: tuple[str, ...] | None = None,
-                 ref: str = "in-memory"):
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        input_size: int | tuple[int, int] | None = None,
+        resize: str = "bilinear",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        in_channels: int | None = None,
+        output: str | Callable | None = None,
+        task: str | None = None,
+        dense_size: str | tuple[int, int] | None = "input",
+        classes: tuple[str, ...] | None = None,
+        ref: str = "in-memory",
+    ):
         super().__init__()
         if resize not in RESIZE_MODES:
             raise PPAPError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
@@ -112,21 +121,19 @@ class GuideModel(nn.Module):
         resize (antialiased, as PIL and torchvision resize), then the folded normalisation."""
         c = x.shape[1] if x.ndim == 4 else None
         if c is None or not (c in (1, 3) or c == self.in_channels):
-            raise PPAPError(f"x must be [B, C, H, W] with C of 1 or 3 (or in_channels={self.in_channels}); "
-                            f"got shape {tuple(x.shape)}")
+            raise PPAPError(f"x must be [B, C, H, W] with C of 1 or 3 (or in_channels={self.in_channels}); got shape {tuple(x.shape)}")
         want = self.in_channels or c
         if c != want:
             if (c, want) == (1, 3):
                 x = x.expand(-1, 3, -1, -1)  # grey as RGB, as PIL's convert("RGB")
             elif (c, want) == (3, 1):
-                x = sum(w * x[:, i:i + 1] for i, w in enumerate(LUMA))  # type: ignore[assignment]
+                x = sum(w * x[:, i : i + 1] for i, w in enumerate(LUMA))  # type: ignore[assignment]
             else:
                 raise PPAPError(f"cannot convert x of {c} channels to the net's {want}; got shape {tuple(x.shape)}")
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             smooth = self.resize in ("bilinear", "bicubic")
-            x = F.interpolate(x, size=self.input_size, mode=self.resize, align_corners=False if smooth else None,
-                              antialias=smooth)
-        if self._scale is not None:
+            x = F.interpolate(x, size=self.input_size, mode=self.resize, align_corners=False if smooth else None, antialias=smooth)
+        if isinstance(self._scale, Tensor) and isinstance(self._shift, Tensor):
             x = x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
         return x
 
@@ -143,8 +150,10 @@ class GuideModel(nn.Module):
         else:
             out = output
         if not isinstance(out, Tensor):
-            raise PPAPError(f"{self.ref}: the net's output is a {type(out).__name__}, not a tensor; pass output= "
-                            "(a field name such as 'logits' or a callable)")
+            raise PPAPError(
+                f"{self.ref}: the net's output is a {type(out).__name__}, not a tensor; pass output= "
+                "(a field name such as 'logits' or a callable)"
+            )
         if self.task == "classification" and out.ndim != 2:
             raise PPAPError(f"{self.ref}: classification output must be [B, K]; got shape {tuple(out.shape)}")
         if self.task != "classification" and out.ndim == 3:
@@ -152,7 +161,7 @@ class GuideModel(nn.Module):
         if self.task in ("segmentation", "dense") and out.ndim != 4:
             raise PPAPError(f"{self.ref}: {self.task} output must be [B, K, h, w]; got shape {tuple(out.shape)}")
         if out.ndim == 4 and self.dense_size is not None:
-            size = tuple(x.shape[-2:]) if self.dense_size == "input" else self.dense_size
+            size = (int(x.shape[-2]), int(x.shape[-1])) if self.dense_size == "input" else _pair(self.dense_size, "dense_size")  # type: ignore[arg-type]  # a pair here
             if tuple(out.shape[-2:]) != size:
                 out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         return out
@@ -165,16 +174,26 @@ class GuideModel(nn.Module):
     @property
     def identity(self) -> dict:
         """A small JSON-able description of the guide for manifests."""
-        out = self.output if self.output is None or isinstance(self.output, str) else \
-            getattr(self.output, "__qualname__", repr(self.output))
+        out = (
+            self.output if self.output is None or isinstance(self.output, str) else getattr(self.output, "__qualname__", repr(self.output))
+        )
         as_list = lambda v: None if v is None else list(v)  # noqa: E731
-        return {"ref": self.ref, "net": type(self.net).__name__, "input_size": as_list(self.input_size),
-                "resize": self.resize, "mean": as_list(self.mean), "std": as_list(self.std),
-                "in_channels": self.in_channels, "output": out, "task": self.task}
+        return {
+            "ref": self.ref,
+            "net": type(self.net).__name__,
+            "input_size": as_list(self.input_size),
+            "resize": self.resize,
+            "mean": as_list(self.mean),
+            "std": as_list(self.std),
+            "in_channels": self.in_channels,
+            "output": out,
+            "task": self.task,
+        }
 
     @classmethod
-    def from_transformers(cls, model: nn.Module, image_processor: Any = None, *, task: str | None = None,
-                          ref: str | None = None) -> GuideModel:
+    def from_transformers(
+        cls, model: nn.Module, image_processor: Any = None, *, task: str | None = None, ref: str | None = None
+    ) -> GuideModel:
         """A transformers vision model, pre-processed as its image processor would.
 
         From the processor: the input size (``crop_size`` when ``do_center_crop``; ppap resizes
@@ -193,8 +212,7 @@ class GuideModel(nn.Module):
         if task is None:
             task = next((t for suffix, t in TASK_SUFFIX.items() if name.endswith(suffix)), None)
             if task is None:
-                raise PPAPError(f"cannot tell the task of transformers model {name}; pass task= "
-                                f"({', '.join(TASKS)})")
+                raise PPAPError(f"cannot tell the task of transformers model {name}; pass task= ({', '.join(TASKS)})")
         if task not in TASKS:
             raise PPAPError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
         p = image_processor
@@ -235,9 +253,18 @@ class GuideModel(nn.Module):
         labels = [id2label[i] for i in sorted(id2label)]
         if task != "dense" and labels and labels != [f"LABEL_{i}" for i in range(len(labels))]:
             classes = tuple(labels)
-        return cls(model, input_size=size, resize=resize, mean=mean, std=std, in_channels=getattr(config, "num_channels", None),
-                   output=OUTPUT_FOR_TASK[task], task=task, classes=classes,
-                   ref=ref or getattr(config, "_name_or_path", "") or "in-memory")
+        return cls(
+            model,
+            input_size=size,
+            resize=resize,
+            mean=mean,
+            std=std,
+            in_channels=getattr(config, "num_channels", None),
+            output=OUTPUT_FOR_TASK[task],
+            task=task,
+            classes=classes,
+            ref=ref or getattr(config, "_name_or_path", "") or "in-memory",
+        )
 
     @classmethod
     def from_timm(cls, model: nn.Module, *, ref: str | None = None) -> GuideModel:
@@ -250,13 +277,20 @@ class GuideModel(nn.Module):
         c, h, w = cfg["input_size"]
         resize = cfg.get("interpolation", "bicubic")
         pretrained = getattr(model, "pretrained_cfg", None) or {}
-        return cls(model, input_size=(h, w), resize=resize if resize in RESIZE_MODES else "bicubic",
-                   mean=cfg["mean"], std=cfg["std"], in_channels=c, output=None, task="classification",
-                   ref=ref or pretrained.get("hf_hub_id") or pretrained.get("architecture") or "in-memory")
+        return cls(
+            model,
+            input_size=(h, w),
+            resize=resize if resize in RESIZE_MODES else "bicubic",
+            mean=cfg["mean"],
+            std=cfg["std"],
+            in_channels=c,
+            output=None,
+            task="classification",
+            ref=ref or pretrained.get("hf_hub_id") or pretrained.get("architecture") or "in-memory",
+        )
 
     @classmethod
-    def from_torchvision(cls, model: nn.Module, weights: Any = None, *, task: str | None = None,
-                         ref: str | None = None) -> GuideModel:
+    def from_torchvision(cls, model: nn.Module, weights: Any = None, *, task: str | None = None, ref: str | None = None) -> GuideModel:
         """A torchvision model; ``weights`` (a ``WeightsEnum`` member or its name) gives, through
         ``weights.transforms()``, the crop size (segmentation: the resize size), mean, std and
         interpolation, and ``weights.meta["categories"]`` the classes. Without weights: x's own
@@ -271,12 +305,10 @@ class GuideModel(nn.Module):
         if task is None:
             if module.startswith("torchvision.models.segmentation"):
                 task = "segmentation"
-            elif module.startswith("torchvision.models") and not any(
-                    k in module for k in ("detection", "video", "optical_flow")):
+            elif module.startswith("torchvision.models") and not any(k in module for k in ("detection", "video", "optical_flow")):
                 task = "classification"
             else:
-                raise PPAPError(f"cannot tell the task of torchvision model {type(model).__name__} ({module}); "
-                                "pass task=")
+                raise PPAPError(f"cannot tell the task of torchvision model {type(model).__name__} ({module}); pass task=")
         size, resize, mean, std, classes = None, "bilinear", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None
         if weights is not None:
             t = weights.transforms()
@@ -285,6 +317,15 @@ class GuideModel(nn.Module):
             resize = _resample_mode(t.interpolation) if getattr(t, "interpolation", None) is not None else resize
             mean, std = t.mean, t.std
             classes = tuple(weights.meta["categories"]) if weights.meta.get("categories") else None
-        return cls(model, input_size=size, resize=resize, mean=mean, std=std, in_channels=3,
-                   output="out" if task == "segmentation" else None, task=task, classes=classes,
-                   ref=ref or (str(weights) if weights is not None else "in-memory"))
+        return cls(
+            model,
+            input_size=size,
+            resize=resize,
+            mean=mean,
+            std=std,
+            in_channels=3,
+            output="out" if task == "segmentation" else None,
+            task=task,
+            classes=classes,
+            ref=ref or (str(weights) if weights is not None else "in-memory"),
+        )

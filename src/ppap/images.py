@@ -37,10 +37,10 @@ def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
 
 def fit_image(img, size: tuple[int, int], fit: str = "resize"):
     """A PIL image brought to ``size`` (H, W) by the documented rule:
-      * ``resize``: bilinear (antialiased) resize to the model's size, aspect ratio not kept;
-      * ``pad``: an image no larger than the model's size is centred on a black canvas (how the
-        zoo's Fashion-MNIST models saw their 28x28 training images, padded to 32x32); a larger
-        one is resized as above.
+    * ``resize``: bilinear (antialiased) resize to the model's size, aspect ratio not kept;
+    * ``pad``: an image no larger than the model's size is centred on a black canvas (how the
+      zoo's Fashion-MNIST models saw their 28x28 training images, padded to 32x32); a larger
+      one is resized as above.
     """
     from PIL import Image
 

@@ -115,8 +115,15 @@ class Field(NamedTuple):
     required: bool = True
 
 
-_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "an integer", float: "a number",
-               type(None): "null"}
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def _json_kind(value: Any) -> str:
@@ -136,8 +143,7 @@ def check_fields(obj: Any, where: str, schema: Mapping[str, Field | tuple]) -> d
                 raise PPAPError(f"{where} lacks field {key!r}")
             continue
         value = obj[key]
-        ok = (isinstance(value, types) or (float in types and isinstance(value, int))) and \
-            (not isinstance(value, bool) or bool in types)
+        ok = (isinstance(value, types) or (float in types and isinstance(value, int))) and (not isinstance(value, bool) or bool in types)
         try:
             ok = ok and (field.check is None or bool(field.check(value)))
         except (TypeError, ValueError, KeyError, IndexError):  # a check of a malformed nested value

@@ -1,10 +1,10 @@
 """Models by reference, for the CLI, the demo and the benches.
 
-  * a diffusion model: a zoo name or a diffusers pipeline / UNet directory -> ``PPAPPipeline``;
-  * a guidance model: a zoo name, a transformers model folder (``config.json`` + safetensors, with
-    its image processor when saved), or ``package.module:function`` plus a safetensors file ->
-    ``GuideModel``;
-  * experts: a zoo name or a directory written by ``ppap train`` -> an ``ExpertBank`` on a guide.
+* a diffusion model: a zoo name or a diffusers pipeline / UNet directory -> ``PPAPPipeline``;
+* a guidance model: a zoo name, a transformers model folder (``config.json`` + safetensors, with
+  its image processor when saved), or ``package.module:function`` plus a safetensors file ->
+  ``GuideModel``;
+* experts: a zoo name or a directory written by ``ppap train`` -> an ``ExpertBank`` on a guide.
 """
 
 from __future__ import annotations

@@ -83,8 +83,9 @@ def mean_iou(pred: Tensor, truth: Tensor, num_classes: int) -> float:
 
 
 @torch.no_grad()
-def score_under_noise(model, schedule, x: Tensor, timesteps: list[int], score: Callable[[Tensor], float], seed: int = 0,
-                      batch_size: int = 500) -> dict[int, float]:
+def score_under_noise(
+    model, schedule, x: Tensor, timesteps: list[int], score: Callable[[Tensor], float], seed: int = 0, batch_size: int = 500
+) -> dict[int, float]:
     """``score(outputs)`` of ``model(x_t, t)`` on x_t = q_sample(x, t) for each t (the
     noise-vs-accuracy analysis, PPAP Sec. 3). The model gets the timestep, so expert banks route;
     plain nets ignore it through a lambda. The same noise is used for every t (fixed seed)."""
@@ -97,8 +98,8 @@ def score_under_noise(model, schedule, x: Tensor, timesteps: list[int], score: C
     return out
 
 
-def accuracy_under_noise(model, schedule, x: Tensor, y: Tensor, timesteps: list[int], seed: int = 0,
-                         batch_size: int = 500) -> dict[int, float]:
+def accuracy_under_noise(
+    model, schedule, x: Tensor, y: Tensor, timesteps: list[int], seed: int = 0, batch_size: int = 500
+) -> dict[int, float]:
     """Classification accuracy on noised images (``score_under_noise`` with the labels ``y``)."""
-    return score_under_noise(model, schedule, x, timesteps, lambda logits: (logits.argmax(-1) == y).float().mean().item(),
-                             seed, batch_size)
+    return score_under_noise(model, schedule, x, timesteps, lambda logits: (logits.argmax(-1) == y).float().mean().item(), seed, batch_size)

@@ -11,6 +11,7 @@ and outputs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError
 from .samplers import SAMPLERS, NonFiniteError
-from .tasks import class_targets, dense_targets, output_shape, task_for
+from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
 DEFAULT_CLASSIFIER_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); dense losses need far larger ones
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -116,8 +117,10 @@ class PPAPPipeline(DiffusionPipeline):
             raise PPAPError(f"method {method!r} needs a guide (the off-the-shelf model)")
         guide = as_guide_model(guide)
         diffusion = self.diffusion
-        bank = experts
-        if experts is not None and not isinstance(experts, ExpertBank):
+        bank: ExpertBank | None = None
+        if isinstance(experts, ExpertBank):
+            bank = experts
+        elif experts is not None:
             bank = load_bank(copy.deepcopy(guide), experts, schedule=diffusion.schedule)
         if bank is not None:
             if bank.task is None:
@@ -130,26 +133,48 @@ class PPAPPipeline(DiffusionPipeline):
         else:
             the_task = task_for(guide, diffusion.image_shape, task or guide.task or "classification")
             clean = guide
-        if the_task.name == "classification":
+        if isinstance(the_task, Classification):
             if target_image is not None or (isinstance(target, Tensor) and target.ndim > 1):
-                raise PPAPError("reference images and target maps are for segmentation or dense guides; "
-                                "a classifier takes --target CLASS")
+                raise PPAPError("reference images and target maps are for segmentation or dense guides; a classifier takes --target CLASS")
             targets = class_targets(0 if target is None else target, num, the_task.num_classes, guide.classes)
         else:
             if target is not None and not isinstance(target, (Tensor, np.ndarray)):
                 raise PPAPError(f"a {the_task.name} guide takes a target map or a reference image, not {target!r}")
             image = None if target_image is None else target_image.to(next(iter(guide.parameters())).device)
-            targets = dense_targets(the_task, clean, num, output_shape(bank.guide if bank is not None else clean, diffusion.image_shape),
-                                    image=image, target_map=None if target is None else torch.as_tensor(target))
+            targets = dense_targets(
+                the_task,
+                clean,
+                num,
+                output_shape(bank.guide if bank is not None else clean, diffusion.image_shape),
+                image=image,
+                target_map=None if target is None else torch.as_tensor(target),
+            )
         if classifier_scale is None:
-            classifier_scale = getattr(bank, "default_scale", None) if method in ("ppap", "noise-aware", "multi-expert-supervised") else None
+            classifier_scale = (
+                getattr(bank, "default_scale", None) if method in ("ppap", "noise-aware", "multi-expert-supervised") else None
+            )
         scale = float(DEFAULT_CLASSIFIER_SCALE if classifier_scale is None else classifier_scale)
-        return GuidanceTerm(method, the_task, targets, scale, net=guide, experts=bank, calibration=calibration or Calibration(),
-                            description=f"{method} {guide.ref} ({the_task.name}) x{scale:g}")
+        return GuidanceTerm(
+            method,
+            the_task,
+            targets,
+            scale,
+            net=guide,
+            experts=bank,
+            calibration=calibration or Calibration(),
+            description=f"{method} {guide.ref} ({the_task.name}) x{scale:g}",
+        )
 
-    def conditioning(self, num: int, *, class_labels=None, prompt_embeds: Tensor | None = None,
-                     negative_prompt_embeds: Tensor | None = None, negative_class_labels=None,
-                     guidance_scale: float = 1.0) -> Conditioning | None:
+    def conditioning(
+        self,
+        num: int,
+        *,
+        class_labels=None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_class_labels=None,
+        guidance_scale: float = 1.0,
+    ) -> Conditioning | None:
         """The UNet's conditions for ``num`` samples: labels cycled, a single prompt embedding repeated."""
 
         def per_sample(v, name: str, dtype):
@@ -254,13 +279,29 @@ class PPAPPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
         grid = diffusion.schedule.grid(num_inference_steps, sampler)
-        cond = self.conditioning(batch_size, class_labels=class_labels, prompt_embeds=prompt_embeds,
-                                 negative_prompt_embeds=negative_prompt_embeds, negative_class_labels=negative_class_labels,
-                                 guidance_scale=guidance_scale)
+        cond = self.conditioning(
+            batch_size,
+            class_labels=class_labels,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_class_labels=negative_class_labels,
+            guidance_scale=guidance_scale,
+        )
         if cond is not None:
-            cond = Conditioning(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in cond.__dict__.items()})
-        first = self.guidance_term(batch_size, guide=guide, experts=experts, target=target, target_image=target_image, method=method,
-                                   classifier_scale=classifier_scale, calibration=calibration)
+            cond = dataclasses.replace(
+                cond,
+                **{f.name: getattr(cond, f.name).to(device) for f in dataclasses.fields(cond) if isinstance(getattr(cond, f.name), Tensor)},
+            )
+        first = self.guidance_term(
+            batch_size,
+            guide=guide,
+            experts=experts,
+            target=target,
+            target_image=target_image,
+            method=method,
+            classifier_scale=classifier_scale,
+            calibration=calibration,
+        )
         all_terms = ([first] if first is not None else []) + list(terms)
         for term in all_terms:
             if len(term.targets) != batch_size:
@@ -286,7 +327,7 @@ class PPAPPipeline(DiffusionPipeline):
             x = SAMPLERS[sampler](denoiser, x, grid, guide=guide_fn, generator=generator, callback=on_step, progress=progress, **extra)
         except NonFiniteError as e:
             raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
-        image = x if output_type == "latent" else (x / 2 + 0.5).clamp(0, 1)
+        image: Any = x if output_type == "latent" else (x / 2 + 0.5).clamp(0, 1)
         if output_type in ("np", "pil"):
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
@@ -296,8 +337,19 @@ class PPAPPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
 
-def generate(pipe: PPAPPipeline, num: int, *, seed: int, batch_size: int = 64, start: int = 0, terms: Sequence[GuidanceTerm] = (),
-             conditioning: Conditioning | None = None, progress: bool = True, desc: str = "sampling", **call_kwargs) -> Tensor:
+def generate(
+    pipe: PPAPPipeline,
+    num: int,
+    *,
+    seed: int,
+    batch_size: int = 64,
+    start: int = 0,
+    terms: Sequence[GuidanceTerm] = (),
+    conditioning: Conditioning | None = None,
+    progress: bool = True,
+    desc: str = "sampling",
+    **call_kwargs,
+) -> Tensor:
     """``num`` images as float [N, C, H, W] in [-1, 1] (CPU), sample k seeded by ``sample_seed(seed,
     start + k)``. ``terms`` and ``conditioning`` hold per-sample targets / conditions for all
     ``num``; each batch takes its slice. ``call_kwargs`` go to every ``pipe(...)`` call."""
@@ -309,12 +361,26 @@ def generate(pipe: PPAPPipeline, num: int, *, seed: int, batch_size: int = 64, s
         n = min(batch_size, num - b0)
         index = slice(b0, b0 + n)
         cond = conditioning.select(index) if conditioning is not None else None
-        cond_kwargs = {} if cond is None else {"class_labels": cond.class_labels, "prompt_embeds": cond.prompt_embeds,
-                                               "negative_prompt_embeds": cond.negative_prompt_embeds,
-                                               "negative_class_labels": cond.negative_class_labels,
-                                               "guidance_scale": cond.guidance_scale}
-        x = pipe(batch_size=n, generator=sample_generators(seed, start + b0, n), terms=[t.select(index) for t in terms],
-                 output_type="latent", progress=False, **cond_kwargs, **call_kwargs).images
+        cond_kwargs: dict[str, Any] = (
+            {}
+            if cond is None
+            else {
+                "class_labels": cond.class_labels,
+                "prompt_embeds": cond.prompt_embeds,
+                "negative_prompt_embeds": cond.negative_prompt_embeds,
+                "negative_class_labels": cond.negative_class_labels,
+                "guidance_scale": cond.guidance_scale,
+            }
+        )
+        x = pipe(  # type: ignore[union-attr]  # return_dict=True: an ImagePipelineOutput
+            batch_size=n,
+            generator=sample_generators(seed, start + b0, n),
+            terms=[t.select(index) for t in terms],
+            output_type="latent",
+            progress=False,
+            **cond_kwargs,
+            **call_kwargs,
+        ).images
         out.append(x.clamp(-1, 1).cpu())
         bar.update(n)
     bar.close()

@@ -65,8 +65,14 @@ def build_fashion_unet(r: DDPMRecipe):
     down = tuple("AttnDownBlock2D" if i == r.attention_level else "DownBlock2D" for i in range(n))
     up = tuple("AttnUpBlock2D" if n - 1 - i == r.attention_level else "UpBlock2D" for i in range(n))
     return UNet2DModel(
-        sample_size=32, in_channels=1, out_channels=1, block_out_channels=r.block_out_channels,
-        down_block_types=down, up_block_types=up, layers_per_block=r.layers_per_block, norm_num_groups=8,
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=r.block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=r.layers_per_block,
+        norm_num_groups=8,
     )
 
 
@@ -76,8 +82,9 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             pe.lerp_(pm, 1 - decay)
 
 
-def train_ddpm(out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRecipe(), data_dir=None,
-               stop_after: int | None = None) -> dict:
+def train_ddpm(
+    out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRecipe(), data_dir=None, stop_after: int | None = None
+) -> dict:
     """Train the unconditional Fashion-MNIST DDPM; export EMA weights as a diffusers pipeline dir.
 
     ``stop_after`` ends this call after that many steps (checkpointed), for time-sliced runs.
@@ -106,8 +113,18 @@ def train_ddpm(out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRe
     batches = InfiniteBatches(x_all, batch_size=r.batch_size, seed=r.seed)
 
     def save():
-        atomic_torch_save(ckpt, {"recipe": asdict(r), "model": unet.state_dict(), "ema": ema.state_dict(),
-                                 "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "losses": losses})
+        atomic_torch_save(
+            ckpt,
+            {
+                "recipe": asdict(r),
+                "model": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "losses": losses,
+            },
+        )
 
     end = r.iterations if stop_after is None else min(r.iterations, step + stop_after)
     unet.train()
@@ -140,9 +157,13 @@ def train_ddpm(out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRe
     if step < r.iterations:
         return {"step": step, "done": False}
     export_ddpm(ema, sched, out_dir)
-    card = {"recipe": asdict(r), "iterations": step, "train_seconds": round(elapsed, 1),
-            "final_loss_ema50": losses[-1] if losses else math.nan,
-            "parameters": sum(p.numel() for p in ema.parameters())}
+    card = {
+        "recipe": asdict(r),
+        "iterations": step,
+        "train_seconds": round(elapsed, 1),
+        "final_loss_ema50": losses[-1] if losses else math.nan,
+        "parameters": sum(p.numel() for p in ema.parameters()),
+    }
     atomic_write_json(Path(out_dir) / "ppap_card.json", card)
     return card | {"done": True}
 
@@ -233,8 +254,9 @@ def test_figures(r: ClassifierRecipe, net: nn.Module, x: torch.Tensor, y: torch.
     return {"test_pixel_accuracy": (pred == truth).float().mean().item(), "test_miou": mean_iou(pred, truth, out.shape[1])}
 
 
-def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: ClassifierRecipe | None = None,
-                     data_dir=None, stop_after: int | None = None) -> dict:
+def train_classifier(
+    name: str, out_file: str | Path, work_dir: str | Path, r: ClassifierRecipe | None = None, data_dir=None, stop_after: int | None = None
+) -> dict:
     """Supervised training of a zoo model on clean Fashion-MNIST; writes safetensors + card."""
     from .io import resolve_factory
 
@@ -274,16 +296,22 @@ def train_classifier(name: str, out_file: str | Path, work_dir: str | Path, r: C
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % r.checkpoint_every == 0 or step == end:
             elapsed = time.time() - t_start
-            atomic_torch_save(ckpt, {"recipe": asdict(r), "model": net.state_dict(), "opt": opt.state_dict(),
-                                     "step": step, "elapsed": elapsed})
+            atomic_torch_save(
+                ckpt, {"recipe": asdict(r), "model": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
+            )
     bar.close()
     if step < total:
         return {"step": step, "done": False}
     x_test, y_test = load_fashion_mnist("test", data_dir)
     figures = test_figures(r, net, x_test, y_test)
     atomic_save_safetensors(out_file, net.state_dict(), metadata={"ppap_zoo": name})
-    card = {"recipe": asdict(r), "iterations": step, "train_seconds": round(elapsed, 1), **figures,
-            "parameters": sum(p.numel() for p in net.parameters())}
+    card = {
+        "recipe": asdict(r),
+        "iterations": step,
+        "train_seconds": round(elapsed, 1),
+        **figures,
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
     atomic_write_json(Path(out_file).with_suffix(".json"), card)
     return card | {"done": True}
 
@@ -304,12 +332,22 @@ class ExpertRecipe:
 
 def _expert_recipes() -> dict:
     return {
-        "fashion-ppap5": ExpertRecipe(corpus_size=4000, train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=8, alpha=8)),
+        "fashion-ppap5": ExpertRecipe(
+            corpus_size=4000, train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=8, alpha=8)
+        ),
         # dense experts: same corpus (no labels); KD = per-pixel KL at tau 1 / L1 to the teacher's map
-        "fashion-segmenter-ppap5": ExpertRecipe(guide="fashion-segmenter", task="segmentation", corpus_size=4000,
-                                                train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0)),
-        "fashion-edges-ppap5": ExpertRecipe(guide="fashion-edges", task="dense", corpus_size=4000,
-                                            train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0)),
+        "fashion-segmenter-ppap5": ExpertRecipe(
+            guide="fashion-segmenter",
+            task="segmentation",
+            corpus_size=4000,
+            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0),
+        ),
+        "fashion-edges-ppap5": ExpertRecipe(
+            guide="fashion-edges",
+            task="dense",
+            corpus_size=4000,
+            train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0),
+        ),
     }
 
 
@@ -331,14 +369,18 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> d
     t0 = time.time()
     pipe = load_pipeline(r.diffusion, device="cpu")
     corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size)
-    bank, stats = data_free_experts(pipe, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size,
-                                    cfg=r.train, task_name=r.task, corpus_dir=corpus)
+    bank, stats = data_free_experts(
+        pipe, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size, cfg=r.train, task_name=r.task, corpus_dir=corpus
+    )
     out_dir, tmp = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(Path(work_dir) / "experts", tmp, ignore=shutil.ignore_patterns(".resume", ".lock"))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    card = {"recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)},
-            "seconds_this_call": round(time.time() - t0, 1), "stats": stats}
+    card = {
+        "recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)},
+        "seconds_this_call": round(time.time() - t0, 1),
+        "stats": stats,
+    }
     atomic_write_json(out_dir / "ppap_card.json", card)
     return card

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from torch import LongTensor, Tensor
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .diffusion import NoiseSchedule, Prediction, SamplingGrid
@@ -29,15 +29,17 @@ from .io import PPAPError
 class NonFiniteError(PPAPError):
     """A NaN or inf in guidance or sampling (the pipeline adds which guidance method)."""
 
-GuideFn = Callable[[Tensor, LongTensor, Prediction], Tensor]
+
+GuideFn = Callable[[Tensor, Tensor, Prediction], Tensor]
 Callback = Callable[[dict], None]
 Generator = torch.Generator | list[torch.Generator] | None
 
 
 class DenoiserFn(Protocol):
-    schedule: NoiseSchedule
+    @property
+    def schedule(self) -> NoiseSchedule: ...
 
-    def __call__(self, x_t: Tensor, t: LongTensor) -> Prediction: ...
+    def __call__(self, x_t: Tensor, t: Tensor) -> Prediction: ...
 
 
 def _clip_range(schedule: NoiseSchedule, clip_x0: bool | None) -> float | None:
@@ -126,7 +128,8 @@ def _ddpm_std_and_var(schedule: NoiseSchedule, pred: Prediction, a_t: Tensor, a_
     beta = 1 - a_t / a_prev
     small = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)  # the posterior variance (Ho et al. eq. 7)
     kind = schedule.variance_type
-    if kind in ("learned", "learned_range") and pred.variance is None:
+    learned = pred.variance
+    if kind in ("learned", "learned_range") and learned is None:
         raise PPAPError(f"variance_type {kind!r} needs a UNet with 2x the image channels (mean and variance)")
     if kind == "fixed_small":
         return small**0.5, small
@@ -135,9 +138,10 @@ def _ddpm_std_and_var(schedule: NoiseSchedule, pred: Prediction, a_t: Tensor, a_
         return std, std**2
     if kind == "fixed_large":
         return beta**0.5, beta
+    assert learned is not None
     if kind == "learned":  # diffusers' meaning: the extra channels are the variance itself
-        return pred.variance**0.5, pred.variance
-    frac = (pred.variance + 1) / 2  # learned_range (Nichol & Dhariwal eq. 15): interpolate log-variances
+        return learned**0.5, learned
+    frac = (learned + 1) / 2  # learned_range (Nichol & Dhariwal eq. 15): interpolate log-variances
     log_var = frac * torch.log(beta) + (1 - frac) * torch.log(small)
     return torch.exp(0.5 * log_var), torch.exp(log_var)
 

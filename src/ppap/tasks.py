@@ -20,7 +20,8 @@ from .io import PPAPError
 
 
 class Task(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def check_target(self, target: Tensor, output_shape: tuple[int, ...]) -> Tensor:
         """Validate ``target`` against a model output of ``output_shape`` ([B, ...]); return it
@@ -57,7 +58,9 @@ class Classification:
             raise PPAPError(f"a class target is one integer per sample, got {target.dtype} of shape {list(target.shape)}")
         bad = target[(target < 0) | (target >= self.num_classes)]
         if bad.numel():
-            raise PPAPError(f"class index {int(bad[0])} is out of range: the model has {self.num_classes} classes (0..{self.num_classes - 1})")
+            raise PPAPError(
+                f"class index {int(bad[0])} is out of range: the model has {self.num_classes} classes (0..{self.num_classes - 1})"
+            )
         return target.long()
 
     def log_likelihood(self, output: Tensor, target: Tensor) -> Tensor:
@@ -93,8 +96,10 @@ class Segmentation:
             raise PPAPError(f"segmentation needs model output [B, {self.num_classes}, H, W], the model gives {list(output_shape)}")
         target = torch.as_tensor(target)
         if target.is_floating_point() or target.ndim != 3 or tuple(target.shape[1:]) != tuple(output_shape[2:]):
-            raise PPAPError(f"a segmentation target is an integer label map [B, {output_shape[2]}, {output_shape[3]}], "
-                            f"got {target.dtype} of shape {list(target.shape)}")
+            raise PPAPError(
+                f"a segmentation target is an integer label map [B, {output_shape[2]}, {output_shape[3]}], "
+                f"got {target.dtype} of shape {list(target.shape)}"
+            )
         bad = target[(target < 0) | (target >= self.num_classes)]
         if bad.numel():
             raise PPAPError(f"label {int(bad[0])} in the target map is out of range: the model has {self.num_classes} classes")
@@ -138,8 +143,10 @@ class DenseRegression:
         if len(output_shape) != 4:
             raise PPAPError(f"dense guidance needs model output [B, C, H, W], the model gives {list(output_shape)}")
         if not target.is_floating_point() or tuple(target.shape[1:]) != tuple(output_shape[1:]):
-            raise PPAPError(f"a dense target map must be float [B, {', '.join(map(str, output_shape[1:]))}] like the model output, "
-                            f"got {target.dtype} of shape {list(target.shape)}")
+            raise PPAPError(
+                f"a dense target map must be float [B, {', '.join(map(str, output_shape[1:]))}] like the model output, "
+                f"got {target.dtype} of shape {list(target.shape)}"
+            )
         return target.float()
 
     def log_likelihood(self, output: Tensor, target: Tensor) -> Tensor:
@@ -174,8 +181,9 @@ def output_shape(net, image_shape: tuple[int, ...]) -> tuple[int, ...]:
             out = net(torch.zeros((2,) + tuple(image_shape), device=device))
     except Exception as e:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise PPAPError(f"{getattr(net, 'ref', 'the guidance model')} cannot take images of shape {list(image_shape)} "
-                        f"from the diffusion model ({msg})") from None
+        raise PPAPError(
+            f"{getattr(net, 'ref', 'the guidance model')} cannot take images of shape {list(image_shape)} from the diffusion model ({msg})"
+        ) from None
     if not isinstance(out, Tensor):
         raise PPAPError(f"the guidance model returns {type(out).__name__}, not a tensor: wrap it in ppap.GuideModel(..., output=...)")
     return tuple(out.shape)
@@ -238,8 +246,9 @@ def class_targets(spec, num: int, num_classes: int, classes: tuple[str, ...] | N
     return torch.tensor([values[k % len(values)] for k in range(num)], dtype=torch.long)
 
 
-def dense_targets(task: Task, net, num: int, out_shape: tuple[int, ...], *, image: Tensor | None = None,
-                  target_map: Tensor | None = None) -> Tensor:
+def dense_targets(
+    task: Task, net, num: int, out_shape: tuple[int, ...], *, image: Tensor | None = None, target_map: Tensor | None = None
+) -> Tensor:
     """[num, ...] targets for a segmentation or dense task, cycled: the clean off-the-shelf
     model's output on reference images ``image`` ([C, H, W] or [N, C, H, W] in [-1, 1], at the
     diffusion model's size; the paper's use of DeepLabV3 / MiDaS), or a given ``target_map``

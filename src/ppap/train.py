@@ -55,8 +55,12 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):  # types first: a config file can hold anything
             value, want = getattr(self, f.name), type(f.default) if f.default is not None else float
-            ok = isinstance(value, bool) if want is bool else (value is None and f.default is None) or (
-                isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool))
+            ok = (
+                isinstance(value, bool)
+                if want is bool
+                else (value is None and f.default is None)
+                or (isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool))
+            )
             if not ok:
                 raise PPAPError(f"training option {f.name} must be {want.__name__}, got {value!r}")
         if self.objective not in ("distill", "supervised"):
@@ -113,7 +117,10 @@ def _norm_buffers(bank: ExpertBank, i: int) -> list[Tensor]:
 @torch.no_grad()
 def teacher_outputs(bank: ExpertBank, images: Tensor, batch_size: int = 256, progress: bool = True) -> Tensor:
     """The frozen off-the-shelf net on every clean image, computed once (it never changes)."""
-    out = [bank.teacher(images[k : k + batch_size]) for k in tqdm(range(0, len(images), batch_size), desc="teacher", disable=not progress, leave=False)]
+    out = [
+        bank.teacher(images[k : k + batch_size])
+        for k in tqdm(range(0, len(images), batch_size), desc="teacher", disable=not progress, leave=False)
+    ]
     return torch.cat(out)
 
 
@@ -158,12 +165,16 @@ def train_experts(
             todo = [i for i in (only if only is not None else range(router.num_experts)) if expert_name(i) not in manifest["trained"]]
             targets = None  # the teacher's outputs, computed only if an expert is left to train
             if todo:
-                targets = (teacher_outputs(bank, images, progress=progress and dist.main) if cfg.objective == "distill"
-                           else labels.to(dist.device))
+                if cfg.objective == "distill":
+                    targets = teacher_outputs(bank, images, progress=progress and dist.main)
+                else:
+                    assert labels is not None  # checked above
+                    targets = labels.to(dist.device)
                 if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
                     bad = int((~torch.isfinite(targets.flatten(1))).any(1).sum())
-                    raise PPAPError(f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; "
-                                    "nothing was trained")
+                    raise PPAPError(
+                        f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; nothing was trained"
+                    )
             created = not (out_dir / MANIFEST).exists()
             if dist.main and created:  # written only once the inputs passed every check
                 atomic_write_json(out_dir / MANIFEST, manifest)
@@ -206,7 +217,9 @@ def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity) -> dict:
         have = read_json(path, "expert manifest")
         for key in ("format", "boundaries", "adapter", "task", "guide_fingerprint", "schedule", "train"):
             if json.dumps(have.get(key), sort_keys=True) != json.dumps(want[key], sort_keys=True):
-                raise PPAPError(f"{out_dir} holds experts trained with other settings ({key} differs); use another --out or the same settings to resume")
+                raise PPAPError(
+                    f"{out_dir} holds experts trained with other settings ({key} differs); use another --out or the same settings to resume"
+                )
         return have
     return want
 
@@ -230,7 +243,9 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
     batches = InfiniteBatches(images, targets, batch_size=cfg.batch_size, seed=cfg.seed * 1000 + i)
     per_rank = slice(dist.rank, None, dist.world)
     bank.train()
-    bar = tqdm(total=cfg.iterations, initial=step, desc=f"{expert_name(i)} t∈[{lo},{hi})", disable=not (progress and dist.main), leave=False)
+    bar = tqdm(
+        total=cfg.iterations, initial=step, desc=f"{expert_name(i)} t∈[{lo},{hi})", disable=not (progress and dist.main), leave=False
+    )
     t0 = time.time()
     while step < cfg.iterations:
         x0, target = (v[per_rank] for v in batches.batch(step))
@@ -247,8 +262,10 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
         value = loss.item()
         if not math.isfinite(value):  # stop before the step: the last checkpoint stays finite
-            raise PPAPError(f"{expert_name(i)} step {step}: the loss is {value} (learning rate {cfg.lr:g} too high, "
-                            f"or a non-finite guidance model); nothing of this expert was saved since its last checkpoint")
+            raise PPAPError(
+                f"{expert_name(i)} step {step}: the loss is {value} (learning rate {cfg.lr:g} too high, "
+                f"or a non-finite guidance model); nothing of this expert was saved since its last checkpoint"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.mean_([p.grad for p in params if p.grad is not None])
@@ -266,12 +283,29 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
     for p in params:
         p.requires_grad_(False)
     k = max(1, min(50, len(losses) // 4))
-    return {"range": [lo, hi], "iterations": cfg.iterations, "loss_first": sum(losses[:k]) / k,
-            "loss_last": sum(losses[-k:]) / k, "seconds": round(time.time() - t0, 2)}
+    return {
+        "range": [lo, hi],
+        "iterations": cfg.iterations,
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
-def data_free_experts(pipe, diffusion_ref: str, guide, work_dir, *, corpus_size: int, cfg: TrainConfig, corpus_steps: int = 25,
-                      task_name: str = "classification", corpus_dir=None, conditioning=None, progress: bool = True):
+def data_free_experts(
+    pipe,
+    diffusion_ref: str,
+    guide,
+    work_dir,
+    *,
+    corpus_size: int,
+    cfg: TrainConfig,
+    corpus_steps: int = 25,
+    task_name: str = "classification",
+    corpus_dir=None,
+    conditioning=None,
+    progress: bool = True,
+):
     """The whole data-free PPAP recipe: sample a corpus from the diffusion model (no labels; a
     conditional model with the given ``conditioning``), then distill the off-the-shelf model
     (``guide``, whose net receives the adapters) into noise-range experts. Resumable at every

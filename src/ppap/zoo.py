@@ -42,25 +42,78 @@ class ZooEntry:
         return self.location.exists()
 
 
-ZOO: dict[str, ZooEntry] = {e.name: e for e in [
-    ZooEntry("fashion-ddpm", "diffusion", "unconditional DDPM, diffusers UNet2DModel 2.6M params, 1x32x32, T=1000 linear, EMA",
-             "fashion-ddpm", reference_fit="pad"),
-    ZooEntry("fashion-classifier", "guide", "off-the-shelf ResNet classifier trained on clean images only",
-             "fashion-classifier.safetensors", factory="ppap.models:fashion_classifier"),
-    ZooEntry("fashion-evaluator", "guide", "independent judge (VGG/GroupNorm, augmented); FID features; never guides",
-             "fashion-evaluator.safetensors", factory="ppap.models:fashion_evaluator"),
-    ZooEntry("fashion-ppap5", "experts", "5 data-free LoRA experts of fashion-classifier on fashion-ddpm samples",
-             "fashion-ppap5", guide="fashion-classifier", scale=30.0),
-    ZooEntry("fashion-segmenter", "guide", "off-the-shelf segmenter: 11 classes per pixel (background + garment class), clean images only",
-             "fashion-segmenter.safetensors", factory="ppap.models:fashion_segmenter", task="segmentation",
-             classes=SEGMENTER_CLASSES),
-    ZooEntry("fashion-edges", "guide", "off-the-shelf edge estimator (learnt Sobel magnitude map; the depth-like dense model)",
-             "fashion-edges.safetensors", factory="ppap.models:fashion_edges", task="dense", classes=()),
-    ZooEntry("fashion-segmenter-ppap5", "experts", "5 data-free LoRA experts of fashion-segmenter on fashion-ddpm samples",
-             "fashion-segmenter-ppap5", task="segmentation", classes=SEGMENTER_CLASSES, guide="fashion-segmenter", scale=1000.0),
-    ZooEntry("fashion-edges-ppap5", "experts", "5 data-free LoRA experts of fashion-edges on fashion-ddpm samples",
-             "fashion-edges-ppap5", task="dense", classes=(), guide="fashion-edges", scale=10000.0),
-]}
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry(
+            "fashion-ddpm",
+            "diffusion",
+            "unconditional DDPM, diffusers UNet2DModel 2.6M params, 1x32x32, T=1000 linear, EMA",
+            "fashion-ddpm",
+            reference_fit="pad",
+        ),
+        ZooEntry(
+            "fashion-classifier",
+            "guide",
+            "off-the-shelf ResNet classifier trained on clean images only",
+            "fashion-classifier.safetensors",
+            factory="ppap.models:fashion_classifier",
+        ),
+        ZooEntry(
+            "fashion-evaluator",
+            "guide",
+            "independent judge (VGG/GroupNorm, augmented); FID features; never guides",
+            "fashion-evaluator.safetensors",
+            factory="ppap.models:fashion_evaluator",
+        ),
+        ZooEntry(
+            "fashion-ppap5",
+            "experts",
+            "5 data-free LoRA experts of fashion-classifier on fashion-ddpm samples",
+            "fashion-ppap5",
+            guide="fashion-classifier",
+            scale=30.0,
+        ),
+        ZooEntry(
+            "fashion-segmenter",
+            "guide",
+            "off-the-shelf segmenter: 11 classes per pixel (background + garment class), clean images only",
+            "fashion-segmenter.safetensors",
+            factory="ppap.models:fashion_segmenter",
+            task="segmentation",
+            classes=SEGMENTER_CLASSES,
+        ),
+        ZooEntry(
+            "fashion-edges",
+            "guide",
+            "off-the-shelf edge estimator (learnt Sobel magnitude map; the depth-like dense model)",
+            "fashion-edges.safetensors",
+            factory="ppap.models:fashion_edges",
+            task="dense",
+            classes=(),
+        ),
+        ZooEntry(
+            "fashion-segmenter-ppap5",
+            "experts",
+            "5 data-free LoRA experts of fashion-segmenter on fashion-ddpm samples",
+            "fashion-segmenter-ppap5",
+            task="segmentation",
+            classes=SEGMENTER_CLASSES,
+            guide="fashion-segmenter",
+            scale=1000.0,
+        ),
+        ZooEntry(
+            "fashion-edges-ppap5",
+            "experts",
+            "5 data-free LoRA experts of fashion-edges on fashion-ddpm samples",
+            "fashion-edges-ppap5",
+            task="dense",
+            classes=(),
+            guide="fashion-edges",
+            scale=10000.0,
+        ),
+    ]
+}
 
 
 def get(name: str, kind: str | None = None) -> ZooEntry:

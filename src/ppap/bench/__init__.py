@@ -6,5 +6,13 @@ from .classifier import QUICK, BenchConfig, classifier_report, run_classifier_be
 from .dense import QUICK as DENSE_QUICK
 from .dense import DenseBenchConfig, dense_report, run_dense_bench
 
-__all__ = ["BenchConfig", "DENSE_QUICK", "DenseBenchConfig", "QUICK", "classifier_report", "dense_report", "run_classifier_bench",
-           "run_dense_bench"]
+__all__ = [
+    "BenchConfig",
+    "DENSE_QUICK",
+    "DenseBenchConfig",
+    "QUICK",
+    "classifier_report",
+    "dense_report",
+    "run_classifier_bench",
+    "run_dense_bench",
+]

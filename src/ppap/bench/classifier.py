@@ -93,8 +93,13 @@ ROWS = (
 
 STAGES = ("banks", "cost", "sweep", "main", "noise", "ablations")  # in the order they run
 # the noise-vs-accuracy models: the off-the-shelf net (no bank) and the routed banks
-NOISE_MODELS = {"off-the-shelf": None, "noise-aware": "noise-aware", "multi-expert-supervised-5": "mes5", "ppap-5": "ppap5",
-                "ppap-10": "ppap10"}
+NOISE_MODELS = {
+    "off-the-shelf": None,
+    "noise-aware": "noise-aware",
+    "multi-expert-supervised-5": "mes5",
+    "ppap-5": "ppap5",
+    "ppap-10": "ppap10",
+}
 
 
 def _ablations(its: int) -> dict[str, tuple[str, BankSpec]]:
@@ -129,10 +134,16 @@ class BenchConfig:
     steps: int = 25  # DDIM steps
     per_class: int = 100  # main table: 10 x per_class samples per row
     sweep_per_class: int = 5  # scale sweep: samples per class and scale (separate seed)
-    sweep_scales: dict = field(default_factory=lambda: {
-        "naive": (3.0, 10.0, 30.0, 100.0), "noise-aware": (3.0, 10.0, 30.0, 100.0),
-        "multi-expert-supervised": (3.0, 10.0, 30.0, 100.0), "ppap": (3.0, 10.0, 30.0, 100.0),
-        "x0": (1.0, 3.0, 10.0, 30.0), "x0-shortcut": (1.0, 3.0, 10.0, 30.0)})
+    sweep_scales: dict = field(
+        default_factory=lambda: {
+            "naive": (3.0, 10.0, 30.0, 100.0),
+            "noise-aware": (3.0, 10.0, 30.0, 100.0),
+            "multi-expert-supervised": (3.0, 10.0, 30.0, 100.0),
+            "ppap": (3.0, 10.0, 30.0, 100.0),
+            "x0": (1.0, 3.0, 10.0, 30.0),
+            "x0-shortcut": (1.0, 3.0, 10.0, 30.0),
+        }
+    )
     noise_images: int = 2000  # real test images for the noise-vs-accuracy analysis
     noise_timesteps: tuple[int, ...] = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
     ablation_iterations: int = 250  # steps per expert in the ablations
@@ -151,11 +162,32 @@ class BenchConfig:
     workers: int = 2
 
 
-QUICK = BenchConfig(corpus_size=32, corpus_dir="", corpus_steps=2, expert_iterations=4, steps=3, per_class=2, sweep_per_class=1,
-                    sweep_scales={"naive": (10.0, 30.0), "noise-aware": (10.0, 30.0), "multi-expert-supervised": (10.0, 30.0),
-                                  "ppap": (10.0, 30.0), "x0": (3.0, 10.0), "x0-shortcut": (3.0, 10.0)},
-                    noise_images=100, noise_timesteps=(0, 500, 999), ablation_iterations=2, ablation_per_class=1,
-                    cost_batch=4, cost_repeats=1, cost_in_fresh_process=False, batch_size=20, workers=2)
+QUICK = BenchConfig(
+    corpus_size=32,
+    corpus_dir="",
+    corpus_steps=2,
+    expert_iterations=4,
+    steps=3,
+    per_class=2,
+    sweep_per_class=1,
+    sweep_scales={
+        "naive": (10.0, 30.0),
+        "noise-aware": (10.0, 30.0),
+        "multi-expert-supervised": (10.0, 30.0),
+        "ppap": (10.0, 30.0),
+        "x0": (3.0, 10.0),
+        "x0-shortcut": (3.0, 10.0),
+    },
+    noise_images=100,
+    noise_timesteps=(0, 500, 999),
+    ablation_iterations=2,
+    ablation_per_class=1,
+    cost_batch=4,
+    cost_repeats=1,
+    cost_in_fresh_process=False,
+    batch_size=20,
+    workers=2,
+)
 
 
 def _bank_seconds(directory: Path) -> float:
@@ -225,8 +257,9 @@ class ClassifierBench(Bench):
             images, labels = load_fashion_mnist("train")
         else:
             images = self.corpus()[: spec.corpus_size]
-        train_experts(bank, task, sched, images, spec.train, self.bank_dir(key), labels=labels, identity=guide.identity,
-                      progress=self.progress)
+        train_experts(
+            bank, task, sched, images, spec.train, self.bank_dir(key), labels=labels, identity=guide.identity, progress=self.progress
+        )
         bank.task = task  # as load_bank sets it: the guidance term reads the task off the bank
         return bank.eval()
 
@@ -239,20 +272,36 @@ class ClassifierBench(Bench):
 
     def term(self, row: Row, scale: float, targets: torch.Tensor) -> GuidanceTerm | None:
         """Row ``row``'s guidance toward ``targets`` at ``scale`` (None for the unguided row)."""
-        return self.pipe.guidance_term(len(targets), guide=self.naive, experts=self.bank(row.bank) if row.bank else None,
-                                       target=targets, method=row.method, classifier_scale=scale, calibration=row.calibration)
+        return self.pipe.guidance_term(
+            len(targets),
+            guide=self.naive,
+            experts=self.bank(row.bank) if row.bank else None,
+            target=targets,
+            method=row.method,
+            classifier_scale=scale,
+            calibration=row.calibration,
+        )
 
     def run_row(self, row: Row, scale: float, per_class: int, seed: int, save: Path | None = None) -> dict:
         targets = torch.arange(self.task.num_classes).repeat_interleave(per_class)
         x, seconds = self.sample(len(targets), self.term(row, scale, targets), seed, desc=f"{row.name} s={scale:g}")
         pred = self.evaluator_classes(x)
         feats = features(self.evaluator, x)
-        out = {"scale": scale, "n": len(x), "accuracy": (pred == targets).float().mean().item(), "fid": fid(feats, self.real_features),
-               "seconds": round(seconds, 1)}
+        out = {
+            "scale": scale,
+            "n": len(x),
+            "accuracy": (pred == targets).float().mean().item(),
+            "fid": fid(feats, self.real_features),
+            "seconds": round(seconds, 1),
+        }
         if save is not None:
             prec, rec = precision_recall(self.real_features[: len(x)], feats)
-            out |= {"kid": kid(feats, self.real_features), "precision": prec, "recall": rec,
-                    "per_class_accuracy": (pred == targets).float().view(self.task.num_classes, -1).mean(1).tolist()}
+            out |= {
+                "kid": kid(feats, self.real_features),
+                "precision": prec,
+                "recall": rec,
+                "per_class_accuracy": (pred == targets).float().view(self.task.num_classes, -1).mean(1).tolist(),
+            }
             buf = io.BytesIO()
             np.savez_compressed(buf, images=to_hwc_uint8(x), targets=targets.numpy())
             atomic_write_bytes(save, buf.getvalue())
@@ -264,11 +313,15 @@ class ClassifierBench(Bench):
         """Train (or load) one bank of the main table and describe it."""
         spec = _banks(self.cfg.expert_iterations)[key]
         rep = parameter_report(self.bank(key))
-        return {"train": dataclasses.asdict(spec.train), "data": spec.data, "train_seconds": _bank_seconds(self.bank_dir(key)),
-                "trainable_parameters": int(rep["trainable_per_expert"] * rep["num_experts"]),
-                "backbone_parameters": int(rep["backbone_parameters"]),
-                "labelled_images": 60000 if spec.data == "labelled" else 0,
-                "generated_images": self.cfg.corpus_size if spec.data == "corpus" else 0}
+        return {
+            "train": dataclasses.asdict(spec.train),
+            "data": spec.data,
+            "train_seconds": _bank_seconds(self.bank_dir(key)),
+            "trainable_parameters": int(rep["trainable_per_expert"] * rep["num_experts"]),
+            "backbone_parameters": int(rep["backbone_parameters"]),
+            "labelled_images": 60000 if spec.data == "labelled" else 0,
+            "generated_images": self.cfg.corpus_size if spec.data == "corpus" else 0,
+        }
 
     def banks_stage(self) -> dict:
         self.corpus_stage()
@@ -288,21 +341,35 @@ class ClassifierBench(Bench):
         seconds = time_steps(self.diffusion, guides, self.cfg.cost_batch, self.cfg.steps, self.cfg.cost_repeats)
         rows = {}
         for row in ROWS:
-            args = (self.cfg.diffusion, self.cfg.guide, str(self.bank_dir(row.bank)) if row.bank else None, row.method,
-                    row.calibration, self.cfg.cost_batch, self.cfg.steps)
+            args = (
+                self.cfg.diffusion,
+                self.cfg.guide,
+                str(self.bank_dir(row.bank)) if row.bank else None,
+                row.method,
+                row.calibration,
+                self.cfg.cost_batch,
+                self.cfg.steps,
+            )
             if self.cfg.cost_in_fresh_process:
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     memory = pool.submit(guided_step_memory, *args).result()
             else:
                 memory = guided_step_memory(*args)
-            rows[row.name] = {"seconds_per_step": round(seconds[row.name], 4), "batch": self.cfg.cost_batch,
-                              "ratio_to_unguided": round(seconds[row.name] / seconds["unguided"], 2)} | memory
+            rows[row.name] = {
+                "seconds_per_step": round(seconds[row.name], 4),
+                "batch": self.cfg.cost_batch,
+                "ratio_to_unguided": round(seconds[row.name] / seconds["unguided"], 2),
+            } | memory
         return rows
 
     def sweep_row(self, row: Row) -> list[dict]:
         cals = CALIBRATION_GRID if row.calibration != Calibration() else (row.calibration,)
-        return [self.run_row(dataclasses.replace(row, calibration=c), s, self.cfg.sweep_per_class, self.cfg.sweep_seed)
-                | {"calibration": dataclasses.asdict(c)} for c in cals for s in self.cfg.sweep_scales[row.method]]
+        return [
+            self.run_row(dataclasses.replace(row, calibration=c), s, self.cfg.sweep_per_class, self.cfg.sweep_seed)
+            | {"calibration": dataclasses.asdict(c)}
+            for c in cals
+            for s in self.cfg.sweep_scales[row.method]
+        ]
 
     def sweep_stage(self) -> dict:
         rows = sorted(ROWS[1:], key=_row_cost, reverse=True)
@@ -312,7 +379,8 @@ class ClassifierBench(Bench):
     def main_row(self, row: Row, scale: float) -> dict:
         (self.out / "samples").mkdir(exist_ok=True)
         return self.run_row(row, scale, self.cfg.per_class, self.cfg.seed, save=self.out / "samples" / f"{row.name}.npz") | {
-            "calibration": dataclasses.asdict(row.calibration)}
+            "calibration": dataclasses.asdict(row.calibration)
+        }
 
     def main_stage(self, sweep: dict) -> dict:
         jobs = {}
@@ -330,15 +398,23 @@ class ClassifierBench(Bench):
         ts = list(self.cfg.noise_timesteps)
         sched = self.diffusion.schedule
         off = self.naive
-        out = {"timesteps": ts, "routed": {
-            name: accuracy_under_noise((lambda xt, t: off(xt)) if key is None else self.bank(key), sched, x, y, ts)
-            for name, key in NOISE_MODELS.items()}, "per_expert": {}}
+        out = {
+            "timesteps": ts,
+            "routed": {
+                name: accuracy_under_noise((lambda xt, t: off(xt)) if key is None else self.bank(key), sched, x, y, ts)
+                for name, key in NOISE_MODELS.items()
+            },
+            "per_expert": {},
+        }
         for name, key in (("ppap-5", "ppap5"), ("multi-expert-supervised-5", "mes5")):
             bank = self.bank(key)
             out["per_expert"][name] = [
-                {"range": list(bank.router.interval(i)),
-                 "accuracy": accuracy_under_noise(lambda xt, t, i=i, bank=bank: bank.run_expert(i, xt), sched, x, y, ts)}
-                for i in range(bank.router.num_experts)]
+                {
+                    "range": list(bank.router.interval(i)),
+                    "accuracy": accuracy_under_noise(lambda xt, t, i=i, bank=bank: bank.run_expert(i, xt), sched, x, y, ts),
+                }
+                for i in range(bank.router.num_experts)
+            ]
         return out
 
     def ablation(self, name: str, scale: float) -> dict:
@@ -350,11 +426,19 @@ class ClassifierBench(Bench):
         noisy = accuracy_under_noise(bank, self.diffusion.schedule, x, y, ts)
         guided = self.run_row(Row(name, "ppap", key), scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
         self._banks.pop(key)
-        return {"factor": factor, "train": dataclasses.asdict(spec.train), "corpus_size": spec.corpus_size or self.cfg.corpus_size,
-                "boundaries": list(bank.router.boundaries), "trainable_per_expert": int(parameter_report(bank)["trainable_per_expert"]),
-                "train_seconds": _bank_seconds(self.bank_dir(key)), "noisy_accuracy": noisy,
-                "noisy_accuracy_mean": sum(noisy.values()) / len(noisy), "guided_accuracy": guided["accuracy"],
-                "guided_fid": guided["fid"], "guided_n": guided["n"]}
+        return {
+            "factor": factor,
+            "train": dataclasses.asdict(spec.train),
+            "corpus_size": spec.corpus_size or self.cfg.corpus_size,
+            "boundaries": list(bank.router.boundaries),
+            "trainable_per_expert": int(parameter_report(bank)["trainable_per_expert"]),
+            "train_seconds": _bank_seconds(self.bank_dir(key)),
+            "noisy_accuracy": noisy,
+            "noisy_accuracy_mean": sum(noisy.values()) / len(noisy),
+            "guided_accuracy": guided["accuracy"],
+            "guided_fid": guided["fid"],
+            "guided_n": guided["n"],
+        }
 
     def ablation_stage(self, scale: float) -> dict:
         names = list(_ablations(self.cfg.ablation_iterations))
@@ -370,8 +454,14 @@ class ClassifierBench(Bench):
         feats = features(self.evaluator, x[:n])
         acc = (self.evaluator_classes(x[:n]) == y[:n]).float().mean().item()
         prec, rec = precision_recall(self.real_features[:n], feats)
-        return {"n": n, "accuracy": acc, "fid": fid(feats, self.real_features), "kid": kid(feats, self.real_features),
-                "precision": prec, "recall": rec}
+        return {
+            "n": n,
+            "accuracy": acc,
+            "fid": fid(feats, self.real_features),
+            "kid": kid(feats, self.real_features),
+            "precision": prec,
+            "recall": rec,
+        }
 
     def _run(self) -> dict:
         t0 = time.time()
@@ -382,10 +472,21 @@ class ClassifierBench(Bench):
         main = timed("main", lambda: self.main_stage(sweep), cached=all(self.stage.exists(f"main-{row.name}") for row in ROWS))
         noise = timed("noise", self.noise_stage)
         ablations = timed("ablations", lambda: self.ablation_stage(main["ppap-5"]["scale"])) if cfg.ablate else {}
-        results = _in_order({"config": dataclasses.asdict(cfg), "machine": machine(), "banks": banks, "cost": cost, "sweep": sweep,
-                             "main": main, "noise": noise, "ablations": ablations, "stage_seconds": self.timings,
-                             "seconds_this_call": round(time.time() - t0, 1),
-                             "real_reference": self.stage.get("real", self.real_reference)})
+        results = _in_order(
+            {
+                "config": dataclasses.asdict(cfg),
+                "machine": machine(),
+                "banks": banks,
+                "cost": cost,
+                "sweep": sweep,
+                "main": main,
+                "noise": noise,
+                "ablations": ablations,
+                "stage_seconds": self.timings,
+                "seconds_this_call": round(time.time() - t0, 1),
+                "real_reference": self.stage.get("real", self.real_reference),
+            }
+        )
         atomic_write_json(self.out / "results.json", results)
         atomic_write_bytes(self.out / "report.md", classifier_report(results).encode())
         plot_sweep(results, self.out / "bench_sweep.png")
@@ -403,44 +504,70 @@ def _in_order(r: dict) -> dict:
     read back from their files (and results.json) hold them sorted by name, and a resumed report
     or figure must read as the first one did."""
     rows = [row.name for row in ROWS]
-    return r | {"main": in_order(r["main"], rows), "sweep": in_order(r["sweep"], rows),
-                "ablations": in_order(r["ablations"], _ablations(1)), "stage_seconds": in_order(r["stage_seconds"], STAGES),
-                "noise": r["noise"] | {"routed": in_order(r["noise"]["routed"], NOISE_MODELS)}}
+    return r | {
+        "main": in_order(r["main"], rows),
+        "sweep": in_order(r["sweep"], rows),
+        "ablations": in_order(r["ablations"], _ablations(1)),
+        "stage_seconds": in_order(r["stage_seconds"], STAGES),
+        "noise": r["noise"] | {"routed": in_order(r["noise"]["routed"], NOISE_MODELS)},
+    }
 
 
 def classifier_report(r: dict) -> str:
     r = _in_order(r)
     cfg, main, banks, cost = r["config"], r["main"], r["banks"], r["cost"]
     bank_of = {row.name: row.bank for row in ROWS}
-    lines = [f"Machine: {machine_in_order(r)}. DDIM-{cfg['steps']}, {10 * cfg['per_class']} samples per row (balanced over the 10 classes), "
-             f"same initial noises for every row; scale chosen per method on a separate seed set.", "",
-             "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | memory: step / peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {machine_in_order(r)}. DDIM-{cfg['steps']}, {10 * cfg['per_class']} samples per row (balanced over the 10 classes), "
+        f"same initial noises for every row; scale chosen per method on a separate seed set.",
+        "",
+        "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | memory: step / peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in main.items():
         b = banks.get(bank_of.get(name) or "", {})
-        lines.append(f"| {name} | {m['scale']:g} | {m['accuracy']:.1%} | {m['fid']:.2f} | {m['kid']:.3f} | {m['precision']:.2f} | "
-                     f"{m['recall']:.2f} | {b.get('trainable_parameters', 0):,} | {b.get('labelled_images', 0):,} | "
-                     f"{b.get('train_seconds', 0):.0f} | {cost[name]['ratio_to_unguided']:.2f} | {_memory(cost[name])} |")
+        lines.append(
+            f"| {name} | {m['scale']:g} | {m['accuracy']:.1%} | {m['fid']:.2f} | {m['kid']:.3f} | {m['precision']:.2f} | "
+            f"{m['recall']:.2f} | {b.get('trainable_parameters', 0):,} | {b.get('labelled_images', 0):,} | "
+            f"{b.get('train_seconds', 0):.0f} | {cost[name]['ratio_to_unguided']:.2f} | {_memory(cost[name])} |"
+        )
     real = r["real_reference"]
-    lines.append(f"| *real training images* | | {real['accuracy']:.1%} | {real['fid']:.2f} | {real['kid']:.3f} | {real['precision']:.2f} | {real['recall']:.2f} | | | | | |")
+    lines.append(
+        f"| *real training images* | | {real['accuracy']:.1%} | {real['fid']:.2f} | {real['kid']:.3f} | {real['precision']:.2f} | {real['recall']:.2f} | | | | | |"
+    )
     cal = main["x0-shortcut-calibrated"].get("calibration")
     if cal:
         lines.append(f"\nx0-shortcut-calibrated uses {_short(cal)} (best of {len(CALIBRATION_GRID)} calibrations x scales in the sweep).")
     p5, mes, nv = main["ppap-5"]["accuracy"], main["multi-expert-supervised-5"]["accuracy"], main["naive"]["accuracy"]
-    lines += ["", f"PPAP-5 accuracy / multi-expert-supervised-5: {p5 / max(mes, 1e-9):.2f}; PPAP-5 / naive: {p5 / max(nv, 1e-9):.2f}; "
-              f"trainable parameters PPAP-5 / multi-expert-supervised-5: "
-              f"{banks['ppap5']['trainable_parameters'] / banks['mes5']['trainable_parameters']:.3f}.", ""]
-    lines += ["Noise vs accuracy (real test images noised to t):", "", "| model | " + " | ".join(f"t={t}" for t in r["noise"]["timesteps"]) + " |",
-              "|---" * (len(r["noise"]["timesteps"]) + 1) + "|"]
+    lines += [
+        "",
+        f"PPAP-5 accuracy / multi-expert-supervised-5: {p5 / max(mes, 1e-9):.2f}; PPAP-5 / naive: {p5 / max(nv, 1e-9):.2f}; "
+        f"trainable parameters PPAP-5 / multi-expert-supervised-5: "
+        f"{banks['ppap5']['trainable_parameters'] / banks['mes5']['trainable_parameters']:.3f}.",
+        "",
+    ]
+    lines += [
+        "Noise vs accuracy (real test images noised to t):",
+        "",
+        "| model | " + " | ".join(f"t={t}" for t in r["noise"]["timesteps"]) + " |",
+        "|---" * (len(r["noise"]["timesteps"]) + 1) + "|",
+    ]
     for name, acc in r["noise"]["routed"].items():
         lines.append(f"| {name} | " + " | ".join(f"{acc[str(t)] if str(t) in acc else acc[t]:.1%}" for t in r["noise"]["timesteps"]) + " |")
     if r["ablations"]:
-        lines += ["", f"Ablations (PPAP, {cfg['ablation_iterations']} steps per expert; noisy accuracy = mean over t=100/300/500/700 on "
-                  f"{cfg['noise_images']} test images; guided = {10 * cfg['ablation_per_class']} samples at the PPAP-5 scale):", "",
-                  "| factor | variant | ranges | trainable / expert | noisy acc. | guided acc. | guided FID | train time (s) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Ablations (PPAP, {cfg['ablation_iterations']} steps per expert; noisy accuracy = mean over t=100/300/500/700 on "
+            f"{cfg['noise_images']} test images; guided = {10 * cfg['ablation_per_class']} samples at the PPAP-5 scale):",
+            "",
+            "| factor | variant | ranges | trainable / expert | noisy acc. | guided acc. | guided FID | train time (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, a in r["ablations"].items():
-            lines.append(f"| {a['factor']} | {name} | {a['boundaries']} | {a['trainable_per_expert']:,} | {a['noisy_accuracy_mean']:.1%} | "
-                         f"{a['guided_accuracy']:.1%} | {a['guided_fid']:.1f} | {a['train_seconds']:.0f} |")
+            lines.append(
+                f"| {a['factor']} | {name} | {a['boundaries']} | {a['trainable_per_expert']:,} | {a['noisy_accuracy_mean']:.1%} | "
+                f"{a['guided_accuracy']:.1%} | {a['guided_fid']:.1f} | {a['train_seconds']:.0f} |"
+            )
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
     return "\n".join(lines) + "\n"
 
@@ -486,7 +613,7 @@ def plot_noise(r: dict, path: Path) -> None:
         axes[0].plot(ts, series(acc), "o-", label=name)
     axes[0].set_title("routed models on noised real test images")
     for e in r["noise"]["per_expert"]["ppap-5"]:
-        line, = axes[1].plot(ts, series(e["accuracy"]), "-", label=f"expert [{e['range'][0]},{e['range'][1]})")
+        (line,) = axes[1].plot(ts, series(e["accuracy"]), "-", label=f"expert [{e['range'][0]},{e['range'][1]})")
         axes[1].axvspan(e["range"][0], e["range"][1], alpha=0.06, color=line.get_color())
     axes[1].set_title("each PPAP-5 expert, inside and outside its range")
     for ax in axes:

@@ -63,8 +63,10 @@ class _Stage:
         old = read_json(path, "bench configuration")
         differ = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
         if differ:
-            raise PPAPError(f"{self.dir.parent} holds stages of another bench configuration ({', '.join(differ)} differ); "
-                            "use another --out, or delete that folder to start over")
+            raise PPAPError(
+                f"{self.dir.parent} holds stages of another bench configuration ({', '.join(differ)} differ); "
+                "use another --out, or delete that folder to start over"
+            )
 
 
 class Bench:
@@ -124,8 +126,7 @@ class Bench:
         """Run ``{stage name: (method, args)}`` (``getattr(self, method)(*args)``), each result
         saved as its own stage file (``cache``) so that a killed bench resumes; with
         ``workers`` > 1 in a pool of worker processes, in the given order (longest first)."""
-        out = {name: read_json(self.stage.path(name), f"bench stage {name}")
-               for name in jobs if cache and self.stage.exists(name)}
+        out = {name: read_json(self.stage.path(name), f"bench stage {name}") for name in jobs if cache and self.stage.exists(name)}
         todo = {name: job for name, job in jobs.items() if name not in out}
         if self.workers <= 1 or len(todo) <= 1:
             for name, (method, args) in tqdm(todo.items(), desc=desc, unit="job", disable=not self.progress or len(todo) <= 1):
@@ -133,16 +134,21 @@ class Bench:
             return {name: out[name] for name in jobs}
         pool = self._executor()
         futures = {pool.submit(_run_job, None, name if cache else None, method, args): name for name, (method, args) in todo.items()}
-        for f in tqdm(as_completed(futures), total=len(futures), desc=f"{desc} ({self.workers} workers)", unit="job",
-                      disable=not self.progress):
+        for f in tqdm(
+            as_completed(futures), total=len(futures), desc=f"{desc} ({self.workers} workers)", unit="job", disable=not self.progress
+        ):
             out[futures[f]] = f.result()
         return {name: out[name] for name in jobs}
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             threads = max(1, (os.cpu_count() or 1) // self.workers)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(type(self), self.cfg, str(self.out), threads))
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(type(self), self.cfg, str(self.out), threads),
+            )
         return self._pool
 
     # ---- sampling and scoring --------------------------------------------------------------
@@ -150,8 +156,17 @@ class Bench:
     def sample(self, num: int, term: GuidanceTerm | None, seed: int, desc: str) -> tuple[Tensor, float]:
         """``num`` DDIM samples guided by ``term`` (None: unguided) and the seconds they took."""
         t0 = time.time()
-        x = generate(self.pipe, num, seed=seed, terms=[term] if term is not None else [], batch_size=self.cfg.batch_size,
-                     progress=self.progress, desc=desc, num_inference_steps=self.cfg.steps, sampler="ddim")
+        x = generate(
+            self.pipe,
+            num,
+            seed=seed,
+            terms=[term] if term is not None else [],
+            batch_size=self.cfg.batch_size,
+            progress=self.progress,
+            desc=desc,
+            num_inference_steps=self.cfg.steps,
+            sampler="ddim",
+        )
         return x, time.time() - t0
 
     def evaluator_classes(self, x: Tensor) -> Tensor:
@@ -216,16 +231,23 @@ def step_memory(diffusion: Diffusion, x: Tensor, step: SamplingGrid, guide: Guid
     return {"peak_rss_mib": round(max(load_peak, step_peak), 1), "step_memory_mib": round(step_peak - before, 1)}
 
 
-def guided_step_memory(diffusion_ref: str, guide_ref: str, bank_dir: str | None, method: str, calibration: Calibration,
-                       batch: int, steps: int, target: Any = "all") -> dict:
+def guided_step_memory(
+    diffusion_ref: str,
+    guide_ref: str,
+    bank_dir: str | None,
+    method: str,
+    calibration: Calibration,
+    batch: int,
+    steps: int,
+    target: Any = "all",
+) -> dict:
     """``step_memory`` of ``method`` (with the bank in ``bank_dir``, if any) toward ``target``
     (default: the classes cycled), everything loaded here: run it in a fresh process."""
     pipe = load_pipeline(diffusion_ref, device="cpu")
     diffusion = pipe.diffusion
     guide = load_guide(guide_ref)
     bank = load_experts(bank_dir, copy.deepcopy(guide), diffusion) if bank_dir else None
-    term = pipe.guidance_term(batch, guide=guide, experts=bank, target=target, method=method, classifier_scale=1.0,
-                              calibration=calibration)
+    term = pipe.guidance_term(batch, guide=guide, experts=bank, target=target, method=method, classifier_scale=1.0, calibration=calibration)
     x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
     return step_memory(diffusion, x, mid_step(diffusion, steps), term.build(diffusion) if term is not None else None)
 
@@ -264,8 +286,13 @@ def _reset_peak_rss() -> float | None:
 def machine() -> dict:
     import platform
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def machine_in_order(r: dict) -> dict:

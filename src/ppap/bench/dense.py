@@ -43,9 +43,12 @@ class DenseBenchConfig:
     evaluator: str = "fashion-evaluator"
     num_targets: int = 500  # real test images used as references (the first N)
     sweep_targets: int = 30  # further test images for the scale sweep (separate seed)
-    sweep_scales: dict = field(default_factory=lambda: {
-        "segmentation": {"naive": (100.0, 300.0, 1000.0), "x0": (30.0, 100.0, 300.0), "ppap": (100.0, 300.0, 1000.0)},
-        "dense": {"naive": (3000.0, 10000.0, 30000.0), "x0": (1000.0, 3000.0, 10000.0), "ppap": (3000.0, 10000.0, 30000.0)}})
+    sweep_scales: dict = field(
+        default_factory=lambda: {
+            "segmentation": {"naive": (100.0, 300.0, 1000.0), "x0": (30.0, 100.0, 300.0), "ppap": (100.0, 300.0, 1000.0)},
+            "dense": {"naive": (3000.0, 10000.0, 30000.0), "x0": (1000.0, 3000.0, 10000.0), "ppap": (3000.0, 10000.0, 30000.0)},
+        }
+    )
     steps: int = 25
     batch_size: int = 100
     seed: int = 4000
@@ -55,9 +58,19 @@ class DenseBenchConfig:
     cost_repeats: int = 10
 
 
-QUICK = DenseBenchConfig(num_targets=6, sweep_targets=2, steps=3, batch_size=6, figure_targets=2, cost_batch=4, cost_repeats=1,
-                         sweep_scales={"segmentation": {"naive": (300.0,), "x0": (100.0,), "ppap": (300.0,)},
-                                       "dense": {"naive": (10000.0,), "x0": (3000.0,), "ppap": (10000.0,)}})
+QUICK = DenseBenchConfig(
+    num_targets=6,
+    sweep_targets=2,
+    steps=3,
+    batch_size=6,
+    figure_targets=2,
+    cost_batch=4,
+    cost_repeats=1,
+    sweep_scales={
+        "segmentation": {"naive": (300.0,), "x0": (100.0,), "ppap": (300.0,)},
+        "dense": {"naive": (10000.0,), "x0": (3000.0,), "ppap": (10000.0,)},
+    },
+)
 
 
 def _foreground(x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +117,7 @@ class DenseBench(Bench):
         """``method``'s guidance toward ``targets`` (the bank's task for every method, as it is
         the task the clean model's targets are read with)."""
         guide, bank = self.models[task_name]
-        return self.pipe.guidance_term(len(targets), guide=guide, experts=bank, target=targets, method=method,
-                                       classifier_scale=scale)
+        return self.pipe.guidance_term(len(targets), guide=guide, experts=bank, target=targets, method=method, classifier_scale=scale)
 
     def sample_task(self, task_name: str, method: str, scale: float, targets: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
         return self.sample(len(targets), self.term(task_name, method, scale, targets), seed, desc=f"{task_name} {method} s={scale:g}")
@@ -125,8 +137,13 @@ class DenseBench(Bench):
         refs = self.references(sweep=True)
         for task_name in TASKS:
             targets = self.targets(task_name, refs)
-            out[task_name] = {m: [self.score(task_name, self.sample_task(task_name, m, s, targets, self.cfg.sweep_seed)[0], targets)
-                                  | {"scale": s} for s in self.cfg.sweep_scales[task_name][m]] for m in METHODS}
+            out[task_name] = {
+                m: [
+                    self.score(task_name, self.sample_task(task_name, m, s, targets, self.cfg.sweep_seed)[0], targets) | {"scale": s}
+                    for s in self.cfg.sweep_scales[task_name][m]
+                ]
+                for m in METHODS
+            }
         return out
 
     def _sample_main(self, task_name: str, method: str, scale: float, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -150,9 +167,10 @@ class DenseBench(Bench):
             targets = self.targets(task_name, refs)
             rows = {}
             if unguided is None:  # the same unguided images serve both tasks (same noises, no target)
-                unguided = self.stage.get("main-unguided-seconds",
-                                          lambda task_name=task_name, targets=targets: {
-                                              "seconds": self._sample_main(task_name, "unguided", 0.0, targets)[1]})
+                unguided = self.stage.get(
+                    "main-unguided-seconds",
+                    lambda task_name=task_name, targets=targets: {"seconds": self._sample_main(task_name, "unguided", 0.0, targets)[1]},
+                )
             x_u = torch.from_numpy(np.load(self.out / "samples" / f"{first}-unguided.npy").astype(np.float32))
             rows["unguided"] = self.score(task_name, x_u, targets) | {"scale": 0.0, "seconds": unguided["seconds"]}
             best = {m: max(sweep[task_name][m], key=lambda p: self.key_metric(task_name, p))["scale"] for m in METHODS}
@@ -178,7 +196,8 @@ class DenseBench(Bench):
         seconds = time_steps(self.diffusion, guides, self.cfg.cost_batch, self.cfg.steps, self.cfg.cost_repeats)
         base = seconds.pop("unguided")
         return {"unguided_seconds": round(base, 4), "batch": self.cfg.cost_batch} | {
-            name: round(t / base, 2) for name, t in seconds.items()}
+            name: round(t / base, 2) for name, t in seconds.items()
+        }
 
     def figure(self, path: Path) -> None:
         plt = pyplot()
@@ -189,14 +208,18 @@ class DenseBench(Bench):
         first = next(iter(TASKS))
         for ti, task_name in enumerate(TASKS):
             targets = self.targets(task_name, refs).numpy()
-            imgs = {m: np.load(self.out / "samples" / f"{first if m == 'unguided' else task_name}-{m}.npy")[:k, 0].astype(np.float32)
-                    for m in ("unguided", "naive", "ppap")}
+            imgs = {
+                m: np.load(self.out / "samples" / f"{first if m == 'unguided' else task_name}-{m}.npy")[:k, 0].astype(np.float32)
+                for m in ("unguided", "naive", "ppap")
+            }
             for r in range(k):
                 row = axes[ti * k + r]
                 row[0].imshow(refs[r, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
-                row[1].imshow(targets[r] if task_name == "segmentation" else targets[r, 0],
-                              cmap="tab20" if task_name == "segmentation" else "magma",
-                              **({"vmin": 0, "vmax": 19} if task_name == "segmentation" else {}))
+                row[1].imshow(
+                    targets[r] if task_name == "segmentation" else targets[r, 0],
+                    cmap="tab20" if task_name == "segmentation" else "magma",
+                    **({"vmin": 0, "vmax": 19} if task_name == "segmentation" else {}),
+                )
                 for c, m in enumerate(("unguided", "naive", "ppap"), start=2):
                     row[c].imshow(imgs[m][r], cmap="gray", vmin=-1, vmax=1)
                 for c, ax in enumerate(row):
@@ -212,8 +235,15 @@ class DenseBench(Bench):
         cost = self.timed("cost", self.cost_stage)
         sweep = self.timed("sweep", self.sweep_stage)
         main = self.timed("main", lambda: self.main_stage(sweep), cached=all(map(self.stage.exists, self.main_parts())), save=False)
-        results = {"config": dataclasses.asdict(self.cfg), "machine": machine(), "cost": cost, "sweep": sweep, "main": main,
-                   "stage_seconds": self.timings, "seconds_this_call": round(time.time() - t0, 1)}
+        results = {
+            "config": dataclasses.asdict(self.cfg),
+            "machine": machine(),
+            "cost": cost,
+            "sweep": sweep,
+            "main": main,
+            "stage_seconds": self.timings,
+            "seconds_this_call": round(time.time() - t0, 1),
+        }
         atomic_write_json(self.out / "results.json", results)
         atomic_write_bytes(self.out / "report.md", dense_report(results).encode())
         self.figure(self.out / "bench_dense_grid.png")
@@ -226,25 +256,45 @@ def _fmt_scale(scale) -> str:
 
 def dense_report(r: dict) -> str:
     cfg, stage_seconds = r["config"], in_order(r["stage_seconds"], ("cost", "sweep", "main"))  # results.json sorts them
-    lines = [f"Machine: {machine_in_order(r)}. DDIM-{cfg['steps']}, {cfg['num_targets']} targets per row from real test images; "
-             f"scale per (task, method) from a sweep on {cfg['sweep_targets']} other targets and another seed.", ""]
+    lines = [
+        f"Machine: {machine_in_order(r)}. DDIM-{cfg['steps']}, {cfg['num_targets']} targets per row from real test images; "
+        f"scale per (task, method) from a sweep on {cfg['sweep_targets']} other targets and another seed.",
+        "",
+    ]
     rows = ("unguided",) + METHODS + ("reference images",)
     seg, dense = in_order(r["main"]["segmentation"], rows), in_order(r["main"]["dense"], rows)
-    lines += ["Segmentation (target: fashion-segmenter's label map of a real test image):", "",
-              "| method | scale | foreground IoU | evaluator acc. (class of the mask) | FID | step cost (x unguided) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "Segmentation (target: fashion-segmenter's label map of a real test image):",
+        "",
+        "| method | scale | foreground IoU | evaluator acc. (class of the mask) | FID | step cost (x unguided) |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, s in seg.items():
         cost = r["cost"].get(f"segmentation/{m}", 1.0 if m == "unguided" else None)
-        lines.append(f"| {m} | {_fmt_scale(s['scale'])} | {s['iou']:.3f} | {s['class_hit']:.1%} | {s['fid']:.2f} | "
-                     f"{'' if cost is None else f'{cost:.2f}'} |")
-    lines += ["", "Dense map (target: fashion-edges' map of a real test image; scored with the analytic Sobel map):", "",
-              "| method | scale | Sobel L1 (lower is better) | Pearson r | FID | step cost (x unguided) |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {m} | {_fmt_scale(s['scale'])} | {s['iou']:.3f} | {s['class_hit']:.1%} | {s['fid']:.2f} | "
+            f"{'' if cost is None else f'{cost:.2f}'} |"
+        )
+    lines += [
+        "",
+        "Dense map (target: fashion-edges' map of a real test image; scored with the analytic Sobel map):",
+        "",
+        "| method | scale | Sobel L1 (lower is better) | Pearson r | FID | step cost (x unguided) |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, s in dense.items():
         cost = r["cost"].get(f"dense/{m}", 1.0 if m == "unguided" else None)
-        lines.append(f"| {m} | {_fmt_scale(s['scale'])} | {s['l1']:.4f} | {s['pearson']:.3f} | {s['fid']:.2f} | "
-                     f"{'' if cost is None else f'{cost:.2f}'} |")
-    lines += ["", f"PPAP vs naive: IoU {seg['ppap']['iou']:.3f} vs {seg['naive']['iou']:.3f} ({seg['ppap']['iou'] - seg['naive']['iou']:+.3f}); "
-              f"Sobel L1 {dense['ppap']['l1']:.4f} vs {dense['naive']['l1']:.4f} ({(dense['ppap']['l1'] / dense['naive']['l1'] - 1):+.1%}).",
-              "", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in stage_seconds.items())]
+        lines.append(
+            f"| {m} | {_fmt_scale(s['scale'])} | {s['l1']:.4f} | {s['pearson']:.3f} | {s['fid']:.2f} | "
+            f"{'' if cost is None else f'{cost:.2f}'} |"
+        )
+    lines += [
+        "",
+        f"PPAP vs naive: IoU {seg['ppap']['iou']:.3f} vs {seg['naive']['iou']:.3f} ({seg['ppap']['iou'] - seg['naive']['iou']:+.3f}); "
+        f"Sobel L1 {dense['ppap']['l1']:.4f} vs {dense['naive']['l1']:.4f} ({(dense['ppap']['l1'] / dense['naive']['l1'] - 1):+.1%}).",
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in stage_seconds.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
