@@ -133,6 +133,6 @@ def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
 
     stage = _Stage(tmp_path)
     stage.check_config(dataclasses.asdict(QUICK))
-    stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, workers=1)))  # how it runs, not what it measures
+    stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, workers=2)))  # how it runs, not what it measures
     with pytest.raises(PPAPError, match="per_class"):
         stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, per_class=3)))
