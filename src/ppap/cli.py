@@ -230,6 +230,8 @@ def cmd_train(args) -> int:
             f"{rep['num_experts']} {cfg.adapter} experts, {rep['trainable_per_expert']:,} trainable parameters each "
             f"({rep['fraction_per_expert']:.2%} of the {rep['backbone_parameters']:,}-parameter backbone)"
         )
+        if getattr(bank, "skipped", None):
+            print(f"left frozen (peft cannot adapt them at rank {cfg.rank}): {', '.join(bank.skipped)}")
     stats = train_experts(
         bank,
         task,
