@@ -222,12 +222,6 @@ class Conditioning:
         """The entries of the samples ``index`` (a batch of a longer run)."""
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
 
-    def check_batch(self, batch: int) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor) and v.shape[0] != batch:
-                raise PPAPError(f"{f.name} has {v.shape[0]} entries for a batch of {batch} images")
-
 
 class Diffusion(nn.Module):
     """A diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``) and its schedule behind one

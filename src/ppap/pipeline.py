@@ -83,10 +83,6 @@ class PPAPPipeline(DiffusionPipeline):
     def image_shape(self) -> tuple[int, int, int]:
         return self.diffusion.image_shape
 
-    @classmethod
-    def from_diffusion(cls, diffusion: Diffusion) -> PPAPPipeline:
-        return cls(unet=diffusion.unet, scheduler=diffusion.schedule.to_diffusers("ddpm"))
-
     # ---- guidance and conditions, resolved for a whole run -------------------------------------
 
     def guidance_term(
