@@ -39,6 +39,9 @@ def world(tmp_path_factory):
 
     from conftest import tiny_unet
 
+    def ok(*argv: str) -> None:
+        assert main(["--threads", "1", *argv]) == 0
+
     root = tmp_path_factory.mktemp("world")
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(root / "ddpm")
     torch.manual_seed(1)
@@ -47,102 +50,45 @@ def world(tmp_path_factory):
     save_file({k: v.clone().fill_(float("nan")) if k == "fc.weight" else v for k, v in state.items()}, str(root / "nan.safetensors"))
     save_file({k: v.clone().fill_(float("inf")) if k == "fc.bias" else v for k, v in state.items()}, str(root / "inf.safetensors"))
     guide = ["--guide", "ppap.models:tiny_classifier", "--guide-weights", str(root / "clf.safetensors")]
-    assert (
-        main(
-            [
-                "--threads",
-                "1",
-                "generate",
-                "--diffusion",
-                str(root / "ddpm"),
-                "--out",
-                str(root / "corpus"),
-                "--num",
-                "16",
-                "--shard-size",
-                "8",
-                "--steps",
-                "2",
-                "--quiet",
-            ]
-        )
-        == 0
+    small = ["--experts", "2", "--iterations", "2", "--batch-size", "4", "--quiet"]
+    ok(
+        "generate",
+        "--diffusion",
+        str(root / "ddpm"),
+        "--out",
+        str(root / "corpus"),
+        "--num",
+        "16",
+        "--shard-size",
+        "8",
+        "--steps",
+        "2",
+        "--quiet",
     )
-    assert (
-        main(
-            [
-                "--threads",
-                "1",
-                "train",
-                "--diffusion",
-                str(root / "ddpm"),
-                *guide,
-                "--data",
-                str(root / "corpus"),
-                "--out",
-                str(root / "experts"),
-                "--experts",
-                "2",
-                "--iterations",
-                "2",
-                "--batch-size",
-                "4",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    ok("train", "--diffusion", str(root / "ddpm"), *guide, "--data", str(root / "corpus"), "--out", str(root / "experts"), *small)
     # an RGB world: experts of an RGB classifier must be refused by the grey diffusion model, in one line
-    DDPMPipeline(unet=tiny_unet(in_channels=3, out_channels=3), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
-        root / "rgb"
-    )
+    rgb_unet = tiny_unet(in_channels=3, out_channels=3)
+    DDPMPipeline(unet=rgb_unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(root / "rgb")
     torch.manual_seed(2)
     save_file(tiny_classifier(in_channels=3).state_dict(), str(root / "rgb.safetensors"))
-    assert (
-        main(
-            [
-                "--threads",
-                "1",
-                "generate",
-                "--diffusion",
-                str(root / "rgb"),
-                "--out",
-                str(root / "rgb-corpus"),
-                "--num",
-                "8",
-                "--steps",
-                "2",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "--threads",
-                "1",
-                "train",
-                "--diffusion",
-                str(root / "rgb"),
-                "--guide",
-                "ppap.models:tiny_rgb_classifier",
-                "--guide-weights",
-                str(root / "rgb.safetensors"),
-                "--data",
-                str(root / "rgb-corpus"),
-                "--out",
-                str(root / "rgb-experts"),
-                "--experts",
-                "1",
-                "--iterations",
-                "1",
-                "--batch-size",
-                "4",
-                "--quiet",
-            ]
-        )
-        == 0
+    rgb_guide = ["--guide", "ppap.models:tiny_rgb_classifier", "--guide-weights", str(root / "rgb.safetensors")]
+    ok("generate", "--diffusion", str(root / "rgb"), "--out", str(root / "rgb-corpus"), "--num", "8", "--steps", "2", "--quiet")
+    ok(
+        "train",
+        "--diffusion",
+        str(root / "rgb"),
+        *rgb_guide,
+        "--data",
+        str(root / "rgb-corpus"),
+        "--out",
+        str(root / "rgb-experts"),
+        "--experts",
+        "1",
+        "--iterations",
+        "1",
+        "--batch-size",
+        "4",
+        "--quiet",
     )
     return {"root": root, "ddpm": str(root / "ddpm"), "guide": guide, "corpus": str(root / "corpus"), "experts": str(root / "experts")}
 
