@@ -136,3 +136,27 @@ def test_save_bank_round_trips_through_load_bank(tiny_diffusion, tmp_path):
     for i in range(2):
         assert torch.allclose(loaded.run_expert(i, x), bank.eval().run_expert(i, x), atol=1e-6)
     assert loaded.task == Classification(10)
+
+
+def test_class_balanced_batches_even_out_the_teachers_pseudo_labels(tiny_diffusion, tmp_path):
+    """balance_classes: a corpus whose pseudo-labels are 90% class 0 is drawn 50/50, the draw is a
+    pure function of (seed, step) like the plain one, and training with it runs and differs."""
+    from ppap.data import InfiniteBatches
+    from ppap.train import class_balance_weights
+
+    logits = torch.zeros(100, 10)
+    logits[:90, 0], logits[90:, 1] = 5.0, 5.0
+    weights = class_balance_weights(logits)
+    a, b = (InfiniteBatches(torch.arange(100), batch_size=50, seed=3, weights=weights) for _ in range(2))
+    drawn = torch.cat([a.batch(s)[0] for s in range(40)])
+    assert abs((drawn >= 90).float().mean().item() - 0.5) < 0.05
+    assert all(torch.equal(a.batch(s)[0], b.batch(s)[0]) for s in (0, 7, 39))
+    plain = torch.cat([InfiniteBatches(torch.arange(100), batch_size=50, seed=3).batch(s)[0] for s in range(40)])
+    assert abs((plain >= 90).float().mean().item() - 0.1) < 1e-6  # without weights: every image once per epoch
+    stats = {}
+    for balance in (False, True):
+        cfg = TrainConfig(experts="2", rank=4, alpha=4, iterations=5, batch_size=8, balance_classes=balance)
+        stats[balance] = train_experts(
+            _bank(), Classification(10), tiny_diffusion.schedule, _images(), cfg, tmp_path / str(balance), progress=False
+        )
+    assert stats[True]["expert_0"]["loss_last"] != stats[False]["expert_0"]["loss_last"]

@@ -336,16 +336,19 @@ class InfiniteBatches:
 
     Batch ``step`` is a pure function of ``(seed, step)``: sample k of the flat stream is element
     ``perm_e[k mod N]`` of epoch ``e = k // N``'s permutation. A resumed run therefore sees
-    exactly the batches it would have seen, with none lost or repeated.
+    exactly the batches it would have seen, with none lost or repeated. With ``weights`` [N], an
+    epoch is N draws with replacement in proportion to them (a re-weighted corpus), equally seeded.
     """
 
-    def __init__(self, *tensors: Tensor, batch_size: int, seed: int):
+    def __init__(self, *tensors: Tensor, batch_size: int, seed: int, weights: Tensor | None = None):
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
             raise ValueError("all tensors need the same first dimension")
         if n == 0:
             raise PPAPError("cannot draw batches from an empty dataset")
-        self.tensors, self.batch_size, self.seed, self.n = tensors, batch_size, seed, n
+        if weights is not None and (weights.shape != (n,) or not bool((weights >= 0).all()) or float(weights.sum()) <= 0):
+            raise ValueError(f"weights must be [{n}], non-negative and not all zero")
+        self.tensors, self.batch_size, self.seed, self.n, self.weights = tensors, batch_size, seed, n, weights
         self._perm_cache: dict[int, Tensor] = {}
 
     def _perm(self, epoch: int) -> Tensor:
@@ -353,7 +356,11 @@ class InfiniteBatches:
             if len(self._perm_cache) > 2:
                 self._perm_cache.clear()
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm_cache[epoch] = torch.randperm(self.n, generator=g)
+            self._perm_cache[epoch] = (
+                torch.randperm(self.n, generator=g)
+                if self.weights is None
+                else torch.multinomial(self.weights.double().cpu(), self.n, replacement=True, generator=g)
+            )
         return self._perm_cache[epoch]
 
     def indices(self, step: int) -> Tensor:

@@ -48,6 +48,7 @@ class TrainConfig:
     warmup: int = 20  # warm-up steps of each expert's schedule
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warm_start: bool = False  # start expert i from expert i-1's weights (the official code does)
+    balance_classes: bool = False  # classification: draw the corpus so the teacher's pseudo-labels are uniform (no real labels)
     tau: float | None = None  # KD temperature on the teacher (None: the task's own, 0.25 classification, 1 segmentation)
     seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
     checkpoint_every: int = 100  # steps between resume checkpoints
@@ -224,6 +225,17 @@ def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity) -> dict:
     return want
 
 
+def class_balance_weights(targets: Tensor) -> Tensor:
+    """[N] sampling weights that make every pseudo-label equally likely: 1 / (count of the sample's
+    class), the class being the argmax of the teacher's logits (distill) or the label (supervised).
+    A DDPM that draws few sandals gives their expert as many sandals as sneakers, without labels."""
+    labels = targets.argmax(-1) if targets.is_floating_point() else targets
+    if labels.ndim != 1:
+        raise PPAPError("balance_classes needs a classification task (one class per image)")
+    counts = torch.bincount(labels.cpu())
+    return 1.0 / counts[labels.cpu()].double()
+
+
 def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_dir: Path, dist: _Dist, progress: bool) -> dict:
     lo, hi = bank.router.interval(i)
     resume = out_dir / ".resume" / f"{expert_name(i)}.pt"
@@ -240,7 +252,13 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
         opt.load_state_dict(state["opt"])
         step, losses = state["step"], state["losses"]
     # each expert has its own stream of batches, so skipping finished experts changes nothing
-    batches = InfiniteBatches(images, targets, batch_size=cfg.batch_size, seed=cfg.seed * 1000 + i)
+    batches = InfiniteBatches(
+        images,
+        targets,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed * 1000 + i,
+        weights=class_balance_weights(targets) if cfg.balance_classes else None,
+    )
     per_rank = slice(dist.rank, None, dist.world)
     bank.train()
     bar = tqdm(
