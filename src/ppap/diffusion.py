@@ -218,9 +218,19 @@ class Conditioning:
     def is_empty(self) -> bool:
         return self.class_labels is None and self.prompt_embeds is None
 
+    def _map(self, fn) -> Conditioning:
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
+
     def select(self, index: Tensor | slice) -> Conditioning:
         """The entries of the samples ``index`` (a batch of a longer run)."""
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
+        return self._map(lambda v: v[index])
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        return self._map(lambda v: v.to(device))
+
+    def as_kwargs(self) -> dict:
+        """The ``PPAPPipeline.__call__`` keyword arguments that rebuild this condition."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Diffusion(nn.Module):

@@ -11,7 +11,6 @@ and outputs.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -284,10 +283,7 @@ class PPAPPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale,
         )
         if cond is not None:
-            cond = dataclasses.replace(
-                cond,
-                **{f.name: getattr(cond, f.name).to(device) for f in dataclasses.fields(cond) if isinstance(getattr(cond, f.name), Tensor)},
-            )
+            cond = cond.to(device)
         first = self.guidance_term(
             batch_size,
             guide=guide,
@@ -357,17 +353,7 @@ def generate(
         n = min(batch_size, num - b0)
         index = slice(b0, b0 + n)
         cond = conditioning.select(index) if conditioning is not None else None
-        cond_kwargs: dict[str, Any] = (
-            {}
-            if cond is None
-            else {
-                "class_labels": cond.class_labels,
-                "prompt_embeds": cond.prompt_embeds,
-                "negative_prompt_embeds": cond.negative_prompt_embeds,
-                "negative_class_labels": cond.negative_class_labels,
-                "guidance_scale": cond.guidance_scale,
-            }
-        )
+        cond_kwargs: dict[str, Any] = {} if cond is None else cond.as_kwargs()
         x = pipe(  # type: ignore[union-attr]  # return_dict=True: an ImagePipelineOutput
             batch_size=n,
             generator=sample_generators(seed, start + b0, n),
