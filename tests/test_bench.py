@@ -24,7 +24,7 @@ def needs(*names):
 @needs_data
 @needs("fashion-ddpm", "fashion-classifier", "fashion-evaluator")
 def test_classifier_bench_quick_runs_and_resumes(tmp_path):
-    from ppap.bench.classifier import ROWS, run_classifier_bench
+    from ppap.bench.classifier import NORMALIZED_SCALES, ROWS, run_classifier_bench
 
     out = tmp_path / "bench"
     r = run_classifier_bench(out, quick=True, progress=False)
@@ -43,8 +43,13 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
         assert r["main"][name]["scale"] in [p["scale"] for p in points]
     assert set(r["noise"]["routed"]) >= {"off-the-shelf", "noise-aware", "multi-expert-supervised-5", "ppap-5"}
     assert len(r["noise"]["per_expert"]["ppap-5"]) == 5
-    assert {a["factor"] for a in r["ablations"].values()} == {"experts", "rank", "corpus", "tau", "warm start", "ranges"}
-    assert r["ablations"]["equal log-SNR ranges"]["boundaries"] != r["ablations"]["experts=5 (base)"]["boundaries"]
+    ablations = r["ablations"]
+    assert {a["factor"] for a in ablations.values()} == {"base", "recipe", "training", "guidance", "diagnosis"}
+    assert sum(a["factor"] == "diagnosis" for a in ablations.values()) == 5  # the noise-aware model in each range
+    assert ablations["rank 32"]["trainable_per_expert"] > 3 * ablations["PPAP-5 (base)"]["trainable_per_expert"]  # LoRA: 4x, norms: same
+    assert ablations["PPAP-5 (base)"]["noisy_accuracy"] is None and ablations["warm start"]["noisy_accuracy_mean"] is not None
+    assert ablations["gradient normalisation"]["guided"]["scale"] in NORMALIZED_SCALES
+    assert all(a["guided"]["n"] == 10 and 0 <= a["guided"]["per_class_min"] <= a["guided"]["accuracy"] for a in ablations.values())
     report = (out / "report.md").read_text()
     assert "PPAP-5 accuracy / multi-expert-supervised-5" in report and "x0-shortcut-calibrated" in report
     for png in ("bench_sweep.png", "bench_noise_accuracy.png"):

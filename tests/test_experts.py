@@ -53,7 +53,9 @@ def test_backbone_bit_identical_after_training_and_kd_loss_decreases(tiny_diffus
     before = {k: v.clone() for k, v in bank.base_state().items()}
     assert any("running_mean" in k for k in before)  # BatchNorm statistics are part of the check
     images = torch.rand(64, 1, 8, 8) * 2 - 1
-    cfg = TrainConfig(experts="2", rank=4, alpha=4, iterations=40, batch_size=16, lr=1e-2, per_expert_norm=per_expert_norm)
+    cfg = TrainConfig(
+        experts="2", rank=4, alpha=4, iterations=40, batch_size=16, lr=1e-2, per_expert_norm=per_expert_norm, warm_start=False
+    )  # each expert from the teacher: its own loss must halve
     stats = train_experts(bank, Classification(10), tiny_diffusion.schedule, images, cfg, tmp_path, progress=False)
     after = bank.base_state()
     assert before.keys() == after.keys()
@@ -146,3 +148,41 @@ def test_merged_experts_guide_like_unmerged_and_restore_the_backbone_exactly():
     assert all(torch.equal(base[k], v) for k, v in bank.base_state().items())
     bank.train()  # training always sees separate LoRA branches
     assert bank._merged is None
+
+
+def test_soft_routing_blends_neighbours_near_a_boundary_only():
+    bank = _bank()  # boundaries (0, 33, 66, 100)
+    with torch.no_grad():
+        for i in range(3):
+            for p in bank.trainable_parameters(i):
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+    bank.eval()
+    x = torch.randn(2, 1, 8, 8)
+    f = [bank.run_expert(i, x) for i in range(3)]
+    bank.blend = 10  # 5 timesteps either side of 33 and 66
+    at = lambda t: bank(x, torch.full((2,), t))  # noqa: E731
+    assert torch.allclose(at(33), (f[0] + f[1]) / 2, atol=1e-5)  # on the boundary: half each
+    assert torch.allclose(at(35), 0.7 * f[1] + 0.3 * f[0], atol=1e-5)  # 2 inside expert 1: weight 0.5 - 2/10 on expert 0
+    assert torch.allclose(at(32), 0.6 * f[0] + 0.4 * f[1], atol=1e-5)  # 1 below it (hi - t = 1)
+    assert torch.allclose(at(50), f[1], atol=1e-6) and torch.allclose(at(2), f[0], atol=1e-6)  # far from a boundary: one expert
+    assert torch.allclose(at(99), f[2], atol=1e-6)  # no neighbour above the last expert
+    bank.blend = 0
+    assert torch.allclose(at(33), f[1], atol=1e-6)
+
+
+def test_soft_routing_gradient_with_merged_experts_equals_unmerged():
+    """Blending two experts in one autograd graph must not merge weights in place under it."""
+    bank = _bank()
+    with torch.no_grad():
+        for i in range(3):
+            for p in bank.trainable_parameters(i):
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+    bank.eval()
+    bank.blend = 10
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 35)
+    grads = []
+    for merge in (True, False):
+        bank.merge = merge
+        xr = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(bank(xr, t).log_softmax(-1)[:, 3].sum(), xr)[0])
+    assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().sum() > 0

@@ -122,3 +122,26 @@ def test_equal_log_snr_router(tiny_diffusion):
     assert b[1] - b[0] < b[-1] - b[-2]  # a linear schedule spends log-SNR fastest at low t
     with pytest.raises(PPAPError, match="need the diffusion model's noise schedule"):
         TimestepRouter.parse("logsnr:4", 100)
+
+
+def test_guidance_interval_and_normalisation_of_a_term():
+    """A term with ``interval`` guides only inside it (a batch mixing timesteps is masked per
+    sample); ``normalize`` gives unit-RMS gradients times the scale; bad intervals are refused."""
+    from ppap.guidance import GuidanceTerm
+
+    torch.manual_seed(0)
+    net = tiny_classifier().eval()
+    y, x = torch.tensor([1, 2, 3]), torch.randn(3, 1, 8, 8)
+    plain = GuidanceTerm("naive", Classification(10), y, 2.0, net=net).build()
+    inside = GuidanceTerm("naive", Classification(10), y, 2.0, net=net, interval=(10, 50)).build()
+    t = torch.tensor([5, 10, 49])
+    g, want = inside(x, t, None), plain(x, t, None)
+    assert (g[0] == 0).all() and torch.allclose(g[1:], want[1:]) and want[0].abs().sum() > 0
+    assert (inside(x, torch.full((3,), 50), None) == 0).all()
+    normed = GuidanceTerm("naive", Classification(10), y, 2.0, net=net, normalize=True).build()(x, t, None)
+    assert torch.allclose(normed.flatten(1).square().mean(1).sqrt(), torch.full((3,), 2.0), atol=1e-5)
+    unit = lambda v: v.flatten(1) / v.flatten(1).norm(dim=1, keepdim=True)  # noqa: E731
+    assert torch.allclose(unit(normed), unit(want), atol=1e-5)  # each sample's direction is its gradient's
+    for bad in ((50, 10), (-1, 5), (3, 3)):
+        with pytest.raises(PPAPError, match="guidance interval"):
+            GuidanceTerm("naive", Classification(10), y, 2.0, net=net, interval=bad)

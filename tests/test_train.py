@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -92,6 +94,17 @@ def test_other_settings_in_the_same_directory_are_refused(tiny_diffusion, tmp_pa
             tmp_path,
             progress=False,
         )
+
+
+def test_same_settings_written_as_int_or_float_resume(tiny_diffusion, tmp_path):
+    """alpha=4 from a flag and alpha=4.0 from a JSON config are the same setting: a finished
+    folder is reused, not refused."""
+    cfg = TrainConfig(experts="2", rank=4, alpha=4, iterations=2, batch_size=8)
+    train_experts(_bank(), Classification(10), tiny_diffusion.schedule, _images(), cfg, tmp_path, progress=False)
+    again = train_experts(
+        _bank(), Classification(10), tiny_diffusion.schedule, _images(), dataclasses.replace(cfg, alpha=4.0), tmp_path, progress=False
+    )
+    assert again == {}  # nothing left to train
 
 
 def test_load_experts_checks_model_and_schedule(tiny_diffusion, tmp_path):

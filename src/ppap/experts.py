@@ -192,6 +192,7 @@ class ExpertBank(nn.Module):
     base_fingerprint: str  # sha256 of the off-the-shelf weights the experts were built on
     task: Task | None = None  # set when loaded from disk (what the experts were trained for)
     default_scale: float | None = None  # the bank's measured best guidance scale, when its card records one
+    blend: int = 0  # soft routing: width (timesteps) of the blend of neighbouring experts at each boundary
 
     def train(self, mode: bool = True) -> ExpertBank:
         """Train mode for the experts only: frozen layers keep eval-mode statistics, so the
@@ -209,6 +210,8 @@ class ExpertBank(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if self.blend > 0:
+            return self._blended(x, t)
         ids = self.router(t)
         experts = ids.unique().tolist()
         if len(experts) == 1:  # the sampling case: all samples share t
@@ -221,6 +224,36 @@ class ExpertBank(nn.Module):
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[mask] = y
         assert out is not None  # at least one expert ran
+        return out
+
+    def _blended(self, x: Tensor, t: Tensor) -> Tensor:
+        """Soft routing: within ``blend / 2`` timesteps of a boundary the output is the linear
+        blend of the two neighbouring experts' outputs (their weights 1/2 each at the boundary)."""
+        half = self.blend / 2
+        out = None
+        for tv in t.unique().tolist():
+            mask = t == tv
+            xs = x[mask]
+            i = int(self.router(torch.tensor([tv]))[0])
+            lo, hi = self.router.interval(i)
+            if tv - lo < half and i > 0:
+                j, w_j = i - 1, 0.5 - (tv - lo) / (2 * half)
+            elif hi - tv <= half and i + 1 < self.router.num_experts:
+                j, w_j = i + 1, 0.5 - (hi - tv) / (2 * half)
+            else:
+                j, w_j = i, 0.0
+            if w_j > 0:  # two experts in one graph: their LoRA branches, not weights merged in place
+                merge, self.merge = getattr(self, "merge", False), False
+                try:
+                    y = (1 - w_j) * self.run_expert(i, xs) + w_j * self.run_expert(j, xs)
+                finally:
+                    self.merge = merge
+            else:
+                y = self.run_expert(i, xs)
+            if out is None:
+                out = y.new_empty((x.shape[0],) + y.shape[1:])
+            out[mask] = y
+        assert out is not None
         return out
 
     def run_expert(self, i: int, x: Tensor) -> Tensor:

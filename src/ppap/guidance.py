@@ -198,6 +198,23 @@ class NormalizedGuide:
 
 
 @dataclass
+class IntervalGuide:
+    """``guide`` for training timesteps ``lo <= t < hi``, nothing elsewhere: a guidance interval,
+    or one piece of a guide assembled per noise range from several terms."""
+
+    guide: Guide
+    lo: int
+    hi: int
+
+    def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
+        inside = (t >= self.lo) & (t < self.hi)
+        if not bool(inside.any()):
+            return torch.zeros_like(x_t)
+        g = self.guide(x_t, t, pred)
+        return g if bool(inside.all()) else g * inside.view(-1, *([1] * (g.ndim - 1))).to(g.dtype)
+
+
+@dataclass
 class SumGuide:
     """Composed guidance: the sum of several guides' (already scaled) gradients."""
 
@@ -291,6 +308,8 @@ class GuidanceTerm:
     net: nn.Module | None = None  # the off-the-shelf model (a GuideModel)
     experts: ExpertBank | None = None
     calibration: Calibration = field(default_factory=Calibration)
+    interval: tuple[int, int] | None = None  # guide only for training timesteps lo <= t < hi
+    normalize: bool = False  # per-sample unit-RMS gradient times ``scale`` (``NormalizedGuide``)
     description: str = ""
 
     def __post_init__(self):
@@ -298,6 +317,10 @@ class GuidanceTerm:
             raise PPAPError(f"unknown guidance method {self.method!r}; valid: {', '.join(METHODS)}")
         if not math.isfinite(self.scale):
             raise PPAPError(f"guidance scale must be a finite number, got {self.scale}")
+        if self.interval is not None:
+            lo, hi = self.interval
+            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
+                raise PPAPError(f"guidance interval must be integers 0 <= lo < hi, got {self.interval}")
         needs = {
             "naive": "net",
             "x0": "net",
@@ -322,7 +345,14 @@ class GuidanceTerm:
             diffusion=denoiser,
             calibration=self.calibration,
         )
-        return build_guide(self.method, spec)
+        guide = build_guide(self.method, spec)
+        if guide is None:
+            return None
+        if self.normalize:
+            guide = NormalizedGuide(guide, self.scale)
+        if self.interval is not None:
+            guide = IntervalGuide(guide, *self.interval)
+        return guide
 
 
 def compose(terms: Sequence[GuidanceTerm], denoiser: DenoiserFn | None = None) -> Guide | None:

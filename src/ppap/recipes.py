@@ -333,20 +333,21 @@ class ExpertRecipe:
 def _expert_recipes() -> dict:
     return {
         "fashion-ppap5": ExpertRecipe(
-            corpus_size=4000, train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=8, alpha=8)
+            corpus_size=4000,
+            train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=32, alpha=32, warm_start=True),
         ),
         # dense experts: same corpus (no labels); KD = per-pixel KL at tau 1 / L1 to the teacher's map
         "fashion-segmenter-ppap5": ExpertRecipe(
             guide="fashion-segmenter",
             task="segmentation",
             corpus_size=4000,
-            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0),
+            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0, rank=8, alpha=8, warm_start=False),
         ),
         "fashion-edges-ppap5": ExpertRecipe(
             guide="fashion-edges",
             task="dense",
             corpus_size=4000,
-            train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0),
+            train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0, rank=8, alpha=8, warm_start=False),
         ),
     }
 

@@ -69,7 +69,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "fashion-ppap5",
             "experts",
-            "5 data-free LoRA experts of fashion-classifier on fashion-ddpm samples",
+            "5 data-free LoRA experts (rank 32, warm-started) of fashion-classifier on fashion-ddpm samples",
             "fashion-ppap5",
             guide="fashion-classifier",
             scale=30.0,

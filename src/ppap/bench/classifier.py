@@ -10,7 +10,9 @@ Stages (each saved under ``out/`` and skipped when re-run, so a killed bench res
   5. main     every row on the same initial noises and balanced targets at its chosen scale:
               evaluator accuracy, FID / KID / precision / recall against the real test set
   6. noise    accuracy on noised real test images vs t (the paper's Sec. 3 analysis)
-  7. ablate   small PPAP variants (experts, rank, corpus, tau, warm start, log-SNR ranges)
+  7. ablate   the levers on PPAP-5 (training: warm start, rank, class-balanced corpus; guidance:
+              frozen model at low t, soft routing, interval, normalisation) and the diagnosis
+              (the noise-aware model guiding one expert's range)
 Then ``results.json``, ``report.md`` and the two plots.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from ..data import corpus_spec, generate_corpus, load_corpus, load_fashion_mnist, open_corpus
-from ..experts import ExpertBank, TimestepRouter, load_manifest, make_bank, parameter_report
+from ..experts import MANIFEST, ExpertBank, TimestepRouter, load_bank, load_manifest, make_bank, parameter_report
 from ..guidance import Calibration, GuidanceTerm
 from ..images import to_hwc_uint8
 from ..io import atomic_write_bytes, atomic_write_json
@@ -64,9 +66,14 @@ CALIBRATION_GRID = (
 )
 
 
+# the paper's plain PPAP recipe, pinned against TrainConfig's defaults (``ppap train``'s recipe,
+# the "ppap-5 (default recipe)" row), so that changing those never changes these banks
+PLAIN = dict(adapter="lora", rank=8, alpha=8, lr=1e-3, batch_size=64, warm_start=False, balance_classes=False)
+
+
 def _banks(its: int) -> dict[str, BankSpec]:
-    lora = dict(adapter="lora", rank=8, alpha=8, lr=1e-3, batch_size=64)
-    full = dict(adapter="full", lr=5e-4, batch_size=64, objective="supervised")
+    lora = PLAIN
+    full = dict(PLAIN, adapter="full", lr=5e-4, objective="supervised")
     return {
         # ADM practice: one classifier over all t; same total optimiser steps as the 5 experts
         "noise-aware": BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "labelled"),
@@ -74,6 +81,7 @@ def _banks(its: int) -> dict[str, BankSpec]:
         "ppap1": BankSpec(TrainConfig(experts="1", iterations=its, **lora), "corpus"),
         "ppap5": BankSpec(TrainConfig(experts="5", iterations=its, **lora), "corpus"),
         "ppap10": BankSpec(TrainConfig(experts="10", iterations=its, **lora), "corpus"),
+        "ppap5-recipe": BankSpec(TrainConfig(experts="5", iterations=its), "corpus"),
     }
 
 
@@ -85,6 +93,7 @@ ROWS = (
     Row("ppap-1", "ppap", "ppap1"),
     Row("ppap-5", "ppap", "ppap5"),
     Row("ppap-10", "ppap", "ppap10"),
+    Row("ppap-5 (default recipe)", "ppap", "ppap5-recipe"),
     Row("x0", "x0"),
     Row("x0-shortcut", "x0-shortcut"),
     Row("x0-shortcut-calibrated", "x0-shortcut", calibration=CALIBRATED),
@@ -99,27 +108,50 @@ NOISE_MODELS = {
     "multi-expert-supervised-5": "mes5",
     "ppap-5": "ppap5",
     "ppap-10": "ppap10",
+    "ppap-5 (default recipe)": "ppap5-recipe",
 }
 
 
-def _ablations(its: int) -> dict[str, tuple[str, BankSpec]]:
-    """name -> (factor, bank). All at ``its`` steps per expert; the base is PPAP-5 defaults."""
-    base = TrainConfig(experts="5", iterations=its, adapter="lora", rank=8, alpha=8, lr=1e-3, batch_size=64)
+@dataclass(frozen=True)
+class Ablation:
+    """One change to PPAP-5: a bank of its own (a training lever), the main table's PPAP-5 bank
+    guiding differently (an inference lever, or the diagnosis: the noise-aware model guiding one
+    expert's range), or the main table's default-recipe bank."""
+
+    factor: str
+    bank: BankSpec | str = "ppap5"  # a bank of its own, or the key of a main-table bank
+    blend: int = 0  # soft routing width (``ExpertBank.blend``)
+    interval: tuple[int, int] | None = None  # guide only for lo <= t < hi
+    frozen_below: int = 0  # the off-the-shelf model guides t < this, the experts the rest
+    normalize: bool = False  # unit-RMS gradients (its scale is swept on its own)
+    noise_aware_range: int | None = None  # the noise-aware model guides expert i's range instead
+
+
+NORMALIZED_SCALES = (0.03, 0.1, 0.3, 1.0)  # the normalised row's own sweep (unit-RMS gradients)
+
+
+def _ablations(its: int) -> dict[str, Ablation]:
+    """name -> ablation, at ``its`` steps per expert (the main table's budget)."""
+    base = TrainConfig(experts="5", iterations=its, **PLAIN)
     r = dataclasses.replace
-    return {
-        "experts=1": ("experts", BankSpec(r(base, experts="1"), "corpus")),
-        "experts=2": ("experts", BankSpec(r(base, experts="2"), "corpus")),
-        "experts=5 (base)": ("experts", BankSpec(base, "corpus")),
-        "experts=10": ("experts", BankSpec(r(base, experts="10"), "corpus")),
-        "rank=2": ("rank", BankSpec(r(base, rank=2, alpha=2), "corpus")),
-        "rank=32": ("rank", BankSpec(r(base, rank=32, alpha=32), "corpus")),
-        "corpus=250": ("corpus", BankSpec(base, "corpus", corpus_size=250)),
-        "corpus=1000": ("corpus", BankSpec(base, "corpus", corpus_size=1000)),
-        "corpus=2000": ("corpus", BankSpec(base, "corpus", corpus_size=2000)),
-        "tau=1": ("tau", BankSpec(r(base, tau=1.0), "corpus")),
-        "warm start": ("warm start", BankSpec(r(base, warm_start=True), "corpus")),
-        "equal log-SNR ranges": ("ranges", BankSpec(r(base, experts="logsnr:5"), "corpus")),
+    levers = {
+        "PPAP-5 (base)": Ablation("base"),
+        "default recipe (the winners together)": Ablation("recipe", "ppap5-recipe"),
+        "warm start": Ablation("training", BankSpec(r(base, warm_start=True), "corpus")),
+        "rank 16": Ablation("training", BankSpec(r(base, rank=16, alpha=16), "corpus")),
+        "rank 32": Ablation("training", BankSpec(r(base, rank=32, alpha=32), "corpus")),
+        "class-balanced corpus": Ablation("training", BankSpec(r(base, balance_classes=True), "corpus")),
+        "frozen model for t < 40": Ablation("guidance", frozen_below=40),
+        "soft routing (100 steps)": Ablation("guidance", blend=100),
+        "no guidance at t >= 800": Ablation("guidance", interval=(0, 800)),
+        "gradient normalisation": Ablation("guidance", normalize=True),
     }
+    diagnosis = {f"noise-aware in expert {i}'s range": Ablation("diagnosis", noise_aware_range=i) for i in range(5)}
+    return levers | diagnosis
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 @dataclass(frozen=True)
@@ -146,8 +178,7 @@ class BenchConfig:
     )
     noise_images: int = 2000  # real test images for the noise-vs-accuracy analysis
     noise_timesteps: tuple[int, ...] = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
-    ablation_iterations: int = 250  # steps per expert in the ablations
-    ablation_per_class: int = 10  # guided samples per class for each ablation
+    ablation_per_class: int = 30  # guided samples per class for each ablation
     cost_batch: int = 64
     cost_repeats: int = 10
     cost_in_fresh_process: bool = True  # per-method peak memory needs a process of its own
@@ -180,7 +211,6 @@ QUICK = BenchConfig(
     },
     noise_images=100,
     noise_timesteps=(0, 500, 999),
-    ablation_iterations=2,
     ablation_per_class=1,
     cost_batch=4,
     cost_repeats=1,
@@ -188,6 +218,15 @@ QUICK = BenchConfig(
     batch_size=20,
     workers=1,  # at these sizes two spawned workers cost more to start (import, test-set features) than they save
 )
+
+
+def _finished(directory: Path, train: TrainConfig) -> bool:
+    """Whether ``directory`` holds a finished bank trained with ``train``."""
+    if not (directory / MANIFEST).exists():
+        return False
+    m = load_manifest(directory)
+    same = m.get("train") == json.loads(json.dumps(dataclasses.asdict(train)))  # == so that alpha 8 is 8.0
+    return same and len(m["trained"]) == len(m["boundaries"]) - 1
 
 
 def _bank_seconds(directory: Path) -> float:
@@ -248,6 +287,8 @@ class ClassifierBench(Bench):
     def train_bank(self, key: str, spec: BankSpec) -> ExpertBank:
         """Train (or resume, or just load) a bank with the one training loop."""
         guide = load_guide(self.cfg.guide)  # a fresh net per bank: LoRA is injected into it
+        if _finished(self.bank_dir(key), spec.train):  # read-only: two workers may load it at once
+            return load_bank(guide, self.bank_dir(key), schedule=self.diffusion.schedule).eval()
         task = task_for(guide, self.pipe.image_shape, "classification", tau=spec.train.tau)
         sched = self.diffusion.schedule
         router = TimestepRouter.parse(spec.train.experts, sched.num_train_timesteps, sched.alphas_cumprod)
@@ -270,12 +311,13 @@ class ClassifierBench(Bench):
 
     # ---- sampling ----------------------------------------------------------------------------
 
-    def term(self, row: Row, scale: float, targets: torch.Tensor) -> GuidanceTerm | None:
-        """Row ``row``'s guidance toward ``targets`` at ``scale`` (None for the unguided row)."""
+    def term(self, row: Row, scale: float, targets: torch.Tensor, experts: ExpertBank | None = None) -> GuidanceTerm | None:
+        """Row ``row``'s guidance toward ``targets`` at ``scale`` (None for the unguided row);
+        ``experts`` replaces the row's bank."""
         return self.pipe.guidance_term(
             len(targets),
             guide=self.naive,
-            experts=self.bank(row.bank) if row.bank else None,
+            experts=experts or (self.bank(row.bank) if row.bank else None),
             target=targets,
             method=row.method,
             classifier_scale=scale,
@@ -417,35 +459,87 @@ class ClassifierBench(Bench):
             ]
         return out
 
-    def ablation(self, name: str, scale: float) -> dict:
-        factor, spec = _ablations(self.cfg.ablation_iterations)[name]
+    def ablation_bank(self, name: str) -> tuple[str, ExpertBank]:
+        spec = _ablations(self.cfg.expert_iterations)[name].bank
+        if isinstance(spec, str):
+            return spec, self.bank(spec)
+        key = "ablation-" + _slug(name)
+        if key not in self._banks:
+            self._banks[key] = self.train_bank(key, spec)
+        return key, self._banks[key]
+
+    def ablation_terms(self, name: str, targets: torch.Tensor, scale: float, noise_aware_scale: float) -> list[GuidanceTerm]:
+        """The guidance of ablation ``name``: PPAP-5 at ``scale`` with the ablation's change."""
+        a = _ablations(self.cfg.expert_iterations)[name]
+        _, bank = self.ablation_bank(name)
+        bank.blend = a.blend
+        term = self.term(Row(name, "ppap", None), scale, targets, experts=bank)
+        assert term is not None
+        term = dataclasses.replace(term, interval=a.interval, normalize=a.normalize)
+        T = self.diffusion.schedule.num_train_timesteps
+        if a.frozen_below:
+            naive = self.term(Row("naive", "naive"), scale, targets)
+            return [dataclasses.replace(naive, interval=(0, a.frozen_below)), dataclasses.replace(term, interval=(a.frozen_below, T))]
+        if a.noise_aware_range is not None:
+            lo, hi = bank.router.interval(a.noise_aware_range)
+            aware = self.term(Row("noise-aware", "noise-aware", "noise-aware"), noise_aware_scale, targets)
+            pieces = [dataclasses.replace(aware, interval=(lo, hi))]
+            pieces += [dataclasses.replace(term, interval=iv) for iv in ((0, lo), (hi, T)) if iv[0] < iv[1]]
+            return pieces
+        return [term]
+
+    def ablation_row(self, name: str, scale: float, noise_aware_scale: float, per_class: int, seed: int) -> dict:
+        targets = torch.arange(self.task.num_classes).repeat_interleave(per_class)
+        terms = self.ablation_terms(name, targets, scale, noise_aware_scale)
+        x, seconds = self.sample(len(targets), terms, seed, desc=f"{name} s={scale:g}")
+        pred = self.evaluator_classes(x)
+        per_class_acc = (pred == targets).float().view(self.task.num_classes, -1).mean(1)
+        return {
+            "scale": scale,
+            "n": len(x),
+            "accuracy": (pred == targets).float().mean().item(),
+            "per_class_min": per_class_acc.min().item(),
+            "per_class_accuracy": per_class_acc.tolist(),
+            "fid": fid(features(self.evaluator, x), self.real_features),
+            "seconds": round(seconds, 1),
+        }
+
+    def ablation(self, name: str, scale: float, noise_aware_scale: float) -> dict:
+        a = _ablations(self.cfg.expert_iterations)[name]
+        key, bank = self.ablation_bank(name)
         x, y = self.x_test[: self.cfg.noise_images], self.y_test[: self.cfg.noise_images]
         ts = [t for t in (100, 300, 500, 700) if t < self.diffusion.schedule.num_train_timesteps]
-        key = "ablation-" + name.replace(" ", "-").replace("=", "").replace("(", "").replace(")", "")
-        bank = self._banks[key] = self.train_bank(key, spec)
-        noisy = accuracy_under_noise(bank, self.diffusion.schedule, x, y, ts)
-        guided = self.run_row(Row(name, "ppap", key), scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
-        self._banks.pop(key)
+        noisy = accuracy_under_noise(bank, self.diffusion.schedule, x, y, ts) if a.bank != "ppap5" else None
+        if a.normalize:  # unit-RMS gradients need a scale of their own: chosen like the main rows'
+            points = [
+                self.ablation_row(name, s, noise_aware_scale, self.cfg.sweep_per_class, self.cfg.sweep_seed) for s in NORMALIZED_SCALES
+            ]
+            scale = _choose(points)["scale"]
+        guided = self.ablation_row(name, scale, noise_aware_scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
+        bank.blend = 0
+        if isinstance(a.bank, BankSpec):
+            self._banks.pop(key)
         return {
-            "factor": factor,
-            "train": dataclasses.asdict(spec.train),
-            "corpus_size": spec.corpus_size or self.cfg.corpus_size,
+            "factor": a.factor,
+            "train": load_manifest(self.bank_dir(key))["train"],
             "boundaries": list(bank.router.boundaries),
             "trainable_per_expert": int(parameter_report(bank)["trainable_per_expert"]),
             "train_seconds": _bank_seconds(self.bank_dir(key)),
             "noisy_accuracy": noisy,
-            "noisy_accuracy_mean": sum(noisy.values()) / len(noisy),
-            "guided_accuracy": guided["accuracy"],
-            "guided_fid": guided["fid"],
-            "guided_n": guided["n"],
+            "noisy_accuracy_mean": None if noisy is None else sum(noisy.values()) / len(noisy),
+            "guided": guided,
+            "noise_aware_scale": noise_aware_scale if a.noise_aware_range is not None else None,
         }
 
-    def ablation_stage(self, scale: float) -> dict:
-        names = list(_ablations(self.cfg.ablation_iterations))
-        stage = {name: "ablation-" + name.replace(" ", "_") for name in names}
-        order = sorted(names, key=lambda n: -_training_steps(_ablations(1)[n][1].train))
-        done = self.jobs("ablations", {stage[n]: ("ablation", (n, scale)) for n in order})
-        return {name: done[stage[name]] for name in names}
+    def ablation_stage(self, scale: float, noise_aware_scale: float, names: list[str] | None = None) -> dict:
+        """Every ablation (or ``names``) at PPAP-5's scale; the noise-aware model of the diagnosis
+        rows at its own. A stage file per row and scales, so another scale is another row."""
+        table = _ablations(self.cfg.expert_iterations)
+        names = list(table) if names is None else names
+        stage = {n: f"ablation-{_slug(n)}-s{scale:g}-na{noise_aware_scale:g}" for n in names}
+        order = sorted(names, key=lambda n: -(_training_steps(table[n].bank.train) if isinstance(table[n].bank, BankSpec) else 0))
+        done = self.jobs("ablations", {stage[n]: ("ablation", (n, scale, noise_aware_scale)) for n in order})
+        return {n: done[stage[n]] for n in names}
 
     def real_reference(self) -> dict:
         """The same metrics for real training images: the floor a generator can reach."""
@@ -471,7 +565,9 @@ class ClassifierBench(Bench):
         sweep = timed("sweep", self.sweep_stage)
         main = timed("main", lambda: self.main_stage(sweep), cached=all(self.stage.exists(f"main-{row.name}") for row in ROWS))
         noise = timed("noise", self.noise_stage)
-        ablations = timed("ablations", lambda: self.ablation_stage(main["ppap-5"]["scale"])) if cfg.ablate else {}
+        ablations = (
+            timed("ablations", lambda: self.ablation_stage(main["ppap-5"]["scale"], main["noise-aware"]["scale"])) if cfg.ablate else {}
+        )
         results = _in_order(
             {
                 "config": dataclasses.asdict(cfg),
@@ -546,6 +642,13 @@ def classifier_report(r: dict) -> str:
         f"{banks['ppap5']['trainable_parameters'] / banks['mes5']['trainable_parameters']:.3f}.",
         "",
     ]
+    recipe, aware = main.get("ppap-5 (default recipe)"), main["noise-aware"]
+    if recipe is not None:  # issue #13's criterion: data-free accuracy >= 0.97x and FID <= 1.3x the labelled model's
+        lines += [
+            f"PPAP-5 (default recipe) / noise-aware: accuracy {recipe['accuracy'] / max(aware['accuracy'], 1e-9):.3f}, "
+            f"FID {recipe['fid'] / max(aware['fid'], 1e-9):.2f}.",
+            "",
+        ]
     lines += [
         "Noise vs accuracy (real test images noised to t):",
         "",
@@ -557,16 +660,20 @@ def classifier_report(r: dict) -> str:
     if r["ablations"]:
         lines += [
             "",
-            f"Ablations (PPAP, {cfg['ablation_iterations']} steps per expert; noisy accuracy = mean over t=100/300/500/700 on "
-            f"{cfg['noise_images']} test images; guided = {10 * cfg['ablation_per_class']} samples at the PPAP-5 scale):",
+            f"Ablations (PPAP-5, {cfg['expert_iterations']} steps per expert; noisy accuracy = mean over t=100/300/500/700 on "
+            f"{cfg['noise_images']} test images, for banks of their own; guided = {10 * cfg['ablation_per_class']} samples "
+            f"(seed {cfg['sweep_seed'] + 1}) at the PPAP-5 scale, the normalised row at its own, the diagnosis rows' noise-aware "
+            "model at the noise-aware row's (PPAP / noise-aware):",
             "",
-            "| factor | variant | ranges | trainable / expert | noisy acc. | guided acc. | guided FID | train time (s) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| factor | variant | scale | noisy acc. | guided acc. | worst class | guided FID | trainable / expert | train time (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, a in r["ablations"].items():
+            g, noisy = a["guided"], a["noisy_accuracy_mean"]
+            scale = f"{g['scale']:g}" + (f" / {a['noise_aware_scale']:g}" if a.get("noise_aware_scale") is not None else "")
             lines.append(
-                f"| {a['factor']} | {name} | {a['boundaries']} | {a['trainable_per_expert']:,} | {a['noisy_accuracy_mean']:.1%} | "
-                f"{a['guided_accuracy']:.1%} | {a['guided_fid']:.1f} | {a['train_seconds']:.0f} |"
+                f"| {a['factor']} | {name} | {scale} | {'-' if noisy is None else f'{noisy:.1%}'} | {g['accuracy']:.1%} | "
+                f"{g['per_class_min']:.0%} | {g['fid']:.1f} | {a['trainable_per_expert']:,} | {a['train_seconds']:.0f} |"
             )
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
     return "\n".join(lines) + "\n"

@@ -153,14 +153,15 @@ class Bench:
 
     # ---- sampling and scoring --------------------------------------------------------------
 
-    def sample(self, num: int, term: GuidanceTerm | None, seed: int, desc: str) -> tuple[Tensor, float]:
-        """``num`` DDIM samples guided by ``term`` (None: unguided) and the seconds they took."""
+    def sample(self, num: int, term: GuidanceTerm | list[GuidanceTerm] | None, seed: int, desc: str) -> tuple[Tensor, float]:
+        """``num`` DDIM samples guided by ``term`` (None: unguided; a list: their sum) and the
+        seconds they took."""
         t0 = time.time()
         x = generate(
             self.pipe,
             num,
             seed=seed,
-            terms=[term] if term is not None else [],
+            terms=term if isinstance(term, list) else [term] if term is not None else [],
             batch_size=self.cfg.batch_size,
             progress=self.progress,
             desc=desc,

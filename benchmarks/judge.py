@@ -1,0 +1,46 @@
+"""Judge the .npz of a classifier-guided ``ppap sample`` run with the independent evaluator:
+accuracy on the requested class, per class, and each class's most common miss.
+
+    ppap sample --diffusion fashion-ddpm --guide fashion-classifier --experts fashion-ppap5 \\
+        --method ppap --target all --num 500 --out runs/zoo-check/ppap5.png
+    python benchmarks/judge.py runs/zoo-check/ppap5.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from ppap.data import FASHION_MNIST_CLASSES
+from ppap.loading import load_guide
+from ppap.metrics import predict
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("npz")
+    p.add_argument("--evaluator", default="fashion-evaluator")
+    args = p.parse_args()
+    data = np.load(args.npz)
+    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 NHWC -> [-1, 1] NCHW
+    requested = torch.from_numpy(data["targets"]).long()
+    judged = predict(load_guide(args.evaluator).net, images).argmax(-1)
+    k = len(FASHION_MNIST_CLASSES)
+    confusion = torch.zeros(k, k, dtype=torch.long)  # [requested, judged]
+    for r, j in zip(requested.tolist(), judged.tolist()):
+        confusion[r, j] += 1
+    per_class = confusion.diag().float() / confusion.sum(1).clamp_min(1)
+    print(
+        f"{len(images)} images: {(judged == requested).float().mean().item():.1%} judged the requested class; worst class {per_class.min().item():.0%}"
+    )
+    for c, name in enumerate(FASHION_MNIST_CLASSES):
+        row = confusion[c].clone()
+        row[c] = -1
+        miss = f"{FASHION_MNIST_CLASSES[int(row.argmax())]} ({int(row.max())})" if row.max() > 0 else "-"
+        print(f"| {name} | {per_class[c].item():.0%} | {miss} |")
+
+
+if __name__ == "__main__":
+    main()
