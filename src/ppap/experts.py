@@ -243,11 +243,14 @@ class ExpertBank(nn.Module):
             else:
                 j, w_j = i, 0.0
             if w_j > 0:  # two experts in one graph: their LoRA branches, not weights merged in place
-                merge, self.merge = getattr(self, "merge", False), False
+                merge = getattr(self, "merge", None)
+                if merge is not None:
+                    self.merge = False
                 try:
                     y = (1 - w_j) * self.run_expert(i, xs) + w_j * self.run_expert(j, xs)
                 finally:
-                    self.merge = merge
+                    if merge is not None:
+                        self.merge = merge
             else:
                 y = self.run_expert(i, xs)
             if out is None:

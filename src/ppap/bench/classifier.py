@@ -324,26 +324,29 @@ class ClassifierBench(Bench):
             calibration=row.calibration,
         )
 
-    def run_row(self, row: Row, scale: float, per_class: int, seed: int, save: Path | None = None) -> dict:
+    def run_row(
+        self, row: Row, scale: float, per_class: int, seed: int, save: Path | None = None, terms: list[GuidanceTerm] | None = None
+    ) -> dict:
+        """``per_class`` samples of every class guided as ``row`` at ``scale`` (or by ``terms``),
+        scored by the evaluator; ``save``: also KID / precision / recall and the samples."""
         targets = torch.arange(self.task.num_classes).repeat_interleave(per_class)
-        x, seconds = self.sample(len(targets), self.term(row, scale, targets), seed, desc=f"{row.name} s={scale:g}")
+        guidance = terms if terms is not None else self.term(row, scale, targets)
+        x, seconds = self.sample(len(targets), guidance, seed, desc=f"{row.name} s={scale:g}")
         pred = self.evaluator_classes(x)
         feats = features(self.evaluator, x)
+        per_class_acc = (pred == targets).float().view(self.task.num_classes, -1).mean(1)
         out = {
             "scale": scale,
             "n": len(x),
             "accuracy": (pred == targets).float().mean().item(),
+            "per_class_accuracy": per_class_acc.tolist(),
+            "per_class_min": per_class_acc.min().item(),
             "fid": fid(feats, self.real_features),
             "seconds": round(seconds, 1),
         }
         if save is not None:
             prec, rec = precision_recall(self.real_features[: len(x)], feats)
-            out |= {
-                "kid": kid(feats, self.real_features),
-                "precision": prec,
-                "recall": rec,
-                "per_class_accuracy": (pred == targets).float().view(self.task.num_classes, -1).mean(1).tolist(),
-            }
+            out |= {"kid": kid(feats, self.real_features), "precision": prec, "recall": rec}
             buf = io.BytesIO()
             np.savez_compressed(buf, images=to_hwc_uint8(x), targets=targets.numpy())
             atomic_write_bytes(save, buf.getvalue())
@@ -491,18 +494,7 @@ class ClassifierBench(Bench):
     def ablation_row(self, name: str, scale: float, noise_aware_scale: float, per_class: int, seed: int) -> dict:
         targets = torch.arange(self.task.num_classes).repeat_interleave(per_class)
         terms = self.ablation_terms(name, targets, scale, noise_aware_scale)
-        x, seconds = self.sample(len(targets), terms, seed, desc=f"{name} s={scale:g}")
-        pred = self.evaluator_classes(x)
-        per_class_acc = (pred == targets).float().view(self.task.num_classes, -1).mean(1)
-        return {
-            "scale": scale,
-            "n": len(x),
-            "accuracy": (pred == targets).float().mean().item(),
-            "per_class_min": per_class_acc.min().item(),
-            "per_class_accuracy": per_class_acc.tolist(),
-            "fid": fid(features(self.evaluator, x), self.real_features),
-            "seconds": round(seconds, 1),
-        }
+        return self.run_row(Row(name, "ppap"), scale, per_class, seed, terms=terms)
 
     def ablation(self, name: str, scale: float, noise_aware_scale: float) -> dict:
         a = _ablations(self.cfg.expert_iterations)[name]
