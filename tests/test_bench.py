@@ -2,7 +2,6 @@
 sizes), resume from their saved stages, and report every row and column."""
 
 import json
-import time
 
 import pytest
 
@@ -54,10 +53,24 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     assert "PPAP-5 accuracy / multi-expert-supervised-5" in report and "x0-shortcut-calibrated" in report
     for png in ("bench_sweep.png", "bench_noise_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    t0 = time.time()
+    kept = _files_and_mtimes(out / "stages", out / "banks")
     again = run_classifier_bench(out, quick=True, progress=False)  # every stage is read back, nothing retrained
-    assert again["main"] == json.loads(json.dumps(r["main"])) and time.time() - t0 < 30
+    assert again["main"] == json.loads(json.dumps(r["main"])) and _files_and_mtimes(out / "stages", out / "banks") == kept
     assert again["stage_seconds"] == r["stage_seconds"]  # a stage read back keeps the time it took when computed
+    import dataclasses
+
+    from ppap.bench.classifier import DEFAULT_ABLATIONS, QUICK, ablation_names
+
+    winners = run_classifier_bench(out, cfg=dataclasses.replace(QUICK, ablations=DEFAULT_ABLATIONS), progress=False)
+    assert list(winners["ablations"]) == ablation_names(DEFAULT_ABLATIONS)  # the same folder: a subset, read back, in table order
+    assert all(winners["ablations"][n] == json.loads(json.dumps(r["ablations"][n])) for n in DEFAULT_ABLATIONS)
+    assert _files_and_mtimes(out / "stages", out / "banks") == kept
+
+
+def _files_and_mtimes(*dirs) -> dict:
+    """Every file under ``dirs`` with its modification time: equal before and after a re-run
+    means it recomputed, retrained and rewrote nothing (a wall-clock bound would fail on a busy machine)."""
+    return {str(f): f.stat().st_mtime_ns for d in dirs for f in sorted(d.rglob("*")) if f.is_file()}
 
 
 DENSE_MODELS = ("fashion-ddpm", "fashion-evaluator", "fashion-segmenter", "fashion-edges", "fashion-segmenter-ppap5", "fashion-edges-ppap5")
@@ -139,5 +152,18 @@ def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
     stage = _Stage(tmp_path)
     stage.check_config(dataclasses.asdict(QUICK))
     stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, workers=2)))  # how it runs, not what it measures
+    stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, ablations=())))  # which cached rows it adds
     with pytest.raises(PPAPError, match="per_class"):
         stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, per_class=3)))
+
+
+def test_ablation_choice_is_checked_and_kept_in_table_order():
+    from ppap.bench.classifier import DEFAULT_ABLATIONS, _ablations, ablation_names
+    from ppap.io import PPAPError
+
+    table = list(_ablations(800))
+    assert ablation_names("all") == table
+    assert ablation_names(("rank 32", "PPAP-5 (base)")) == ["PPAP-5 (base)", "rank 32"]
+    assert set(DEFAULT_ABLATIONS) < set(table) and ablation_names(()) == []
+    with pytest.raises(PPAPError, match="unknown ablation 'rank 99'"):
+        ablation_names(("rank 32", "rank 99"))

@@ -294,6 +294,10 @@ CASES = {
         lambda b: ["bench", "classifier", "--workers", "0", "--out", str(b["tmp"] / "bench")],
         "--workers must be >= 1 (got 0)",
     ),
+    "bench unknown ablation": (
+        lambda b: ["bench", "classifier", "--ablations", "warm start,rank 99", "--out", str(b["tmp"] / "bench")],
+        "unknown ablation 'rank 99'",
+    ),
     "bench of another configuration": (
         lambda b: ["bench", "classifier", "--out", _bench_folder_of_another_config(b["tmp"])],
         "holds stages of another bench configuration (per_class differ)",

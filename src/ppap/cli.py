@@ -406,6 +406,17 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def _ablation_choice(text: str) -> tuple[str, ...] | str:
+    """``--ablations``: "all", "none", "default" or a comma list of row names (checked by the bench)."""
+    from .bench.classifier import DEFAULT_ABLATIONS, ablation_names
+
+    choice = {"all": "all", "none": (), "default": DEFAULT_ABLATIONS}.get(text)
+    if choice is None:
+        choice = tuple(n.strip() for n in text.split(",") if n.strip())
+        ablation_names(choice)  # a clear error for an unknown name, before anything loads
+    return choice
+
+
 def cmd_bench(args) -> int:
     out = Path(args.out or f"runs/bench-{args.suite}{'-quick' if args.quick else ''}")
     if args.suite == "classifier":
@@ -418,11 +429,13 @@ def cmd_bench(args) -> int:
             if args.workers < 1:
                 raise PPAPError(f"--workers must be >= 1 (got {args.workers})")
             cfg = dataclasses.replace(cfg, workers=args.workers)
+        if args.ablations is not None:
+            cfg = dataclasses.replace(cfg, ablations=_ablation_choice(args.ablations))
         results = run_classifier_bench(out, cfg=cfg, progress=not args.quiet)
         print(classifier_report(results))
     else:
-        if args.workers is not None:
-            raise PPAPError("--workers applies to `ppap bench classifier` only")
+        if args.workers is not None or args.ablations is not None:
+            raise PPAPError("--workers and --ablations apply to `ppap bench classifier` only")
         from .bench import dense_report, run_dense_bench
 
         results = run_dense_bench(out, quick=args.quick, progress=not args.quiet)
@@ -551,6 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help="processes for the independent jobs, the cores split between them (classifier suite; default 2, 1 = one process)",
+    )
+    b.add_argument(
+        "--ablations",
+        help='classifier suite: "default" (the winning levers and their recipe), "all" (every lever and the diagnosis), "none", or a comma list of rows',
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

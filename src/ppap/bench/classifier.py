@@ -12,7 +12,8 @@ Stages (each saved under ``out/`` and skipped when re-run, so a killed bench res
   6. noise    accuracy on noised real test images vs t (the paper's Sec. 3 analysis)
   7. ablate   the levers on PPAP-5 (training: warm start, rank, class-balanced corpus; guidance:
               frozen model at low t, soft routing, interval, normalisation) and the diagnosis
-              (the noise-aware model guiding one expert's range)
+              (the noise-aware model guiding one expert's range); by default only the winners
+              and their recipe (``BenchConfig.ablations``; ``--ablations all`` for every row)
 Then ``results.json``, ``report.md`` and the two plots.
 """
 
@@ -34,7 +35,7 @@ from ..data import corpus_spec, generate_corpus, load_corpus, load_fashion_mnist
 from ..experts import MANIFEST, ExpertBank, TimestepRouter, load_bank, load_manifest, make_bank, parameter_report
 from ..guidance import Calibration, GuidanceTerm
 from ..images import to_hwc_uint8
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import PPAPError, atomic_write_bytes, atomic_write_json
 from ..loading import load_guide
 from ..metrics import accuracy_under_noise, features, fid, kid, precision_recall
 from ..tasks import task_for
@@ -150,8 +151,30 @@ def _ablations(its: int) -> dict[str, Ablation]:
     return levers | diagnosis
 
 
+# what ``make bench`` runs: the base, the two levers that won and the recipe that combines them.
+# "all" adds the levers that lost and the diagnosis (issue #13's full table; every row is cached
+# on its own, so choosing a set never changes a row)
+DEFAULT_ABLATIONS = ("PPAP-5 (base)", "warm start", "rank 32", "default recipe (the winners together)")
+
+
+def ablation_names(which: tuple[str, ...] | str) -> list[str]:
+    """The ablations ``which`` names ("all", or a tuple of names), in the table's order."""
+    table = _ablations(1)
+    if which == "all":
+        return list(table)
+    unknown = [n for n in which if n not in table]
+    if unknown:
+        raise PPAPError(f"unknown ablation {unknown[0]!r}; choose from: {', '.join(table)}")
+    return [n for n in table if n in which]
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _ablation_stages(names: list[str], scale: float, noise_aware_scale: float) -> dict[str, str]:
+    """name -> the stage file of its row at these scales."""
+    return {n: f"ablation-{_slug(n)}-s{scale:g}-na{noise_aware_scale:g}" for n in names}
 
 
 @dataclass(frozen=True)
@@ -185,7 +208,7 @@ class BenchConfig:
     batch_size: int = 100  # sampling batch
     seed: int = 3000  # main table noises
     sweep_seed: int = 2000  # sweep noises (disjoint from the main table's)
-    ablate: bool = True
+    ablations: tuple[str, ...] | str = DEFAULT_ABLATIONS  # "all": every lever and the diagnosis; () = none
     # independent jobs (corpus shards, banks, sweep / main rows, ablations) run in this many
     # processes, the cores split between them. On 2 CPU cores two single-threaded workers trained
     # the banks 1.7x faster than one two-threaded process and sampled 1.0-1.14x (docs/BENCHMARKS.md);
@@ -212,8 +235,9 @@ QUICK = BenchConfig(
     noise_images=100,
     noise_timesteps=(0, 500, 999),
     ablation_per_class=1,
+    ablations="all",
     cost_batch=4,
-    cost_repeats=1,
+    cost_repeats=3,  # a median: one transient spike on a busy machine must not reorder the methods
     cost_in_fresh_process=False,
     batch_size=20,
     workers=1,  # at these sizes two spawned workers cost more to start (import, test-set features) than they save
@@ -528,7 +552,7 @@ class ClassifierBench(Bench):
         rows at its own. A stage file per row and scales, so another scale is another row."""
         table = _ablations(self.cfg.expert_iterations)
         names = list(table) if names is None else names
-        stage = {n: f"ablation-{_slug(n)}-s{scale:g}-na{noise_aware_scale:g}" for n in names}
+        stage = _ablation_stages(names, scale, noise_aware_scale)
         order = sorted(names, key=lambda n: -(_training_steps(table[n].bank.train) if isinstance(table[n].bank, BankSpec) else 0))
         done = self.jobs("ablations", {stage[n]: ("ablation", (n, scale, noise_aware_scale)) for n in order})
         return {n: done[stage[n]] for n in names}
@@ -557,9 +581,11 @@ class ClassifierBench(Bench):
         sweep = timed("sweep", self.sweep_stage)
         main = timed("main", lambda: self.main_stage(sweep), cached=all(self.stage.exists(f"main-{row.name}") for row in ROWS))
         noise = timed("noise", self.noise_stage)
-        ablations = (
-            timed("ablations", lambda: self.ablation_stage(main["ppap-5"]["scale"], main["noise-aware"]["scale"])) if cfg.ablate else {}
-        )
+        names, scales = ablation_names(cfg.ablations), (main["ppap-5"]["scale"], main["noise-aware"]["scale"])
+        ablations = {}
+        if names:  # each row is its own stage file, so that another choice of rows reads back those it shares
+            cached = all(self.stage.exists(f) for f in _ablation_stages(names, *scales).values())
+            ablations = timed("ablations", lambda: self.ablation_stage(*scales, names), cached=cached, save=False)
         results = _in_order(
             {
                 "config": dataclasses.asdict(cfg),

@@ -53,8 +53,9 @@ class _Stage:
         atomic_write_json(path, value)
         return value
 
-    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers",)) -> None:
-        """A results folder belongs to one configuration: refuse to mix the stages of two."""
+    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers", "ablations")) -> None:
+        """A results folder belongs to one configuration: refuse to mix the stages of two. How
+        it runs (``workers``) and which cached rows it adds (``ablations``) are not configuration."""
         path = self.dir / "config.json"
         config = json.loads(json.dumps(config))  # tuples -> lists, as read back
         if not path.exists():
@@ -201,19 +202,22 @@ def mid_step(diffusion: Diffusion, steps: int) -> SamplingGrid:
     return grid[len(grid) // 2 : len(grid) // 2 + 1]
 
 
-def time_steps(diffusion: Diffusion, guides: dict[str, Guide | None], batch: int, steps: int, repeats: int) -> dict[str, float]:
+def time_steps(
+    diffusion: Diffusion, guides: dict[str, Guide | None], batch: int, steps: int, repeats: int, whole: bool = False
+) -> dict[str, float]:
     """Median seconds of one mid-noise DDIM step (of a ``steps``-step schedule) at ``batch`` for
     each guide (None = unguided), timed round-robin so that a transient load on the machine hits
-    every method alike. Round 0 warms up and is dropped."""
+    every method alike. Round 0 warms up and is dropped. ``whole``: the whole ``steps``-step
+    trajectory instead (so a bank's expert switches are in the time), divided by ``steps``."""
     x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
-    step = mid_step(diffusion, steps)
+    step = diffusion.schedule.grid(steps, "ddim") if whole else mid_step(diffusion, steps)
     times: dict[str, list[float]] = {name: [] for name in guides}
     for r in range(repeats + 1):
         for name, guide in guides.items():
             t0 = time.perf_counter()
             sample_ddim(diffusion, x, step, guide=guide)
             if r:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append((time.perf_counter() - t0) / len(step))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
