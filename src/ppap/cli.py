@@ -407,10 +407,10 @@ def cmd_zoo(args) -> int:
 
 
 def _ablation_choice(text: str) -> tuple[str, ...] | str:
-    """``--ablations``: "all", "none", "default" or a comma list of row names (checked by the bench)."""
-    from .bench.classifier import DEFAULT_ABLATIONS, ablation_names
+    """``--ablations``: "all", "none" or a comma list of row names (checked by the bench)."""
+    from .bench.classifier import ablation_names
 
-    choice = {"all": "all", "none": (), "default": DEFAULT_ABLATIONS}.get(text)
+    choice = {"all": "all", "none": ()}.get(text)
     if choice is None:
         choice = tuple(n.strip() for n in text.split(",") if n.strip())
         ablation_names(choice)  # a clear error for an unknown name, before anything loads
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--ablations",
-        help='classifier suite: "default" (the winning levers and their recipe), "all" (every lever and the diagnosis), "none", or a comma list of rows',
+        help='classifier suite: also the ablation rows, "all" (issue #13\'s levers and diagnosis) or a comma list of rows (default: none)',
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
