@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ppap.bench.classifier import ROWS, BenchConfig, ClassifierBench
-from ppap.io import PPAPError, atomic_write_json
+from ppap.io import atomic_write_json
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     row = rows[args.row]
     bench = ClassifierBench(BenchConfig(workers=1), Path(args.out))
     if row.bank and not (bench.bank_dir(row.bank) / "ppap_experts.json").exists():
-        raise PPAPError(f"{bench.bank_dir(row.bank)} holds no trained bank: run `ppap bench classifier --out {args.out}` first")
+        raise SystemExit(f"error: {bench.bank_dir(row.bank)} holds no trained bank: run `ppap bench classifier --out {args.out}` first")
     result = bench.run_row(row, args.scale, bench.cfg.per_class, bench.cfg.seed)
     path = Path(args.out) / "extra" / f"main-{row.name}-s{args.scale:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
