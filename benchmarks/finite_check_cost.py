@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
-import statistics
-import time
 
 import torch
 
 import ppap.samplers as samplers
-from ppap.bench.common import mid_step
+from ppap.bench.common import mid_step, round_robin_median
 from ppap.loading import load_experts, load_guide, load_pipeline
 
 
@@ -33,17 +32,20 @@ def main() -> None:
     x = torch.randn((args.batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
     step = mid_step(diffusion, 25)
     checks, skip = samplers._check_finite, lambda x, t: None
-    times: dict[str, list[float]] = {f"{g} {c}": [] for g in guides for c in ("checks on", "checks off")}
-    for r in range(args.repeats + 1):
-        for g, fn in guides.items():
-            for c, check in (("checks on", checks), ("checks off", skip)):
-                samplers._check_finite = check  # the sample's check; the gradient's is one more reduction
-                t0 = time.perf_counter()
-                samplers.sample_ddim(diffusion, x, step, guide=fn)
-                if r:
-                    times[f"{g} {c}"].append(time.perf_counter() - t0)
-    samplers._check_finite = checks
-    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def step_with(fn, check):
+        samplers._check_finite = check  # the sample's check; the gradient's is one more reduction
+        samplers.sample_ddim(diffusion, x, step, guide=fn)
+
+    calls = {
+        f"{g} {c}": functools.partial(step_with, fn, check)
+        for g, fn in guides.items()
+        for c, check in (("checks on", checks), ("checks off", skip))
+    }
+    try:
+        med = round_robin_median(calls, args.repeats)
+    finally:
+        samplers._check_finite = checks
     for g in guides:
         on, off = med[f"{g} checks on"], med[f"{g} checks off"]
         print(

@@ -2,9 +2,11 @@
 initial noises and targets (seed and per-class count from the bench's configuration), reusing the
 bench folder's trained banks. The bench picks each row's scale by its sweep (highest accuracy,
 ties within 2 points to the lower FID); this shows the same row at another point of its
-accuracy / FID curve, e.g. at the scale another row was given.
+accuracy / FID curve, e.g. at the scale another row was given. ``--ablation`` puts an ablation's
+bank (PPAP guidance with it, none of the ablation's inference changes) on the same noises instead.
 
     python benchmarks/main_row.py --row "ppap-5 (default recipe)" --scale 10
+    python benchmarks/main_row.py --ablation "default recipe on real images (no labels)" --scale 30
 """
 
 from __future__ import annotations
@@ -13,24 +15,39 @@ import argparse
 import json
 from pathlib import Path
 
-from ppap.bench.classifier import ROWS, BenchConfig, ClassifierBench
+import torch
+
+from ppap.bench.classifier import ROWS, BenchConfig, ClassifierBench, Row, _ablations
 from ppap.io import atomic_write_json
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench-classifier", help="the bench folder (its banks must be trained)")
-    p.add_argument("--row", required=True, help="a main-table row name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--row", help="a main-table row name")
+    which.add_argument("--ablation", help="an ablation whose bank guides (PPAP) instead")
     p.add_argument("--scale", type=float, required=True)
     args = p.parse_args()
-    rows = {row.name: row for row in ROWS}
-    if args.row not in rows:
-        raise SystemExit(f"error: unknown row {args.row!r}; choose from: {', '.join(rows)}")
-    row = rows[args.row]
     bench = ClassifierBench(BenchConfig(workers=1), Path(args.out))
-    if row.bank and not (bench.bank_dir(row.bank) / "ppap_experts.json").exists():
-        raise SystemExit(f"error: {bench.bank_dir(row.bank)} holds no trained bank: run `ppap bench classifier --out {args.out}` first")
-    result = bench.run_row(row, args.scale, bench.cfg.per_class, bench.cfg.seed)
+    terms = None
+    if args.row is not None:
+        rows = {row.name: row for row in ROWS}
+        if args.row not in rows:
+            raise SystemExit(f"error: unknown row {args.row!r}; choose from: {', '.join(rows)}")
+        row, key = rows[args.row], rows[args.row].bank
+    else:
+        table = _ablations(bench.cfg.expert_iterations)
+        if args.ablation not in table:
+            raise SystemExit(f"error: unknown ablation {args.ablation!r}; choose from: {', '.join(table)}")
+        row, key = Row(args.ablation, "ppap"), bench.ablation_bank_key(args.ablation)
+    if key and not (bench.bank_dir(key) / "ppap_experts.json").exists():
+        raise SystemExit(f"error: {bench.bank_dir(key)} holds no trained bank: run `ppap bench classifier --out {args.out}` first")
+    if args.ablation is not None:
+        _, bank = bench.ablation_bank(args.ablation)
+        targets = torch.arange(bench.task.num_classes).repeat_interleave(bench.cfg.per_class)
+        terms = [bench.term(row, args.scale, targets, experts=bank)]
+    result = bench.run_row(row, args.scale, bench.cfg.per_class, bench.cfg.seed, terms=terms)
     path = Path(args.out) / "extra" / f"main-{row.name}-s{args.scale:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import itertools
 import json
-import statistics
-import time
 
 import torch
 
-from ppap.bench.common import mid_step, time_steps
+from ppap.bench.common import mid_step, round_robin_median, time_steps
 from ppap.loading import load_experts, load_guide, load_pipeline
 
 
@@ -74,13 +74,8 @@ def time_switch(bank, repeats: int = 40) -> float:
     """Median seconds of one expert switch of a merged bank (what the router pays when t crosses a
     boundary: a trajectory pays it once per expert)."""
     bank.eval()
-    times = []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        bank._activate(r % bank.router.num_experts)  # the switch alone, without a forward
-        if r:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    nexts = itertools.cycle(range(bank.router.num_experts))
+    return round_robin_median({"switch": lambda: bank.activate(next(nexts))}, repeats)["switch"]  # no forward
 
 
 def time_guide_calls(diffusion, guides: dict, batch: int, repeats: int) -> dict[str, float]:
@@ -90,15 +85,12 @@ def time_guide_calls(diffusion, guides: dict, batch: int, repeats: int) -> dict[
     t = torch.full((batch,), int(mid_step(diffusion, 25).timesteps[0]))
     with torch.no_grad():
         pred = diffusion(x, t)
-    times: dict[str, list[float]] = {name: [] for name in guides}
-    for r in range(repeats + 1):
-        for name, guide in guides.items():
-            t0 = time.perf_counter()
-            with torch.enable_grad():
-                guide(x, t, pred)
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+
+    def call(guide):
+        with torch.enable_grad():
+            guide(x, t, pred)
+
+    return round_robin_median({name: functools.partial(call, guide) for name, guide in guides.items()}, repeats)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ sizes), resume from their saved stages, and report every row and column."""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ppap import zoo
 from ppap.data import fashion_mnist_dir
@@ -44,7 +46,12 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     assert len(r["noise"]["per_expert"]["ppap-5"]) == 5
     ablations = r["ablations"]
     assert {a["factor"] for a in ablations.values()} == {"base", "recipe", "training", "guidance", "diagnosis"}
-    assert sum(a["factor"] == "diagnosis" for a in ablations.values()) == 5  # the noise-aware model in each range
+    assert sum(a["factor"] == "diagnosis" for a in ablations.values()) == 6  # the noise-aware model in each range, real images
+    on_real, recipe = ablations["default recipe on real images (no labels)"], ablations["default recipe (the winners together)"]
+    assert on_real["data"] == "real" and recipe["data"] == "corpus" and on_real["train"] == recipe["train"]  # only the images differ
+    real_bank = load_file(out / "banks" / "ablation-default_recipe_on_real_images__no_labels" / "expert_4" / "adapter_model.safetensors")
+    recipe_bank = load_file(out / "banks" / "ppap5-recipe" / "expert_4" / "adapter_model.safetensors")
+    assert real_bank.keys() == recipe_bank.keys() and any(not torch.equal(real_bank[k], recipe_bank[k]) for k in real_bank)
     assert ablations["rank 32"]["trainable_per_expert"] > 3 * ablations["PPAP-5 (base)"]["trainable_per_expert"]  # LoRA: 4x, norms: same
     assert ablations["PPAP-5 (base)"]["noisy_accuracy"] is None and ablations["warm start"]["noisy_accuracy_mean"] is not None
     assert ablations["gradient normalisation"]["guided"]["scale"] in NORMALIZED_SCALES

@@ -386,7 +386,9 @@ class LoRAExperts(ExpertBank):
                 layer.get_base_layer().weight.copy_(self._base_weights[id(layer)])  # type: ignore[operator]
         self._merged = None
 
-    def _activate(self, i: int) -> None:
+    def activate(self, i: int) -> None:
+        """Make expert ``i`` the one ``run_expert`` calls (peft's ``set_adapter``); in eval mode
+        also merge it into the weights, so that a routed call costs a plain forward."""
         merge = self.merge and not self.training
         if merge and self._merged == i:
             return
@@ -407,7 +409,7 @@ class LoRAExperts(ExpertBank):
         return self
 
     def run_expert(self, i: int, x: Tensor) -> Tensor:
-        self._activate(i)
+        self.activate(i)
         return self.guide(x)  # guide.net carries the injected adapters
 
     def teacher(self, x: Tensor) -> Tensor:

@@ -54,7 +54,9 @@ class Row:
 @dataclass(frozen=True)
 class BankSpec:
     train: TrainConfig
-    data: str  # "corpus" (data-free) or "labelled" (real training images with labels)
+    # "corpus" (data-free), "labelled" (real training images with labels) or "real" (real training
+    # images without labels, distilled like the corpus: a diagnosis of what the corpus costs)
+    data: str
     corpus_size: int | None = None  # use the first n corpus images (ablation)
 
 
@@ -148,6 +150,11 @@ def _ablations(its: int) -> dict[str, Ablation]:
         "gradient normalisation": Ablation("guidance", normalize=True),
     }
     diagnosis = {f"noise-aware in expert {i}'s range": Ablation("diagnosis", noise_aware_range=i) for i in range(5)}
+    # the default recipe distilled from real images instead of the DDPM's (still no label): what
+    # learning from generated images costs
+    diagnosis["default recipe on real images (no labels)"] = Ablation(
+        "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "real")
+    )
     return levers | diagnosis
 
 
@@ -318,6 +325,8 @@ class ClassifierBench(Bench):
         labels = None
         if spec.data == "labelled":
             images, labels = load_fashion_mnist("train")
+        elif spec.data == "real":  # as many real images as the corpus holds, their labels unused
+            images = load_fashion_mnist("train")[0][: spec.corpus_size or self.cfg.corpus_size]
         else:
             images = self.corpus()[: spec.corpus_size]
         train_experts(
@@ -484,11 +493,15 @@ class ClassifierBench(Bench):
             ]
         return out
 
-    def ablation_bank(self, name: str) -> tuple[str, ExpertBank]:
+    def ablation_bank_key(self, name: str) -> str:
+        """The bank folder key of ablation ``name``: its own, or the main-table bank it uses."""
         spec = _ablations(self.cfg.expert_iterations)[name].bank
+        return spec if isinstance(spec, str) else "ablation-" + _slug(name)
+
+    def ablation_bank(self, name: str) -> tuple[str, ExpertBank]:
+        key, spec = self.ablation_bank_key(name), _ablations(self.cfg.expert_iterations)[name].bank
         if isinstance(spec, str):
-            return spec, self.bank(spec)
-        key = "ablation-" + _slug(name)
+            return key, self.bank(key)
         if key not in self._banks:
             self._banks[key] = self.train_bank(key, spec)
         return key, self._banks[key]
@@ -533,8 +546,10 @@ class ClassifierBench(Bench):
         bank.blend = 0
         if isinstance(a.bank, BankSpec):
             self._banks.pop(key)
+        spec = a.bank if isinstance(a.bank, BankSpec) else _banks(self.cfg.expert_iterations)[a.bank]
         return {
             "factor": a.factor,
+            "data": spec.data,
             "train": load_manifest(self.bank_dir(key))["train"],
             "boundaries": list(bank.router.boundaries),
             "trainable_per_expert": int(parameter_report(bank)["trainable_per_expert"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -211,13 +212,20 @@ def time_steps(
     trajectory instead (so a bank's expert switches are in the time), divided by ``steps``."""
     x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
     step = diffusion.schedule.grid(steps, "ddim") if whole else mid_step(diffusion, steps)
-    times: dict[str, list[float]] = {name: [] for name in guides}
+    calls = {name: functools.partial(sample_ddim, diffusion, x, step, guide=guide) for name, guide in guides.items()}
+    return {name: seconds / len(step) for name, seconds in round_robin_median(calls, repeats).items()}
+
+
+def round_robin_median(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call over ``repeats`` rounds, every round calling each once in turn
+    so that a transient load on the machine hits them alike. Round 0 warms up and is dropped."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(repeats + 1):
-        for name, guide in guides.items():
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            sample_ddim(diffusion, x, step, guide=guide)
+            call()
             if r:
-                times[name].append((time.perf_counter() - t0) / len(step))
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
