@@ -47,9 +47,9 @@ def main() -> None:
         _, bank = bench.ablation_bank(args.ablation)
         targets = torch.arange(bench.task.num_classes).repeat_interleave(bench.cfg.per_class)
         terms = [bench.term(row, args.scale, targets, experts=bank)]
-    result = bench.run_row(row, args.scale, bench.cfg.per_class, bench.cfg.seed, terms=terms)
     path = Path(args.out) / "extra" / f"main-{row.name}-s{args.scale:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    result = bench.run_row(row, args.scale, bench.cfg.per_class, bench.cfg.seed, save=path.with_suffix(".npz"), terms=terms)
     atomic_write_json(path, result)
     print(json.dumps({k: v for k, v in result.items() if k != "per_class_accuracy"}))
     print("per class:", " ".join(f"{a:.0%}" for a in result["per_class_accuracy"]))

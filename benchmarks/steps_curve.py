@@ -50,6 +50,7 @@ def main() -> None:
     reuse = experts_location(args.reuse) if args.reuse else None
     points = {"recipe": [int(t) for t in args.totals.split(",")], "noise-aware": [int(t) for t in args.noise_aware_totals.split(",")]}
     result_path = Path(args.out) / "extra" / "steps_curve.json"
+    result_path.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(result_path.read_text()) if result_path.exists() else {}
     for method, totals in points.items():
         for total in totals:
@@ -73,18 +74,19 @@ def main() -> None:
                     bank, source = bench.train_bank(f"curve-{name}", s), str(bench.bank_dir(f"curve-{name}"))
                 row = Row(name, "noise-aware" if method == "noise-aware" else "ppap")
                 terms = [bench.term(row, scale, targets, experts=bank)]
-                out = bench.run_row(row, scale, bench.cfg.per_class, bench.cfg.seed, terms=terms)
+                save = result_path.parent / f"curve-{name}.npz"
+                out = bench.run_row(row, scale, bench.cfg.per_class, bench.cfg.seed, save=save, terms=terms)
             done[name] = out | {"method": method, "total_steps": total, "bank": source, "train": dataclasses.asdict(s.train)}
-            result_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(result_path, done)
             print(
                 f"| {method} | {total} | {scale:g} | {out['accuracy']:.1%} | {out['per_class_min']:.0%} | {out['fid']:.2f} | {source} |",
                 flush=True,
             )
-    print("| model | total steps | scale | accuracy | worst class | FID | bank |\n|---|---|---|---|---|---|---|")
+    print("| model | total steps | scale | accuracy | worst class | FID | precision | recall |\n|---|---|---|---|---|---|---|---|")
     for r in sorted(done.values(), key=lambda r: (r["method"], r["total_steps"])):
         print(
-            f"| {r['method']} | {r['total_steps']} | {r['scale']:g} | {r['accuracy']:.1%} | {r['per_class_min']:.0%} | {r['fid']:.2f} | {r['bank']} |"
+            f"| {r['method']} | {r['total_steps']} | {r['scale']:g} | {r['accuracy']:.1%} | {r['per_class_min']:.0%} | {r['fid']:.2f} "
+            f"| {r['precision']:.2f} | {r['recall']:.2f} |"
         )
 
 
