@@ -155,6 +155,12 @@ def _ablations(its: int) -> dict[str, Ablation]:
     diagnosis["default recipe on real images (no labels)"] = Ablation(
         "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "real")
     )
+    # the noise-aware model's own form (one full copy over every t, 5x the steps) trained data-free
+    # like the experts: what the multi-expert LoRA form costs or gains at the same data and steps
+    full = dict(PLAIN, adapter="full", lr=5e-4)
+    diagnosis["one full model distilled (no labels)"] = Ablation(
+        "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "corpus")
+    )
     return levers | diagnosis
 
 
