@@ -7,11 +7,13 @@ bank (PPAP guidance with it, none of the ablation's inference changes) on the sa
 
     python benchmarks/main_row.py --row "ppap-5 (default recipe)" --scale 10
     python benchmarks/main_row.py --ablation "default recipe on real images (no labels)" --scale 30
+    python benchmarks/main_row.py --row "ppap-5 (default recipe)" --scale 30 --interval 0,800
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,9 +30,9 @@ def main() -> None:
     which.add_argument("--row", help="a main-table row name")
     which.add_argument("--ablation", help="an ablation whose bank guides (PPAP) instead")
     p.add_argument("--scale", type=float, required=True)
+    p.add_argument("--interval", help="guide only for LO <= t < HI (LO,HI), as GuidanceTerm.interval")
     args = p.parse_args()
     bench = ClassifierBench(BenchConfig(workers=1), Path(args.out))
-    terms = None
     if args.row is not None:
         rows = {row.name: row for row in ROWS}
         if args.row not in rows:
@@ -43,11 +45,15 @@ def main() -> None:
         row, key = Row(args.ablation, "ppap"), bench.ablation_bank_key(args.ablation)
     if key and not (bench.bank_dir(key) / "ppap_experts.json").exists():
         raise SystemExit(f"error: {bench.bank_dir(key)} holds no trained bank: run `ppap bench classifier --out {args.out}` first")
-    if args.ablation is not None:
-        _, bank = bench.ablation_bank(args.ablation)
-        targets = torch.arange(bench.task.num_classes).repeat_interleave(bench.cfg.per_class)
-        terms = [bench.term(row, args.scale, targets, experts=bank)]
-    path = Path(args.out) / "extra" / f"main-{row.name}-s{args.scale:g}.json"
+    targets = torch.arange(bench.task.num_classes).repeat_interleave(bench.cfg.per_class)
+    bank = bench.ablation_bank(args.ablation)[1] if args.ablation is not None else None
+    term = bench.term(row, args.scale, targets, experts=bank)
+    suffix = ""
+    if args.interval:
+        lo, hi = (int(v) for v in args.interval.split(","))
+        term, suffix = dataclasses.replace(term, interval=(lo, hi)), f"-t{lo}-{hi}"
+    terms = None if term is None else [term]
+    path = Path(args.out) / "extra" / f"main-{row.name}-s{args.scale:g}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result = bench.run_row(row, args.scale, bench.cfg.per_class, bench.cfg.seed, save=path.with_suffix(".npz"), terms=terms)
     atomic_write_json(path, result)
