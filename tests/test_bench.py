@@ -171,6 +171,7 @@ def test_ablation_choice_is_checked_and_kept_in_table_order():
 
     table = list(_ablations(800))
     assert ablation_names("all") == table
+    assert not [n for n in table if "," in n]  # --ablations takes a comma list
     assert ablation_names(("rank 32", "PPAP-5 (base)")) == ["PPAP-5 (base)", "rank 32"]
     assert ablation_names(BenchConfig().ablations) == []  # make bench: the main table only
     with pytest.raises(PPAPError, match="unknown ablation 'rank 99'"):
