@@ -159,6 +159,10 @@ def _ablations(its: int) -> dict[str, Ablation]:
     diagnosis["default recipe on real images (no labels)"] = Ablation(
         "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "real")
     )
+    # ... and from all 60,000 (the noise-aware model's images): what the corpus's size costs
+    diagnosis["default recipe on 60000 real images (no labels)"] = Ablation(
+        "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "real", corpus_size=60000)
+    )
     # the noise-aware model's own form (one full copy over every t, 5x the steps) trained data-free
     # like the experts: what the multi-expert LoRA form costs or gains at the same data and steps
     full = dict(PLAIN, adapter="full", lr=5e-4)
