@@ -144,10 +144,6 @@ def _ablations(its: int) -> dict[str, Ablation]:
         "rank 16": Ablation("training", BankSpec(r(base, rank=16, alpha=16), "corpus")),
         "rank 32": Ablation("training", BankSpec(r(base, rank=32, alpha=32), "corpus")),
         "class-balanced corpus": Ablation("training", BankSpec(r(base, balance_classes=True), "corpus")),
-        # the default recipe's adapter as one expert over every t, with the five experts' steps
-        "one expert with 5x the steps (default recipe)": Ablation(
-            "training", BankSpec(TrainConfig(experts="1", iterations=5 * its), "corpus")
-        ),
         "frozen model for t < 40": Ablation("guidance", frozen_below=40),
         "soft routing (100 steps)": Ablation("guidance", blend=100),
         "no guidance at t >= 800": Ablation("guidance", interval=(0, 800)),
