@@ -165,6 +165,10 @@ def _ablations(its: int) -> dict[str, Ablation]:
     diagnosis["one full model distilled (no labels)"] = Ablation(
         "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "corpus")
     )
+    # ... on as many real images as the corpus holds: the images' source apart from their count
+    diagnosis["one full model distilled on real images (no labels)"] = Ablation(
+        "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "real")
+    )
     # ... and on the noise-aware model's own 60,000 images: only the targets differ (teacher, not labels)
     diagnosis["one full model distilled on 60000 real images (no labels)"] = Ablation(
         "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "real", corpus_size=60000)
