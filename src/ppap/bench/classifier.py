@@ -72,11 +72,13 @@ CALIBRATION_GRID = (
 # the paper's plain PPAP recipe, pinned against TrainConfig's defaults (``ppap train``'s recipe,
 # the "ppap-5 (default recipe)" row), so that changing those never changes these banks
 PLAIN = dict(adapter="lora", rank=8, alpha=8, lr=1e-3, batch_size=64, warm_start=False, balance_classes=False)
+# the baselines' full copies (noise-aware, multi-expert-supervised) and the diagnosis rows in their form
+FULL_COPY = dict(PLAIN, adapter="full", lr=5e-4)
 
 
 def _banks(its: int) -> dict[str, BankSpec]:
     lora = PLAIN
-    full = dict(PLAIN, adapter="full", lr=5e-4, objective="supervised")
+    full = dict(FULL_COPY, objective="supervised")
     return {
         # ADM practice: one classifier over all t; same total optimiser steps as the 5 experts
         "noise-aware": BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "labelled"),
@@ -161,7 +163,7 @@ def _ablations(its: int) -> dict[str, Ablation]:
     )
     # the noise-aware model's own form (one full copy over every t, 5x the steps) trained data-free
     # like the experts: what the multi-expert LoRA form costs or gains at the same data and steps
-    full = dict(PLAIN, adapter="full", lr=5e-4)
+    full = FULL_COPY
     diagnosis["one full model distilled (no labels)"] = Ablation(
         "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "corpus")
     )
