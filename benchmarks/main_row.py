@@ -32,6 +32,17 @@ def main() -> None:
     p.add_argument("--scale", type=float, required=True)
     p.add_argument("--interval", help="guide only for LO <= t < HI (LO,HI), as GuidanceTerm.interval")
     args = p.parse_args()
+    interval = None
+    if args.interval:
+        try:
+            lo, hi = (int(v) for v in args.interval.split(","))
+        except ValueError:
+            raise SystemExit(f"error: bad --interval {args.interval!r}: expected LO,HI (integers)") from None
+        if not 0 <= lo < hi:
+            raise SystemExit(f"error: bad --interval {args.interval!r}: expected 0 <= LO < HI")
+        if args.row == "unguided":
+            raise SystemExit("error: --interval needs a guided row, not 'unguided'")
+        interval = (lo, hi)
     bench = ClassifierBench(BenchConfig(workers=1), Path(args.out))
     if args.row is not None:
         rows = {row.name: row for row in ROWS}
@@ -49,9 +60,8 @@ def main() -> None:
     bank = bench.ablation_bank(args.ablation)[1] if args.ablation is not None else None
     term = bench.term(row, args.scale, targets, experts=bank)
     suffix = ""
-    if args.interval:
-        lo, hi = (int(v) for v in args.interval.split(","))
-        term, suffix = dataclasses.replace(term, interval=(lo, hi)), f"-t{lo}-{hi}"
+    if interval is not None and term is not None:
+        term, suffix = dataclasses.replace(term, interval=interval), f"-t{interval[0]}-{interval[1]}"
     terms = None if term is None else [term]
     path = Path(args.out) / "extra" / f"main-{row.name}-s{args.scale:g}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
