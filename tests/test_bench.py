@@ -47,12 +47,16 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     ablations = r["ablations"]
     assert {a["factor"] for a in ablations.values()} == {"base", "recipe", "training", "guidance", "diagnosis"}
     diagnosis = [name for name, a in ablations.items() if a["factor"] == "diagnosis"]
-    assert len(diagnosis) == 10  # noise-aware in each range (5), the recipe on real images (2), one full model (3)
+    assert len(diagnosis) == 12  # noise-aware in each range (5), the recipe on other images (3), one full model (4)
     on_real, recipe = ablations["default recipe on real images (no labels)"], ablations["default recipe (the winners together)"]
     assert on_real["data"] == "real" and recipe["data"] == "corpus" and on_real["train"] == recipe["train"]  # only the images differ
     real_bank = load_file(out / "banks" / "ablation-default_recipe_on_real_images__no_labels" / "expert_4" / "adapter_model.safetensors")
     recipe_bank = load_file(out / "banks" / "ppap5-recipe" / "expert_4" / "adapter_model.safetensors")
     assert real_bank.keys() == recipe_bank.keys() and any(not torch.equal(real_bank[k], recipe_bank[k]) for k in real_bank)
+    from ppap.data import load_corpus
+
+    larger, corpus = load_corpus(out / "corpus-96"), load_corpus(out / "corpus")  # the 3x corpus row's, beside the bench's 32
+    assert len(larger) == 96 and (larger[:32] - corpus).abs().max() <= 2 / 127.5  # the same first samples (batching aside)
     assert ablations["rank 32"]["trainable_per_expert"] > 3 * ablations["PPAP-5 (base)"]["trainable_per_expert"]  # LoRA: 4x, norms: same
     assert ablations["PPAP-5 (base)"]["noisy_accuracy"] is None and ablations["warm start"]["noisy_accuracy_mean"] is not None
     assert ablations["gradient normalisation"]["guided"]["scale"] in NORMALIZED_SCALES

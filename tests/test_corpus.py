@@ -338,3 +338,23 @@ def test_read_json_object_checks_types_and_values(tmp_path):
         read_json_object(tmp_path / "none.json", "config", schema)
     with pytest.raises(PPAPError, match="cannot read config"):
         read_json_object(tmp_path, "config", schema)  # a folder
+
+
+def test_a_larger_corpus_reuses_the_shards_it_shares(tmp_path):
+    """Sample k depends only on the seed and k, so a larger corpus with the same settings copies
+    the smaller one's whole shards (checked against its manifest) and draws only the rest."""
+    from ppap.data import reuse_shards
+
+    small = _fill(tmp_path / "small")  # shards of 4, 4, 2
+    (tmp_path / "small" / "shard-00001.npy").write_bytes(b"damaged")  # a shard that fails its checksum is not copied
+    big = _spec(num_samples=20)
+    open_corpus(tmp_path / "big", big)
+    assert reuse_shards(tmp_path / "big", big, tmp_path / "small") == 1  # shard 0; 1 is damaged, 2 is partial in the small one
+    assert open_corpus(tmp_path / "big", big) == [1, 2, 3, 4]
+    assert np.array_equal(np.load(shard_path(tmp_path / "big", 0)), _images(0, 4))
+    assert reuse_shards(tmp_path / "big", big, tmp_path / "big") == 0  # nothing left that it could copy
+    other = _spec(num_samples=20, seed=1)
+    open_corpus(tmp_path / "other", other)
+    assert reuse_shards(tmp_path / "other", other, tmp_path / "small") == 0  # another seed: other samples
+    _tidy(tmp_path / "big")
+    assert small.num_shards == 3

@@ -289,6 +289,30 @@ def write_shard(root: Path, k: int, images: Tensor | np.ndarray) -> None:
         atomic_write_json(root / MANIFEST, meta)
 
 
+def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.PathLike) -> int:
+    """Copy into corpus ``root`` (opened for ``spec``) the shards that the finished corpus
+    ``source`` already holds: sample k depends only on the seed and k, so a corpus with the same
+    settings but another size has the same shards wherever a shard is whole in both. A larger
+    corpus then draws only its new samples. Each copied shard is checked against ``source``'s
+    manifest first. Returns how many shards were copied."""
+    root, source = Path(root), Path(source)
+    theirs = _read_manifest(source)
+    if theirs["format"] != FORMAT:
+        raise PPAPError(f"corpus {source} has no shard checksums ({theirs['format']}); re-run `ppap generate` on it once")
+    other = CorpusSpec(**{key: theirs[key] for key in _SPEC_FIELDS})
+    if {**other.__dict__, "num_samples": spec.num_samples} != spec.__dict__:
+        return 0  # other settings: other samples
+    copied = 0
+    for k in _pending(root, spec):
+        if k >= other.num_shards or other.shard_count(k) != spec.shard_size or spec.shard_count(k) != spec.shard_size:
+            continue  # a partial shard in either holds other samples
+        arr, why = _read_shard(shard_path(source, k), theirs["shards"].get(_name(k)), spec.shard_size, None)
+        if why is None:
+            write_shard(root, k, arr)
+            copied += 1
+    return copied
+
+
 def _pending(root: Path, spec: CorpusSpec) -> list[int]:
     """The shards still to draw, for a drawing rank after the opener: a cheap check (file, record,
     size) that deletes nothing, so ranks never touch each other's work."""

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import corpus_spec, generate_corpus, load_corpus, load_fashion_mnist, open_corpus
+from ..data import corpus_spec, generate_corpus, load_corpus, load_fashion_mnist, open_corpus, reuse_shards
 from ..experts import MANIFEST, ExpertBank, TimestepRouter, load_bank, load_manifest, make_bank, parameter_report
 from ..guidance import Calibration, GuidanceTerm
 from ..images import to_hwc_uint8
@@ -57,7 +57,10 @@ class BankSpec:
     # "corpus" (data-free), "labelled" (real training images with labels) or "real" (real training
     # images without labels, distilled like the corpus: a diagnosis of what the corpus costs)
     data: str
-    corpus_size: int | None = None  # use the first n corpus images (ablation)
+    corpus_size: int | None = None  # use the first n images (ablation)
+    # "corpus" data: a corpus this many times the bench's own, drawn alike (its first samples are
+    # the bench's corpus, so only the new ones are drawn): what more generated images buy
+    corpus_multiple: int = 1
 
 
 CALIBRATED = Calibration(norm_temperature=2.0, softplus_beta=3.0, scale_schedule="sigma")
@@ -161,11 +164,19 @@ def _ablations(its: int) -> dict[str, Ablation]:
     diagnosis["default recipe on 60000 real images (no labels)"] = Ablation(
         "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "real", corpus_size=60000)
     )
+    # ... and from 3x as many generated images (the first third is the corpus): still data-free
+    diagnosis["default recipe on a 3x corpus (no labels)"] = Ablation(
+        "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "corpus", corpus_multiple=3)
+    )
     # the noise-aware model's own form (one full copy over every t, 5x the steps) trained data-free
     # like the experts: what the multi-expert LoRA form costs or gains at the same data and steps
     full = FULL_COPY
     diagnosis["one full model distilled (no labels)"] = Ablation(
         "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "corpus")
+    )
+    # ... on 3x as many generated images: what more of them buy the full copy
+    diagnosis["one full model distilled on a 3x corpus (no labels)"] = Ablation(
+        "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "corpus", corpus_multiple=3)
     )
     # ... on as many real images as the corpus holds: the images' source apart from their count
     diagnosis["one full model distilled on real images (no labels)"] = Ablation(
@@ -310,25 +321,41 @@ class ClassifierBench(Bench):
 
     # ---- data ------------------------------------------------------------------------------
 
-    def _corpus_root_and_spec(self):
+    def _corpus_root_and_spec(self, n: int | None = None):
+        """The folder and identity of the corpus of ``n`` samples (default: the bench's own); a
+        larger one lives beside it (``fashion-ddpm-12000`` next to ``fashion-ddpm-4000``)."""
+        n = n if n and n > self.cfg.corpus_size else self.cfg.corpus_size
         root = Path(self.cfg.corpus_dir) if self.cfg.corpus_dir else self.out / "corpus"
-        return root, corpus_spec(self.pipe, self.cfg.diffusion, self.cfg.corpus_size, steps=self.cfg.corpus_steps)
+        if n > self.cfg.corpus_size:
+            root = root.parent / f"{self.cfg.diffusion}-{n}" if self.cfg.corpus_dir else self.out / f"corpus-{n}"
+        return root, corpus_spec(self.pipe, self.cfg.diffusion, n, steps=self.cfg.corpus_steps)
 
-    def corpus_shard(self, k: int) -> int:
-        root, spec = self._corpus_root_and_spec()
+    def corpus_shard(self, k: int, n: int | None = None) -> int:
+        root, spec = self._corpus_root_and_spec(n)
         return generate_corpus(self.pipe, root, spec, shards=[k], progress=False)
 
-    def corpus_stage(self) -> None:
-        """Draw the shards the corpus still lacks, a job each (the shards are the cache)."""
-        root, spec = self._corpus_root_and_spec()
+    def corpus_stage(self, n: int | None = None) -> None:
+        """Draw the shards the corpus of ``n`` samples still lacks, a job each (the shards are the
+        cache); a larger corpus than the bench's own first copies the shards they share."""
+        root, spec = self._corpus_root_and_spec(n)
         missing = open_corpus(root, spec)
-        self.jobs("corpus", {f"corpus-shard-{k}": ("corpus_shard", (k,)) for k in missing}, cache=False)
+        larger = n is not None and n > self.cfg.corpus_size
+        if missing and larger:
+            self.corpus_stage()
+            reuse_shards(root, spec, self._corpus_root_and_spec()[0])
+            missing = open_corpus(root, spec)
+        tag = f"-{n}" if larger else ""
+        self.jobs("corpus", {f"corpus{tag}-shard-{k}": ("corpus_shard", (k, n)) for k in missing}, cache=False)
 
-    def corpus(self) -> torch.Tensor:
+    def corpus(self, n: int | None = None) -> torch.Tensor:
+        """The first ``n`` samples of the bench's corpus, or a larger corpus of ``n``."""
+        if n is not None and n > self.cfg.corpus_size:
+            self.corpus_stage(n)
+            return load_corpus(self._corpus_root_and_spec(n)[0])
         if self._corpus is None:
             self.corpus_stage()
             self._corpus = load_corpus(self._corpus_root_and_spec()[0])
-        return self._corpus
+        return self._corpus[:n]
 
     def bank_dir(self, key: str) -> Path:
         return self.out / "banks" / key
@@ -348,7 +375,7 @@ class ClassifierBench(Bench):
         elif spec.data == "real":  # as many real images as the corpus holds, their labels unused
             images = load_fashion_mnist("train")[0][: spec.corpus_size or self.cfg.corpus_size]
         else:
-            images = self.corpus()[: spec.corpus_size]
+            images = self.corpus(spec.corpus_multiple * self.cfg.corpus_size)[: spec.corpus_size]
         train_experts(
             bank, task, sched, images, spec.train, self.bank_dir(key), labels=labels, identity=guide.identity, progress=self.progress
         )
@@ -416,7 +443,7 @@ class ClassifierBench(Bench):
             "trainable_parameters": int(rep["trainable_per_expert"] * rep["num_experts"]),
             "backbone_parameters": int(rep["backbone_parameters"]),
             "labelled_images": 60000 if spec.data == "labelled" else 0,
-            "generated_images": self.cfg.corpus_size if spec.data == "corpus" else 0,
+            "generated_images": spec.corpus_multiple * self.cfg.corpus_size if spec.data == "corpus" else 0,
         }
 
     def banks_stage(self) -> dict:
@@ -587,6 +614,8 @@ class ClassifierBench(Bench):
         names = list(table) if names is None else names
         stage = _ablation_stages(names, scale, noise_aware_scale)
         order = sorted(names, key=lambda n: -(_training_steps(table[n].bank.train) if isinstance(table[n].bank, BankSpec) else 0))
+        for multiple in sorted({b.corpus_multiple for n in names if isinstance(b := table[n].bank, BankSpec) and b.data == "corpus"}):
+            self.corpus_stage(multiple * self.cfg.corpus_size)  # in the pool, before the banks that need it
         done = self.jobs("ablations", {stage[n]: ("ablation", (n, scale, noise_aware_scale)) for n in order})
         return {n: done[stage[n]] for n in names}
 
