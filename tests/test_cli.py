@@ -403,3 +403,20 @@ def test_generate_resumes_after_kill_without_loss_or_duplicates(tiny_models, tmp
     assert list(got) == list(want) and len(got) == 10
     assert all(np.array_equal(got[k], want[k]) for k in want)
     assert sum(len(v) for v in got.values()) == 100
+
+
+def test_generate_reuse_copies_the_shards_a_smaller_corpus_holds(tiny_models, capsys, tmp_path):
+    """A larger corpus with --reuse is the corpus drawn from scratch, drawing only the new shards."""
+    import torch
+
+    from ppap.data import load_corpus
+
+    args = ["generate", "--diffusion", tiny_models["diffusion"], "--shard-size", "16", "--steps", "3"]
+    assert run(args + ["--out", str(tmp_path / "small"), "--num", "40", "--quiet"], capsys)[0] == 0
+    code, out, err = run(args + ["--out", str(tmp_path / "big"), "--num", "72", "--reuse", str(tmp_path / "small")], capsys)
+    assert code == 0, err
+    assert "reused 2 shards" in out and "(3 written by rank 0)" in out  # shards 0-1; the small corpus's shard 2 is partial
+    assert run(args + ["--out", str(tmp_path / "fresh"), "--num", "72", "--quiet"], capsys)[0] == 0
+    assert torch.equal(load_corpus(tmp_path / "big"), load_corpus(tmp_path / "fresh"))
+    code, _, err = run(args + ["--out", str(tmp_path / "other"), "--num", "72", "--seed", "1", "--reuse", str(tmp_path / "small")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "drawn with other settings (seed: 0 there, 1 here); nothing reused" in err, err

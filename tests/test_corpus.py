@@ -355,6 +355,9 @@ def test_a_larger_corpus_reuses_the_shards_it_shares(tmp_path):
     assert reuse_shards(tmp_path / "big", big, tmp_path / "big") == 0  # nothing left that it could copy
     other = _spec(num_samples=20, seed=1)
     open_corpus(tmp_path / "other", other)
-    assert reuse_shards(tmp_path / "other", other, tmp_path / "small") == 0  # another seed: other samples
+    with pytest.raises(PPAPError) as e:  # another seed: other samples
+        reuse_shards(tmp_path / "other", other, tmp_path / "small")
+    _one_line(e, "was drawn with other settings (seed: 0 there, 1 here); nothing reused")
+    assert open_corpus(tmp_path / "other", other) == [0, 1, 2, 3, 4]
     _tidy(tmp_path / "big")
     assert small.num_shards == 3

@@ -136,7 +136,7 @@ def _conditioning(args, num: int):
 
 def cmd_generate(args) -> int:
     """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
-    from .data import corpus_spec, generate_corpus, open_corpus
+    from .data import corpus_spec, generate_corpus, open_corpus, reuse_shards
 
     check_out(args.out)
     if _number(args.eta, "--eta") < 0:
@@ -161,6 +161,10 @@ def cmd_generate(args) -> int:
     pipe.diffusion.schedule.grid(args.steps, args.sampler)  # bad steps / sampler fail before anything is written
     if acc.is_main_process:
         open_corpus(args.out, spec)  # one process creates the manifest (or refuses a different corpus)
+        if args.reuse:
+            reused = reuse_shards(args.out, spec, args.reuse)
+            if not args.quiet:
+                print(f"reused {reused} shards of {args.reuse}")
     acc.wait_for_everyone()
     written = generate_corpus(
         pipe, args.out, spec, conditioning=cond, rank=acc.process_index, world=acc.num_processes, progress=not args.quiet
@@ -488,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--shard-size", type=int, default=256, help="images per shard file")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--reuse", help="a finished corpus of these settings but another size: copy its whole shards instead of drawing them")
     g.add_argument("--quiet", action="store_true")
     add_model_flags(g)
     g.set_defaults(func=cmd_generate)

@@ -294,14 +294,15 @@ def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.Pat
     ``source`` already holds: sample k depends only on the seed and k, so a corpus with the same
     settings but another size has the same shards wherever a shard is whole in both. A larger
     corpus then draws only its new samples. Each copied shard is checked against ``source``'s
-    manifest first. Returns how many shards were copied."""
+    manifest first (a damaged one is left to draw). Returns how many shards were copied."""
     root, source = Path(root), Path(source)
     theirs = _read_manifest(source)
     if theirs["format"] != FORMAT:
         raise PPAPError(f"corpus {source} has no shard checksums ({theirs['format']}); re-run `ppap generate` on it once")
     other = CorpusSpec(**{key: theirs[key] for key in _SPEC_FIELDS})
-    if {**other.__dict__, "num_samples": spec.num_samples} != spec.__dict__:
-        return 0  # other settings: other samples
+    for key, want in spec.__dict__.items():
+        if key != "num_samples" and theirs[key] != want:  # other settings: other samples
+            raise PPAPError(f"corpus {source} was drawn with other settings ({key}: {theirs[key]!r} there, {want!r} here); nothing reused")
     copied = 0
     for k in _pending(root, spec):
         if k >= other.num_shards or other.shard_count(k) != spec.shard_size or spec.shard_count(k) != spec.shard_size:
