@@ -234,6 +234,9 @@ class BenchConfig:
     noise_images: int = 2000  # real test images for the noise-vs-accuracy analysis
     noise_timesteps: tuple[int, ...] = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
     ablation_per_class: int = 30  # guided samples per class for each ablation
+    # at most this many real images for the unlabelled "real" diagnosis banks (None: as each asks,
+    # up to all 60,000); the teacher labels every image once, which dominates a quick bench
+    real_images_limit: int | None = None
     cost_batch: int = 64
     cost_repeats: int = 10
     cost_in_fresh_process: bool = True  # per-method peak memory needs a process of its own
@@ -271,6 +274,7 @@ QUICK = BenchConfig(
     noise_images=100,
     noise_timesteps=(0, 500, 999),
     ablation_per_class=1,
+    real_images_limit=320,
     ablations="all",
     cost_batch=4,
     cost_repeats=3,  # a median: one transient spike on a busy machine must not reorder the methods
@@ -373,7 +377,8 @@ class ClassifierBench(Bench):
         if spec.data == "labelled":
             images, labels = load_fashion_mnist("train")
         elif spec.data == "real":  # as many real images as the corpus holds, their labels unused
-            images = load_fashion_mnist("train")[0][: spec.corpus_size or self.cfg.corpus_size]
+            n = spec.corpus_size or self.cfg.corpus_size
+            images = load_fashion_mnist("train")[0][: min(n, self.cfg.real_images_limit or n)]
         else:
             images = self.corpus(spec.corpus_multiple * self.cfg.corpus_size)[: spec.corpus_size]
         train_experts(
