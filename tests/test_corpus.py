@@ -359,5 +359,10 @@ def test_a_larger_corpus_reuses_the_shards_it_shares(tmp_path):
         reuse_shards(tmp_path / "other", other, tmp_path / "small")
     _one_line(e, "was drawn with other settings (seed: 0 there, 1 here); nothing reused")
     assert open_corpus(tmp_path / "other", other) == [0, 1, 2, 3, 4]
+    labelled = _spec(num_samples=20, condition={"class_labels": list(range(20)) * 5})  # a conditional corpus: long settings
+    open_corpus(tmp_path / "labelled", labelled)
+    with pytest.raises(PPAPError) as e:
+        reuse_shards(tmp_path / "labelled", labelled, tmp_path / "small")
+    _one_line(e, "was drawn with other settings (condition: differs); nothing reused")
     _tidy(tmp_path / "big")
     assert small.num_shards == 3

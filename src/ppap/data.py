@@ -302,7 +302,9 @@ def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.Pat
     other = CorpusSpec(**{key: theirs[key] for key in _SPEC_FIELDS})
     for key, want in spec.__dict__.items():
         if key != "num_samples" and theirs[key] != want:  # other settings: other samples
-            raise PPAPError(f"corpus {source} was drawn with other settings ({key}: {theirs[key]!r} there, {want!r} here); nothing reused")
+            values = f"{theirs[key]!r} there, {want!r} here"
+            detail = values if len(values) <= 120 else "differs"  # a conditional corpus's labels are long
+            raise PPAPError(f"corpus {source} was drawn with other settings ({key}: {detail}); nothing reused")
     copied = 0
     for k in _pending(root, spec):
         if k >= other.num_shards or other.shard_count(k) != spec.shard_size or spec.shard_count(k) != spec.shard_size:
