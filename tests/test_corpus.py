@@ -345,7 +345,7 @@ def test_a_larger_corpus_reuses_the_shards_it_shares(tmp_path):
     the smaller one's whole shards (checked against its manifest) and draws only the rest."""
     from ppap.data import reuse_shards
 
-    small = _fill(tmp_path / "small")  # shards of 4, 4, 2
+    assert _fill(tmp_path / "small").num_shards == 3  # shards of 4, 4, 2
     (tmp_path / "small" / "shard-00001.npy").write_bytes(b"damaged")  # a shard that fails its checksum is not copied
     big = _spec(num_samples=20)
     open_corpus(tmp_path / "big", big)
@@ -365,4 +365,3 @@ def test_a_larger_corpus_reuses_the_shards_it_shares(tmp_path):
         reuse_shards(tmp_path / "labelled", labelled, tmp_path / "small")
     _one_line(e, "was drawn with other settings (condition: differs); nothing reused")
     _tidy(tmp_path / "big")
-    assert small.num_shards == 3

@@ -325,13 +325,18 @@ class ClassifierBench(Bench):
 
     # ---- data ------------------------------------------------------------------------------
 
+    def _larger(self, n: int | None) -> bool:
+        """Whether ``n`` samples need a corpus of their own (more than the bench's holds)."""
+        return n is not None and n > self.cfg.corpus_size
+
     def _corpus_root_and_spec(self, n: int | None = None):
         """The folder and identity of the corpus of ``n`` samples (default: the bench's own); a
         larger one lives beside it (``fashion-ddpm-12000`` next to ``fashion-ddpm-4000``)."""
-        n = n if n and n > self.cfg.corpus_size else self.cfg.corpus_size
         root = Path(self.cfg.corpus_dir) if self.cfg.corpus_dir else self.out / "corpus"
-        if n > self.cfg.corpus_size:
-            root = root.parent / f"{self.cfg.diffusion}-{n}" if self.cfg.corpus_dir else self.out / f"corpus-{n}"
+        if not self._larger(n):
+            return root, corpus_spec(self.pipe, self.cfg.diffusion, self.cfg.corpus_size, steps=self.cfg.corpus_steps)
+        assert n is not None
+        root = root.parent / f"{self.cfg.diffusion}-{n}" if self.cfg.corpus_dir else self.out / f"corpus-{n}"
         return root, corpus_spec(self.pipe, self.cfg.diffusion, n, steps=self.cfg.corpus_steps)
 
     def corpus_shard(self, k: int, n: int | None = None) -> int:
@@ -343,17 +348,16 @@ class ClassifierBench(Bench):
         cache); a larger corpus than the bench's own first copies the shards they share."""
         root, spec = self._corpus_root_and_spec(n)
         missing = open_corpus(root, spec)
-        larger = n is not None and n > self.cfg.corpus_size
-        if missing and larger:
+        if missing and self._larger(n):
             self.corpus_stage()
             reuse_shards(root, spec, self._corpus_root_and_spec()[0])
             missing = open_corpus(root, spec)
-        tag = f"-{n}" if larger else ""
+        tag = f"-{n}" if self._larger(n) else ""
         self.jobs("corpus", {f"corpus{tag}-shard-{k}": ("corpus_shard", (k, n)) for k in missing}, cache=False)
 
     def corpus(self, n: int | None = None) -> torch.Tensor:
         """The first ``n`` samples of the bench's corpus, or a larger corpus of ``n``."""
-        if n is not None and n > self.cfg.corpus_size:
+        if self._larger(n):
             self.corpus_stage(n)
             return load_corpus(self._corpus_root_and_spec(n)[0])
         if self._corpus is None:
