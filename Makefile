@@ -18,8 +18,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ppap demo
 
+# one test process per core (pytest-xdist), a file's tests in one process (their module fixtures
+# are built once)
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout 600
+	$(PY) -m pytest -q --timeout 600 -n auto --dist loadfile
 
 # ruff (rules in pyproject.toml) and mypy on the public API's modules; CI runs it before the tests
 lint: $(STAMP)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist (make test: -n auto) runs one test process per core: one thread each, so that the
+# processes do not oversubscribe the cores
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 REPO = Path(__file__).resolve().parents[1]
 

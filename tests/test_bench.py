@@ -22,6 +22,7 @@ def needs(*names):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole bench in small (~5-8 min on one of 2 cores beside the other tests)
 @needs_data
 @needs("fashion-ddpm", "fashion-classifier", "fashion-evaluator")
 def test_classifier_bench_quick_runs_and_resumes(tmp_path):
@@ -37,6 +38,9 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     assert banks["ppap5"]["trainable_parameters"] == 5 * banks["ppap1"]["trainable_parameters"]
     assert banks["ppap5"]["trainable_parameters"] < banks["noise-aware"]["trainable_parameters"]
     assert banks["mes5"]["labelled_images"] > 0 and banks["ppap5"]["labelled_images"] == 0
+    full = banks["ppap1-full-tau1"]  # data-free, in the noise-aware model's form and steps
+    assert full["labelled_images"] == 0 and full["trainable_parameters"] == banks["noise-aware"]["trainable_parameters"]
+    assert full["train"]["tau"] == 1.0 and full["train"]["iterations"] == banks["noise-aware"]["train"]["iterations"]
     cost = r["cost"]
     assert cost["unguided"]["ratio_to_unguided"] == 1.0
     assert cost["x0"]["ratio_to_unguided"] > cost["x0-shortcut"]["ratio_to_unguided"]  # the UNet backward it skips
@@ -47,7 +51,7 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     ablations = r["ablations"]
     assert {a["factor"] for a in ablations.values()} == {"base", "recipe", "training", "guidance", "diagnosis"}
     diagnosis = [name for name, a in ablations.items() if a["factor"] == "diagnosis"]
-    assert len(diagnosis) == 12  # noise-aware in each range (5), the recipe on other images (3), one full model (4)
+    assert len(diagnosis) == 13  # noise-aware in each range (5), the recipe on other images (3), one full model (5)
     on_real, recipe = ablations["default recipe on real images (no labels)"], ablations["default recipe (the winners together)"]
     assert on_real["data"] == "real" and recipe["data"] == "corpus" and on_real["train"] == recipe["train"]  # only the images differ
     real_bank = load_file(out / "banks" / "ablation-default_recipe_on_real_images__no_labels" / "expert_4" / "adapter_model.safetensors")
@@ -57,12 +61,14 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
 
     larger, corpus = load_corpus(out / "corpus-96"), load_corpus(out / "corpus")  # the 3x corpus row's, beside the bench's 32
     assert len(larger) == 96 and (larger[:32] - corpus).abs().max() <= 2 / 127.5  # the same first samples (batching aside)
+    assert ablations["softer teacher (tau 1)"]["train"] == recipe["train"] | {"tau": 1.0}  # only the teacher's temperature differs
     assert ablations["rank 32"]["trainable_per_expert"] > 3 * ablations["PPAP-5 (base)"]["trainable_per_expert"]  # LoRA: 4x, norms: same
     assert ablations["PPAP-5 (base)"]["noisy_accuracy"] is None and ablations["warm start"]["noisy_accuracy_mean"] is not None
     assert ablations["gradient normalisation"]["guided"]["scale"] in NORMALIZED_SCALES
     assert all(a["guided"]["n"] == 10 and 0 <= a["guided"]["per_class_min"] <= a["guided"]["accuracy"] for a in ablations.values())
     report = (out / "report.md").read_text()
     assert "PPAP-5 accuracy / multi-expert-supervised-5" in report and "x0-shortcut-calibrated" in report
+    assert "ppap-1 (full copy, tau 1) / noise-aware: accuracy" in report
     for png in ("bench_sweep.png", "bench_noise_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     kept = _files_and_mtimes(out / "stages", out / "banks")
@@ -181,3 +187,21 @@ def test_ablation_choice_is_checked_and_kept_in_table_order():
     assert ablation_names(BenchConfig().ablations) == []  # make bench: the main table only
     with pytest.raises(PPAPError, match="unknown ablation 'rank 99'"):
         ablation_names(("rank 32", "rank 99"))
+
+
+def test_a_stage_that_adds_jobs_to_a_finished_one_adds_their_time(tmp_path):
+    """A row added to a finished table computes only its own jobs: the stage's recorded time is
+    the first call's plus this one's, not this call's alone."""
+    import time
+
+    from ppap.bench.common import Bench, _Stage
+
+    bench = Bench.__new__(Bench)  # only the stage bookkeeping: no models
+    bench.stage, bench._recorded, bench.timings = _Stage(tmp_path), {}, {}
+    bench.timed("main", lambda: time.sleep(0.2), cached=False, save=False)
+    first = bench.timings["main"]
+    bench.timed("main", lambda: time.sleep(0.3), cached=False, save=False, partly=True)
+    assert first >= 0.2 and bench.timings["main"] >= first + 0.3
+    assert json.loads((tmp_path / "stages" / "seconds.json").read_text())["main"] == bench.timings["main"]
+    bench.timed("main", lambda: time.sleep(0.1), cached=True, save=False)  # every job read back: the time stays
+    assert bench.timings["main"] >= first + 0.3

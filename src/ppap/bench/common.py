@@ -110,17 +110,20 @@ class Bench:
     def _run(self) -> dict:
         raise NotImplementedError
 
-    def timed(self, name: str, compute: Callable[[], Any], cached: bool | None = None, save: bool = True) -> Any:
+    def timed(self, name: str, compute: Callable[[], Any], cached: bool | None = None, save: bool = True, partly: bool = False) -> Any:
         """Stage ``name``: its value (``save``: kept in, or read back from, its stage file) and its
         seconds in ``stages/seconds.json``. A stage read back keeps the time recorded when it was
-        computed; ``cached`` says whether it is read back, where that is not its own file alone."""
+        computed; ``cached`` says whether it is read back, where that is not its own file alone;
+        ``partly``: some of its jobs are read back, so this call's time adds to the recorded one
+        (a row added to a finished table)."""
         cached = self.stage.exists(name) if cached is None else cached
         t = time.time()
         value = self.stage.get(name, compute) if save else compute()
         if cached and name in self._recorded:
             self.timings[name] = self._recorded[name]
         else:
-            self.timings[name] = self._recorded[name] = round(time.time() - t, 1)
+            before = self._recorded.get(name, 0.0) if partly else 0.0
+            self.timings[name] = self._recorded[name] = round(before + time.time() - t, 1)
             atomic_write_json(self.stage.dir / "seconds.json", self._recorded)
         return value
 
