@@ -1,5 +1,6 @@
 """Judge the .npz of a classifier-guided ``ppap sample`` run with the independent evaluator:
-accuracy on the requested class, per class, and each class's most common miss.
+accuracy on the requested class, per class, and each class's most common miss; with ``--fid``,
+also FID, precision and recall in the evaluator's features against the 10,000 real test images.
 
     ppap sample --diffusion fashion-ddpm --guide fashion-classifier --experts fashion-ppap5 \\
         --method ppap --target all --num 500 --out runs/zoo-check/ppap5.png
@@ -15,18 +16,20 @@ import torch
 
 from ppap.data import FASHION_MNIST_CLASSES
 from ppap.loading import load_guide
-from ppap.metrics import predict
+from ppap.metrics import features, fid, precision_recall, predict
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("npz")
     p.add_argument("--evaluator", default="fashion-evaluator")
+    p.add_argument("--fid", action="store_true", help="also FID / precision / recall vs the real test set (needs Fashion-MNIST)")
     args = p.parse_args()
     data = np.load(args.npz)
     images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 NHWC -> [-1, 1] NCHW
     requested = torch.from_numpy(data["targets"]).long()
-    judged = predict(load_guide(args.evaluator).net, images).argmax(-1)
+    evaluator = load_guide(args.evaluator).net
+    judged = predict(evaluator, images).argmax(-1)
     k = len(FASHION_MNIST_CLASSES)
     confusion = torch.zeros(k, k, dtype=torch.long)  # [requested, judged]
     for r, j in zip(requested.tolist(), judged.tolist()):
@@ -40,6 +43,14 @@ def main() -> None:
         row[c] = -1
         miss = f"{FASHION_MNIST_CLASSES[int(row.argmax())]} ({int(row.max())})" if row.max() > 0 else "-"
         print(f"| {name} | {per_class[c].item():.0%} | {miss} |")
+    if args.fid:
+        from ppap.data import load_fashion_mnist
+
+        real, fake = features(evaluator, load_fashion_mnist("test")[0]), features(evaluator, images)
+        precision, recall = precision_recall(real[: len(fake)], fake)  # as the bench: equal set sizes
+        print(
+            f"FID {fid(fake, real):.2f}, precision {precision:.2f}, recall {recall:.2f} (FID vs the 10,000 test images, biased up at small n; precision / recall vs as many)"
+        )
 
 
 if __name__ == "__main__":

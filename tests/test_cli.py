@@ -75,7 +75,7 @@ def test_generate_train_sample_end_to_end(tiny_models, capsys, tmp_path):
     assert "expert_1 t∈[30,100)" in out
     manifest = json.loads((experts / "ppap_experts.json").read_text())
     assert manifest["boundaries"] == [0, 30, 100] and manifest["trained"] == ["expert_0", "expert_1"]
-    assert manifest["adapter"]["rank"] == 2 and manifest["task"] == {"name": "classification", "num_classes": 10, "tau": 0.25}
+    assert manifest["adapter"]["rank"] == 2 and manifest["task"] == {"name": "classification", "num_classes": 10, "tau": 1.0}
     for method, sampler in (("ppap", "ddim"), ("ppap", "ddpm"), ("naive", "ddim"), ("x0", "ddim"), ("unguided", "ddpm")):
         code, out, err = run(
             [

@@ -334,20 +334,21 @@ def _expert_recipes() -> dict:
     return {
         "fashion-ppap5": ExpertRecipe(
             corpus_size=4000,
-            train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, rank=32, alpha=32, warm_start=True),
+            train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
         ),
-        # dense experts: same corpus (no labels); KD = per-pixel KL at tau 1 / L1 to the teacher's map
+        # dense experts: same corpus (no labels); KD = per-pixel KL at tau 1 / L1 to the teacher's
+        # map; the classifier's rank 32 and warm-started chain (benchmarks/dense_recipe.py)
         "fashion-segmenter-ppap5": ExpertRecipe(
             guide="fashion-segmenter",
             task="segmentation",
             corpus_size=4000,
-            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0, rank=8, alpha=8, warm_start=False),
+            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
         ),
         "fashion-edges-ppap5": ExpertRecipe(
             guide="fashion-edges",
             task="dense",
             corpus_size=4000,
-            train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0, rank=8, alpha=8, warm_start=False),
+            train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
         ),
     }
 
@@ -363,6 +364,7 @@ def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int) -> Path:
 def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> dict:
     """Corpus + experts in ``work_dir`` (resumable); the finished experts are swapped into ``out_dir``.
     The corpus lives beside the zoo work folder (``runs/corpus``), shared with other recipes."""
+    from .experts import load_manifest
     from .loading import load_guide, load_pipeline
     from .train import data_free_experts
 
@@ -370,7 +372,7 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> d
     t0 = time.time()
     pipe = load_pipeline(r.diffusion, device="cpu")
     corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size)
-    bank, stats = data_free_experts(
+    data_free_experts(
         pipe, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size, cfg=r.train, task_name=r.task, corpus_dir=corpus
     )
     out_dir, tmp = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + ".tmp")
@@ -381,7 +383,8 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> d
     card = {
         "recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)},
         "seconds_this_call": round(time.time() - t0, 1),
-        "stats": stats,
+        # every expert's, also those a resumed call read back (the call itself returns only its own)
+        "stats": load_manifest(out_dir)["stats"],
     }
     atomic_write_json(out_dir / "ppap_card.json", card)
     return card

@@ -49,7 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warm_start: bool = True  # start expert i from expert i-1's weights (the official code does; it wins, docs/BENCHMARKS.md)
     balance_classes: bool = False  # classification: draw the corpus so the teacher's pseudo-labels are uniform (no real labels)
-    tau: float | None = None  # KD temperature on the teacher (None: the task's own, 0.25 classification, 1 segmentation)
+    tau: float | None = None  # KD temperature on the teacher (None: the task's own, 1; the official code's 0.25 sharpens)
     seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
     checkpoint_every: int = 100  # steps between resume checkpoints
 

@@ -95,7 +95,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "fashion-segmenter-ppap5",
             "experts",
-            "5 data-free LoRA experts of fashion-segmenter on fashion-ddpm samples",
+            "5 data-free LoRA experts (rank 32, warm-started) of fashion-segmenter on fashion-ddpm samples",
             "fashion-segmenter-ppap5",
             task="segmentation",
             classes=SEGMENTER_CLASSES,
@@ -105,7 +105,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "fashion-edges-ppap5",
             "experts",
-            "5 data-free LoRA experts of fashion-edges on fashion-ddpm samples",
+            "5 data-free LoRA experts (rank 32, warm-started) of fashion-edges on fashion-ddpm samples",
             "fashion-edges-ppap5",
             task="dense",
             classes=(),

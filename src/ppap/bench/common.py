@@ -13,6 +13,7 @@ import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -185,8 +186,23 @@ _WORKER: Bench | None = None  # a pool worker's own bench, made once by _init_wo
 
 def _init_worker(cls: type, cfg: Any, out: str, threads: int) -> None:
     global _WORKER
+    exit_with_parent()
     torch.set_num_threads(threads)
     _WORKER = cls(cfg, Path(out), progress=False)
+
+
+def exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """End this worker process when the process that started it dies: a killed bench must not
+    leave its workers training on (a pool's workers otherwise finish their job first, and a bank
+    takes many minutes)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # a dead parent's children are reparented
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_job(bench: Bench | None, stage_name: str | None, method: str, args: tuple) -> Any:
