@@ -45,16 +45,9 @@ def score_bank(bench: DenseBench, task_name: str, bank_dir: str | Path, name: st
     bench.models[task_name] = (guide, load_experts(bank_dir, copy.deepcopy(guide), bench.diffusion))
 
     def compute() -> dict:
-        sweep_targets = bench.targets(task_name, bench.references(sweep=True))
-        sweep = [
-            bench.score(task_name, bench.sample_task(task_name, "ppap", s, sweep_targets, bench.cfg.sweep_seed)[0], sweep_targets)
-            | {"scale": s}
-            for s in bench.cfg.sweep_scales[task_name]["ppap"]
-        ]
+        sweep = bench.sweep_method(task_name, "ppap", bench.targets(task_name, bench.references(sweep=True)))
         best = max(sweep, key=lambda p: bench.key_metric(task_name, p))["scale"]
-        targets = bench.targets(task_name, bench.references(sweep=False))
-        x, seconds = bench.sample_task(task_name, "ppap", best, targets, bench.cfg.seed)
-        return {"sweep": sweep, "main": bench.score(task_name, x, targets) | {"scale": best, "seconds": round(seconds, 1)}}
+        return {"sweep": sweep, "main": bench.main_row(task_name, "ppap", best)}
 
     return bench.stage.get(f"{task_name}-{name}", compute)
 

@@ -45,6 +45,28 @@ def test_shortcut_gradient_is_the_x0_gradient_over_sqrt_abar(tiny_diffusion):
     assert torch.allclose(sigma, g * (1 - abar).sqrt(), atol=1e-6)
 
 
+def test_x0_gradient_is_that_of_the_clipped_loss_through_the_unet(tiny_diffusion):
+    """x0 guidance is the exact gradient w.r.t. x_t of log p(y | net(clip(x0_hat(x_t)))), saturated
+    pixels included (a straight-through clip gives another vector), from the same single forward
+    whose prediction the sampler uses."""
+    from ppap.guidance import PredictedX0Guide
+
+    torch.manual_seed(0)
+    net = tiny_classifier().eval()
+    task = Classification(10)
+    x_t = 3 * torch.randn(4, 1, 8, 8)
+    t = torch.full((4,), 90)  # high noise (of 100 steps): x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar) saturates
+    y = torch.tensor([1, 2, 3, 4])
+    pred, g = PredictedX0Guide(tiny_diffusion, net, task, y, 2.0).guided_prediction(x_t, t)
+    x = x_t.clone().requires_grad_(True)
+    x0 = tiny_diffusion(x, t).x0
+    saturated = (x0.detach().abs() > 1).float().mean()
+    assert 0.05 < saturated < 0.95  # the clip matters here
+    want = torch.autograd.grad(2.0 * task.log_likelihood(net(x0.clamp(-1, 1)), y).sum(), x)[0]
+    assert torch.allclose(g, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(pred.x0, x0.detach()) and not pred.x0.requires_grad
+
+
 def test_calibrated_log_likelihood_and_softplus():
     z, y = torch.randn(5, 10), torch.arange(5)
     plain = Calibration().calibrate_task(Classification(10))

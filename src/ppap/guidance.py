@@ -81,12 +81,13 @@ class PredictedX0Guide:
 
     def guided_prediction(self, x_t: Tensor, t: Tensor) -> tuple[Prediction, Tensor]:
         """The UNet's prediction and the guidance from ONE forward with grad (samplers use this
-        instead of their own no-grad forward). x0_hat is clipped to [-1, 1] straight-through: the
-        value the classifier sees is clipped, the gradient is not cut on saturated pixels, the
-        same loss as ``ShortcutX0Guide`` (which clips a detached x0_hat)."""
+        instead of their own no-grad forward). The gradient is that of the loss the model sees,
+        on x0_hat clipped to [-1, 1]: zero through saturated pixels. (A straight-through clip,
+        which passes it, keeps pushing pixels the clip already holds: on segmentation it broke
+        the images at the scales that work, docs/BENCHMARKS.md.)"""
         x = x_t.detach().requires_grad_(True)
         pred = self.diffusion(x, t)
-        x0 = pred.x0 + (pred.x0.clamp(-1, 1) - pred.x0).detach()
+        x0 = pred.x0.clamp(-1, 1)
         g = self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
         return Prediction(pred.eps.detach(), pred.x0.detach(), None if pred.variance is None else pred.variance.detach()), g
 

@@ -132,18 +132,19 @@ class DenseBench(Bench):
         """Higher is better: IoU for segmentation, minus L1 for the dense map."""
         return scores["iou"] if task_name == "segmentation" else -scores["l1"]
 
+    def sweep_method(self, task_name: str, method: str, targets: torch.Tensor) -> list[dict]:
+        """``method``'s scores at each of its sweep scales, on the sweep targets and seed."""
+        return [
+            self.score(task_name, self.sample_task(task_name, method, s, targets, self.cfg.sweep_seed)[0], targets) | {"scale": s}
+            for s in self.cfg.sweep_scales[task_name][method]
+        ]
+
     def sweep_stage(self) -> dict:
         out = {}
         refs = self.references(sweep=True)
         for task_name in TASKS:
             targets = self.targets(task_name, refs)
-            out[task_name] = {
-                m: [
-                    self.score(task_name, self.sample_task(task_name, m, s, targets, self.cfg.sweep_seed)[0], targets) | {"scale": s}
-                    for s in self.cfg.sweep_scales[task_name][m]
-                ]
-                for m in METHODS
-            }
+            out[task_name] = {m: self.sweep_method(task_name, m, targets) for m in METHODS}
         return out
 
     def _sample_main(self, task_name: str, method: str, scale: float, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
