@@ -29,7 +29,9 @@ VARIANTS = {
 }
 
 
-def train_bank(bench: DenseBench, experts_ref: str, variant: dict, work_dir: Path) -> tuple[Path, dict]:
+def train_bank(bench: DenseBench, experts_ref: str, variant: dict, work_dir: Path) -> tuple[Path, float]:
+    """The zoo recipe ``experts_ref`` with ``variant``'s changes, trained (or read back) in
+    ``work_dir``: its experts folder and its experts' training seconds."""
     r = EXPERT_RECIPES[experts_ref]
     cfg = dataclasses.replace(r.train, **variant)
     corpus = shared_corpus_dir(Path("runs/zoo"), r.diffusion, r.corpus_size)  # the zoo's own corpus
@@ -37,7 +39,7 @@ def train_bank(bench: DenseBench, experts_ref: str, variant: dict, work_dir: Pat
         bench.pipe, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size, cfg=cfg, task_name=r.task, corpus_dir=corpus
     )
     stats = load_manifest(work_dir / "experts")["stats"]  # every expert's, also those a resumed call read back
-    return work_dir / "experts", {"train": dataclasses.asdict(cfg), "seconds": round(sum(s["seconds"] for s in stats.values()), 1)}
+    return work_dir / "experts", round(sum(s["seconds"] for s in stats.values()), 1)
 
 
 def score_bank(bench: DenseBench, task_name: str, bank_dir: str | Path, name: str) -> dict:
@@ -79,8 +81,8 @@ def main() -> None:
         results[task_name] = {}
         for name, variant in VARIANTS.items():
             tag = f"r{variant['rank']}-{'warm' if variant['warm_start'] else 'cold'}"
-            bank_dir, trained = train_bank(bench, experts_ref, variant, out / f"{experts_ref}-{tag}")
-            results[task_name][name] = score_bank(bench, task_name, bank_dir, tag) | {"train_seconds": trained["seconds"]}
+            bank_dir, seconds = train_bank(bench, experts_ref, variant, out / f"{experts_ref}-{tag}")
+            results[task_name][name] = score_bank(bench, task_name, bank_dir, tag) | {"train_seconds": seconds}
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", report(results).encode())
     print(report(results))
