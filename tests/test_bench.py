@@ -81,9 +81,12 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     from ppap.bench.classifier import QUICK
 
     some = ("rank 32", "PPAP-5 (base)", "default recipe (the winners together)")
-    winners = run_classifier_bench(out, cfg=dataclasses.replace(QUICK, ablations=some), progress=False)
+    winners = run_classifier_bench(out, cfg=dataclasses.replace(QUICK, ablations=some, extra_rows=()), progress=False)
     assert list(winners["ablations"]) == ["PPAP-5 (base)", "default recipe (the winners together)", "rank 32"]  # table order
     assert all(winners["ablations"][n] == json.loads(json.dumps(r["ablations"][n])) for n in some)  # read back
+    default_rows = [row.name for row in ROWS if not row.extra]  # make bench's table: the extra rows left out
+    assert list(winners["main"]) == default_rows and all(winners["main"][n] == again["main"][n] for n in default_rows)
+    assert "ppap10" not in winners["banks"] and "x0-shortcut-calibrated" not in (out / "report.md").read_text()
     assert _files_and_mtimes(out / "stages", out / "banks") == kept
 
 
@@ -172,7 +175,7 @@ def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
     stage = _Stage(tmp_path)
     stage.check_config(dataclasses.asdict(QUICK))
     stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, workers=2)))  # how it runs, not what it measures
-    stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, ablations=())))  # which cached rows it adds
+    stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, ablations=(), extra_rows=())))  # which cached rows it adds
     with pytest.raises(PPAPError, match="per_class"):
         stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, per_class=3)))
 
@@ -188,6 +191,20 @@ def test_ablation_choice_is_checked_and_kept_in_table_order():
     assert ablation_names(BenchConfig().ablations) == []  # make bench: the main table only
     with pytest.raises(PPAPError, match="unknown ablation 'rank 99'"):
         ablation_names(("rank 32", "rank 99"))
+
+
+def test_the_main_tables_rows_are_the_default_ones_and_the_extra_rows_asked_for():
+    from ppap.bench.classifier import ROWS, BenchConfig, table_rows
+    from ppap.io import PPAPError
+
+    names = [row.name for row in table_rows(BenchConfig().extra_rows)]  # make bench
+    assert "ppap-10" not in names and "x0-shortcut" not in names
+    assert {"unguided", "naive", "noise-aware", "multi-expert-supervised-5", "ppap-1", "ppap-5", "x0"} <= set(names)
+    assert table_rows("all") == ROWS
+    both = [row.name for row in table_rows(("x0-shortcut", "ppap-10"))]
+    assert both == [row.name for row in ROWS if not row.extra or row.name in ("ppap-10", "x0-shortcut")]  # table order
+    with pytest.raises(PPAPError, match="unknown extra row 'ppap-5'"):  # a default row is not an extra one
+        table_rows(("ppap-5",))
 
 
 def test_a_stage_that_adds_jobs_to_a_finished_one_adds_their_time(tmp_path):

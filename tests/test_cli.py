@@ -298,6 +298,14 @@ CASES = {
         lambda b: ["bench", "classifier", "--ablations", "warm start,rank 99", "--out", str(b["tmp"] / "bench")],
         "unknown ablation 'rank 99'",
     ),
+    "bench unknown extra row": (
+        lambda b: ["bench", "classifier", "--extra-rows", "ppap-10,ppap-20", "--out", str(b["tmp"] / "bench")],
+        "unknown extra row 'ppap-20'",
+    ),
+    "extra rows of the dense bench": (
+        lambda b: ["bench", "dense", "--extra-rows", "all", "--out", str(b["tmp"] / "bench-dense")],
+        "--workers, --ablations and --extra-rows apply to `ppap bench classifier` only",
+    ),
     "bench of another configuration": (
         lambda b: ["bench", "classifier", "--out", _bench_folder_of_another_config(b["tmp"])],
         "holds stages of another bench configuration (per_class differ)",

@@ -410,14 +410,13 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-def _ablation_choice(text: str) -> tuple[str, ...] | str:
-    """``--ablations``: "all", "none" or a comma list of row names (checked by the bench)."""
-    from .bench.classifier import ablation_names
-
+def _row_choice(text: str, check) -> tuple[str, ...] | str:
+    """``--ablations`` / ``--extra-rows``: "all", "none" or a comma list of row names, which
+    ``check`` refuses with a clear error for an unknown name, before anything loads."""
     choice = {"all": "all", "none": ()}.get(text)
     if choice is None:
         choice = tuple(n.strip() for n in text.split(",") if n.strip())
-        ablation_names(choice)  # a clear error for an unknown name, before anything loads
+        check(choice)
     return choice
 
 
@@ -433,13 +432,17 @@ def cmd_bench(args) -> int:
             if args.workers < 1:
                 raise PPAPError(f"--workers must be >= 1 (got {args.workers})")
             cfg = dataclasses.replace(cfg, workers=args.workers)
+        from .bench.classifier import ablation_names, table_rows
+
         if args.ablations is not None:
-            cfg = dataclasses.replace(cfg, ablations=_ablation_choice(args.ablations))
+            cfg = dataclasses.replace(cfg, ablations=_row_choice(args.ablations, ablation_names))
+        if args.extra_rows is not None:
+            cfg = dataclasses.replace(cfg, extra_rows=_row_choice(args.extra_rows, table_rows))
         results = run_classifier_bench(out, cfg=cfg, progress=not args.quiet)
         print(classifier_report(results))
     else:
-        if args.workers is not None or args.ablations is not None:
-            raise PPAPError("--workers and --ablations apply to `ppap bench classifier` only")
+        if args.workers is not None or args.ablations is not None or args.extra_rows is not None:
+            raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
         from .bench import dense_report, run_dense_bench
 
         results = run_dense_bench(out, quick=args.quick, progress=not args.quiet)
@@ -573,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--ablations",
         help='classifier suite: also the ablation rows, "all" (issue #13\'s levers and diagnosis) or a comma list of rows (default: none)',
+    )
+    b.add_argument(
+        "--extra-rows",
+        help='classifier suite: also the main table\'s extra rows, "all" (ppap-10, x0-shortcut, x0-shortcut-calibrated) or a comma list (default: none)',
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

@@ -3,8 +3,9 @@
 Stages (each saved under ``out/`` and skipped when re-run, so a killed bench resumes):
   1. corpus   unlabelled DDIM samples of the DDPM (shared with the zoo recipes)
   2. banks    every trained guide, by the one training loop: noise-aware (1 full copy, labels),
-              multi-expert-supervised-5 (5 full copies, labels), PPAP-1/5/10 and the default
-              recipe (LoRA, data-free), PPAP-1 as one full copy toward a tau-1 teacher (data-free)
+              multi-expert-supervised-5 (5 full copies, labels), PPAP-1/5 and the default recipe
+              (LoRA, data-free), PPAP-1 as one full copy toward a tau-1 teacher (data-free); PPAP-10
+              only as an extra row (``--extra-rows``, like the x0 shortcuts)
   3. cost     one guided DDIM step per method vs an unguided one (timed round-robin), and the
               memory a guided step adds (each method in a fresh process)
   4. sweep    guidance scale per method on a separate seed set: accuracy and FID per scale
@@ -50,6 +51,10 @@ class Row:
     method: str  # guidance.METHODS key
     bank: str | None = None  # key into BenchConfig.banks
     calibration: Calibration = field(default_factory=Calibration)
+    # a row ``make bench`` leaves out unless asked (``BenchConfig.extra_rows``): it carries no
+    # claim the default rows do not (its figures are in docs/BENCHMARKS.md), and its cost would
+    # take the bench further past 90 min on 2 CPU cores
+    extra: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,12 +110,12 @@ ROWS = (
     Row("multi-expert-supervised-5", "multi-expert-supervised", "mes5"),
     Row("ppap-1", "ppap", "ppap1"),
     Row("ppap-5", "ppap", "ppap5"),
-    Row("ppap-10", "ppap", "ppap10"),
+    Row("ppap-10", "ppap", "ppap10", extra=True),
     Row("ppap-5 (default recipe)", "ppap", "ppap5-recipe"),
     Row("ppap-1 (full copy, tau 1)", "ppap", "ppap1-full-tau1"),
     Row("x0", "x0"),
-    Row("x0-shortcut", "x0-shortcut"),
-    Row("x0-shortcut-calibrated", "x0-shortcut", calibration=CALIBRATED),
+    Row("x0-shortcut", "x0-shortcut", extra=True),
+    Row("x0-shortcut-calibrated", "x0-shortcut", calibration=CALIBRATED, extra=True),
 )
 
 
@@ -211,6 +216,16 @@ def ablation_names(which: tuple[str, ...] | str) -> list[str]:
     return [n for n in table if n in which]
 
 
+def table_rows(extra: tuple[str, ...] | str) -> tuple[Row, ...]:
+    """The main table's rows: the default ones and the extra rows ``extra`` names ("all", or a
+    tuple of names), in the table's order."""
+    extras = [row.name for row in ROWS if row.extra]
+    unknown = [n for n in extra if n not in extras] if extra != "all" else []
+    if unknown:
+        raise PPAPError(f"unknown extra row {unknown[0]!r}; choose from: {', '.join(extras)}")
+    return tuple(row for row in ROWS if not row.extra or extra == "all" or row.name in extra)
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
@@ -259,6 +274,10 @@ class BenchConfig:
     # recipe, and the levers would take ``make bench`` past 90 min on 2 CPU cores. Every row is a
     # stage of its own, so any choice reads back the rows it shares with an earlier one.
     ablations: tuple[str, ...] | str = ()
+    # the main table's extra rows to run as well (``Row.extra``: PPAP-10, the x0 shortcuts): "all"
+    # or a tuple of names. Like the ablations, a choice of rows, not a configuration: a folder
+    # keeps every row it computed and adds those asked for later.
+    extra_rows: tuple[str, ...] | str = ()
     # independent jobs (corpus shards, banks, sweep / main rows, ablations) run in this many
     # processes, the cores split between them. On 2 CPU cores two single-threaded workers trained
     # the banks 1.7x faster than one two-threaded process and sampled 1.0-1.14x (docs/BENCHMARKS.md);
@@ -287,6 +306,7 @@ QUICK = BenchConfig(
     ablation_per_class=1,
     real_images_limit=320,
     ablations="all",
+    extra_rows="all",
     cost_batch=4,
     cost_repeats=3,  # a median: one transient spike on a busy machine must not reorder the methods
     cost_in_fresh_process=False,
@@ -333,6 +353,10 @@ class ClassifierBench(Bench):
         self.task = task_for(self.naive, self.pipe.image_shape, "classification")
         self._banks: dict[str, ExpertBank] = {}
         self._corpus: torch.Tensor | None = None
+        self.rows = table_rows(cfg.extra_rows)
+        used = {row.bank for row in self.rows}
+        self.bank_keys = [k for k in _banks(1) if k in used]  # the banks the table's rows guide with
+        self.noise_models = {name: key for name, key in NOISE_MODELS.items() if key is None or key in used}
 
     # ---- data ------------------------------------------------------------------------------
 
@@ -469,21 +493,21 @@ class ClassifierBench(Bench):
     def banks_stage(self) -> dict:
         self.corpus_stage()
         # longest first, so that two workers finish together
-        keys = sorted(_banks(self.cfg.expert_iterations), key=lambda k: -_training_steps(_banks(1)[k].train))
+        keys = sorted(self.bank_keys, key=lambda k: -_training_steps(_banks(1)[k].train))
         done = self.jobs("banks", {f"bank-{k}": ("bank_info", (k,)) for k in keys})
-        return {k: done[f"bank-{k}"] for k in _banks(self.cfg.expert_iterations)}
+        return {k: done[f"bank-{k}"] for k in self.bank_keys}
 
     def cost_stage(self) -> dict:
         """Seconds per guided step, all methods timed round-robin in this process (a transient load
         hits every method alike); the memory a step adds, each method in a fresh process."""
         targets = torch.arange(self.cfg.cost_batch) % self.task.num_classes
         guides = {}
-        for row in ROWS:
+        for row in self.rows:
             term = self.term(row, 1.0, targets)
             guides[row.name] = term.build(self.diffusion) if term is not None else None
         seconds = time_steps(self.diffusion, guides, self.cfg.cost_batch, self.cfg.steps, self.cfg.cost_repeats)
         rows = {}
-        for row in ROWS:
+        for row in self.rows:
             args = (
                 self.cfg.diffusion,
                 self.cfg.guide,
@@ -515,9 +539,9 @@ class ClassifierBench(Bench):
         ]
 
     def sweep_stage(self) -> dict:
-        rows = sorted(ROWS[1:], key=_row_cost, reverse=True)
-        done = self.jobs("sweep", {f"sweep-{row.name}": ("sweep_row", (row,)) for row in rows})
-        return {row.name: done[f"sweep-{row.name}"] for row in ROWS[1:]}
+        guided = [row for row in self.rows if row.method != "unguided"]
+        done = self.jobs("sweep", {f"sweep-{row.name}": ("sweep_row", (row,)) for row in sorted(guided, key=_row_cost, reverse=True)})
+        return {row.name: done[f"sweep-{row.name}"] for row in guided}
 
     def main_row(self, row: Row, scale: float) -> dict:
         (self.out / "samples").mkdir(exist_ok=True)
@@ -527,14 +551,14 @@ class ClassifierBench(Bench):
 
     def main_stage(self, sweep: dict) -> dict:
         jobs = {}
-        for row in sorted(ROWS, key=_row_cost, reverse=True):
+        for row in sorted(self.rows, key=_row_cost, reverse=True):
             scale, chosen = 0.0, row
             if row.method != "unguided":
                 point = _choose(sweep[row.name])
                 scale, chosen = point["scale"], dataclasses.replace(row, calibration=Calibration(**point["calibration"]))
             jobs[f"main-{row.name}"] = ("main_row", (chosen, scale))
         done = self.jobs("main", jobs)
-        return {row.name: done[f"main-{row.name}"] for row in ROWS}
+        return {row.name: done[f"main-{row.name}"] for row in self.rows}
 
     def noise_stage(self) -> dict:
         x, y = self.x_test[: self.cfg.noise_images], self.y_test[: self.cfg.noise_images]
@@ -545,7 +569,7 @@ class ClassifierBench(Bench):
             "timesteps": ts,
             "routed": {
                 name: accuracy_under_noise((lambda xt, t: off(xt)) if key is None else self.bank(key), sched, x, y, ts)
-                for name, key in NOISE_MODELS.items()
+                for name, key in self.noise_models.items()
             },
             "per_expert": {},
         }
@@ -673,12 +697,13 @@ class ClassifierBench(Bench):
             done = [self.stage.exists(f) for f in files]
             return timed(name, compute, cached=all(done), save=False, partly=any(done))
 
-        banks = jobs_stage("banks", self.banks_stage, [f"bank-{k}" for k in _banks(1)])
-        self._drop_if_lacking("cost", [row.name for row in ROWS])
+        rows = [row.name for row in self.rows]
+        banks = jobs_stage("banks", self.banks_stage, [f"bank-{k}" for k in self.bank_keys])
+        self._drop_if_lacking("cost", rows)
         cost = timed("cost", self.cost_stage)
-        sweep = jobs_stage("sweep", self.sweep_stage, [f"sweep-{row.name}" for row in ROWS[1:]])
-        main = jobs_stage("main", lambda: self.main_stage(sweep), [f"main-{row.name}" for row in ROWS])
-        self._drop_if_lacking("noise", list(NOISE_MODELS), part="routed")
+        sweep = jobs_stage("sweep", self.sweep_stage, [f"sweep-{n}" for n in rows[1:]])
+        main = jobs_stage("main", lambda: self.main_stage(sweep), [f"main-{n}" for n in rows])
+        self._drop_if_lacking("noise", list(self.noise_models), part="routed")
         noise = timed("noise", self.noise_stage)
         names, scales = ablation_names(cfg.ablations), (main["ppap-5"]["scale"], main["noise-aware"]["scale"])
         ablations = {}
@@ -748,7 +773,7 @@ def classifier_report(r: dict) -> str:
     lines.append(
         f"| *real training images* | | {real['accuracy']:.1%} | {real['fid']:.2f} | {real['kid']:.3f} | {real['precision']:.2f} | {real['recall']:.2f} | | | | | |"
     )
-    cal = main["x0-shortcut-calibrated"].get("calibration")
+    cal = main.get("x0-shortcut-calibrated", {}).get("calibration")
     if cal:
         lines.append(f"\nx0-shortcut-calibrated uses {_short(cal)} (best of {len(CALIBRATION_GRID)} calibrations x scales in the sweep).")
     p5, mes, nv = main["ppap-5"]["accuracy"], main["multi-expert-supervised-5"]["accuracy"], main["naive"]["accuracy"]

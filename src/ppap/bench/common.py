@@ -55,9 +55,10 @@ class _Stage:
         atomic_write_json(path, value)
         return value
 
-    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers", "ablations")) -> None:
+    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers", "ablations", "extra_rows")) -> None:
         """A results folder belongs to one configuration: refuse to mix the stages of two. How
-        it runs (``workers``) and which cached rows it adds (``ablations``) are not configuration."""
+        it runs (``workers``) and which cached rows it adds (``ablations``, ``extra_rows``) are
+        not configuration."""
         path = self.dir / "config.json"
         config = json.loads(json.dumps(config))  # tuples -> lists, as read back
         if not path.exists():
