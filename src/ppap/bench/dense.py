@@ -45,8 +45,13 @@ class DenseBenchConfig:
     sweep_targets: int = 30  # further test images for the scale sweep (separate seed)
     sweep_scales: dict = field(
         default_factory=lambda: {
-            "segmentation": {"naive": (100.0, 300.0, 1000.0), "x0": (30.0, 100.0, 300.0), "ppap": (100.0, 300.0, 1000.0)},
-            "dense": {"naive": (3000.0, 10000.0, 30000.0), "x0": (1000.0, 3000.0, 10000.0), "ppap": (3000.0, 10000.0, 30000.0)},
+            # every method's chosen scale inside its grid, not at an end of it (the x0 rival included)
+            "segmentation": {"naive": (100.0, 300.0, 1000.0), "x0": (30.0, 100.0, 300.0, 1000.0), "ppap": (100.0, 300.0, 1000.0, 3000.0)},
+            "dense": {
+                "naive": (1000.0, 3000.0, 10000.0, 30000.0),
+                "x0": (1000.0, 3000.0, 10000.0, 30000.0),
+                "ppap": (3000.0, 10000.0, 30000.0),
+            },
         }
     )
     steps: int = 25
