@@ -4,6 +4,7 @@ from torch import nn
 
 from ppap import AdapterConfig, Classification, FullExperts, LoRAExperts, PPAPError, TimestepRouter, TrainConfig, train_experts
 from ppap.experts import parameter_report
+from ppap.io import atomic_save_safetensors
 from ppap.models import tiny_classifier
 
 
@@ -76,8 +77,18 @@ def test_save_load_round_trip_and_bad_adapter_files(tmp_path):
     with torch.no_grad():
         for p in bank.trainable_parameters(2):
             p.add_(torch.randn_like(p))
-    bank.save_expert(2, tmp_path)
+    import os
+
+    old_umask = os.umask(0o022)
+    try:
+        bank.save_expert(2, tmp_path)
+        atomic_save_safetensors(tmp_path / "one.safetensors", {"w": torch.zeros(2)})  # ppap's own writer, alike
+    finally:
+        os.umask(old_umask)
     assert sorted(p.name for p in (tmp_path / "expert_2").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "expert_2").iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}  # others can read a shared bank
+    assert (tmp_path / "one.safetensors").stat().st_mode & 0o777 == 0o644
     other = _bank()
     other.load_expert(2, tmp_path)
     x = torch.randn(3, 1, 8, 8)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .io import PPAPError, read_json
+from .io import PPAPError, give_usual_permissions, read_json
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -324,6 +324,7 @@ class Diffusion(nn.Module):
         from diffusers import DDPMPipeline
 
         DDPMPipeline(unet=self.unet, scheduler=self.schedule.to_diffusers("ddpm")).save_pretrained(path, safe_serialization=True)
+        give_usual_permissions(Path(path))  # safetensors' save_file leaves 0600
 
 
 @dataclass

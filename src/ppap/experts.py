@@ -33,6 +33,7 @@ from .io import (
     check_fields,
     file_sha256,
     fingerprint,
+    give_usual_permissions,
     load_safetensors,
     load_weights_into,
     read_json,
@@ -451,7 +452,10 @@ class LoRAExperts(ExpertBank):
         self.model.save_pretrained(str(directory), selected_adapters=[expert_name(i)], safe_serialization=True)
         (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing useful
         folder = Path(directory) / expert_name(i)
-        return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
+        files = [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
+        for path in files:
+            give_usual_permissions(path)  # peft saves through safetensors' save_file, which leaves 0600
+        return files
 
     def load_expert(self, i: int, directory: str | os.PathLike) -> None:
         path = Path(directory) / expert_name(i)

@@ -26,6 +26,16 @@ class PPAPError(ValueError):
     """A user-facing error: the CLI prints its message as one line and exits with status 2."""
 
 
+def give_usual_permissions(path: Path) -> None:
+    """Set ``path``'s mode to what ``open()`` would have given it (0666 less the umask): writers
+    that go through a private temporary file leave 0600, which other users cannot read. A folder:
+    every ``*.safetensors`` under it (what a ``save_pretrained`` wrote that way)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]:
+        os.chmod(file, 0o666 & ~umask)
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,9 +43,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        give_usual_permissions(Path(tmp))  # mkstemp (and safetensors' save_file) make 0600
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
-from .io import PPAPError
+from .io import PPAPError, give_usual_permissions
 from .samplers import SAMPLERS, NonFiniteError
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
@@ -81,6 +82,12 @@ class PPAPPipeline(DiffusionPipeline):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.diffusion.image_shape
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """diffusers' ``save_pretrained``, with its weight files readable as any file ``open()``
+        writes (safetensors' ``save_file`` leaves them 0600)."""
+        super().save_pretrained(save_directory, **kwargs)
+        give_usual_permissions(Path(save_directory))
 
     # ---- guidance and conditions, resolved for a whole run -------------------------------------
 
