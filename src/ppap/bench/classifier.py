@@ -52,8 +52,8 @@ class Row:
     bank: str | None = None  # key into BenchConfig.banks
     calibration: Calibration = field(default_factory=Calibration)
     # a row ``make bench`` leaves out unless asked (``BenchConfig.extra_rows``): it carries no
-    # claim the default rows do not (its figures are in docs/BENCHMARKS.md), and its cost would
-    # take the bench further past 90 min on 2 CPU cores
+    # claim the default rows do not (its figures are in docs/BENCHMARKS.md), and its cost is what
+    # keeps ``make bench`` within 90 min on 2 CPU cores
     extra: bool = False
 
 
