@@ -27,13 +27,20 @@ def test_loads_a_diffusers_ddpm_folder_and_round_trips(tmp_path):
     assert isinstance(pipe.scheduler, DDPMScheduler)
     first = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np", progress=False)
     assert first.images.shape == (2, 8, 8, 1) and first.images.min() >= 0 and first.images.max() <= 1
+    private = tmp_path / "ppap" / "mine" / "private.safetensors"  # a user's own file in that folder
+    private.parent.mkdir(parents=True)
+    private.write_bytes(b"")
+    private.chmod(0o600)
+    os.utime(private, (0, 0))
     old_umask = os.umask(0o022)
     try:
         pipe.save_pretrained(tmp_path / "ppap")
     finally:
         os.umask(old_umask)
-    weights = sorted((tmp_path / "ppap").rglob("*.safetensors"))
+    weights = [w for w in sorted((tmp_path / "ppap").rglob("*.safetensors")) if w != private]
     assert weights and all(w.stat().st_mode & 0o777 == 0o644 for w in weights)  # not safetensors' 0600
+    assert private.stat().st_mode & 0o777 == 0o600  # only what the save wrote
+    private.unlink()
     again = PPAPPipeline.from_pretrained(tmp_path / "ppap")(
         batch_size=2, num_inference_steps=4, output_type="np", progress=False, generator=torch.Generator().manual_seed(0)
     )

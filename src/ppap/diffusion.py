@@ -13,6 +13,7 @@ both the noise and the clean-image estimate (``Prediction``), so samplers and gu
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -323,8 +324,9 @@ class Diffusion(nn.Module):
         """Write a diffusers pipeline directory (loads with ``DDPMPipeline`` / ``PPAPPipeline.from_pretrained``)."""
         from diffusers import DDPMPipeline
 
+        start = time.time() - 1.0  # file times may be coarser than time.time()
         DDPMPipeline(unet=self.unet, scheduler=self.schedule.to_diffusers("ddpm")).save_pretrained(path, safe_serialization=True)
-        give_usual_permissions(Path(path))  # safetensors' save_file leaves 0600
+        give_usual_permissions(Path(path), written_since=start)  # safetensors' save_file leaves 0600
 
 
 @dataclass

@@ -26,13 +26,16 @@ class PPAPError(ValueError):
     """A user-facing error: the CLI prints its message as one line and exits with status 2."""
 
 
-def give_usual_permissions(path: Path) -> None:
+def give_usual_permissions(path: Path, written_since: float | None = None) -> None:
     """Set ``path``'s mode to what ``open()`` would have given it (0666 less the umask): writers
     that go through a private temporary file leave 0600, which other users cannot read. A folder:
-    every ``*.safetensors`` under it (what a ``save_pretrained`` wrote that way)."""
+    the ``*.safetensors`` under it written at or after ``written_since`` (``time.time()`` before a
+    ``save_pretrained``), so that a user's other files there keep their modes."""
     umask = os.umask(0)
     os.umask(umask)
-    for file in sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]:
+    path = Path(path)
+    files = [path] if not path.is_dir() else [f for f in sorted(path.rglob("*.safetensors")) if f.stat().st_mtime >= (written_since or 0.0)]
+    for file in files:
         os.chmod(file, 0o666 & ~umask)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,9 @@ class PPAPPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """diffusers' ``save_pretrained``, with its weight files readable as any file ``open()``
         writes (safetensors' ``save_file`` leaves them 0600)."""
+        start = time.time() - 1.0  # file times may be coarser than time.time()
         super().save_pretrained(save_directory, **kwargs)
-        give_usual_permissions(Path(save_directory))
+        give_usual_permissions(Path(save_directory), written_since=start)
 
     # ---- guidance and conditions, resolved for a whole run -------------------------------------
 
