@@ -98,7 +98,7 @@ def _save_sample_outputs(out: Path, images: np.ndarray, targets: dict[str, np.nd
 def _pipeline(args):
     from .loading import load_pipeline
 
-    return load_pipeline(args.diffusion, device=args.device, dtype=args.dtype)
+    return load_pipeline(args.diffusion, device=args.device, dtype=args.dtype, revision=args.revision)
 
 
 def _conditioning(args, num: int):
@@ -212,9 +212,9 @@ def cmd_train(args) -> int:
         raise PPAPError(f"--limit must be >= 1, got {args.limit}")
     acc = _accelerator()
     device = resolve_device(args.device) if args.device else acc.device
-    diffusion = load_diffusion(args.diffusion)  # its schedule and image shape; the UNet is not run
+    diffusion = load_diffusion(args.diffusion, revision=args.revision)  # its schedule and image shape; the UNet is not run
     schedule, image_shape = diffusion.schedule, diffusion.image_shape
-    guide = load_guide(args.guide, args.guide_weights, task=args.task).to(device)
+    guide = load_guide(args.guide, args.guide_weights, task=args.task, revision=args.revision).to(device)
     task = task_for(guide, image_shape, args.task or guide.task or "classification", tau=cfg.tau)
     router = TimestepRouter.parse(cfg.experts, schedule.num_train_timesteps, schedule.alphas_cumprod)
     if args.dry_run:
@@ -299,8 +299,10 @@ def build_term(
     scale=None,
     calibration: str = "",
     fit: str = "resize",
+    revision: str | None = None,
 ):
-    """Load what one guidance term names and resolve its ``num`` targets."""
+    """Load what one guidance term names and resolve its ``num`` targets (``revision``: of the
+    hub ids that name none of their own)."""
     import copy
 
     from .guidance import Calibration
@@ -309,8 +311,8 @@ def build_term(
 
     if target_image is not None and target_map is not None:
         raise PPAPError("give --target-image or --target-map, not both")
-    model = load_guide(guide, guide_weights, task=task)
-    bank = load_experts(experts, copy.deepcopy(model), pipe.diffusion) if experts else None
+    model = load_guide(guide, guide_weights, task=task, revision=revision)
+    bank = load_experts(experts, copy.deepcopy(model), pipe.diffusion, revision=revision) if experts else None
     image = load_reference_image(target_image, pipe.image_shape, fit) if target_image else None
     target_value = load_target_map(target_map) if target_map else target
     return pipe.guidance_term(
@@ -364,6 +366,7 @@ def cmd_sample(args) -> int:
                 scale=args.scale,
                 calibration=args.calibration,
                 fit=fit,
+                revision=args.revision,
             )
         )
     elif args.experts:
@@ -373,7 +376,7 @@ def cmd_sample(args) -> int:
     for spec in args.term:
         kw = parse_term(spec)
         kw.setdefault("method", args.method)
-        terms.append(build_term(pipe, args.num, fit=fit, **kw))
+        terms.append(build_term(pipe, args.num, fit=fit, revision=args.revision, **kw))
     terms = [t for t in terms if t is not None]
     described = " + ".join(t.description for t in terms)
     x = generate(
@@ -463,6 +466,16 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+MODEL_REF = "a folder, a zoo name or a hub id org/name[@revision]"
+
+
+def add_revision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--revision",
+        help="hub branch, tag or commit hash for every hub id given without its own @revision (default: main)",
+    )
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Where the diffusion model runs, and the conditions of a conditional one."""
     group = parser.add_argument_group("diffusion model")
@@ -486,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="draw a data-free corpus from a diffusion model")
-    g.add_argument("--diffusion", required=True, help="zoo name or diffusers model directory")
+    g.add_argument("--diffusion", required=True, help=f"the diffusers model: {MODEL_REF}")
     g.add_argument("--out", required=True, help="corpus directory (re-run to resume)")
     g.add_argument("--num", type=int, default=1000, help="number of images")
     g.add_argument("--steps", type=int, default=25, help="sampling steps")
@@ -498,13 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reuse", help="a finished corpus of these settings but another size: copy its whole shards instead of drawing them")
     g.add_argument("--quiet", action="store_true")
     add_model_flags(g)
+    add_revision_flag(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train noise-range experts (PPAP, or supervised baselines)")
-    t.add_argument("--diffusion", required=True, help="zoo name or diffusers model directory (its schedule is used)")
-    t.add_argument(
-        "--guide", required=True, help="the off-the-shelf model: zoo name, transformers model folder, or package.module:function"
-    )
+    t.add_argument("--diffusion", required=True, help=f"the diffusers model (its schedule is used): {MODEL_REF}")
+    t.add_argument("--guide", required=True, help=f"the off-the-shelf model: transformers model {MODEL_REF}, or package.module:function")
     t.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
     t.add_argument(
         "--task",
@@ -518,14 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     t.add_argument("--quiet", action="store_true")
+    add_revision_flag(t)
     add_config_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="sample images, guided or not; writes a PNG grid and an .npz")
-    s.add_argument("--diffusion", required=True, help="zoo name or diffusers model directory")
-    s.add_argument("--guide", help="the off-the-shelf model: zoo name, transformers model folder, or package.module:function")
+    s.add_argument("--diffusion", required=True, help=f"the diffusers model: {MODEL_REF}")
+    s.add_argument("--guide", help=f"the off-the-shelf model: transformers model {MODEL_REF}, or package.module:function")
     s.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
-    s.add_argument("--experts", help="zoo name or directory from `ppap train` (for --method ppap)")
+    s.add_argument("--experts", help="the experts (for --method ppap): folder from `ppap train`, zoo name or hub id org/name[@revision]")
     s.add_argument("--method", default="ppap", help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut")
     s.add_argument("--calibration", default="", help="x0-shortcut options, e.g. 'norm_temperature=2,softplus_beta=3,scale_schedule=sigma'")
     s.add_argument("--task", help="task of a --guide without experts (default: the zoo entry's, else classification)")
@@ -553,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="PNG path; the .npz is written beside it")
     s.add_argument("--quiet", action="store_true")
     add_model_flags(s)
+    add_revision_flag(s)
     s.set_defaults(func=cmd_sample)
 
     z = sub.add_parser("zoo", help="list or (re)train the shipped models")

@@ -304,21 +304,34 @@ class Diffusion(nn.Module):
         return Denoiser(self, cond)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> Diffusion:
-        """Load a diffusers directory: a pipeline folder (``unet/`` + ``scheduler/``) or a UNet
-        folder with ``scheduler_config.json`` beside its ``config.json``."""
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+    ) -> Diffusion:
+        """Load a diffusers model from a folder or a hub id (``org/name[@revision]``, see
+        :mod:`ppap.hub`): a pipeline folder (``unet/`` + ``scheduler/``) or a UNet folder with
+        ``scheduler_config.json`` beside its ``config.json``; ``subfolder``: where that sits in the
+        folder or repo. ``torch_dtype`` and ``variant`` as in diffusers (``variant="fp16"`` loads
+        ``diffusion_pytorch_model.fp16.safetensors``)."""
+        from . import hub
+
         root = Path(path)
         if not root.is_dir():
-            raise PPAPError(f"diffusion model directory not found: {root}")
-        unet_dir, sched_file = (
-            (root / "unet", root / "scheduler" / SCHEDULER_CONFIG) if (root / "unet").is_dir() else (root, root / SCHEDULER_CONFIG)
-        )
+            if not hub.is_hub_id(str(path)):
+                raise hub.not_found(str(path), "diffusion model directory", f"a diffusers folder or {hub.HUB_FORM}")
+            root = hub.download_diffusion(str(path), revision=revision, subfolder=subfolder, variant=variant)
+        unet_dir, sched_file = hub.diffusers_layout(root, subfolder, str(path))
         if not (unet_dir / "config.json").exists():
-            raise PPAPError(f"{root} is not a diffusers UNet directory (no config.json or unet/config.json)")
+            raise PPAPError(f"{path} is not a diffusers UNet directory (no config.json or unet/config.json)")
         if not sched_file.exists():
-            raise PPAPError(f"{root} has no scheduler config ({sched_file} missing)")
+            raise PPAPError(f"{path} has no scheduler config ({sched_file} missing)")
         schedule = NoiseSchedule.from_config(read_json(sched_file, "scheduler config"))
-        return cls(load_unet(unet_dir), schedule, name=str(root))
+        return cls(load_unet(unet_dir, torch_dtype=torch_dtype, variant=variant), schedule, name=str(path))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a diffusers pipeline directory (loads with ``DDPMPipeline`` / ``PPAPPipeline.from_pretrained``)."""
@@ -348,14 +361,17 @@ class Denoiser:
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
-def load_unet(directory: Path) -> nn.Module:
+def load_unet(directory: Path, torch_dtype: torch.dtype | None = None, variant: str | None = None) -> nn.Module:
     """A diffusers pixel-space UNet from its folder, of the class its config names."""
     import diffusers
+
+    from .hub import UNET_WEIGHTS, require_safetensors
 
     name = read_json(directory / "config.json", "UNet config").get("_class_name", "UNet2DModel")
     if name not in UNET_CLASSES:
         raise PPAPError(f"{directory} holds a {name}; ppap takes pixel-space {' or '.join(UNET_CLASSES)}")
+    require_safetensors(directory, UNET_WEIGHTS, variant)
     try:
-        return getattr(diffusers, name).from_pretrained(directory, use_safetensors=True)
-    except Exception as e:  # corrupt weights, missing safetensors
+        return getattr(diffusers, name).from_pretrained(directory, use_safetensors=True, torch_dtype=torch_dtype, variant=variant)
+    except Exception as e:  # corrupt weights
         raise PPAPError(f"cannot load the UNet in {directory} ({str(e).splitlines()[0][:200]})") from None

@@ -288,6 +288,30 @@ class ExpertBank(nn.Module):
     def load_expert(self, i: int, directory: str | os.PathLike) -> None:
         raise NotImplementedError
 
+    manifest: dict | None = None  # the manifest load_bank read (save_pretrained writes its records back)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        guide: nn.Module,
+        pretrained: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        schedule: NoiseSchedule | None = None,
+        require_all: bool = True,
+    ) -> ExpertBank:
+        """``load_bank`` of a folder, a zoo name or a hub id ``org/name[@revision]`` (its JSON and
+        safetensors files fetched into the HF cache; see :mod:`ppap.hub`), on ``guide``."""
+        return load_bank(guide, bank_folder(pretrained, revision=revision, subfolder=subfolder), schedule=schedule, require_all=require_all)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None, task: Task | None = None
+    ) -> None:
+        """Write the bank where ``from_pretrained`` reads it (a folder to upload to the Hub as it
+        is). ``schedule`` and ``task`` default to those recorded when the bank was loaded or trained."""
+        save_pretrained_bank(self, save_directory, schedule=schedule, task=task)
+
 
 def as_guide_model(guide: nn.Module) -> GuideModel:
     """A plain nn.Module taking the diffusion model's images in [-1, 1] is a GuideModel as it is."""
@@ -654,5 +678,48 @@ def load_bank(
     for i in range(router.num_experts):
         if expert_name(i) in trained:
             bank.load_expert(i, directory)
-    bank.task, bank.default_scale = task, manifest.get("default_scale")
+    bank.task, bank.default_scale, bank.manifest = task, manifest.get("default_scale"), manifest
     return bank.eval()
+
+
+BANK_FILES = ("*.json", "*.safetensors")  # the manifest and each expert's adapter config and weights
+
+
+def bank_folder(ref: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None) -> Path:
+    """A bank's local folder: a folder as it is, else a zoo bank's, else a hub id's snapshot."""
+    from . import hub, zoo
+
+    if Path(ref).is_dir():
+        return hub.subfolder_of(Path(ref), subfolder, str(ref))
+    if zoo.is_zoo_name(str(ref)):
+        return hub.subfolder_of(zoo.get(str(ref), "experts").location, subfolder, str(ref))
+    if hub.is_hub_id(str(ref)):
+        return hub.hub_folder(str(ref), BANK_FILES, revision=revision, subfolder=subfolder)
+    forms = f"a folder written by `ppap train`, a zoo name ({hub.zoo_names('experts')}) or {hub.HUB_FORM}"
+    raise hub.not_found(str(ref), "experts directory", forms)
+
+
+def save_pretrained_bank(
+    bank: ExpertBank, directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None, task: Task | None = None
+) -> None:
+    """``save_bank`` with what the bank recorded: its task, and the schedule, statistics and
+    trained experts of the manifest it was loaded from (``schedule`` is needed otherwise)."""
+    loaded = bank.manifest or {}
+    task = task or bank.task
+    if task is None:
+        raise PPAPError("save_pretrained needs task= (the bank was neither loaded from disk nor trained)")
+    if schedule is not None:
+        if loaded and loaded["schedule"].get("fingerprint") != schedule_fingerprint(schedule):
+            raise PPAPError("save_pretrained: the given schedule is not the one the experts were trained for")
+        manifest = bank_manifest(bank, task, schedule, stats=loaded.get("stats", {}))
+    elif loaded:
+        manifest = loaded | {"format": FORMAT, "task": asdict(task), "trained": [], "files": {}}  # type: ignore[call-overload]
+    else:
+        raise PPAPError("save_pretrained needs schedule= (the diffusion model's NoiseSchedule) for a bank not loaded from disk")
+    if bank.default_scale is not None:
+        manifest["default_scale"] = bank.default_scale
+    trained = loaded.get("trained") or [expert_name(i) for i in range(bank.router.num_experts)]
+    for i in range(bank.router.num_experts):
+        if expert_name(i) in trained:
+            record_expert(manifest, bank, i, directory)
+    atomic_write_json(Path(directory) / MANIFEST, manifest)

@@ -267,6 +267,17 @@ class GuideModel(nn.Module):
         )
 
     @classmethod
+    def from_pretrained(
+        cls, pretrained: str, *, revision: str | None = None, subfolder: str | None = None, task: str | None = None
+    ) -> GuideModel:
+        """A transformers vision model and its image processor (``from_transformers``) from a
+        folder or a hub id ``org/name[@revision]``, safetensors weights only; a zoo guide's name
+        also works. See :mod:`ppap.hub` for how references are resolved."""
+        from .loading import load_guide
+
+        return load_guide(pretrained, task=task, revision=revision, subfolder=subfolder)
+
+    @classmethod
     def from_timm(cls, model: nn.Module, *, ref: str | None = None) -> GuideModel:
         """A timm classifier: input size, interpolation, mean and std from
         ``timm.data.resolve_data_config({}, model=model)``. timm's ``crop_pct`` centre crop is not

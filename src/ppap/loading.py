@@ -1,10 +1,13 @@
 """Models by reference, for the CLI, the demo and the benches.
 
-* a diffusion model: a zoo name or a diffusers pipeline / UNet directory -> ``PPAPPipeline``;
-* a guidance model: a zoo name, a transformers model folder (``config.json`` + safetensors, with
-  its image processor when saved), or ``package.module:function`` plus a safetensors file ->
-  ``GuideModel``;
-* experts: a zoo name or a directory written by ``ppap train`` -> an ``ExpertBank`` on a guide.
+* a diffusion model: a diffusers pipeline / UNet folder, a zoo name or a hub id -> ``PPAPPipeline``;
+* a guidance model: a transformers model folder (``config.json`` + safetensors, with its image
+  processor when saved), a zoo name, a hub id of such a model, or ``package.module:function``
+  plus a safetensors file -> ``GuideModel``;
+* experts: a directory written by ``ppap train``, a zoo name or a hub id -> an ``ExpertBank``.
+
+A reference is a local folder first, then a zoo name, then a hub id ``org/name[@revision]``
+(:mod:`ppap.hub`); ``revision`` applies to hub ids that name none of their own.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from . import zoo
 from .diffusion import Diffusion
-from .experts import ExpertBank, load_bank
+from .experts import ExpertBank
 from .guide_model import GuideModel
 from .io import PPAPError, load_weights_into, read_json, resolve_factory
 from .pipeline import PPAPPipeline
@@ -47,40 +50,85 @@ def resolve_dtype(name: str | None) -> torch.dtype:
     return DTYPES[name]
 
 
-def diffusion_location(ref: str) -> Path:
-    return zoo.get(ref, "diffusion").location if zoo.is_zoo_name(ref) else Path(ref)
+def diffusion_location(ref: str) -> str | Path:
+    """A local folder as it is, else a zoo name's folder, else ``ref`` (a hub id, or an error)."""
+    from . import hub
+
+    if Path(ref).is_dir():
+        return Path(ref)
+    if zoo.is_zoo_name(ref):
+        return zoo.get(ref, "diffusion").location
+    if not hub.is_hub_id(ref):
+        raise hub.not_found(
+            ref, "diffusion model directory", f"a diffusers folder, a zoo name ({hub.zoo_names('diffusion')}) or {hub.HUB_FORM}"
+        )
+    return ref
 
 
-def load_diffusion(ref: str) -> Diffusion:
-    diffusion = Diffusion.from_pretrained(diffusion_location(ref))
+def load_diffusion(
+    ref: str,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+) -> Diffusion:
+    """``Diffusion.from_pretrained`` of a folder, zoo name or hub id (diffusers' ``subfolder``,
+    ``torch_dtype`` and ``variant``)."""
+    location = diffusion_location(ref)
+    diffusion = Diffusion.from_pretrained(location, revision=revision, subfolder=subfolder, torch_dtype=torch_dtype, variant=variant)
     diffusion.name = ref
     return diffusion
 
 
-def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> PPAPPipeline:
-    """The pipeline of a zoo name or a diffusers directory, its UNet on ``device`` in ``dtype``."""
-    diffusion = load_diffusion(ref)
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+def load_pipeline(
+    ref: str,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+) -> PPAPPipeline:
+    """The pipeline of a folder, zoo name or hub id, its UNet on ``device`` in ``dtype``
+    (``torch_dtype``: diffusers' name for it; give one or the other)."""
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise PPAPError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
+    dtype = dtype if dtype is not None else torch_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    diffusion = load_diffusion(ref, revision=revision, subfolder=subfolder, torch_dtype=dtype, variant=variant)
     from diffusers import DDPMScheduler
 
     pipe = PPAPPipeline(unet=diffusion.unet, scheduler=DDPMScheduler.from_config(diffusion.schedule.config))
     pipe.register_to_config(_name_or_path=ref)
     pipe.to(device)
-    if dtype != torch.float32:
+    if pipe.unet.dtype != dtype:
         pipe.unet.to(dtype)  # the UNet only: the sampler state and guidance stay float32
     return pipe
 
 
-def load_guide(ref: str, weights: str | None = None, task: str | None = None) -> GuideModel:
-    """A frozen ``GuideModel``; ``weights`` is required for factory references."""
+def load_guide(
+    ref: str, weights: str | None = None, task: str | None = None, *, revision: str | None = None, subfolder: str | None = None
+) -> GuideModel:
+    """A frozen ``GuideModel``: a transformers folder, a zoo name, a hub id of a transformers
+    model, or a factory ``package.module:function`` (``weights`` required)."""
+    from . import hub
+
+    if Path(ref).is_dir() or hub.is_hub_id(ref):  # a zoo name is never a hub id (it has no "/")
+        return load_transformers_guide(ref, task=task, revision=revision, subfolder=subfolder)
     if zoo.is_zoo_name(ref):
         entry = zoo.get(ref, "guide")
         net = resolve_factory(entry.factory)()
         load_weights_into(net, weights or entry.location)
         return GuideModel(net, task=task or entry.task, classes=entry.classes or None, ref=ref)
-    if Path(ref).is_dir():
-        return _load_transformers_guide(Path(ref), task)
+    if ":" not in ref:
+        raise hub.not_found(
+            ref,
+            "guidance model",
+            f"a transformers model folder, a zoo name ({hub.zoo_names('guide')}), {hub.HUB_FORM} or a factory package.module:function",
+        )
     factory = resolve_factory(ref)
     if weights is None:
         raise PPAPError(f"--guide {ref} is a factory reference: also pass --guide-weights FILE.safetensors")
@@ -94,43 +142,63 @@ def load_guide(ref: str, weights: str | None = None, task: str | None = None) ->
     return GuideModel(net, task=task, ref=ref)
 
 
-def _load_transformers_guide(folder: Path, task: str | None) -> GuideModel:
+TRANSFORMERS_FILES = ("*.json", "model.safetensors", "model-?????-of-?????.safetensors")  # config, processor, weights
+
+
+def load_transformers_guide(
+    ref: str | os.PathLike, *, task: str | None = None, revision: str | None = None, subfolder: str | None = None
+) -> GuideModel:
+    """A transformers vision model with its image processor, from a folder or a hub id."""
+    from . import hub
+
+    if Path(ref).is_dir():
+        folder, name = hub.subfolder_of(Path(ref), subfolder, str(ref)), str(ref)
+    elif hub.is_hub_id(str(ref)):
+        folder = hub.hub_folder(str(ref), TRANSFORMERS_FILES, revision=revision, subfolder=subfolder)
+        repo_id, rev = hub.parse_hub_id(str(ref), revision)  # type: ignore[misc]
+        name = f"{repo_id}@{rev}" if rev else repo_id
+    else:
+        raise hub.not_found(str(ref), "transformers model folder", f"a folder or {hub.HUB_FORM}")
+    return _load_transformers_guide(folder, task, name)
+
+
+def _load_transformers_guide(folder: Path, task: str | None, name: str) -> GuideModel:
     """A transformers model folder (``save_pretrained``), with its image processor when present."""
     config = read_json(folder / "config.json", "transformers model config")
     architectures = config.get("architectures") if isinstance(config, dict) else None
     if not architectures:
-        raise PPAPError(f"{folder} is not a transformers model folder (config.json has no 'architectures')")
+        raise PPAPError(f"{name} is not a transformers model folder (config.json has no 'architectures')")
     try:
         import transformers
     except ImportError:
-        raise PPAPError(f"{folder} is a transformers model: install transformers (pip install transformers)") from None
+        raise PPAPError(f"{name} is a transformers model: install transformers (pip install transformers)") from None
     cls = getattr(transformers, architectures[0], None)
     if cls is None:
-        raise PPAPError(f"{folder}: transformers has no class {architectures[0]!r}")
-    if not any(folder.glob("*.safetensors")):
-        raise PPAPError(f"{folder} has no .safetensors weights (ppap does not load pickled weights)")
+        raise PPAPError(f"{name}: transformers has no class {architectures[0]!r}")
+    from .hub import require_safetensors
+
+    require_safetensors(folder, "model")
     try:
         model = cls.from_pretrained(folder, use_safetensors=True)
     except Exception as e:
-        raise PPAPError(f"cannot load {architectures[0]} from {folder} ({str(e).splitlines()[0][:200]})") from None
+        raise PPAPError(f"cannot load {architectures[0]} from {name} ({str(e).splitlines()[0][:200]})") from None
     processor = None
     if (folder / "preprocessor_config.json").exists():
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(folder)
         except Exception as e:
-            raise PPAPError(f"cannot load the image processor in {folder} ({str(e).splitlines()[0][:200]})") from None
-    return GuideModel.from_transformers(model, processor, task=task, ref=str(folder))
+            raise PPAPError(f"cannot load the image processor of {name} ({str(e).splitlines()[0][:200]})") from None
+    return GuideModel.from_transformers(model, processor, task=task, ref=name)
 
 
-def experts_location(ref: str | os.PathLike) -> Path:
-    return zoo.get(str(ref), "experts").location if zoo.is_zoo_name(str(ref)) else Path(ref)
-
-
-def load_experts(ref: str | os.PathLike, guide: GuideModel, diffusion: Diffusion) -> ExpertBank:
-    """The bank ``ref`` on ``guide`` (whose net receives the adapters: pass a copy you do not
-    need unadapted). A zoo bank's measured best scale becomes its ``default_scale``."""
-    bank = load_bank(guide, experts_location(ref), schedule=diffusion.schedule)
+def load_experts(
+    ref: str | os.PathLike, guide: GuideModel, diffusion: Diffusion, *, revision: str | None = None, subfolder: str | None = None
+) -> ExpertBank:
+    """The bank ``ref`` (a folder, zoo name or hub id) on ``guide`` (whose net receives the
+    adapters: pass a copy you do not need unadapted). A zoo bank's measured best scale becomes
+    its ``default_scale``."""
+    bank = ExpertBank.from_pretrained(guide, ref, revision=revision, subfolder=subfolder, schedule=diffusion.schedule)
     entry = zoo.ZOO.get(str(ref))
-    if bank.default_scale is None and entry is not None:
+    if bank.default_scale is None and entry is not None and not Path(ref).is_dir():
         bank.default_scale = entry.scale
     return bank
