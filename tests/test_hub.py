@@ -4,6 +4,7 @@ from tiny models, two revisions each, read with ``HF_HUB_OFFLINE=1``."""
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppap import AdapterConfig, GuideModel, LoRAExperts, TimestepRouter, save_bank
+from ppap import AdapterConfig, ExpertBank, GuideModel, LoRAExperts, TimestepRouter, save_bank
 from ppap.cli import main
-from ppap.experts import ExpertBank
 from ppap.io import PPAPError
 from ppap.loading import load_diffusion, load_experts, load_guide, load_pipeline
 from ppap.tasks import task_for
@@ -209,6 +209,7 @@ def test_cli_generate_train_sample_with_hub_ids(offline, tmp_path, capsys):
     assert main([*base, "generate", "--diffusion", "org/ddpm@v2", "--out", str(corpus), "--num", "8", "--steps", "2", "--quiet"]) == 0
     train = ["train", "--diffusion", "org/ddpm", "--guide", "org/clf", "--revision", "v2", "--data", str(corpus), "--out", str(experts)]
     assert main([*base, *train, "--experts", "2", "--rank", "2", "--iterations", "1", "--batch-size", "4", "--quiet"]) == 0
+    assert json.loads((experts / "ppap_experts.json").read_text())["guide"]["ref"] == "org/clf@v2"  # the revision trained on
     code, err, _ = _sample(["--diffusion", "org/ddpm", "--guide", "org/clf@v2", "--experts", str(experts)], tmp_path, capsys, "trained")
     assert code == 0, err
 

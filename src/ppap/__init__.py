@@ -5,7 +5,7 @@ through N noise-range LoRA experts trained data-free on the model's own samples.
 """
 
 from .diffusion import Conditioning, Diffusion, NoiseSchedule, Prediction
-from .experts import AdapterConfig, FullExperts, LoRAExperts, TimestepRouter, load_bank, save_bank
+from .experts import AdapterConfig, ExpertBank, FullExperts, LoRAExperts, TimestepRouter, load_bank, save_bank
 from .guidance import GuidanceTerm, GuideSpec, NoisyInputGuide, PredictedX0Guide, SumGuide, build_guide
 from .guide_model import GuideModel
 from .io import PPAPError
@@ -21,6 +21,7 @@ __all__ = [
     "Conditioning",
     "DenseRegression",
     "Diffusion",
+    "ExpertBank",
     "FullExperts",
     "GuidanceTerm",
     "GuideModel",

@@ -244,7 +244,7 @@ def cmd_train(args) -> int:
         cfg,
         args.out,
         labels=labels,
-        identity={"ref": args.guide},
+        identity={"ref": guide.ref},  # a hub id with the revision it was loaded at
         accelerator=acc if acc.num_processes > 1 else None,
         progress=not args.quiet,
     )

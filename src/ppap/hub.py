@@ -84,7 +84,7 @@ def download(ref: str, patterns: Sequence[str], *, revision: str | None = None) 
         raise PPAPError(f"{ref!r} is not a hub id (org/name or org/name@revision)")
     repo_id, revision = parsed
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (  # re-exported there by every huggingface_hub version
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
