@@ -268,3 +268,75 @@ def test_environment_alone_points_the_cli_at_the_cache(hub, tmp_path):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert out.exists()
+
+
+@pytest.fixture
+def online(hub, tmp_path, monkeypatch):
+    """huggingface_hub online, its network replaced by folders of "remote" repos: the fake
+    ``snapshot_download`` copies into the cache what ``allow_patterns`` select (with
+    huggingface_hub's own ``filter_repo_objects``), or raises the hub's errors."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, filter_repo_objects
+
+    remotes, cache, calls = {}, tmp_path / "cache", []
+    for name in ("ddpm", "clf"):
+        shutil.copytree(hub["src"] / name / "main", remotes.setdefault(f"org/{name}", tmp_path / "remote" / name))
+    for pickle in ("ddpm/unet/diffusion_pytorch_model.bin", "ddpm/vae/diffusion_pytorch_model.safetensors", "clf/pytorch_model.bin"):
+        (tmp_path / "remote" / pickle).parent.mkdir(exist_ok=True)
+        (tmp_path / "remote" / pickle).write_bytes(b"never to be fetched")
+    remotes["org/binonly"] = tmp_path / "remote" / "binonly"
+    shutil.copytree(hub["src"] / "pickled", remotes["org/binonly"])
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models"))
+
+    def snapshot_download(repo_id, *, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        assert not local_files_only
+        calls.append((repo_id, revision, list(allow_patterns)))
+        if repo_id == "org/unreachable":  # what snapshot_download raises when the Hub cannot be reached and nothing is cached
+            raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+        if repo_id not in remotes:
+            raise RepositoryNotFoundError("404 Client Error. Repository Not Found", response=response)
+        if revision not in (None, "main", MAIN):
+            raise RevisionNotFoundError("404 Client Error. Revision Not Found", response=response)
+        remote, snapshot = remotes[repo_id], cache / repo_id / MAIN
+        files = [p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()]
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(remote / rel, snapshot / rel)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return {"cache": cache, "calls": calls}
+
+
+def fetched(cache: Path, repo_id: str) -> set[str]:
+    snapshot = cache / repo_id / MAIN
+    return {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+
+
+def test_online_fetches_json_and_the_safetensors_needed_only(online):
+    assert same_weights(load_pipeline("org/ddpm").unet, tiny_unet(0))
+    files = fetched(online["cache"], "org/ddpm")
+    assert "unet/diffusion_pytorch_model.safetensors" in files and "scheduler/scheduler_config.json" in files
+    assert not [f for f in files if f.endswith(".safetensors") and f != "unet/diffusion_pytorch_model.safetensors"]  # no vae, fp16, ema
+    assert not [f for f in files if f.endswith(".bin")]
+    (_, first, _), (_, second, _) = online["calls"]
+    assert first is None and second == MAIN  # the weights come from the commit the configs came from
+    assert same_weights(load_guide("org/clf").net, tiny_resnet(seed=0))
+    assert {"config.json", "preprocessor_config.json", "model.safetensors"} == fetched(online["cache"], "org/clf")
+    with pytest.raises(PPAPError, match=r"has no diffusion_pytorch_model\.safetensors \(ppap loads \.safetensors weights only"):
+        load_diffusion("org/binonly")
+    assert not [f for f in fetched(online["cache"], "org/binonly") if f.endswith(".bin")]
+
+
+def test_online_errors_are_one_line(online):
+    with pytest.raises(PPAPError, match="the Hugging Face Hub has no model org/nope"):
+        load_diffusion("org/nope")
+    with pytest.raises(PPAPError, match="hub model org/ddpm has no revision 'v9'"):
+        load_guide("org/ddpm@v9")
+    with pytest.raises(PPAPError, match="cannot reach the Hugging Face Hub for org/unreachable, and it is not in the cache"):
+        load_experts("org/unreachable", GuideModel(torch.nn.Identity()), load_diffusion("org/ddpm"))
