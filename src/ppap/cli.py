@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train noise-range experts (PPAP, or supervised baselines)")
     t.add_argument("--diffusion", required=True, help=f"the diffusers model (its schedule is used): {MODEL_REF}")
-    t.add_argument("--guide", required=True, help=f"the off-the-shelf model: transformers model {MODEL_REF}, or package.module:function")
+    t.add_argument("--guide", required=True, help=f"the off-the-shelf model (transformers or zoo): {MODEL_REF}, or package.module:function")
     t.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
     t.add_argument(
         "--task",
@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images, guided or not; writes a PNG grid and an .npz")
     s.add_argument("--diffusion", required=True, help=f"the diffusers model: {MODEL_REF}")
-    s.add_argument("--guide", help=f"the off-the-shelf model: transformers model {MODEL_REF}, or package.module:function")
+    s.add_argument("--guide", help=f"the off-the-shelf model (transformers or zoo): {MODEL_REF}, or package.module:function")
     s.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
     s.add_argument("--experts", help="the experts (for --method ppap): folder from `ppap train`, zoo name or hub id org/name[@revision]")
     s.add_argument("--method", default="ppap", help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut")

@@ -302,8 +302,16 @@ class ExpertBank(nn.Module):
         require_all: bool = True,
     ) -> ExpertBank:
         """``load_bank`` of a folder, a zoo name or a hub id ``org/name[@revision]`` (its JSON and
-        safetensors files fetched into the HF cache; see :mod:`ppap.hub`), on ``guide``."""
-        return load_bank(guide, bank_folder(pretrained, revision=revision, subfolder=subfolder), schedule=schedule, require_all=require_all)
+        safetensors files fetched into the HF cache; see :mod:`ppap.hub`), on ``guide``. A zoo
+        bank's measured best scale becomes its ``default_scale``."""
+        from . import zoo
+
+        folder = bank_folder(pretrained, revision=revision, subfolder=subfolder)
+        bank = load_bank(guide, folder, schedule=schedule, require_all=require_all)
+        entry = None if Path(pretrained).is_dir() else zoo.ZOO.get(str(pretrained))
+        if bank.default_scale is None and entry is not None:
+            bank.default_scale = entry.scale
+        return bank
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None, task: Task | None = None

@@ -197,8 +197,4 @@ def load_experts(
     """The bank ``ref`` (a folder, zoo name or hub id) on ``guide`` (whose net receives the
     adapters: pass a copy you do not need unadapted). A zoo bank's measured best scale becomes
     its ``default_scale``."""
-    bank = ExpertBank.from_pretrained(guide, ref, revision=revision, subfolder=subfolder, schedule=diffusion.schedule)
-    entry = zoo.ZOO.get(str(ref))
-    if bank.default_scale is None and entry is not None and not Path(ref).is_dir():
-        bank.default_scale = entry.scale
-    return bank
+    return ExpertBank.from_pretrained(guide, ref, revision=revision, subfolder=subfolder, schedule=diffusion.schedule)
