@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'guide=fashion-segmenter,experts=fashion-segmenter-ppap5,target-image=ref.png,scale=1000'; repeatable",
     )
     s.add_argument(
-        "--scale", type=float, default=None, help="guidance scale s (default: the zoo experts' measured best, else 30; docs/BENCHMARKS.md)"
+        "--scale", type=float, default=None, help="guidance scale s (default: the zoo experts' measured best, else 30; docs/results.md)"
     )
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--data-dir", help="Fashion-MNIST folder")
     z.set_defaults(func=cmd_zoo)
 
-    b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/BENCHMARKS.md)")
+    b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/reproducing.md)")
     b.add_argument("suite", choices=("classifier", "dense"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--ablations",
-        help='classifier suite: also the ablation rows, "all" (issue #13\'s levers and diagnosis) or a comma list of rows (default: none)',
+        help='classifier suite: also the ablation rows, "all" (the training levers and the diagnosis rows, docs/findings.md) or a comma list of rows (default: none)',
     )
     b.add_argument(
         "--extra-rows",

@@ -84,7 +84,7 @@ class PredictedX0Guide:
         instead of their own no-grad forward). The gradient is that of the loss the model sees,
         on x0_hat clipped to [-1, 1]: zero through saturated pixels. (A straight-through clip,
         which passes it, keeps pushing pixels the clip already holds: on segmentation it broke
-        the images at the scales that work, docs/BENCHMARKS.md.)"""
+        the images at the scales that work, docs/findings.md.)"""
         x = x_t.detach().requires_grad_(True)
         pred = self.diffusion(x, t)
         x0 = pred.x0.clamp(-1, 1)

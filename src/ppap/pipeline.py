@@ -32,7 +32,7 @@ from .io import PPAPError, give_usual_permissions
 from .samplers import SAMPLERS, NonFiniteError
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
-DEFAULT_CLASSIFIER_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); dense losses need far larger ones
+DEFAULT_CLASSIFIER_SCALE = 30.0  # the classifier zoo's best (docs/results.md); dense losses need far larger ones
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 

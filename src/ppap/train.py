@@ -39,7 +39,7 @@ class TrainConfig:
     objective: str = "distill"  # "distill" (data-free PPAP) or "supervised" (needs labels)
     experts: str = "5"  # a count of equal timestep ranges, "logsnr:5" (equal log-SNR ranges), or "lo-hi,lo-hi,..."
     adapter: str = "lora"  # "lora" (one frozen net + N adapters) or "full" (N full copies)
-    rank: int = 32  # LoRA rank (the best of 8 / 16 / 32 in the bench's ablation, docs/BENCHMARKS.md)
+    rank: int = 32  # LoRA rank (the best of 8 / 16 / 32 in the bench's ablation, docs/findings.md)
     alpha: float = 32.0  # LoRA alpha (update scaled by alpha / rank)
     per_expert_norm: bool = True  # each expert owns its norm layers (affine + running stats)
     iterations: int = 1000  # optimiser steps per expert
@@ -47,7 +47,7 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW peak; linear warm-up then linear decay to 0, restarted per expert
     warmup: int = 20  # warm-up steps of each expert's schedule
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warm_start: bool = True  # start expert i from expert i-1's weights (the official code does; it wins, docs/BENCHMARKS.md)
+    warm_start: bool = True  # start expert i from expert i-1's weights (the official code does; it wins, docs/findings.md)
     balance_classes: bool = False  # classification: draw the corpus so the teacher's pseudo-labels are uniform (no real labels)
     tau: float | None = None  # KD temperature on the teacher (None: the task's own, 1; the official code's 0.25 sharpens)
     seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
