@@ -129,10 +129,12 @@ class PPAPPipeline(DiffusionPipeline):
             the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and variance).
 
     Devices: the pipeline samples on its execution device (``pipe.to(device)``, or the
-    accelerator that ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload`` name). The
-    guide and the expert bank passed at call time are used where they are, as diffusers uses what
-    a caller passes: move them to that device first (``guide.to("cuda")``); a guide elsewhere is a
-    one-line error naming both devices. ppap never moves, freezes or switches the mode of them.
+    accelerator that ``enable_model_cpu_offload`` and accelerate's offload hooks name). The guide
+    and the expert bank passed at call time are used where they are, as diffusers uses what a
+    caller passes: move them to that device first (``guide.to("cuda")``); a guide elsewhere is a
+    one-line error naming both devices. A call hands them back as it found them: on their device,
+    in their train/eval mode, with their ``requires_grad`` (guidance runs them frozen, in eval
+    mode, for the call only).
 
     Default guidance scales, per task and method (``DEFAULT_SCALES``, the scales the zoo
     benchmarks chose in docs/BENCHMARKS.md; an expert bank's own recorded ``default_scale`` comes
@@ -149,7 +151,7 @@ class PPAPPipeline(DiffusionPipeline):
         >>> from ppap import PPAPPipeline
         >>> from ppap.loading import load_guide
         >>> pipe = PPAPPipeline.from_pretrained("./my-ddpm").to("cuda")
-        >>> out = pipe(batch_size=16, num_inference_steps=25, guide=load_guide("fashion-classifier"),
+        >>> out = pipe(batch_size=16, num_inference_steps=25, guide=load_guide("fashion-classifier").to("cuda"),
         ...            experts="./experts", target="sneaker", generator=torch.manual_seed(0))
         >>> out.images[0].save("sneaker.png")
         ```
@@ -460,7 +462,7 @@ class PPAPPipeline(DiffusionPipeline):
             if latents is None:
                 x = randn_tensor((batch_size,) + shape, generator=generator, device=device, dtype=torch.float32)
             else:
-                x = latents.to(device=device, dtype=torch.float32)
+                x = latents.to(torch.float32).to(device)  # cast first: float64 latents cannot go to MPS
 
             state_keys = {"latents": "x", "x0": "x0", "guidance": "guidance"}  # callback name -> the loop's state key
 
