@@ -106,11 +106,13 @@ def _snapshot(*modules: Any) -> Callable[[], None]:
     """A function that hands the caller's ``modules`` back as they came: the train/eval mode of
     every submodule and ``requires_grad`` of every parameter (guidance runs them frozen, in
     eval mode, and wrapping a plain net in a ``GuideModel`` freezes it)."""
-    given = [m for m in modules if isinstance(m, nn.Module)]
-    modes = [(sub, sub.training) for m in given for sub in m.modules()]
-    flags = [(p, p.requires_grad) for m in given for p in m.parameters()]
+    given = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
+    modes = [(sub, sub.training) for m, _ in given for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m, _ in given for p in m.parameters()]
 
     def restore() -> None:
+        for m, mode in given:
+            m.train(mode)  # a module's own train() (an expert bank unmerges its adapters), then every flag exactly
         for sub, mode in modes:
             sub.training = mode
         for p, flag in flags:
