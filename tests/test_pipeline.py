@@ -333,9 +333,11 @@ def test_a_bank_brings_its_own_guide():
 
 def test_default_scale_follows_the_task_and_the_method():
     from ppap import DenseRegression, GuideModel, zoo
-    from ppap.pipeline import DEFAULT_SCALES, default_scale
+    from ppap.pipeline import DEFAULT_SCALES, default_scale, describe_default_scales
 
     pipe = _pipe()
+    documented = " ".join((PPAPPipeline.__doc__ or "").split())
+    assert all(part in documented for part in describe_default_scales().split("; "))  # the docstring shows the table
     # the shipped banks' recorded scales are the table's PPAP entries for their tasks
     for entry in (e for e in zoo.ZOO.values() if e.kind == "experts"):
         assert entry.scale == DEFAULT_SCALES[(entry.task, "ppap")], entry.name

@@ -39,7 +39,7 @@ EXPERT_METHODS = ("ppap", "noise-aware", "multi-expert-supervised")  # the metho
 
 DEFAULT_SCALES: dict[tuple[str, str], float] = {
     # (task, method) -> the guidance scale the zoo benchmarks chose (`make bench`, docs/BENCHMARKS.md);
-    # the loss of a dense map sums over pixels, so dense tasks take scales 10-1000x a classifier's
+    # (dense losses are per-pixel means: their useful scales are 10-1000x a classifier's)
     ("classification", "naive"): 30.0,
     ("classification", "ppap"): 30.0,
     ("classification", "noise-aware"): 30.0,
@@ -84,9 +84,7 @@ def _check_device(module: nn.Module, device: torch.device, what: str) -> None:
     if first is None:
         first = next(iter(module.buffers()), None)
     if first is not None and not _same_device(first.device, device):
-        raise PPAPError(
-            f"the {what} is on {first.device} but the pipeline samples on {device}: move it there first ({what}.to({str(device)!r}))"
-        )
+        raise PPAPError(f"the {what} is on {first.device} but the pipeline samples on {device}: move it there first (.to({str(device)!r}))")
 
 
 def sample_seed(seed: int, k: int) -> int:
