@@ -311,7 +311,7 @@ def build_term(
 
     if target_image is not None and target_map is not None:
         raise PPAPError("give --target-image or --target-map, not both")
-    model = load_guide(guide, guide_weights, task=task, revision=revision)
+    model = load_guide(guide, guide_weights, task=task, revision=revision).to(pipe._execution_device)  # ours: it runs where the sample is
     bank = load_experts(experts, copy.deepcopy(model), pipe.diffusion, revision=revision) if experts else None
     image = load_reference_image(target_image, pipe.image_shape, fit) if target_image else None
     target_value = load_target_map(target_map) if target_map else target
@@ -491,6 +491,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import describe_default_scales
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="ppap", description="Practical plug-and-play guidance of diffusion models (PPAP).")
@@ -554,7 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'guide=fashion-segmenter,experts=fashion-segmenter-ppap5,target-image=ref.png,scale=1000'; repeatable",
     )
     s.add_argument(
-        "--scale", type=float, default=None, help="guidance scale s (default: the zoo experts' measured best, else 30; docs/results.md)"
+        "--scale",
+        type=float,
+        default=None,
+        help="guidance scale s (default: the experts' recorded best, else per task and method, the zoo benchmarks' choice: "
+        f"{describe_default_scales()}; docs/results.md)",
     )
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
@@ -606,6 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _close_progress_bars() -> None:
+    """Close the bars an error left open (a bar is redrawn when it is closed or collected), so
+    that the error is the last line the user sees."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted, 1 internal error
     (one line; the traceback only with ``--debug``)."""
@@ -618,12 +632,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PPAPError as e:
+        _close_progress_bars()
         print(f"ppap: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("ppap: interrupted (finished shards/checkpoints are kept; re-run to resume)", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input
+        _close_progress_bars()
         if args.debug:
             raise
         msg = str(e).splitlines()[0][:300] if str(e) else ""

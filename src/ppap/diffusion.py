@@ -127,9 +127,10 @@ class NoiseSchedule:
             raise PPAPError(f"timestep {bad} is outside [0, {self.num_train_timesteps})")
 
     def abar(self, t: Tensor, like: Tensor) -> Tensor:
-        """abar_t broadcast to ``like``'s shape and dtype: [B] -> [B, 1, 1, 1]."""
-        a = self.alphas_cumprod.to(like.device)[t.to(like.device)]
-        return append_dims(a, like.ndim).to(like.dtype)
+        """abar_t broadcast to ``like``'s shape, dtype and device: [B] -> [B, 1, 1, 1]. The
+        float64 table is indexed on the CPU and cast before it moves (MPS has no float64)."""
+        a = self.alphas_cumprod[t.cpu()].to(like.dtype).to(like.device)
+        return append_dims(a, like.ndim)
 
     def sigma(self, t: Tensor) -> Tensor:
         a = self.alphas_cumprod[t]
