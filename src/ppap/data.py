@@ -316,9 +316,10 @@ def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.Pat
     return copied
 
 
-def pending_shards(root: Path, spec: CorpusSpec) -> list[int]:
-    """The shards still to draw, for a drawing rank after the opener: a cheap check (file, record,
-    size) that deletes nothing, so ranks never touch each other's work."""
+def pending_shards(root: str | os.PathLike, spec: CorpusSpec) -> list[int]:
+    """The shards of opened corpus ``root`` still to draw: a cheap check (file, record, size) that
+    deletes nothing, so that drawing processes never touch each other's work."""
+    root = Path(root)
     meta = _read_manifest(root)
     _same_corpus(root, meta, spec)
     records = meta.get("shards", {})
