@@ -154,9 +154,10 @@ def test_two_process_generate_train_and_sample_match_one_process(tiny_models, tm
     # guided sampling, 10 samples in batches of 3: rank 0 draws batches 0-1, rank 1 batches 2-3
     sample = ["sample", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"]]
     sample += ["--experts", str(tmp_path / "e1"), "--target", "all", "--num", "10", "--batch-size", "3", "--steps", "3", "--scale", "5"]
-    out = _launch(*sample, "--out", str(tmp_path / "s2" / "grid.png")).stdout
+    proc = _launch(*sample, "--out", str(tmp_path / "s2" / "grid.png"))
     assert main(["--threads", "1", *sample, "--quiet", "--out", str(tmp_path / "s1" / "grid.png")]) == 0
-    assert out.count("wrote ") == 1  # one result, written by the main process alone
+    assert "6/6" in proc.stderr and "10/10" not in proc.stderr  # the main process's progress bar: its 6 samples
+    assert proc.stdout.count("wrote ") == 1  # one result, written by the main process alone
     assert sorted(p.name for p in (tmp_path / "s2").iterdir()) == ["grid.npz", "grid.png"]
     one, two = np.load(tmp_path / "s1" / "grid.npz"), np.load(tmp_path / "s2" / "grid.npz")
     assert one.files == two.files and len(one["images"]) == 10
