@@ -219,23 +219,34 @@ def test_refused_lock_and_damaged_corpus_end_both_processes(tiny_models, tmp_pat
     assert not (tmp_path / "e3").exists()
 
 
-def test_non_finite_loss_on_one_process_stops_both(tiny_models, tmp_path):
-    """The adapted guide gives NaN on rank 1 only (in training mode; the teacher runs in eval):
-    both processes stop at the same step with the same error."""
+def test_non_finite_values_on_one_process_stop_both(tiny_models, tmp_path):
+    """The guide gives NaN on rank 1 only: in training (the teacher, in eval mode, stays finite)
+    both processes stop at the same step; in sampling both stop and nothing is written."""
     m = tiny_models
     (tmp_path / "nan_on_rank1.py").write_text(
         "import os\n"
         "from ppap.models import tiny_classifier\n\n\n"
-        "def make():\n"
+        "def _nan_on_rank1(training_only):\n"
         "    net = tiny_classifier()\n"
         "    if os.environ.get('RANK') == '1':\n"
-        "        net.register_forward_hook(lambda mod, args, out: out * float('nan') if mod.training else out)\n"
-        "    return net\n"
+        "        net.register_forward_hook(lambda mod, args, out: out * float('nan') if mod.training or not training_only else out)\n"
+        "    return net\n\n\n"
+        "def in_training():\n"
+        "    return _nan_on_rank1(True)\n\n\n"
+        "def always():\n"
+        "    return _nan_on_rank1(False)\n"
     )
     assert main(["--threads", "1", *_generate_args(m, tmp_path / "c", num=16), "--quiet"]) == 0
     args = _train_args(m, tmp_path / "c", tmp_path / "e")
-    args[args.index(m["guide"])] = "nan_on_rank1:make"
+    args[args.index(m["guide"])] = "nan_on_rank1:in_training"
     results, gap = _two_processes(*args, pythonpath=str(tmp_path))
     line = _both_fail_with(results, "expert_0 step 0: the loss is nan")
     assert gap < GAP, line
     assert not (tmp_path / "e").exists()  # nothing learnt: the folder is left as it was found (absent)
+
+    sample = ["sample", "--diffusion", m["diffusion"], "--guide", "nan_on_rank1:always", "--guide-weights", m["weights"]]
+    sample += ["--method", "naive", "--num", "4", "--batch-size", "2", "--steps", "2", "--out", str(tmp_path / "s" / "grid.png")]
+    results, gap = _two_processes(*sample, pythonpath=str(tmp_path))
+    line = _both_fail_with(results, "the guidance model's output is not finite")
+    assert gap < GAP, line
+    assert not (tmp_path / "s").exists()
