@@ -95,6 +95,14 @@ def _save_sample_outputs(out: Path, images: np.ndarray, targets: dict[str, np.nd
     atomic_write_bytes(out, png)
 
 
+def _sample_share(num: int, batch_size: int, rank: int, world: int) -> slice:
+    """The samples that process ``rank`` of ``world`` draws: a run of whole batches of the
+    one-process run (a batch's size changes how kernels round, so batches stay as they are)."""
+    batches = -(-num // batch_size)
+    first, last = rank * batches // world, (rank + 1) * batches // world
+    return slice(min(first * batch_size, num), min(last * batch_size, num))
+
+
 def _pipeline(args):
     from .loading import load_pipeline
 
@@ -136,7 +144,8 @@ def _conditioning(args, num: int):
 
 def cmd_generate(args) -> int:
     """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
-    from .data import corpus_spec, generate_corpus, open_corpus, reuse_shards
+    from .data import check_corpus, corpus_spec, generate_corpus, open_corpus, pending_shards, reuse_shards
+    from .distributed import every_rank, main_decides
 
     check_out(args.out)
     if _number(args.eta, "--eta") < 0:
@@ -159,19 +168,30 @@ def cmd_generate(args) -> int:
         conditioning=cond,
     )
     pipe.diffusion.schedule.grid(args.steps, args.sampler)  # bad steps / sampler fail before anything is written
-    if acc.is_main_process:
-        open_corpus(args.out, spec)  # one process creates the manifest (or refuses a different corpus)
-        if args.reuse:
-            reused = reuse_shards(args.out, spec, args.reuse)
-            if not args.quiet:
-                print(f"reused {reused} shards of {args.reuse}")
-    acc.wait_for_everyone()
-    written = generate_corpus(
-        pipe, args.out, spec, conditioning=cond, rank=acc.process_index, world=acc.num_processes, progress=not args.quiet
+
+    def open_and_list() -> tuple[int, list[int]]:  # one process opens (or refuses) the corpus and lists what it lacks
+        missing = open_corpus(args.out, spec)
+        if not args.reuse:
+            return 0, missing
+        return reuse_shards(args.out, spec, args.reuse), pending_shards(args.out, spec)
+
+    reused, missing = main_decides(acc, open_and_list)
+    if args.reuse and acc.is_main_process and not args.quiet:
+        print(f"reused {reused} shards of {args.reuse}")
+    shares = [missing[r :: acc.num_processes] for r in range(acc.num_processes)]  # disjoint, from the one list
+    written = every_rank(
+        acc,
+        lambda: generate_corpus(
+            pipe, args.out, spec, conditioning=cond, shards=shares[acc.process_index], progress=acc.is_main_process and not args.quiet
+        ),
     )
-    acc.wait_for_everyone()
-    if not args.quiet:
-        print(f"corpus {args.out}: {spec.num_samples} images in {spec.num_shards} shards ({written} written by rank {acc.process_index})")
+    main_decides(acc, lambda: check_corpus(args.out, spec))  # success only for a whole corpus
+    if acc.is_main_process and not args.quiet:
+        drawn = "; ".join(
+            f"{n} written by rank {r}" + (f": shards {', '.join(map(str, shares[r]))}" if n and len(written) > 1 else "")
+            for r, n in enumerate(written)
+        )
+        print(f"corpus {args.out}: {spec.num_samples} images in {spec.num_shards} shards ({drawn})")
     return 0
 
 
@@ -330,6 +350,7 @@ def build_term(
 
 def cmd_sample(args) -> int:
     from . import zoo
+    from .distributed import every_rank, main_decides
     from .images import to_hwc_uint8
     from .pipeline import generate
 
@@ -345,6 +366,9 @@ def cmd_sample(args) -> int:
         raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
     check_out(out, "file")
     check_out(out.with_suffix(".npz"), "file")
+    acc = _accelerator()
+    if args.device is None and acc.num_processes > 1:
+        args.device = str(acc.device)  # under `accelerate launch`: each process on its own device
     pipe = _pipeline(args)
     pipe.diffusion.schedule.grid(args.steps, args.sampler)  # one-line errors before loading guides
     cond = _conditioning(args, args.num)
@@ -379,22 +403,31 @@ def cmd_sample(args) -> int:
         terms.append(build_term(pipe, args.num, fit=fit, revision=args.revision, **kw))
     terms = [t for t in terms if t is not None]
     described = " + ".join(t.description for t in terms)
-    x = generate(
-        pipe,
-        args.num,
-        seed=args.seed,
-        terms=terms,
-        conditioning=cond,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        desc=described or "unguided sampling",
-        num_inference_steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-    )
+    mine = _sample_share(args.num, args.batch_size, acc.process_index, acc.num_processes)
+
+    def draw() -> np.ndarray:  # this process's share, batch for batch as one process would draw it
+        x = generate(
+            pipe,
+            mine.stop - mine.start,
+            seed=args.seed,
+            start=mine.start,
+            terms=[t.select(mine) for t in terms],
+            conditioning=cond.select(mine) if cond is not None else None,
+            batch_size=args.batch_size,
+            progress=acc.is_main_process and not args.quiet,
+            desc=described or "unguided sampling",
+            num_inference_steps=args.steps,
+            sampler=args.sampler,
+            eta=args.eta,
+        )
+        return to_hwc_uint8(x)
+
+    images = np.concatenate(every_rank(acc, draw))  # every process's share, in sample order
     targets = {"targets": terms[0].targets.cpu().numpy() if terms else np.full(args.num, -1)}
     targets |= {f"targets_{k}": t.targets.cpu().numpy() for k, t in enumerate(terms[1:], start=1)}
-    _save_sample_outputs(out, to_hwc_uint8(x), targets, nrow=args.nrow)
+    main_decides(acc, lambda: _save_sample_outputs(out, images, targets, nrow=args.nrow))  # one result, written once
+    if not acc.is_main_process:
+        return 0
     if not args.quiet:
         print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images; guidance: {described or 'none'})")
     return 0
@@ -646,6 +679,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0][:300] if str(e) else ""
         print(f"ppap: internal error: {type(e).__name__}: {msg} (re-run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        from .distributed import leave_process_group
+
+        leave_process_group()
 
 
 if __name__ == "__main__":
