@@ -406,7 +406,9 @@ def cmd_zoo(args) -> int:
         return 0
     from .zoo_train import train_zoo_model
 
-    train_zoo_model(args.name, work_root=Path(args.work_dir), data_dir=args.data_dir)
+    train_zoo_model(
+        args.name, work_root=Path(args.work_dir), data_dir=args.data_dir, out_root=None if args.into_package else Path(args.out)
+    )
     return 0
 
 
@@ -562,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("name")
     zt.add_argument("--work-dir", default="runs/zoo", help="checkpoints for resuming")
     zt.add_argument("--data-dir", help="Fashion-MNIST folder")
+    where = zt.add_mutually_exclusive_group()
+    where.add_argument("--out", default="runs/zoo-models", help="folder for the trained model, laid out as the zoo (default: %(default)s)")
+    where.add_argument("--into-package", action="store_true", help="replace the model shipped inside the installed package (maintainers)")
     z.set_defaults(func=cmd_zoo)
 
     b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/BENCHMARKS.md)")
