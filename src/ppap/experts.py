@@ -151,7 +151,7 @@ class TimestepRouter:
             bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
             raise PPAPError(f"timestep {bad} is outside the experts' range [0, {self.num_train_timesteps})")
         inner = torch.tensor(self.boundaries[1:-1], dtype=t.dtype, device=t.device)
-        return torch.bucketize(t, inner, right=True)
+        return torch.bucketize(t.contiguous(), inner, right=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +218,9 @@ class ExpertBank(nn.Module):
         if len(experts) == 1:  # the sampling case: all samples share t
             return self.run_expert(experts[0], x)
         out = None
-        for i in experts:
+        for i in experts:  # several experts in one autograd graph: none is merged into the weights
             mask = ids == i
-            y = self.run_expert(i, x[mask])
+            y = self.run_expert(i, x[mask], whole_batch=False)
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[mask] = y
@@ -232,7 +232,8 @@ class ExpertBank(nn.Module):
         blend of the two neighbouring experts' outputs (their weights 1/2 each at the boundary)."""
         half = self.blend / 2
         out = None
-        for tv in t.unique().tolist():
+        levels = t.unique().tolist()
+        for tv in levels:
             mask = t == tv
             xs = x[mask]
             i = int(self.router(torch.tensor([tv]))[0])
@@ -243,24 +244,20 @@ class ExpertBank(nn.Module):
                 j, w_j = i + 1, 0.5 - (hi - tv) / (2 * half)
             else:
                 j, w_j = i, 0.0
-            if w_j > 0:  # two experts in one graph: their LoRA branches, not weights merged in place
-                merge = getattr(self, "merge", None)
-                if merge is not None:
-                    self.merge = False
-                try:
-                    y = (1 - w_j) * self.run_expert(i, xs) + w_j * self.run_expert(j, xs)
-                finally:
-                    if merge is not None:
-                        self.merge = merge
+            if w_j > 0:  # two experts in one graph: their LoRA branches, nothing merged
+                y = (1 - w_j) * self.run_expert(i, xs, whole_batch=False) + w_j * self.run_expert(j, xs, whole_batch=False)
             else:
-                y = self.run_expert(i, xs)
+                y = self.run_expert(i, xs, whole_batch=len(levels) == 1)
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[mask] = y
         assert out is not None
         return out
 
-    def run_expert(self, i: int, x: Tensor) -> Tensor:
+    def run_expert(self, i: int, x: Tensor, *, whole_batch: bool = True) -> Tensor:
+        """Expert i's output on x [B, C, H, W]. ``whole_batch``: expert i serves the whole batch of
+        this call (no other expert's output shares its graph), so a LoRA bank in eval mode may run
+        it merged into the weights; otherwise it runs its LoRA branches."""
         raise NotImplementedError
 
     def teacher(self, x: Tensor) -> Tensor:
@@ -319,7 +316,16 @@ class LoRAExperts(ExpertBank):
     """PPAP's bank: one frozen net, N peft LoRA adapters (plus per-expert norm copies).
 
     peft is applied to the off-the-shelf model itself (``guide.net``), so each saved expert loads
-    on the bare model with ``PeftModel.from_pretrained(model, bank_dir / "expert_0")``."""
+    on the bare model with ``PeftModel.from_pretrained(model, bank_dir / "expert_0")``. This is
+    the one step of ppap that changes a module it is given: like peft's ``get_peft_model``, the
+    bank injects its adapters into ``guide.net`` in place and freezes its own weights (eval mode,
+    no grad); the bank owns that net from then on. Pass a copy (``copy.deepcopy(guide)``) to
+    keep using the unadapted model (``PPAPPipeline`` and the CLI do; ``load_bank`` adapts the
+    guide it is given, as this class does).
+
+    In eval mode, an expert that serves a whole batch runs merged into the weights (the cost of
+    a plain forward; ``merge_expert`` / ``unmerge``, or ``merge = False`` for separate branches);
+    a batch that spans several experts runs each one's LoRA branches, nothing merged."""
 
     def __init__(self, guide: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig(), seed: int = 0):
         super().__init__()
@@ -362,59 +368,90 @@ class LoRAExperts(ExpertBank):
                 self.model.add_adapter(expert_name(i), config)
         self._active = 0
         self.model.set_adapter(expert_name(0))
-        self.merge = True  # eval mode: the routed expert's LoRA is merged into the weights (a naive-guidance forward)
+        self.merge = True  # eval mode, one expert serving a whole batch: run it merged (the cost of a plain forward)
         self._merged: int | None = None
-        self._base_weights: dict[int, Tensor] = {}  # id(LoRA layer) -> exact copy of its base weight, restored on unmerge
+        self._put_aside: dict[str, Tensor] = {}  # while merged: LoRA layer name -> the base weight its merged copy stands in for
 
     def frozen_modules(self) -> list[nn.Module]:
         if self.adapter.per_expert_norm:
             return []
         return [m for m in self.model.modules() if isinstance(m, NORM_TYPES)]
 
-    def _lora_layers(self) -> list[nn.Module]:
+    def _lora_layers(self) -> dict[str, Any]:  # peft LoraLayer modules
         from peft.tuners.lora import LoraLayer
 
-        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
-    def _unmerge(self) -> None:
-        """Back to base weights + separate LoRA branches, bit for bit (peft's own unmerge
-        subtracts the delta again, which is not exact in floating point)."""
-        if self._merged is None:
-            return
-        self.model.base_model.unmerge_adapter()
-        with torch.no_grad():
-            for layer in self._lora_layers():
-                layer.get_base_layer().weight.copy_(self._base_weights[id(layer)])  # type: ignore[operator]
-        self._merged = None
-
-    def activate(self, i: int) -> None:
-        """Make expert ``i`` the one ``run_expert`` calls (peft's ``set_adapter``); in eval mode
-        also merge it into the weights, so that a routed call costs a plain forward."""
-        merge = self.merge and not self.training
-        if merge and self._merged == i:
-            return
-        self._unmerge()
+    def select(self, i: int) -> None:
+        """Make expert ``i`` the active adapter (peft's ``set_adapter``), its LoRA as separate branches."""
+        self.unmerge()
         if i != self._active:
             self.model.set_adapter(expert_name(i))
             self._active = i
-        if merge:
-            if not self._base_weights:
-                self._base_weights = {id(m): m.get_base_layer().weight.detach().clone() for m in self._lora_layers()}  # type: ignore[operator]
-            self.model.base_model.merge_adapter([expert_name(i)])
-            self._merged = i
+
+    def merge_expert(self, i: int) -> None:
+        """Merge expert ``i``'s LoRA into the adapted layers' weights, so that a call costs one plain
+        forward. The merged weights are new tensors: each layer's own weight is put aside (keyed
+        by its module name) and put back, the same tensor, by ``unmerge``. Nothing is changed in
+        place, so an autograd graph built on any expert, merged or not, stays valid. Costs one
+        extra copy of the adapted weights while merged (``merge = False`` runs the branches instead)."""
+        if self._merged == i:
+            return
+        self.select(i)
+        with torch.no_grad():
+            for name, layer in self._lora_layers().items():
+                base = layer.get_base_layer()
+                self._put_aside[name] = base.weight
+                base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+                layer.merge(adapter_names=[expert_name(i)])  # peft adds B A * scale to the copy (plain LoRA: weight only)
+        self._merged = i
+
+    def unmerge(self) -> None:
+        """Back to the backbone's own weights (the very tensors, so bit for bit) and separate LoRA
+        branches; a no-op when nothing is merged."""
+        if self._merged is None:
+            return
+        layers = self._lora_layers()
+        for name, weight in self._put_aside.items():
+            layers[name].get_base_layer().weight = weight
+            layers[name].merged_adapters = []
+        self._put_aside, self._merged = {}, None
+
+    def activate(self, i: int) -> None:
+        """Make expert ``i`` the one a whole-batch ``run_expert`` calls: in eval mode (with ``merge``
+        on) merged, else as separate LoRA branches."""
+        if self.merge and not self.training:
+            self.merge_expert(i)
+        else:
+            self.select(i)
 
     def train(self, mode: bool = True) -> LoRAExperts:
         if mode:
-            self._unmerge()  # adapters train as separate branches
+            self.unmerge()  # adapters train as separate branches
         super().train(mode)
         return self
 
-    def run_expert(self, i: int, x: Tensor) -> Tensor:
-        self.activate(i)
-        return self.guide(x)  # guide.net carries the injected adapters
+    def _apply(self, fn, recurse=True):
+        self.unmerge()  # a move or cast acts on the backbone's own weights (the merge is redone at the next call)
+        return super()._apply(fn, recurse)
+
+    def state_dict(self, *args, **kwargs):
+        self.unmerge()  # the backbone's own weights, never a merged copy
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.unmerge()
+        return super().load_state_dict(*args, **kwargs)
+
+    def run_expert(self, i: int, x: Tensor, *, whole_batch: bool = True) -> Tensor:
+        if whole_batch:
+            self.activate(i)
+        else:
+            self.select(i)
+        return self.guide(x, net=self.guide.net)  # guide.net carries the injected adapters; it runs in the bank's mode
 
     def teacher(self, x: Tensor) -> Tensor:
-        self._unmerge()
+        self.unmerge()
         modes = {m: m.training for m in self.model.modules()}  # restored exactly (shared BN included)
         self.model.eval()
         try:
@@ -431,19 +468,19 @@ class LoRAExperts(ExpertBank):
     def expert_state(self, i: int) -> dict[str, Tensor]:
         from peft import get_peft_model_state_dict
 
-        self._unmerge()
+        self.unmerge()
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=expert_name(i)).items()}
 
     def load_expert_state(self, i: int, state: dict[str, Tensor]) -> None:
         from peft import set_peft_model_state_dict
 
-        self._unmerge()
+        self.unmerge()
         result = set_peft_model_state_dict(self.model, state, adapter_name=expert_name(i))
         if result.unexpected_keys:
             raise PPAPError(f"adapter weights do not fit the model (unexpected {result.unexpected_keys[:3]})")
 
     def base_state(self) -> dict[str, Tensor]:
-        self._unmerge()
+        self.unmerge()
         skip = ("lora_", "modules_to_save")
         return {k: v for k, v in self.model.state_dict().items() if not any(s in k for s in skip)}
 
@@ -487,7 +524,7 @@ class FullExperts(ExpertBank):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.guide]
 
-    def run_expert(self, i: int, x: Tensor) -> Tensor:
+    def run_expert(self, i: int, x: Tensor, *, whole_batch: bool = True) -> Tensor:
         return self.guide(x, net=self.experts[expert_name(i)])
 
     def teacher(self, x: Tensor) -> Tensor:
