@@ -21,3 +21,14 @@ def test_saves_read_the_umask_without_setting_it(tmp_path, monkeypatch):
         os.umask(old)
     assert calls == []
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"a.json": 0o640, "w.safetensors": 0o640}
+
+
+def test_fingerprints_of_copies_in_other_precisions_agree_at_that_precision():
+    torch.manual_seed(0)
+    state = {"w": torch.randn(4, 3), "b": torch.randn(4), "steps": torch.tensor(7)}
+    assert io.fingerprint(state, torch.float32) == io.fingerprint(state)  # float32 weights: the plain fingerprint
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    assert io.fingerprint(half) != io.fingerprint(state)
+    assert io.fingerprint(half, torch.bfloat16) == io.fingerprint(state, torch.bfloat16)
+    moved = dict(state, w=state["w"] + 1e-3)
+    assert io.fingerprint(moved, torch.bfloat16) != io.fingerprint(state, torch.bfloat16)

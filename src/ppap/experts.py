@@ -190,10 +190,15 @@ class ExpertBank(nn.Module):
     router: TimestepRouter
     adapter: AdapterConfig
     guide: GuideModel
-    base_fingerprint: str  # sha256 of the off-the-shelf weights the experts were built on
+    base_fingerprints: dict[str, str]  # sha256 of the off-the-shelf weights the experts were built on, per precision
     task: Task | None = None  # set when loaded from disk (what the experts were trained for)
     default_scale: float | None = None  # the bank's measured best guidance scale, when its card records one
     blend: int = 0  # soft routing: width (timesteps) of the blend of neighbouring experts at each boundary
+
+    @property
+    def base_fingerprint(self) -> str:
+        """The off-the-shelf weights' fingerprint (their values in float32)."""
+        return self.base_fingerprints["float32"]
 
     def train(self, mode: bool = True) -> ExpertBank:
         """Train mode for the experts only: frozen layers keep eval-mode statistics, so the
@@ -336,7 +341,7 @@ class LoRAExperts(ExpertBank):
         self.router, self.adapter = router, adapter
         self.guide = as_guide_model(guide)
         net = self.guide.net.requires_grad_(False).eval()
-        self.base_fingerprint = fingerprint(net.state_dict())
+        self.base_fingerprints = weights_fingerprints(net.state_dict())
         names = dict(net.named_modules())
         if adapter.target_modules:
             unknown = [n for n in adapter.target_modules if n not in names]
@@ -518,7 +523,7 @@ class FullExperts(ExpertBank):
         self.router, self.adapter = router, adapter
         self.guide = as_guide_model(guide)
         net = self.guide.net.requires_grad_(False).eval()
-        self.base_fingerprint = fingerprint(net.state_dict())
+        self.base_fingerprints = weights_fingerprints(net.state_dict())
         self.experts = nn.ModuleDict({expert_name(i): copy.deepcopy(net).requires_grad_(True) for i in range(router.num_experts)})
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -579,6 +584,46 @@ FORMAT = "ppap-experts-v2"  # v2: adapters on the bare off-the-shelf model (v1 h
 OLD_FORMATS = ("ppap-experts-v1",)
 
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_fingerprints(state: dict[str, Tensor]) -> dict[str, str]:
+    """A backbone's fingerprint at each precision a guide may run in: its weights' values in
+    float32, and rounded to bfloat16 and to float16."""
+    return {name: fingerprint(state, dtype) for name, dtype in PRECISIONS.items()}
+
+
+def _precision(state: dict[str, Tensor]) -> str:
+    """The precision a net computes in: "bfloat16" / "float16" when its weights are, else "float32"."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return next((name for name in ("bfloat16", "float16") if PRECISIONS[name] in dtypes), "float32")
+
+
+def check_guide(state: dict[str, Tensor], manifest: dict, directory: Path) -> None:
+    """Refuse a guide whose weights ``state`` are not those the experts in ``manifest`` were
+    trained on, compared at the guide's precision: a half-precision guide against the trained
+    guide's weights rounded alike (a bank trained in float32 loads on a bfloat16 or float16
+    copy of its guide), a float32 guide at any precision the manifest records (a bank trained on
+    a bfloat16 copy loads on the float32 original)."""
+    recorded = {"float32": manifest["guide_fingerprint"]} | (manifest.get("guide_fingerprints") or {})
+    own = _precision(state)
+    # dtype None: the plain fingerprint (that of float32 weights; what manifests of float64 guides hold)
+    tries = [(None, "float32"), (torch.float32, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16")]
+    for dtype, precision in tries if own == "float32" else [(PRECISIONS[own], own)]:
+        if precision in recorded and fingerprint(state, dtype) == recorded[precision]:
+            return
+    name = (manifest.get("guide") or {}).get("ref", "another model")
+    if own not in recorded:
+        raise PPAPError(
+            f"experts in {directory} record no {own} fingerprint of their guide ({name}): load the guide in float32, "
+            f"then cast it with the bank (bank.to(torch.{own}))"
+        )
+    raise PPAPError(
+        f"experts in {directory} were trained on {name} (weights {str(recorded[own])[:12]}), "
+        f"not on the given guidance model (weights {fingerprint(state, PRECISIONS[own])[:12]})"
+    )
+
+
 def schedule_fingerprint(schedule: NoiseSchedule) -> str:
     return fingerprint({"alphas_cumprod": schedule.alphas_cumprod})
 
@@ -594,6 +639,7 @@ def bank_manifest(bank: ExpertBank, task: Task, schedule: NoiseSchedule, **extra
         "task": asdict(task),  # type: ignore[call-overload]  # every Task is a dataclass
         "guide": bank.guide.identity,
         "guide_fingerprint": bank.base_fingerprint,
+        "guide_fingerprints": {k: v for k, v in bank.base_fingerprints.items() if k != "float32"},
         "schedule": {"num_train_timesteps": schedule.num_train_timesteps, "fingerprint": schedule_fingerprint(schedule)},
         "trained": [],
         "files": {},
@@ -637,6 +683,7 @@ MANIFEST_SCHEMA = {  # what load_bank reads; a damaged manifest is one line nami
     "adapter": (dict,),
     "task": (dict, lambda v: isinstance(v.get("name"), str), "an object with a task name"),
     "guide_fingerprint": (str,),
+    "guide_fingerprints": (dict, lambda v: all(isinstance(f, str) for f in v.values()), "of fingerprints", False),
     "schedule": (dict, lambda v: isinstance(v.get("fingerprint"), str), "an object with a fingerprint"),
     "trained": (list, lambda v: all(isinstance(n, str) for n in v), "a list of expert names"),
     "files": (dict, None, "", False),
@@ -659,7 +706,7 @@ def load_bank(
         values: dict[str, Any] = {k: tuple(v) if k == "target_modules" and v else v for k, v in manifest["adapter"].items()}
         adapter = AdapterConfig(**values)
         task = make_task(**manifest["task"])
-        trained, want_fp, sched = list(manifest["trained"]), manifest["guide_fingerprint"], manifest["schedule"]
+        trained, sched = list(manifest["trained"]), manifest["schedule"]
         if not isinstance(sched, dict) or not isinstance(trained, list):
             raise TypeError("schedule must be an object and trained a list")
     except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -671,13 +718,7 @@ def load_bank(
             f"experts in {directory} were trained for another noise schedule "
             f"(T={sched.get('num_train_timesteps')}) than this diffusion model's (T={schedule.num_train_timesteps})"
         )
-    have = fingerprint(guide.net.state_dict())
-    if have != want_fp:
-        name = (manifest.get("guide") or {}).get("ref", "another model")
-        raise PPAPError(
-            f"experts in {directory} were trained on {name} (weights {str(want_fp)[:12]}), "
-            f"not on the given guidance model (weights {have[:12]})"
-        )
+    check_guide(guide.net.state_dict(), manifest, directory)
     missing = [expert_name(i) for i in range(router.num_experts) if expert_name(i) not in trained]
     if missing and require_all:
         raise PPAPError(f"experts in {directory} are unfinished ({missing[0]} not trained); re-run `ppap train` to finish them")

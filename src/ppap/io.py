@@ -258,14 +258,17 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def fingerprint(state: dict[str, Tensor]) -> str:
+def fingerprint(state: dict[str, Tensor], dtype: torch.dtype | None = None) -> str:
     """sha256 of a state dict's names, shapes, dtypes and values: a weights identity that does
-    not depend on file names or formats."""
+    not depend on file names or formats. With ``dtype``, floating-point tensors are hashed as
+    their values rounded to it, so copies of one model in several precisions agree at that
+    precision; ``dtype=torch.float32`` leaves the fingerprint of float32 weights as it is."""
     import hashlib
 
     h = hashlib.sha256()
     for key in sorted(state):
-        v = state[key].detach().cpu().contiguous()
+        v = state[key].detach().cpu()
+        v = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
         h.update(f"{key}:{tuple(v.shape)}:{v.dtype};".encode())
         h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
