@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -23,7 +24,8 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     (``torch.autograd.grad(out, x)``); none reach the weights, and the forward saves nothing for them.
     """
     training = [m for m in module.modules() if m.training]
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    # under torch.no_grad nothing is recorded: the weights' flags need no change (and cost none)
+    trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     for m in training:
         m.training = False
     for p in trainable:
