@@ -28,9 +28,11 @@ def _mixed_flags(module: nn.Module) -> nn.Module:
 
 
 def _seen_inside(module: nn.Module) -> list[tuple[bool, bool]]:
-    """(training, any weight requiring grad) of ``module`` at each of its forward calls."""
+    """(training, whether a weight gradient could be recorded) of ``module`` at each of its forward calls."""
     seen: list[tuple[bool, bool]] = []
-    module.register_forward_pre_hook(lambda m, args: seen.append((m.training, any(p.requires_grad for p in m.parameters()))))
+    module.register_forward_pre_hook(
+        lambda m, args: seen.append((m.training, torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters())))
+    )
     return seen
 
 
