@@ -110,7 +110,8 @@ def _pipeline(args):
 
 
 def _conditioning(args, num: int):
-    """The UNet's conditions from ``--class-label`` / ``--prompt-embeds`` / ``--cfg-scale``."""
+    """The UNet's conditions from ``--class-label`` / ``--negative-class-label`` /
+    ``--prompt-embeds`` / ``--cfg-scale``."""
     from .diffusion import Conditioning
     from .io import load_safetensors
 
@@ -139,7 +140,13 @@ def _conditioning(args, num: int):
         if args.cfg_scale != 1.0:
             raise PPAPError("--cfg-scale needs a conditional model's --class-label or --prompt-embeds")
         return None
-    return Conditioning(labels, embeds, negative, None, args.cfg_scale)
+    null = args.negative_class_label
+    if null is not None and labels is None:
+        raise PPAPError("--negative-class-label needs --class-label")
+    if null is None and labels is not None and embeds is None and args.cfg_scale > 1:
+        raise PPAPError("--cfg-scale above 1 with --class-label needs --negative-class-label N, the model's null class")
+    null_labels = None if null is None else torch.full((num,), null)
+    return Conditioning(labels, embeds, negative, null_labels, args.cfg_scale)
 
 
 def cmd_generate(args) -> int:
@@ -442,7 +449,9 @@ def cmd_zoo(args) -> int:
         return 0
     from .zoo_train import train_zoo_model
 
-    train_zoo_model(args.name, work_root=Path(args.work_dir), data_dir=args.data_dir)
+    train_zoo_model(
+        args.name, work_root=Path(args.work_dir), data_dir=args.data_dir, out_root=None if args.into_package else Path(args.out)
+    )
     return 0
 
 
@@ -519,6 +528,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--prompt-embeds",
         help="text-conditional UNet: safetensors file with 'prompt_embeds' [N, L, D] or [L, D] "
         "(cycled) and optionally 'negative_prompt_embeds'",
+    )
+    group.add_argument(
+        "--negative-class-label",
+        type=int,
+        help="class-conditional UNet with --cfg-scale > 1: the model's null class, the label it was trained with for "
+        "'no class' (DiT-style models: the last class embedding, num_class_embeds - 1); no default, a diffusers "
+        "UNet does not record one",
     )
     group.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
 
@@ -614,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("name")
     zt.add_argument("--work-dir", default="runs/zoo", help="checkpoints for resuming")
     zt.add_argument("--data-dir", help="Fashion-MNIST folder")
+    where = zt.add_mutually_exclusive_group()
+    where.add_argument("--out", default="runs/zoo-models", help="folder for the trained model, laid out as the zoo (default: %(default)s)")
+    where.add_argument("--into-package", action="store_true", help="replace the model shipped inside the installed package (maintainers)")
     z.set_defaults(func=cmd_zoo)
 
     b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/reproducing.md)")

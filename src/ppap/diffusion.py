@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .frozen import frozen
 from .io import PPAPError, give_usual_permissions, read_json
 
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -239,11 +240,13 @@ class Diffusion(nn.Module):
     """A diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``) and its schedule behind one
     call: ``(x_t, t, cond) -> Prediction``. Learned-variance outputs (2C channels) are split into
     the prediction and ``Prediction.variance``. The UNet may run in float16 / bfloat16: inputs are
-    cast to its dtype and outputs back to the data's, so the sampler state and guidance stay float32."""
+    cast to its dtype and outputs back to the data's, so the sampler state and guidance stay float32.
+    The UNet runs in eval mode with no weight gradients for each call only (``frozen``): the
+    caller's UNet (one it is training, say) keeps its own mode and ``requires_grad``."""
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, name: str = "in-memory"):
         super().__init__()
-        self.unet = unet.eval().requires_grad_(False)
+        self.unet = unet
         self.schedule = schedule
         self.name = name
 
@@ -277,7 +280,8 @@ class Diffusion(nn.Module):
             kwargs["encoder_hidden_states"] = prompt_embeds.to(self.dtype)
         elif prompt_embeds is not None:
             raise PPAPError(f"prompt_embeds given but {type(self.unet).__name__} takes no encoder_hidden_states")
-        return self.unet(x.to(self.dtype), t, **kwargs).sample.to(x.dtype)
+        with frozen(self.unet):
+            return self.unet(x.to(self.dtype), t, **kwargs).sample.to(x.dtype)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Prediction:
         """x_t [B, C, H, W], t [B] (or a scalar) training timesteps."""

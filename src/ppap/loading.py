@@ -120,7 +120,7 @@ def load_guide(
         return load_transformers_guide(ref, task=task, revision=revision, subfolder=subfolder)
     if zoo.is_zoo_name(ref):
         entry = zoo.get(ref, "guide")
-        net = resolve_factory(entry.factory)()
+        net = resolve_factory(entry.factory)().eval().requires_grad_(False)  # built here: a fixed evaluator
         load_weights_into(net, weights or entry.location)
         return GuideModel(net, task=task or entry.task, classes=entry.classes or None, ref=ref)
     if ":" not in ref:
@@ -138,7 +138,7 @@ def load_guide(
         raise PPAPError(f"factory {ref} failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, nn.Module):
         raise PPAPError(f"factory {ref} returned {type(net).__name__}, not a torch.nn.Module")
-    load_weights_into(net, weights)
+    load_weights_into(net.eval().requires_grad_(False), weights)
     return GuideModel(net, task=task, ref=ref)
 
 
@@ -179,7 +179,7 @@ def _load_transformers_guide(folder: Path, task: str | None, name: str) -> Guide
 
     require_safetensors(folder, "model")
     try:
-        model = cls.from_pretrained(folder, use_safetensors=True)
+        model = cls.from_pretrained(folder, use_safetensors=True).requires_grad_(False)  # eval mode from from_pretrained
     except Exception as e:
         raise PPAPError(f"cannot load {architectures[0]} from {name} ({str(e).splitlines()[0][:200]})") from None
     processor = None
