@@ -283,6 +283,7 @@ class Diffusion(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         cond = cond or Conditioning()
+        channels = x_t.shape[1]
         if cond.cfg:
             negative = cond.negative_prompt_embeds
             if cond.prompt_embeds is not None and negative is None:
@@ -291,10 +292,13 @@ class Diffusion(nn.Module):
             labels = None if cond.class_labels is None or neg_labels is None else torch.cat([neg_labels, cond.class_labels])
             prompts = None if cond.prompt_embeds is None or negative is None else torch.cat([negative, cond.prompt_embeds])
             uncond, c = self._unet(torch.cat([x_t, x_t]), torch.cat([t, t]), labels, prompts).chunk(2)
-            output = uncond + cond.guidance_scale * (c - uncond)
+            # CFG combines the prediction channels only; a learned variance is the conditional
+            # branch's (diffusers' IF pipelines): extrapolated, it could turn negative or leave
+            # learned_range's [beta_tilde, beta]
+            eps_u, eps_c = uncond[:, :channels], c[:, :channels]
+            output = torch.cat([eps_u + cond.guidance_scale * (eps_c - eps_u), c[:, channels:]], dim=1)
         else:
             output = self._unet(x_t, t, cond.class_labels, cond.prompt_embeds)
-        channels = x_t.shape[1]
         variance = output[:, channels:] if output.shape[1] == 2 * channels else None
         eps, x0 = self.schedule.to_prediction(x_t, t, output[:, :channels])
         return Prediction(eps, x0, variance)
