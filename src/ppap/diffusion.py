@@ -1,7 +1,10 @@
 """The diffusion backbone: any pixel-space diffusers UNet plus its noise schedule, in one convention.
 
 Timestep spaces are named, never remapped behind a wrapper:
-  * ``t``     training timestep, int in [0, T) (what the UNet, the router and q_sample take);
+  * ``t``     training timestep in [0, T): an int, or a float where a scheduler's grid falls
+              between the table's entries (Euler / Heun spacings, Karras sigmas); the UNet takes
+              it as it is, abar_t is interpolated linearly in log sigma (``NoiseSchedule.abar_at``)
+              and an expert bank routes it to the range that contains it;
   * ``i``     sampler step index (0 = first, noisiest step);
   * ``sigma`` noise level sqrt((1 - abar_t) / abar_t).
 
@@ -87,7 +90,7 @@ class NoiseSchedule:
         if config.get("thresholding"):
             raise PPAPError("scheduler option thresholding=True (dynamic thresholding) is not supported; set it to false")
         checks: dict[str, tuple[str, ...]] = {"prediction_type": PREDICTION_TYPES, "timestep_spacing": SPACINGS}
-        if "variance_type" in config:
+        if config.get("variance_type") is not None:  # None: a scheduler without variance (DPMSolver, ...)
             checks["variance_type"] = VARIANCE_TYPES
         for key, valid in checks.items():
             if key in config and config[key] not in valid:
@@ -122,14 +125,27 @@ class NoiseSchedule:
         return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind].from_config(self.config)
 
     def check_t(self, t: Tensor) -> None:
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
-            bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
-            raise PPAPError(f"timestep {bad} is outside [0, {self.num_train_timesteps})")
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > self.num_train_timesteps - 1):
+            bad = float(t.min()) if float(t.min()) < 0 else float(t.max())
+            raise PPAPError(f"timestep {bad:g} is outside [0, {self.num_train_timesteps})")
+
+    def abar_at(self, t: Tensor) -> Tensor:
+        """abar_t [B] float64 at training timesteps t [B]. A fractional t is interpolated linearly
+        in log sigma between its two neighbours: the inverse of diffusers' ``_sigma_to_t`` (which
+        places Karras / exponential sigmas on the timestep axis) and k-diffusion's ``t_to_sigma``."""
+        table = self.alphas_cumprod.to(t.device)
+        if not t.is_floating_point():
+            return table[t]
+        lo = t.detach().floor().long().clamp(0, self.num_train_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        w = (t.detach().to(torch.float64) - lo).clamp(0, 1)
+        log_sigma = ((1 - table) / table).log() / 2
+        sigma = ((1 - w) * log_sigma[lo] + w * log_sigma[hi]).exp()
+        return torch.where(w == 0, table[lo], 1 / (1 + sigma**2))  # integer-valued t: the table's own value
 
     def abar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar_t broadcast to ``like``'s shape and dtype: [B] -> [B, 1, 1, 1]."""
-        a = self.alphas_cumprod.to(like.device)[t.to(like.device)]
-        return append_dims(a, like.ndim).to(like.dtype)
+        return append_dims(self.abar_at(t.to(like.device)), like.ndim).to(like.dtype)
 
     def sigma(self, t: Tensor) -> Tensor:
         a = self.alphas_cumprod[t]
@@ -173,19 +189,34 @@ class NoiseSchedule:
 
     def to_prediction(self, x_t: Tensor, t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """(eps, x0) from a model output of this schedule's prediction type, in diffusers' order."""
-        a = self.abar(t, x_t)
-        b = 1 - a
-        if self.prediction_type == "epsilon":
-            return output, (x_t - b**0.5 * output) / a**0.5
-        if self.prediction_type == "sample":
-            return (x_t - a**0.5 * output) / b**0.5, output
-        return a**0.5 * output + b**0.5 * x_t, a**0.5 * x_t - b**0.5 * output  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+        return split_output(output, x_t, self.abar(t, x_t), self.prediction_type)
+
+
+def split_output(output: Tensor, x_t: Tensor, a: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(eps, x0) from a model output [B, C, H, W] of ``prediction_type`` at x_t, abar_t = ``a``
+    (broadcastable), in diffusers' order of operations."""
+    b = 1 - a
+    if prediction_type == "epsilon":
+        return output, (x_t - b**0.5 * output) / a**0.5
+    if prediction_type == "sample":
+        return (x_t - a**0.5 * output) / b**0.5, output
+    return a**0.5 * output + b**0.5 * x_t, a**0.5 * x_t - b**0.5 * output  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+
+
+def join_output(eps: Tensor, x0: Tensor, a: Tensor, prediction_type: str) -> Tensor:
+    """The model output of ``prediction_type`` whose (eps, x0) is the given pair (``split_output``'s inverse)."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    return a**0.5 * eps - (1 - a) ** 0.5 * x0
 
 
 class Prediction(NamedTuple):
     eps: Tensor  # [B, C, H, W] predicted noise
     x0: Tensor  # [B, C, H, W] predicted clean image (not clipped)
     variance: Tensor | None = None  # [B, C, H, W] the UNet's extra variance channels (learned-variance models)
+    output: Tensor | None = None  # [B, C, H, W] the (CFG-combined) model output in its own prediction type
 
 
 @dataclass(frozen=True)
@@ -301,7 +332,7 @@ class Diffusion(nn.Module):
             output = self._unet(x_t, t, cond.class_labels, cond.prompt_embeds)
         variance = output[:, channels:] if output.shape[1] == 2 * channels else None
         eps, x0 = self.schedule.to_prediction(x_t, t, output[:, :channels])
-        return Prediction(eps, x0, variance)
+        return Prediction(eps, x0, variance, output[:, :channels])
 
     def bind(self, cond: Conditioning | None) -> Denoiser:
         """This model with its condition fixed: the ``(x_t, t) -> Prediction`` that samplers take."""
@@ -312,15 +343,7 @@ class Diffusion(nn.Module):
         """Load a diffusers directory: a pipeline folder (``unet/`` + ``scheduler/``) or a UNet
         folder with ``scheduler_config.json`` beside its ``config.json``."""
         root = Path(path)
-        if not root.is_dir():
-            raise PPAPError(f"diffusion model directory not found: {root}")
-        unet_dir, sched_file = (
-            (root / "unet", root / "scheduler" / SCHEDULER_CONFIG) if (root / "unet").is_dir() else (root, root / SCHEDULER_CONFIG)
-        )
-        if not (unet_dir / "config.json").exists():
-            raise PPAPError(f"{root} is not a diffusers UNet directory (no config.json or unet/config.json)")
-        if not sched_file.exists():
-            raise PPAPError(f"{root} has no scheduler config ({sched_file} missing)")
+        unet_dir, sched_file = model_files(root)
         schedule = NoiseSchedule.from_config(read_json(sched_file, "scheduler config"))
         return cls(load_unet(unet_dir), schedule, name=str(root))
 
@@ -350,6 +373,22 @@ class Denoiser:
 
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def model_files(root: Path) -> tuple[Path, Path]:
+    """(UNet folder, scheduler config file) of a diffusers pipeline folder (``unet/`` +
+    ``scheduler/``) or of a UNet folder with ``scheduler_config.json`` beside its ``config.json``."""
+    if not root.is_dir():
+        raise PPAPError(f"diffusion model directory not found: {root}")
+    if (root / "unet").is_dir():
+        unet_dir, sched_file = root / "unet", root / "scheduler" / SCHEDULER_CONFIG
+    else:
+        unet_dir, sched_file = root, root / SCHEDULER_CONFIG
+    if not (unet_dir / "config.json").exists():
+        raise PPAPError(f"{root} is not a diffusers UNet directory (no config.json or unet/config.json)")
+    if not sched_file.exists():
+        raise PPAPError(f"{root} has no scheduler config ({sched_file} missing)")
+    return unet_dir, sched_file
 
 
 def load_unet(directory: Path) -> nn.Module:

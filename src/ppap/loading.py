@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import zoo
-from .diffusion import Diffusion
+from .diffusion import Diffusion, model_files
 from .experts import ExpertBank, load_bank
 from .guide_model import GuideModel
 from .io import PPAPError, load_weights_into, read_json, resolve_factory
@@ -58,18 +58,33 @@ def load_diffusion(ref: str) -> Diffusion:
 
 
 def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> PPAPPipeline:
-    """The pipeline of a zoo name or a diffusers directory, its UNet on ``device`` in ``dtype``."""
+    """The pipeline of a zoo name or a diffusers directory, its UNet on ``device`` in ``dtype``;
+    its scheduler of the class the folder saved (as diffusers' ``from_pretrained``)."""
     diffusion = load_diffusion(ref)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
-    from diffusers import DDPMScheduler
-
-    pipe = PPAPPipeline(unet=diffusion.unet, scheduler=DDPMScheduler.from_config(diffusion.schedule.config))
+    pipe = PPAPPipeline(unet=diffusion.unet, scheduler=load_scheduler(model_files(diffusion_location(ref))[1]))
     pipe.register_to_config(_name_or_path=ref)
     pipe.to(device)
     if dtype != torch.float32:
         pipe.unet.to(dtype)  # the UNet only: the sampler state and guidance stay float32
     return pipe
+
+
+def load_scheduler(config_file: Path):
+    """The diffusers scheduler of a ``scheduler_config.json``, of the class its ``_class_name``
+    names (DDPMScheduler when it names none)."""
+    import diffusers
+
+    config = read_json(config_file, "scheduler config")
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
+    if cls is None:
+        raise PPAPError(f"{config_file}: unknown scheduler class {name!r}")
+    try:
+        return cls.from_config(config)
+    except (ValueError, TypeError) as e:  # diffusers refuses some option combinations at construction
+        raise PPAPError(f"{config_file}: cannot build {name} ({e})") from None
 
 
 def load_guide(ref: str, weights: str | None = None, task: str | None = None) -> GuideModel:

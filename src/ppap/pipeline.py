@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -29,7 +29,8 @@ from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
-from .samplers import SAMPLERS, NonFiniteError
+from .samplers import NonFiniteError
+from .schedulers import sample, sampling_scheduler
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
 DEFAULT_CLASSIFIER_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); dense losses need far larger ones
@@ -55,8 +56,11 @@ class PPAPPipeline(DiffusionPipeline):
     Parameters:
         unet: the denoiser; any prediction type (``epsilon`` / ``v_prediction`` / ``sample``, as the
             scheduler config says), learned variance (2C output channels) included.
-        scheduler: a ``DDPMScheduler`` or ``DDIMScheduler`` (its config gives the noise schedule,
-            the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and variance).
+        scheduler: the diffusers scheduler sampled with by default (its config gives the noise
+            schedule, the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and
+            variance): ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
+            ``UniPCMultistepScheduler``, ``EulerDiscreteScheduler``,
+            ``EulerAncestralDiscreteScheduler`` or ``HeunDiscreteScheduler``.
 
     Example:
         ```py
@@ -71,7 +75,7 @@ class PPAPPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler):
+    def __init__(self, unet: nn.Module, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
@@ -262,13 +266,13 @@ class PPAPPipeline(DiffusionPipeline):
             class_labels, prompt_embeds, negative_prompt_embeds, negative_class_labels,
                 guidance_scale: conditions of a conditional UNet and classifier-free guidance
                 (diffusers' meaning: 1 = off).
-            sampler: "ddim" or "ddpm"; default by the scheduler's class (DDPMScheduler -> ddpm).
+            sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
+                euler-a, heun), built from the scheduler's config; default: the registered
+                scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
         """
         if output_type not in OUTPUT_TYPES:
             raise PPAPError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        sampler = sampler or ("ddpm" if isinstance(self.scheduler, DDPMScheduler) else "ddim")
-        if sampler not in SAMPLERS:
-            raise PPAPError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        scheduler = sampling_scheduler(self.scheduler, sampler, num_inference_steps)  # a fresh one: self.scheduler stays as it is
         if not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
             raise PPAPError(f"eta must be a finite number >= 0, got {eta!r}")
         diffusion = self.diffusion
@@ -282,7 +286,6 @@ class PPAPPipeline(DiffusionPipeline):
             raise PPAPError(f"batch_size must be >= 1, got {batch_size!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
-        grid = diffusion.schedule.grid(num_inference_steps, sampler)
         cond = self.conditioning(
             batch_size,
             class_labels=class_labels,
@@ -323,9 +326,18 @@ class PPAPPipeline(DiffusionPipeline):
             out = callback_on_step_end(self, state["i"], state["t"], {"latents": state["x"]})
             return out.get("latents") if isinstance(out, dict) else None
 
-        extra = {"eta": eta} if sampler == "ddim" else {}
         try:
-            x = SAMPLERS[sampler](denoiser, x, grid, guide=guide_fn, generator=generator, callback=on_step, progress=progress, **extra)
+            x = sample(
+                denoiser,
+                x,
+                scheduler,
+                num_inference_steps,
+                guide=guide_fn,
+                eta=eta,
+                generator=generator,
+                callback=on_step,
+                progress=progress,
+            )
         except NonFiniteError as e:
             raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
         image: Any = x if output_type == "latent" else (x / 2 + 0.5).clamp(0, 1)

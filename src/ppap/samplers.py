@@ -31,7 +31,7 @@ class NonFiniteError(PPAPError):
 
 
 GuideFn = Callable[[Tensor, Tensor, Prediction], Tensor]
-Callback = Callable[[dict], None]
+Callback = Callable[[dict], Tensor | None]  # may return a replacement sample
 Generator = torch.Generator | list[torch.Generator] | None
 
 
@@ -48,8 +48,13 @@ def _clip_range(schedule: NoiseSchedule, clip_x0: bool | None) -> float | None:
     return float(schedule.config.get("clip_sample_range", 1.0)) if clip_x0 else None
 
 
-def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
-    t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
+def _step(denoiser: DenoiserFn, x: Tensor, timestep: int | Tensor, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
+    """The prediction at (x, t) and the guidance gradient (None unguided). ``timestep`` is an int
+    or a scheduler's 0-dim timestep (kept in its dtype: a float t reaches the UNet as it is)."""
+    if isinstance(timestep, Tensor):
+        t, t_int = timestep.to(x.device).expand(x.shape[0]), _number(timestep)
+    else:
+        t, t_int = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device), timestep
     if guide is not None and hasattr(guide, "guided_prediction"):  # a guide that needs the UNet forward with grad
         with torch.enable_grad():
             pred, g = guide.guided_prediction(x, t)
@@ -61,14 +66,20 @@ def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) ->
         with torch.enable_grad():
             g = guide(x, t, pred)
     if not bool(torch.isfinite(g).all()):
-        raise NonFiniteError(f"the guidance gradient is not finite at t={t_int}")
+        raise NonFiniteError(f"the guidance gradient is not finite at t={t_int:g}")
     return pred, g.detach()
 
 
-def _check_finite(x: Tensor, t_int: int) -> None:
+def _number(t: Tensor) -> int | float:
+    """A scheduler's 0-dim timestep as a Python number (an int where it is one)."""
+    value = float(t)
+    return int(value) if value.is_integer() else value
+
+
+def _check_finite(x: Tensor, t_int: int | float) -> None:
     """One reduction per step: a NaN/inf sample is an error now, never an all-black image later."""
     if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"the sample became non-finite at t={t_int} (the diffusion model's output or the guidance scale)")
+        raise NonFiniteError(f"the sample became non-finite at t={t_int:g} (the diffusion model's output or the guidance scale)")
 
 
 def _scalars(grid: SamplingGrid, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
