@@ -52,7 +52,7 @@ def _step(denoiser: DenoiserFn, x: Tensor, timestep: int | Tensor, guide: GuideF
     """The prediction at (x, t) and the guidance gradient (None unguided). ``timestep`` is an int
     or a scheduler's 0-dim timestep (kept in its dtype: a float t reaches the UNet as it is)."""
     if isinstance(timestep, Tensor):
-        t, t_int = timestep.to(x.device).expand(x.shape[0]), _number(timestep)
+        t, t_int = timestep.to(x.device).expand(x.shape[0]).contiguous(), _number(timestep)
     else:
         t, t_int = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device), timestep
     if guide is not None and hasattr(guide, "guided_prediction"):  # a guide that needs the UNet forward with grad
