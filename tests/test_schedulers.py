@@ -5,6 +5,7 @@ it holds or the one named, and what ppap cannot guide is a one-line error."""
 import inspect
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -143,3 +144,18 @@ def test_load_pipeline_loads_the_saved_scheduler_class(tmp_path):
     pipe = load_pipeline(str(tmp_path / "unipc"))
     assert type(pipe.scheduler) is diffusers.UniPCMultistepScheduler
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_cli_samples_with_a_named_sampler(tiny_models, tmp_path, capsys):
+    """``ppap sample --sampler NAME``; the help lists every name; a bad one is ppap's one-line error."""
+    from ppap.cli import SAMPLER_HELP, main
+
+    assert all(name in SAMPLER_HELP for name in SAMPLER_NAMES)
+    m = tiny_models
+    argv = ["sample", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"], "--method", "naive"]
+    argv += ["--target", "3", "--num", "2", "--steps", "3", "--out", str(tmp_path / "g.png"), "--quiet", "--sampler"]
+    assert main(argv + ["heun"]) == 0, capsys.readouterr().err
+    images = np.load(tmp_path / "g.npz")["images"]
+    assert images.shape == (2, 8, 8, 1) and images.std() > 0
+    assert main(argv + ["lms"]) == 2
+    assert "ppap: error: unknown sampler 'lms'; valid: ddim, ddpm, dpm++" in capsys.readouterr().err
