@@ -159,3 +159,19 @@ def test_cli_samples_with_a_named_sampler(tiny_models, tmp_path, capsys):
     assert images.shape == (2, 8, 8, 1) and images.std() > 0
     assert main(argv + ["lms"]) == 2
     assert "ppap: error: unknown sampler 'lms'; valid: ddim, ddpm, dpm++" in capsys.readouterr().err
+
+
+def test_dpm_solver_on_a_learned_variance_model_of_any_channel_count():
+    """A 4-channel learned-variance UNet (8 outputs) with DPM-Solver++ built from its DDPM config:
+    the prediction channels are what the solver steps (diffusers' own slice keeps 3 channels)."""
+    unet = tiny_unet(in_channels=4, out_channels=8)
+    pipe = PPAPPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=100, variance_type="learned_range"))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    out = pipe(latents=latents, num_inference_steps=4, output_type="latent", progress=False, sampler="dpm++").images
+    s = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++", variance_type=None)
+    s.set_timesteps(4)
+    x = latents.clone()
+    with torch.no_grad():
+        for t in s.timesteps:
+            x = s.step(unet(x, t).sample[:, :4], t, x).prev_sample
+    assert torch.equal(out, x)

@@ -19,7 +19,8 @@ for its (eps, x0) and the guides; an expert bank routes t to the range that cont
 
 DDIM and DDPM run ppap's own loops (``ppap.samplers``, equal to diffusers' schedulers), whose x0
 clipping comes before the guidance correction. A learned variance is not passed on: none of the
-schedulers here reads it (DPMSolverMultistepScheduler slices it off itself).
+schedulers here reads it (DPMSolverMultistepScheduler would slice it off itself, assuming 3
+image channels; ppap builds it with ``variance_type=None`` instead).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def sampling_scheduler(scheduler, sampler: str | None = None, num_steps: int | N
             f"{cls.__name__} cannot be guided by ppap (it needs a DDPM-family scheduler with alphas_cumprod); "
             f"pass sampler= one of {', '.join(SAMPLER_NAMES)}"
         )
+    if cls.__name__ == "DPMSolverMultistepScheduler":  # ppap passes the prediction channels only: no [:, :3] slice
+        overrides = {**overrides, "variance_type": None}
     try:
         fresh = cls.from_config(scheduler.config, **overrides)
     except (ValueError, TypeError) as e:  # diffusers refuses some option combinations at construction
