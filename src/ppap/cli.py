@@ -17,6 +17,11 @@ import torch
 
 from .io import PPAPError, atomic_write_bytes
 
+SAMPLER_HELP = (  # the names of ppap.schedulers.SAMPLER_NAMES (not imported here: it loads diffusers)
+    "ddim | ddpm | dpm++ (DPM-Solver++ multistep) | unipc | euler | euler-a (Euler ancestral) | heun: "
+    "that diffusers scheduler, built from the model's scheduler config (default ddim, whatever the folder saved)"
+)
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -153,6 +158,7 @@ def cmd_generate(args) -> int:
     """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
     from .data import check_corpus, corpus_spec, generate_corpus, open_corpus, pending_shards, reuse_shards
     from .distributed import every_rank, main_decides
+    from .schedulers import sampling_scheduler
 
     check_out(args.out)
     if _number(args.eta, "--eta") < 0:
@@ -174,7 +180,7 @@ def cmd_generate(args) -> int:
         sampler=args.sampler,
         conditioning=cond,
     )
-    pipe.diffusion.schedule.grid(args.steps, args.sampler)  # bad steps / sampler fail before anything is written
+    sampling_scheduler(pipe.scheduler, args.sampler, args.steps)  # bad steps / sampler fail before anything is written
 
     def open_and_list() -> tuple[int, list[int]]:  # one process opens (or refuses) the corpus and lists what it lacks
         missing = open_corpus(args.out, spec)
@@ -360,6 +366,7 @@ def cmd_sample(args) -> int:
     from .distributed import every_rank, main_decides
     from .images import to_hwc_uint8
     from .pipeline import generate
+    from .schedulers import sampling_scheduler
 
     torch.manual_seed(args.seed)  # for any third-party randomness; ppap's own noise is seeded per sample
     if args.num < 1:
@@ -377,7 +384,7 @@ def cmd_sample(args) -> int:
     if args.device is None and acc.num_processes > 1:
         args.device = str(acc.device)  # under `accelerate launch`: each process on its own device
     pipe = _pipeline(args)
-    pipe.diffusion.schedule.grid(args.steps, args.sampler)  # one-line errors before loading guides
+    sampling_scheduler(pipe.scheduler, args.sampler, args.steps)  # one-line errors before loading guides
     cond = _conditioning(args, args.num)
     fit = zoo.ZOO[args.diffusion].reference_fit if zoo.is_zoo_name(args.diffusion) else "resize"
     terms = []
@@ -553,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="corpus directory (re-run to resume)")
     g.add_argument("--num", type=int, default=1000, help="number of images")
     g.add_argument("--steps", type=int, default=25, help="sampling steps")
-    g.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    g.add_argument("--sampler", default="ddim", help=SAMPLER_HELP)
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--shard-size", type=int, default=256, help="images per shard file")
@@ -612,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    s.add_argument("--sampler", default="ddim", help=SAMPLER_HELP)
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)

@@ -89,7 +89,7 @@ class PredictedX0Guide:
         pred = self.diffusion(x, t)
         x0 = pred.x0.clamp(-1, 1)
         g = self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
-        return Prediction(pred.eps.detach(), pred.x0.detach(), None if pred.variance is None else pred.variance.detach()), g
+        return Prediction._make(None if v is None else v.detach() for v in pred), g
 
 
 @dataclass(frozen=True)

@@ -92,21 +92,36 @@ def load_pipeline(
     torch_dtype: str | torch.dtype | None = None,
 ) -> PPAPPipeline:
     """The pipeline of a folder, zoo name or hub id, its UNet on ``device`` in ``dtype``
-    (``torch_dtype``: diffusers' name for it; give one or the other)."""
+    (``torch_dtype``: diffusers' name for it; give one or the other) and its scheduler of the
+    class the folder saved (as diffusers' ``from_pretrained``)."""
     if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
         raise PPAPError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
     dtype = dtype if dtype is not None else torch_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     diffusion = load_diffusion(ref, revision=revision, subfolder=subfolder, torch_dtype=dtype, variant=variant)
-    from diffusers import DDPMScheduler
-
-    pipe = PPAPPipeline(unet=diffusion.unet, scheduler=DDPMScheduler.from_config(diffusion.schedule.config))
+    # its scheduler of the class the folder saved, as diffusers' from_pretrained does
+    pipe = PPAPPipeline(unet=diffusion.unet, scheduler=load_scheduler(diffusion.scheduler_config or diffusion.schedule.config, ref))
     pipe.register_to_config(_name_or_path=ref)
     pipe.to(device)
     if pipe.unet.dtype != dtype:
         pipe.unet.to(dtype)  # the UNet only: the sampler state and guidance stay float32
     return pipe
+
+
+def load_scheduler(config: dict, where: str):
+    """The diffusers scheduler of a scheduler config, of the class its ``_class_name`` names
+    (DDPMScheduler when it names none)."""
+    import diffusers
+
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
+    if cls is None:
+        raise PPAPError(f"{where}: unknown scheduler class {name!r}")
+    try:
+        return cls.from_config(config)
+    except (ValueError, TypeError) as e:  # diffusers refuses some option combinations at construction
+        raise PPAPError(f"{where}: cannot build {name} ({e})") from None
 
 
 def load_guide(

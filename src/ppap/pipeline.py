@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
@@ -31,7 +31,8 @@ from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
-from .samplers import SAMPLERS, NonFiniteError, Progress
+from .samplers import NonFiniteError, Progress
+from .schedulers import sample, sampling_scheduler
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -125,8 +126,11 @@ class PPAPPipeline(DiffusionPipeline):
     Parameters:
         unet: the denoiser; any prediction type (``epsilon`` / ``v_prediction`` / ``sample``, as the
             scheduler config says), learned variance (2C output channels) included.
-        scheduler: a ``DDPMScheduler`` or ``DDIMScheduler`` (its config gives the noise schedule,
-            the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and variance).
+        scheduler: the diffusers scheduler sampled with by default (its config gives the noise
+            schedule, the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and
+            variance): ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
+            ``UniPCMultistepScheduler``, ``EulerDiscreteScheduler``,
+            ``EulerAncestralDiscreteScheduler`` or ``HeunDiscreteScheduler``.
 
     Devices: the pipeline samples on its execution device (``pipe.to(device)``, or the
     accelerator that ``enable_model_cpu_offload`` and accelerate's offload hooks name). The guide
@@ -160,7 +164,7 @@ class PPAPPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "x0", "guidance"]  # what ``callback_on_step_end`` can be given
 
-    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler):
+    def __init__(self, unet: nn.Module, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
@@ -395,15 +399,15 @@ class PPAPPipeline(DiffusionPipeline):
             class_labels, prompt_embeds, negative_prompt_embeds, negative_class_labels,
                 guidance_scale: conditions of a conditional UNet and classifier-free guidance
                 (diffusers' meaning: 1 = off).
-            sampler: "ddim" or "ddpm"; default by the scheduler's class (DDPMScheduler -> ddpm).
+            sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
+                euler-a, heun), built from the scheduler's config; default: the registered
+                scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
             progress: show the step bar (``self.progress_bar``, configured by
                 ``set_progress_bar_config``).
         """
         if output_type not in OUTPUT_TYPES:
             raise PPAPError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        sampler = sampler or ("ddpm" if isinstance(self.scheduler, DDPMScheduler) else "ddim")
-        if sampler not in SAMPLERS:
-            raise PPAPError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        scheduler = sampling_scheduler(self.scheduler, sampler, num_inference_steps)  # a fresh one: self.scheduler stays as it is
         if not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
             raise PPAPError(f"eta must be a finite number >= 0, got {eta!r}")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -424,8 +428,8 @@ class PPAPPipeline(DiffusionPipeline):
             raise PPAPError(f"batch_size must be >= 1, got {batch_size!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
-        grid = diffusion.schedule.grid(num_inference_steps, sampler)
-        self._num_timesteps = len(grid)
+        scheduler.set_timesteps(num_inference_steps)  # a fresh copy: its length is the number of UNet calls (Heun: 2S - 1)
+        self._num_timesteps = len(scheduler.timesteps)
         cond = self.conditioning(
             batch_size,
             class_labels=class_labels,
@@ -473,9 +477,10 @@ class PPAPPipeline(DiffusionPipeline):
                 out = callback_on_step_end(self, state["i"], state["t"], kwargs)
                 return out.get("latents") if isinstance(out, dict) else None
 
-            extra = {"eta": eta} if sampler == "ddim" else {}
-            with self._step_progress(progress, len(grid)) as bar:
-                x = SAMPLERS[sampler](denoiser, x, grid, guide=guide_fn, generator=generator, callback=on_step, progress=bar, **extra)
+            with self._step_progress(progress, self._num_timesteps) as bar:
+                x = sample(
+                    denoiser, x, scheduler, num_inference_steps, guide=guide_fn, eta=eta, generator=generator, callback=on_step, progress=bar
+                )
         except NonFiniteError as e:
             raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
         finally:

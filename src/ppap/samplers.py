@@ -31,7 +31,7 @@ class NonFiniteError(PPAPError):
 
 
 GuideFn = Callable[[Tensor, Tensor, Prediction], Tensor]
-Callback = Callable[[dict], None]
+Callback = Callable[[dict], Tensor | None]  # may return a replacement sample
 Generator = torch.Generator | list[torch.Generator] | None
 Progress = bool | Callable[[list[int]], Iterable[int]]
 """``True`` / ``False``: a tqdm bar of the sampler's own, or none; a callable wraps the list of
@@ -51,8 +51,13 @@ def _clip_range(schedule: NoiseSchedule, clip_x0: bool | None) -> float | None:
     return float(schedule.config.get("clip_sample_range", 1.0)) if clip_x0 else None
 
 
-def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
-    t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
+def _step(denoiser: DenoiserFn, x: Tensor, timestep: int | Tensor, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
+    """The prediction at (x, t) and the guidance gradient (None unguided). ``timestep`` is an int
+    or a scheduler's 0-dim timestep (kept in its dtype: a float t reaches the UNet as it is)."""
+    if isinstance(timestep, Tensor):
+        t, t_int = timestep.to(x.device).expand(x.shape[0]).contiguous(), _number(timestep)
+    else:
+        t, t_int = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device), timestep
     if guide is not None and hasattr(guide, "guided_prediction"):  # a guide that needs the UNet forward with grad
         with torch.enable_grad():
             pred, g = guide.guided_prediction(x, t)
@@ -64,18 +69,24 @@ def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) ->
         with torch.enable_grad():
             g = guide(x, t, pred)
     if not bool(torch.isfinite(g).all()):
-        raise NonFiniteError(f"the guidance gradient is not finite at t={t_int}")
+        raise NonFiniteError(f"the guidance gradient is not finite at t={t_int:g}")
     return pred, g.detach()
 
 
-def _check_finite(x: Tensor, t_int: int) -> None:
+def _number(t: Tensor) -> int | float:
+    """A scheduler's 0-dim timestep as a Python number (an int where it is one)."""
+    value = float(t)
+    return int(value) if value.is_integer() else value
+
+
+def _check_finite(x: Tensor, t_int: int | float) -> None:
     """One reduction per step: a NaN/inf sample is an error now, never an all-black image later."""
     if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"the sample became non-finite at t={t_int} (the diffusion model's output or the guidance scale)")
+        raise NonFiniteError(f"the sample became non-finite at t={t_int:g} (the diffusion model's output or the guidance scale)")
 
 
-def _steps(grid: SamplingGrid, progress: Progress, desc: str) -> Iterable[int]:
-    timesteps = grid.timesteps.tolist()
+def _steps(timesteps: list, progress: Progress, desc: str) -> Iterable:
+    """The loop's timesteps, through the caller's progress wrapper or a tqdm bar."""
     if callable(progress):
         return progress(timesteps)
     return tqdm(timesteps, desc=desc, disable=not progress, leave=False)
@@ -106,7 +117,7 @@ def sample_ddim(
     Returns x_0 [B, C, H, W] (unclipped)."""
     clip = _clip_range(denoiser.schedule, clip_x0)
     x = x_T
-    for i, t_int in enumerate(_steps(grid, progress, "DDIM")):
+    for i, t_int in enumerate(_steps(grid.timesteps.tolist(), progress, "DDIM")):
         a_t, a_prev = _scalars(grid, i, x)
         pred, g = _step(denoiser, x, t_int, guide)
         eps, x0 = pred.eps, pred.x0
@@ -175,7 +186,7 @@ def sample_ddpm(
     schedule = denoiser.schedule
     clip = _clip_range(schedule, clip_x0)
     x = x_T
-    for i, t_int in enumerate(_steps(grid, progress, "DDPM")):
+    for i, t_int in enumerate(_steps(grid.timesteps.tolist(), progress, "DDPM")):
         a_t, a_prev = _scalars(grid, i, x)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # the one-step alpha/beta of the respaced chain
         pred, g = _step(denoiser, x, t_int, guide)
