@@ -30,7 +30,7 @@ def tiny_unet(seed: int = 0, out_channels: int = 1, num_class_embeds: int | None
         norm_num_groups=4,
         attention_head_dim=8,
         num_class_embeds=num_class_embeds,
-    )
+    ).eval()  # as from_pretrained returns it (diffusers' pipelines sample in eval mode)
 
 
 def tiny_cond_unet(seed: int = 0, out_channels: int = 1, cross_attention_dim: int = 8):
@@ -49,7 +49,7 @@ def tiny_cond_unet(seed: int = 0, out_channels: int = 1, cross_attention_dim: in
         layers_per_block=1,
         norm_num_groups=4,
         attention_head_dim=2,
-    )
+    ).eval()
 
 
 @pytest.fixture

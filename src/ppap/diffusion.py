@@ -131,10 +131,11 @@ class NoiseSchedule:
             raise PPAPError(f"timestep {bad:g} is outside [0, {self.num_train_timesteps})")
 
     def abar_at(self, t: Tensor) -> Tensor:
-        """abar_t [B] float64 at training timesteps t [B]. A fractional t is interpolated linearly
-        in log sigma between its two neighbours: the inverse of diffusers' ``_sigma_to_t`` (which
-        places Karras / exponential sigmas on the timestep axis) and k-diffusion's ``t_to_sigma``."""
-        table = self.alphas_cumprod.to(t.device)
+        """abar_t [B] float64 on the CPU at training timesteps t [B] (computed on the CPU: MPS has no
+        float64; callers cast, then move). A fractional t is interpolated linearly in log sigma
+        between its two neighbours: the inverse of diffusers' ``_sigma_to_t`` (which places Karras
+        / exponential sigmas on the timestep axis) and k-diffusion's ``t_to_sigma``."""
+        table, t = self.alphas_cumprod, t.detach().cpu()
         if not t.is_floating_point():
             return table[t]
         lo = t.detach().floor().long().clamp(0, self.num_train_timesteps - 1)
@@ -147,7 +148,7 @@ class NoiseSchedule:
     def abar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar_t broadcast to ``like``'s shape, dtype and device: [B] -> [B, 1, 1, 1]. The
         float64 table is indexed on the CPU and cast before it moves (MPS has no float64)."""
-        return append_dims(self.abar_at(t.cpu()).to(like.dtype).to(like.device), like.ndim)
+        return append_dims(self.abar_at(t).to(like.dtype).to(like.device), like.ndim)
 
     def sigma(self, t: Tensor) -> Tensor:
         a = self.alphas_cumprod[t]
