@@ -102,6 +102,10 @@ def sketch_to_image(sketch: Any, folder: Path) -> str | None:
     return str(path)
 
 
+def _blank_is_none(value: Any) -> Any:
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
 def _request(values: dict, folder: Path) -> tuple[Request, str | None]:
     """The page's values -> a ``Request`` and the layout reference file (upload or sketch)."""
     target = str(values["target"] or "").strip()
@@ -124,8 +128,8 @@ def _request(values: dict, folder: Path) -> tuple[Request, str | None]:
         methods=tuple(values["methods"] or ()),
         target=target,
         extra_terms=values["extra_terms"] or "",
-        scale=values["scale"],
-        layout_scale=values["layout_scale"],
+        scale=_blank_is_none(values["scale"]),
+        layout_scale=_blank_is_none(values["layout_scale"]),
         steps=values["steps"],
         sampler=values["sampler"],
         seed=values["seed"],
@@ -165,15 +169,20 @@ def build_app(cache: ModelCache | None = None):
                     inp["reference"] = gr.File(label="reference image (PNG/JPEG)", file_types=["image"], type="filepath")
                 with gr.Tab("sketch"):
                     inp["sketch"] = gr.Sketchpad(label="silhouette", canvas_size=(224, 224), type="numpy")
-                with gr.Row():
-                    inp["scale"] = gr.Number(None, label="class scale", info="empty: each method's default (shown in the results)")
-                    inp["layout_scale"] = gr.Number(None, label="layout scale", info="empty: each method's default")
+                with gr.Row():  # text, not gr.Number: an empty field (each method's default) must stay empty
+                    inp["scale"] = gr.Textbox(
+                        "", label="class scale", placeholder="default", info="empty: each method's default (in the results)"
+                    )
+                    inp["layout_scale"] = gr.Textbox("", label="layout scale", placeholder="default", info="empty: each method's default")
                 with gr.Row():
                     inp["steps"] = gr.Slider(1, 100, value=DEFAULTS.steps, step=1, label="steps")
                     inp["num"] = gr.Slider(1, 64, value=DEFAULTS.num, step=1, label="images")
                 with gr.Row():
                     inp["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULTS.sampler, label="sampler", allow_custom_value=True)
                     inp["seed"] = gr.Number(DEFAULTS.seed, precision=0, label="seed")
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel_btn = gr.Button("Cancel", elem_id="cancel")
                 with gr.Accordion("models", open=False):
                     inp["diffusion"] = gr.Textbox(DEFAULTS.diffusion, label="diffusion model (folder, zoo name or hub id)")
                     inp["guide"] = gr.Textbox(DEFAULTS.guide, label="guide (off-the-shelf classifier)")
@@ -187,9 +196,6 @@ def build_app(cache: ModelCache | None = None):
                     inp["class_label"] = gr.Textbox("", label="class label(s), e.g. 3 or 0,1,2")
                     inp["null_class_label"] = gr.Textbox("", label="null class label (for CFG)")
                     inp["cfg_scale"] = gr.Number(1.0, label="CFG scale (1 = off)")
-                with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    cancel_btn = gr.Button("Cancel", elem_id="cancel")
             with gr.Column(scale=3):
                 status = gr.Markdown("", elem_id="status")
                 with gr.Row():
@@ -299,8 +305,10 @@ def launch(
 ):
     """Serve the page on ``host:port`` (0: a free port) and print its URL; ``preload`` loads the
     default models first, so that the first click samples at once. Returns (app, url)."""
+    from .loading import resolve_device
+
     gr = _gradio()
-    cache = ModelCache(device)
+    cache = ModelCache(str(resolve_device(device)))  # a bad --device: one line, before anything starts
     if preload:
         for load in (
             lambda: cache.pipeline(DEFAULTS.diffusion),
