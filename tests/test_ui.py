@@ -103,15 +103,20 @@ def test_class_target_steps_and_seed(client):
 
 
 def test_methods_side_by_side_with_previews(client):
-    """Every chosen method gets its grid and table row; x0 previews come before the result."""
+    """Every chosen method gets its grid and table row; x0 previews stream while it samples, and
+    each column's samples and row show as soon as that method is done."""
     job = client.submit(*arguments(methods=["unguided", "naive", "ppap", "x0"]), api_name="/generate")
     final = job.result()
     outputs = job.outputs()
     assert final[0].startswith("done")
     assert [r[0] for r in final[6]["data"]] == ["unguided", "naive", "ppap", "x0"]
     assert all(final[1 + k] for k in (0, 1, 2, 4)) and final[4] is None  # noise-aware not chosen: no grid
-    previews = [o for o in outputs[:-1] if o[0].startswith("sampling")]
-    assert len(previews) >= 4 and previews[0][1]  # the first column's x0 shows before anything finishes
+    statuses = [o[0] for o in outputs]
+    previews = [o for o in outputs[:-1] if "(x0 prediction)" in o[0]]
+    assert len(previews) >= 4 and previews[0][1], statuses  # the first column's x0 shows before anything finishes
+    first_done = next((o for o in outputs if o[0].startswith("sampling: **unguided** done")), None)
+    assert first_done is not None, statuses
+    assert [r[0] for r in first_done[6]["data"]] == ["unguided"] and first_done[1]
 
 
 def test_layout_reference_guides(client, tmp_path):
@@ -222,7 +227,7 @@ def test_browser_generates_without_leaving_loopback(server, tmp_path):
             target.fill("trouser")
             page.get_by_role("option", name="trouser").click()
             page.click("#generate")
-            page.wait_for_selector("#status :text('done')", timeout=60_000)
+            page.wait_for_selector("#status :text('done in')", timeout=60_000)
             assert page.locator("#grid-ppap img").count() >= 1
             assert page.get_by_text("ppap fashion-classifier (classification) x30").count() == 1  # an empty scale is the default
             page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)

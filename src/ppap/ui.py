@@ -23,7 +23,7 @@ import numpy as np
 
 from . import zoo
 from .io import PPAPError
-from .ui_compare import METHODS, Cancelled, ModelCache, Request, run_comparison, summary, write_downloads
+from .ui_compare import METHODS, Cancelled, ModelCache, Request, marked_grid, run_comparison, summary, write_downloads
 
 DEFAULTS = Request()
 MAX_UPLOAD = "4mb"  # reference images: Gradio refuses larger uploads before they reach ppap
@@ -203,7 +203,7 @@ def build_app(cache: ModelCache | None = None):
                         m: gr.Image(label=m, visible=m in DEFAULTS.methods, interactive=False, format="png", elem_id=f"grid-{m}")
                         for m in METHODS
                     }
-                table = gr.Dataframe(headers=SUMMARY_HEADERS, label="results", interactive=False)
+                table = gr.Dataframe(headers=SUMMARY_HEADERS, label="results", interactive=False, elem_id="results")
                 files = gr.File(label="downloads: grid PNG and .npz", file_count="multiple", interactive=False)
 
         names = list(INPUT_NAMES)
@@ -227,6 +227,7 @@ def build_app(cache: ModelCache | None = None):
                         reference,
                         on_preview=lambda m, grid: events.put(("preview", m, grid)),
                         on_progress=lambda m, done, total: events.put(("progress", m, (done, total))),
+                        on_result=lambda m, comparison: events.put(("result", m, comparison)),
                         stop=stop,
                     )
                     events.put(("done", None, result))
@@ -250,12 +251,12 @@ def build_app(cache: ModelCache | None = None):
                         shown[method] = payload
                         yield view(f"sampling: **{method}** (x0 prediction), {time.perf_counter() - start:.1f} s")
                         continue
+                    if kind == "result":  # a finished column: its samples, framed by the judge's verdicts
+                        shown[method] = marked_grid(payload.results[method].images, payload.hits(method))
+                        yield view(f"sampling: **{method}** done, {time.perf_counter() - start:.1f} s", summary(payload))
+                        continue
                     if kind == "error":
                         raise payload
-                    from .ui_compare import marked_grid
-
-                    for m, r in payload.results.items():
-                        shown[m] = marked_grid(r.images, payload.hits(m))
                     downloads = [str(p) for p in write_downloads(payload, folder)]
                     yield view(f"done in {time.perf_counter() - start:.1f} s", summary(payload), downloads)
                     return

@@ -250,12 +250,14 @@ def run_comparison(
     *,
     on_preview: Callable[[str, np.ndarray], None] = lambda m, grid: None,
     on_progress: Callable[[str, int, int], None] = lambda m, done, total: None,
+    on_result: Callable[[str, Comparison], None] = lambda m, comparison: None,
     stop: threading.Event | None = None,
     preview_every: int | None = None,
 ) -> Comparison:
     """Sample ``req.num`` images per method (same seed: the same x_T in every column), sending
-    the x0 prediction grid every ``preview_every`` steps (default: about 6 per method) and the
-    step count after each step; ``stop`` set ends it with ``Cancelled``."""
+    the x0 prediction grid every ``preview_every`` steps (default: about 6 per method), the
+    step count after each step and the comparison so far after each method; ``stop`` set ends
+    it with ``Cancelled``."""
     req.check()
     stop = stop or threading.Event()
     pipe = cache.pipeline(req.diffusion)
@@ -310,6 +312,7 @@ def run_comparison(
             result.accuracy = float((result.verdicts == out.targets).mean())
             out.judge = req.judge
         out.results[method] = result
+        on_result(method, out)
     return out
 
 
