@@ -23,12 +23,12 @@ def one_run(page, url: str, screenshot: str | None) -> dict:
     page.wait_for_selector("#grid-unguided img", timeout=120_000)
     first = time.perf_counter() - click
     if screenshot:
-        page.wait_for_selector("#status :text('sampling: ppap (x0')", timeout=120_000)
+        page.wait_for_selector("#status :text('sampling ppap (x0')", timeout=120_000)
         page.wait_for_timeout(600)  # a preview or two into the ppap column
         page.screenshot(path=screenshot, full_page=True)
     page.wait_for_selector("#status :text('done in')", timeout=300_000)
     done = time.perf_counter() - click
-    rows = page.locator("#results table tbody tr").all_inner_texts()
+    rows = page.locator("#results").inner_text().splitlines()
     return {"first_preview_s": round(first, 2), "comparison_s": round(done, 2), "table": rows}
 
 

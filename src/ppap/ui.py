@@ -79,6 +79,12 @@ def class_choices(cache: ModelCache, guide: str) -> list[str]:
     return [NO_CLASS, ALL_CLASSES, *classes]
 
 
+def progress_line(method: str, done: int, total: int, seconds: float, width: int = 20) -> str:
+    """The status line while sampling: which column runs, a text progress bar, the time so far."""
+    filled = round(width * done / max(total, 1))
+    return f"sampling **{method}** (x0 prediction): step {done} of {total} `{'█' * filled}{'░' * (width - filled)}` {done / max(total, 1):.0%}, {seconds:.1f} s"
+
+
 def sketch_to_image(sketch: Any, folder: Path) -> str | None:
     """A Sketchpad value -> a PNG of the drawn silhouette (white on black, as the zoo's images
     are), or None when nothing is drawn."""
@@ -210,13 +216,14 @@ def build_app(cache: ModelCache | None = None):
         assert set(names) == set(inp), "INPUT_NAMES must list every input"
         outputs = [status, *slots.values(), table, files]
 
-        def generate(request: gr.Request, progress=gr.Progress(), *args):  # noqa: B008 (Gradio fills the first two)
+        def generate(request: gr.Request, *args):
             values = dict(zip(names, args))
             session = getattr(request, "session_hash", None) or "api"
             stop = stops[session] = threading.Event()
             folder = Path(tempfile.mkdtemp(prefix="ppap-ui-"))
             events: queue.Queue = queue.Queue()
             shown: dict[str, Any] = dict.fromkeys(METHODS)
+            changed: set[str] = set()  # slots to send: an unchanged image is not encoded and sent again
             start = time.perf_counter()
 
             def work(req: Request, reference: str | None) -> None:
@@ -235,31 +242,38 @@ def build_app(cache: ModelCache | None = None):
                     events.put(("error", None, e))
 
             def view(text: str, table_value: Any = None, files_value: Any = None) -> list:
-                return [text, *shown.values(), gr.update() if table_value is None else table_value, files_value]
+                slots_out = [shown[m] if m in changed else gr.update() for m in METHODS]
+                changed.clear()
+                return [text, *slots_out, gr.update() if table_value is None else table_value, files_value]
 
             try:
                 req, reference = _request(values, folder)
                 yield view("starting...", [], None)
                 threading.Thread(target=work, args=(req, reference), daemon=True).start()
+                text, table_now = "", None
                 while True:
-                    kind, method, payload = events.get()
-                    if kind == "progress":
-                        done, total = payload
-                        progress((done, total), desc=f"{method}: step {done} of {total}")
-                        continue
-                    if kind == "preview":
-                        shown[method] = payload
-                        yield view(f"sampling: **{method}** (x0 prediction), {time.perf_counter() - start:.1f} s")
-                        continue
-                    if kind == "result":  # a finished column: its samples, framed by the judge's verdicts
-                        shown[method] = marked_grid(payload.results[method].images, payload.hits(method))
-                        yield view(f"sampling: **{method}** done, {time.perf_counter() - start:.1f} s", summary(payload))
-                        continue
-                    if kind == "error":
-                        raise payload
-                    downloads = [str(p) for p in write_downloads(payload, folder)]
-                    yield view(f"done in {time.perf_counter() - start:.1f} s", summary(payload), downloads)
-                    return
+                    batch = [events.get()]
+                    while not events.empty():  # everything that came while the page was being updated: one update
+                        batch.append(events.get())
+                    for kind, method, payload in batch:
+                        if kind == "progress":
+                            text = progress_line(method, *payload, time.perf_counter() - start)
+                        elif kind == "preview":
+                            shown[method] = payload
+                            changed.add(method)
+                        elif kind == "result":  # a finished column: its samples, framed by the judge's verdicts
+                            shown[method] = marked_grid(payload.results[method].images, payload.hits(method))
+                            changed.add(method)
+                            table_now = summary(payload)
+                        elif kind == "error":
+                            raise payload
+                        else:
+                            downloads = [str(p) for p in write_downloads(payload, folder)]
+                            changed.update(METHODS)  # the last update carries every grid (an API caller's result)
+                            yield view(f"done in {time.perf_counter() - start:.1f} s", summary(payload), downloads)
+                            return
+                    yield view(text, table_now)
+                    table_now = None
             except Cancelled:
                 yield view("cancelled")
             except Exception as e:
@@ -285,7 +299,9 @@ def build_app(cache: ModelCache | None = None):
                 raise gr.Error(one_line(e), print_exception=False) from None
             return gr.update(choices=choices, value=choices[2] if len(choices) > 2 else NO_CLASS)
 
-        job = generate_btn.click(generate, [inp[n] for n in names], outputs, api_name="generate", concurrency_limit=1)
+        job = generate_btn.click(
+            generate, [inp[n] for n in names], outputs, api_name="generate", concurrency_limit=1, show_progress="hidden"
+        )  # the status line is the progress bar: Gradio's own would cover the previews
         cancel_btn.click(cancel, None, status, cancels=[job], queue=False, api_name="cancel")
         inp["methods"].change(show_columns, inp["methods"], list(slots.values()), queue=False, api_name=False)
         inp["guide"].submit(refresh_classes, inp["guide"], inp["target"], api_name=False)
