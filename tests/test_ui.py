@@ -181,6 +181,21 @@ def test_cancel_stops_the_job(client):
     assert call(client)["status"].startswith("done")  # the next job runs
 
 
+def test_x0_previews_converge_to_the_samples():
+    """The previews are the x0 prediction, not x_t: halfway through 4 DDIM steps x0 is already
+    close to the finished sample (mean error 9 grey levels here) while x_t is still noisy (52);
+    the last preview is the sample itself. Holds whether the pipeline hands x0 to the callback
+    or ppap.ui computes it from the UNet's output."""
+    from ppap.ui_compare import ModelCache, Request, marked_grid, run_comparison
+
+    previews: list[np.ndarray] = []
+    req = Request(methods=("unguided",), steps=STEPS, num=NUM, target="trouser")
+    out = run_comparison(ModelCache(), req, on_preview=lambda m, g: previews.append(g), preview_every=1)
+    final = marked_grid(out.results["unguided"].images).astype(int)
+    errors = [float(np.abs(p.astype(int) - final).mean()) for p in previews]
+    assert len(previews) == STEPS and errors[-1] == 0 and errors[1] < 25 < errors[0], errors
+
+
 def test_sketch_to_image(tmp_path):
     """The drawn strokes (any colour) become a white-on-black silhouette; an empty canvas, none."""
     from PIL import Image
