@@ -79,6 +79,13 @@ def class_choices(cache: ModelCache, guide: str) -> list[str]:
     return [NO_CLASS, ALL_CLASSES, *classes]
 
 
+def scale_note(experts: str) -> str:
+    """The scale field's note: empty means each method's default, a zoo bank's measured one shown."""
+    entry = zoo.ZOO.get(experts)
+    bank = f"; {experts}: {entry.scale:g}" if entry is not None and entry.scale else ""
+    return f"empty: each method's default{bank}"
+
+
 def progress_line(method: str, done: int, total: int, seconds: float, width: int = 20) -> str:
     """The status line while sampling: which column runs, a text progress bar, the time so far."""
     filled = round(width * done / max(total, 1))
@@ -176,10 +183,10 @@ def build_app(cache: ModelCache | None = None):
                 with gr.Tab("sketch"):
                     inp["sketch"] = gr.Sketchpad(label="silhouette", canvas_size=(224, 224), type="numpy")
                 with gr.Row():  # text, not gr.Number: an empty field (each method's default) must stay empty
-                    inp["scale"] = gr.Textbox(
-                        "", label="class scale", placeholder="default", info="empty: each method's default (in the results)"
+                    inp["scale"] = gr.Textbox("", label="class scale", placeholder="default", info=scale_note(DEFAULTS.experts))
+                    inp["layout_scale"] = gr.Textbox(
+                        "", label="layout scale", placeholder="default", info=scale_note(DEFAULTS.layout_experts)
                     )
-                    inp["layout_scale"] = gr.Textbox("", label="layout scale", placeholder="default", info="empty: each method's default")
                 with gr.Row():
                     inp["steps"] = gr.Slider(1, 100, value=DEFAULTS.steps, step=1, label="steps")
                     inp["num"] = gr.Slider(1, 64, value=DEFAULTS.num, step=1, label="images")
@@ -292,20 +299,21 @@ def build_app(cache: ModelCache | None = None):
         def show_columns(methods):
             return [gr.update(visible=m in (methods or ())) for m in METHODS]
 
-        def refresh_classes(guide: str):
+        def refresh_classes(guide: str, current: str):
             try:
                 choices = class_choices(cache, guide)
             except PPAPError as e:
                 raise gr.Error(one_line(e), print_exception=False) from None
-            return gr.update(choices=choices, value=choices[2] if len(choices) > 2 else NO_CLASS)
+            keep = current in choices or not zoo.is_zoo_name(guide.strip())  # a typed index or list stays
+            return gr.update(choices=choices, value=current if keep else choices[2] if len(choices) > 2 else NO_CLASS)
 
         job = generate_btn.click(
             generate, [inp[n] for n in names], outputs, api_name="generate", concurrency_limit=1, show_progress="hidden"
         )  # the status line is the progress bar: Gradio's own would cover the previews
         cancel_btn.click(cancel, None, status, cancels=[job], queue=False, api_name="cancel")
         inp["methods"].change(show_columns, inp["methods"], list(slots.values()), queue=False, api_name=False)
-        inp["guide"].submit(refresh_classes, inp["guide"], inp["target"], api_name=False)
-        inp["guide"].blur(refresh_classes, inp["guide"], inp["target"], api_name=False)
+        for event in (inp["guide"].submit, inp["guide"].blur):
+            event(refresh_classes, [inp["guide"], inp["target"]], inp["target"], api_name=False)
     app.queue(max_size=16)
     return app
 

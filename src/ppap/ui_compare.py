@@ -114,7 +114,8 @@ class Request:
         _number(self.seed, "seed")
         self.scale = _number(self.scale, "guidance scale")
         self.layout_scale = _number(self.layout_scale, "layout guidance scale")
-        self.cfg_scale = _number(self.cfg_scale, "CFG scale") or 1.0
+        cfg = _number(self.cfg_scale, "CFG scale")
+        self.cfg_scale = 1.0 if cfg is None else cfg
         self.steps, self.num, self.seed = int(self.steps), int(self.num), int(self.seed)
 
 
