@@ -167,6 +167,25 @@ def test_bad_input_is_one_line_and_server_keeps_serving(client, tmp_path, values
     assert call(client)["status"].startswith("done")  # still serving
 
 
+def test_conditional_model_class_label_and_cfg(client, tmp_path):
+    """A class-conditional UNet (a folder): the class label and the CFG scale change the
+    samples; a label the model does not have is the one-line error."""
+    from diffusers import DDPMScheduler
+
+    from ppap import Diffusion, NoiseSchedule
+
+    from conftest import tiny_unet
+
+    folder = tmp_path / "cond-ddpm"
+    Diffusion(tiny_unet(num_class_embeds=3), NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100))).save_pretrained(folder)
+    run = dict(diffusion=str(folder), methods=["unguided"], target="(none)")
+    first = samples(call(client, **run, class_label="0"), "unguided")
+    assert first.shape == (NUM, 8, 8, 1)
+    assert not np.array_equal(first, samples(call(client, **run, class_label="1"), "unguided"))
+    assert not np.array_equal(first, samples(call(client, **run, class_label="0", null_class_label="2", cfg_scale=3.0), "unguided"))
+    assert "out of range" in error_of(client, **run, class_label="5")
+
+
 def test_cancel_stops_the_job(client):
     job = client.submit(*arguments(methods=["unguided"], steps=100, num=16), api_name="/generate")
     deadline = time.time() + 60
