@@ -24,7 +24,7 @@ def one_run(page, url: str, screenshot: str | None) -> dict:
     first = time.perf_counter() - click
     if screenshot:
         page.wait_for_selector("#status :text('sampling ppap (x0')", timeout=120_000)
-        page.wait_for_timeout(600)  # a preview or two into the ppap column
+        page.wait_for_timeout(1200)  # a few previews into the ppap column
         page.screenshot(path=screenshot, full_page=True)
     page.wait_for_selector("#status :text('done in')", timeout=300_000)
     done = time.perf_counter() - click
