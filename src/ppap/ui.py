@@ -346,17 +346,20 @@ def launch(
                 print(f"ppap ui: not preloaded: {one_line(e)}", file=sys.stderr)
     app = build_app(cache)
     port = free_port(host) if port == 0 else port
-    _, url, share_url = app.launch(
-        server_name=host,
-        server_port=port,
-        share=share,
-        prevent_thread_lock=True,
-        quiet=True,
-        show_error=False,
-        max_file_size=MAX_UPLOAD,
-        ssr_mode=False,
-        theme=gr.themes.Default(),
-    )
+    try:
+        _, _, share_url = app.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            prevent_thread_lock=True,
+            quiet=True,
+            show_error=False,
+            max_file_size=MAX_UPLOAD,
+            ssr_mode=False,
+            theme=gr.themes.Default(),  # its fonts are served by the server itself, not fetched from a CDN
+        )
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise PPAPError(f"cannot serve on {host}:{port} ({str(e).splitlines()[0]})") from None
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
     print(f"ppap ui: {url}" + (f" (share link: {share_url})" if share_url else ""), flush=True)
     if block:
