@@ -148,6 +148,7 @@ def test_layout_reference_guides(client, tmp_path):
         ({"extra_terms": "guide=fashion-classifier,target=bag,scale=nan"}, "guidance scale"),
         ({"layout_source": "reference image", "reference": "NOT_AN_IMAGE"}, "cannot read reference image"),
         ({"target": "dragon"}, "dragon"),
+        ({"seed": None}, "seed"),
     ],
 )
 def test_bad_input_is_one_line_and_server_keeps_serving(client, tmp_path, values, expected):

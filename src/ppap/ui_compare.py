@@ -101,7 +101,7 @@ class Request:
     judge: str = "fashion-evaluator"
 
     def check(self) -> None:
-        """One-line errors for bad values, before anything loads."""
+        """One-line errors for bad values, before anything loads; numbers given as text become numbers."""
         if not self.methods:
             raise PPAPError("choose at least one method")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -111,7 +111,9 @@ class Request:
             value = _number(self.steps if name == "steps" else self.num, name)
             if value is None or value != int(value) or not lo <= value <= hi:
                 raise PPAPError(f"{name} must be an integer {lo}..{hi}, got {value}")
-        _number(self.seed, "seed")
+        seed = _number(self.seed, "seed")
+        if seed is None or seed != int(seed):
+            raise PPAPError(f"seed must be an integer, got {self.seed!r}")
         self.scale = _number(self.scale, "guidance scale")
         self.layout_scale = _number(self.layout_scale, "layout guidance scale")
         cfg = _number(self.cfg_scale, "CFG scale")
