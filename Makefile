@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
-# the paper's comparison and the dense-guidance bench (measured on 2 CPU cores: docs/BENCHMARKS.md);
+# the paper's comparison and the dense-guidance bench (times on 2 CPU cores: docs/reproducing.md);
 # both keep every finished stage under runs/ and resume when re-run
 bench: $(STAMP)
 	$(VENV)/bin/ppap bench classifier

@@ -146,6 +146,36 @@ def test_sampling_is_reproducible_and_batch_size_independent(tiny_models, capsys
     assert np.array_equal(outs[0], outs[1])
 
 
+def test_class_label_classifier_free_guidance_from_the_cli(tmp_path, capsys):
+    """`--class-label 1 --negative-class-label 3 --cfg-scale 3` samples what the library samples
+    with that null class; without a null class it is a one-line error naming the flag."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from ppap import Conditioning, PPAPPipeline
+    from ppap.images import to_hwc_uint8
+    from ppap.pipeline import generate
+
+    from conftest import tiny_unet
+
+    folder = tmp_path / "cond"
+    DDPMPipeline(unet=tiny_unet(num_class_embeds=4), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    common = ["sample", "--diffusion", str(folder), "--num", "2", "--steps", "3", "--class-label", "1", "--method", "unguided", "--quiet"]
+    images = {}
+    for null in ("3", "0"):
+        out = tmp_path / f"null{null}.png"
+        assert run(common + ["--cfg-scale", "3", "--negative-class-label", null, "--out", str(out)], capsys)[0] == 0
+        images[null] = np.load(out.with_suffix(".npz"))["images"]
+    pipe = PPAPPipeline.from_pretrained(folder)
+    cond = Conditioning(torch.tensor([1, 1]), negative_class_labels=torch.tensor([3, 3]), guidance_scale=3.0)
+    x = generate(pipe, 2, seed=0, conditioning=cond, progress=False, num_inference_steps=3, sampler="ddim")
+    assert np.array_equal(images["3"], to_hwc_uint8(x))
+    assert not np.array_equal(images["3"], images["0"])  # the null class is the one given
+    code, _, err = run(common + ["--cfg-scale", "3", "--out", str(tmp_path / "x.png")], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("ppap: error: ") and "needs --negative-class-label" in last
+
+
 FIXED_SIZE_MODULE = """
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""The demo pipeline end to end at a toy size (the real timings are in docs/BENCHMARKS.md)."""
+"""The demo pipeline end to end at a toy size (the real timings are in docs/results.md)."""
 
 import json
 

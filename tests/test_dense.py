@@ -141,7 +141,7 @@ def test_default_scale_is_the_zoo_experts_measured_best():
 
     from ppap import zoo
     from ppap.loading import load_experts, load_guide, load_pipeline
-    from ppap.pipeline import DEFAULT_CLASSIFIER_SCALE
+    from ppap.pipeline import default_scale
 
     experts = [e for e in zoo.ZOO.values() if e.kind == "experts"]
     assert experts and all(e.scale is not None for e in experts)  # every shipped bank says how hard to guide with it
@@ -150,7 +150,7 @@ def test_default_scale_is_the_zoo_experts_measured_best():
     bank = load_experts("fashion-ppap5", copy.deepcopy(guide), pipe.diffusion)
     assert bank.default_scale == zoo.ZOO["fashion-ppap5"].scale
     assert pipe.guidance_term(2, guide=guide, experts=bank).scale == bank.default_scale
-    assert pipe.guidance_term(2, guide=guide, method="naive").scale == DEFAULT_CLASSIFIER_SCALE  # the bank's scale is for ppap
+    assert pipe.guidance_term(2, guide=guide, method="naive").scale == default_scale("classification", "naive")  # the bank's is for ppap
     assert pipe.guidance_term(2, guide=guide, experts=bank, classifier_scale=12.5).scale == 12.5  # an explicit scale wins
 
 

@@ -200,3 +200,78 @@ def test_soft_routing_gradient_with_merged_experts_equals_unmerged():
         xr = x.clone().requires_grad_(True)
         grads.append(torch.autograd.grad(bank(xr, t).log_softmax(-1)[:, 3].sum(), xr)[0])
     assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().sum() > 0
+
+
+def _perturbed_bank(n=3):
+    bank = _bank(n)
+    with torch.no_grad():  # experts that differ from each other and from the teacher
+        for i in range(n):
+            for p in bank.trainable_parameters(i):
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+    return bank.eval()
+
+
+def test_gradient_of_a_batch_spanning_several_experts_equals_each_sample_alone():
+    """A merged bank in eval mode on a batch whose timesteps span experts: the backward pass
+    through every expert's part is each sample's own gradient (experts run one at a time,
+    merged). So is a sum over two calls on different experts, kept alive together."""
+    bank = _perturbed_bank()
+    x, y, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([5, 50, 95, 10])
+
+    def grad(xs, ts, ys):
+        xs = xs.clone().requires_grad_(True)
+        return torch.autograd.grad(bank(xs, ts).log_softmax(-1)[torch.arange(len(ys)), ys].sum(), xs)[0]
+
+    mixed = grad(x, t, y)
+    alone = torch.cat([grad(x[k : k + 1], t[k : k + 1], y[k : k + 1]) for k in range(4)])
+    assert alone.abs().sum() > 0 and torch.allclose(mixed, alone, atol=1e-5)
+    xa, xb = x[:2].clone().requires_grad_(True), x[2:].clone().requires_grad_(True)
+    two_calls = bank(xa, torch.tensor(5)).logsumexp(-1).sum() + bank(xb, torch.tensor(95)).logsumexp(-1).sum()
+    ga, gb = torch.autograd.grad(two_calls, (xa, xb))  # expert 0's graph outlived the switch to expert 2
+    for xs, ts, g in ((x[:2], 5, ga), (x[2:], 95, gb)):
+        xs = xs.clone().requires_grad_(True)
+        assert torch.allclose(torch.autograd.grad(bank(xs, torch.tensor(ts)).logsumexp(-1).sum(), xs)[0], g, atol=1e-6)
+
+
+def _bytes_held(module: nn.Module) -> int:
+    """Bytes of every tensor the modules hold, registered or not (each storage once)."""
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for m in module.modules():
+        visit(vars(m))
+    return sum(storages.values())
+
+
+def test_a_merged_bank_holds_one_merged_copy_at_most_and_deep_copies():
+    """Merging keeps the backbone's own weights aside only while merged (nothing hidden after),
+    and a deep copy of a merged bank switches experts and answers like the original."""
+    import copy
+
+    bank = _perturbed_bank()
+    base = {k: v.clone() for k, v in bank.base_state().items()}
+    x = torch.randn(2, 1, 8, 8)
+    fresh = _bytes_held(bank)
+    from peft.tuners.lora import LoraLayer
+
+    adapted = sum(m.get_base_layer().weight.nbytes for m in bank.modules() if isinstance(m, LoraLayer))
+    bank(x, torch.tensor(5))  # expert 0 merged
+    assert _bytes_held(bank) == fresh + adapted  # the merged copy: no more
+    bank.train().eval()  # unmerged
+    assert _bytes_held(bank) == fresh
+    want = {t: bank(x, torch.tensor(t)) for t in (5, 95, 50)}  # expert 1 left merged
+    twin = copy.deepcopy(bank)
+    for t in (50, 95, 5, 50):
+        assert torch.equal(twin(x, torch.tensor(t)), want[t])
+    assert torch.equal(bank(x, torch.tensor(95)), want[95])
+    for b in (bank, twin):
+        assert all(torch.equal(base[k], v) for k, v in b.base_state().items())

@@ -115,7 +115,8 @@ def test_classifier_outputs_and_classes():
         g = GuideModel.from_transformers(model)
         out = g(x)
         assert type(out) is torch.Tensor and out.shape == (2, 10) and g.task == "classification"
-        torch.testing.assert_close(out, model(g.preprocess(x)).logits)
+        assert model.training  # the guide ran it in eval mode for the call only
+        torch.testing.assert_close(out, model.eval()(g.preprocess(x)).logits)
     assert GuideModel.from_transformers(tiny_resnet()).classes is None  # LABEL_0.. are not names
     g = GuideModel.from_transformers(tiny_resnet(labels=FASHION_MNIST))
     assert g.classes == FASHION_MNIST and g.classes[9] == "Ankle boot"
@@ -125,7 +126,7 @@ def test_segformer_logits_upsampled_to_x():
     model = tiny_segformer(num_labels=4)
     g = GuideModel.from_transformers(model, imagenet_processor(32))
     x = rand_x(2, 3, 16, 16)  # the diffusion model's size, below the net's
-    raw = model(g.preprocess(x)).logits
+    raw = model.eval()(g.preprocess(x)).logits
     assert raw.shape == (2, 4, 8, 8)  # SegFormer's logits are at 1/4 of its 32 x 32 input
     out = g(x)
     assert out.shape == (2, 4, 16, 16) and g.task == "segmentation"
@@ -188,7 +189,7 @@ def test_depth_gradient_moves_towards_target():
 
 
 def test_forward_with_another_net():
-    g = GuideModel.from_transformers(tiny_segformer(), imagenet_processor(32))
+    g = GuideModel.from_transformers(tiny_segformer().eval(), imagenet_processor(32))  # net= runs in its own mode
     x = rand_x(2, 3, 16, 16)
     assert torch.equal(g(x, net=None), g(x)) and torch.equal(g(x, net=g.net), g(x))
     other = copy.deepcopy(g.net)
@@ -212,7 +213,7 @@ def test_forward_with_peft_lora_copy():
             if "lora_B" in name:
                 p.fill_(0.1)
     assert not torch.allclose(g(x, net=expert), g(x))
-    assert all(not p.requires_grad for p in g.net.parameters())  # the guide's own net stays frozen
+    assert all(p.requires_grad for p in g.net.parameters())  # the guide's own net is left as it was
 
 
 # 5. identity normalisation
@@ -246,7 +247,7 @@ def test_identity_normalisation():
         "output": None,
         "task": None,
     }
-    assert g.net.training is False  # frozen and in eval mode from construction
+    assert g.net.training is True  # the net's mode is its owner's: it ran in eval mode for the call only
 
 
 def test_rgb_to_grey_uses_luma():

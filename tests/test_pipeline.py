@@ -266,3 +266,173 @@ def test_learned_variance_v_prediction_trailing_folder_through_the_cli(tmp_path,
         )
         images = np.load(tmp_path / f"{sampler}.npz")["images"]
         assert images.shape == (3, 8, 8, 1) and images.std() > 0
+
+
+def test_diffusion_is_one_object_until_the_unet_or_scheduler_is_replaced():
+    pipe = _pipe()
+    first = pipe.diffusion
+    assert pipe.diffusion is first and pipe.diffusion.unet is pipe.unet
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, beta_schedule="squaredcos_cap_v2")
+    second = pipe.diffusion
+    assert second is not first and pipe.diffusion is second
+    assert torch.equal(second.schedule.alphas_cumprod, pipe.scheduler.alphas_cumprod.double())
+    pipe.unet = tiny_unet(seed=1)
+    third = pipe.diffusion
+    assert third is not second and third.unet is pipe.unet
+
+
+def _dense_guide():
+    from ppap import GuideModel
+    from ppap.models import tiny_dense
+
+    torch.manual_seed(0)
+    return GuideModel(tiny_dense(1), task="dense")
+
+
+def test_call_leaves_the_callers_modules_as_they_came():
+    """A plain net (wrapped in a GuideModel inside) and a bank in train mode with trainable
+    weights: after naive, x0 and PPAP calls, their modes and requires_grad are as given."""
+    pipe = _pipe()
+    torch.manual_seed(0)
+    net = tiny_classifier().train()
+    bank = _bank().train()
+    bank.task = Classification(10)
+    before = [([m.training for m in x.modules()], [p.requires_grad for p in x.parameters()]) for x in (net, bank)]
+    assert any(before[0][1]) and any(before[1][1])
+    common = dict(batch_size=2, num_inference_steps=2, target=1, output_type="latent", progress=False)
+    pipe(guide=net, method="naive", **common)
+    pipe(guide=net, method="x0", **common)
+    pipe(guide=bank.guide, experts=bank, method="ppap", **common)
+    after = [([m.training for m in x.modules()], [p.requires_grad for p in x.parameters()]) for x in (net, bank)]
+    assert after == before
+
+
+def test_a_guide_on_another_device_is_a_one_line_error_and_is_not_moved():
+    pipe = _pipe()
+    torch.manual_seed(0)
+    guide = tiny_classifier().eval().to("meta")
+    with pytest.raises(PPAPError) as e:
+        pipe(guide=guide, target=1, num_inference_steps=2, progress=False)
+    message = str(e.value)
+    assert "meta" in message and "cpu" in message and "\n" not in message, message
+    assert next(guide.parameters()).device.type == "meta"
+
+
+def test_a_bank_brings_its_own_guide():
+    pipe = _pipe()
+    bank = _bank().eval()
+    bank.task = Classification(10)
+    common = dict(batch_size=2, num_inference_steps=3, target=4, classifier_scale=20.0, output_type="latent", progress=False)
+    with_guide = pipe(guide=bank.guide, experts=bank, method="ppap", generator=torch.Generator().manual_seed(0), **common).images
+    bank_only = pipe(experts=bank, method="ppap", generator=torch.Generator().manual_seed(0), **common).images
+    assert torch.equal(bank_only, with_guide)
+    assert pipe.guidance_term(2, experts=bank).method == "ppap"
+    with pytest.raises(PPAPError, match="needs a guide"):  # a bank's adapted net is no naive guide
+        pipe.guidance_term(2, experts=bank, method="naive")
+
+
+def test_default_scale_follows_the_task_and_the_method():
+    from ppap import DenseRegression, GuideModel, zoo
+    from ppap.pipeline import DEFAULT_SCALES, default_scale, describe_default_scales
+
+    pipe = _pipe()
+    documented = " ".join((PPAPPipeline.__doc__ or "").split())
+    assert all(part in documented for part in describe_default_scales().split("; "))  # the docstring shows the table
+    # the shipped banks' recorded scales are the table's PPAP entries for their tasks
+    for entry in (e for e in zoo.ZOO.values() if e.kind == "experts"):
+        assert entry.scale == DEFAULT_SCALES[(entry.task, "ppap")], entry.name
+    torch.manual_seed(0)
+    classifier = tiny_classifier().eval()
+    assert pipe.guidance_term(2, guide=classifier, method="x0", target=1).scale == DEFAULT_SCALES[("classification", "x0")]
+    dense = _dense_guide()
+    target = torch.rand(2, 1, 8, 8)
+    for method in ("naive", "x0", "x0-shortcut"):
+        term = pipe.guidance_term(2, guide=dense, method=method, target=target)
+        assert term.scale == default_scale("dense", method) >= 100 * DEFAULT_SCALES[("classification", "ppap")], method
+    bank = LoRAExperts(GuideModel(_dense_guide().net, task="dense"), TimestepRouter.uniform(2, 100))
+    bank.task, bank.default_scale = DenseRegression("l1"), None
+    assert pipe.guidance_term(2, experts=bank, target=target).scale == DEFAULT_SCALES[("dense", "ppap")]
+    bank.default_scale = 123.0  # a bank's own recorded scale: for the expert methods only
+    assert pipe.guidance_term(2, experts=bank, target=target).scale == 123.0
+    assert pipe.guidance_term(2, guide=dense, experts=bank, method="x0", target=target).scale == DEFAULT_SCALES[("dense", "x0")]
+
+
+def test_task_is_accepted_by_call():
+    pipe = _pipe()
+    net = _dense_guide().net  # a plain dense net: its [B, 1, H, W] output is a dense map only when the task says so
+    common = dict(batch_size=2, num_inference_steps=2, output_type="latent", progress=False)
+    out = pipe(guide=net, task="dense", target=torch.rand(2, 1, 8, 8), **common).images
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(PPAPError, match="not class logits"):  # without it: read as a classifier
+        pipe(guide=net, target=1, **common)
+
+
+def test_progress_bar_follows_set_progress_bar_config(capsys):
+    pipe = _pipe()
+    pipe.set_progress_bar_config(desc="ppap-steps")
+    pipe(num_inference_steps=3, output_type="latent")
+    assert "ppap-steps" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    pipe(num_inference_steps=3, output_type="latent")
+    assert capsys.readouterr().err == ""
+
+
+def test_callback_tensor_inputs_and_diffusers_callback_objects():
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    pipe = _pipe()
+    torch.manual_seed(0)
+    net = tiny_classifier().eval()
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append({k: (None if v is None else tuple(v.shape)) for k, v in kwargs.items()})
+
+    common = dict(batch_size=2, num_inference_steps=3, output_type="latent", progress=False)
+    pipe(guide=net, target=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "x0", "guidance"], **common)
+    assert seen == [{"latents": (2, 1, 8, 8), "x0": (2, 1, 8, 8), "guidance": (2, 1, 8, 8)}] * 3
+    seen.clear()
+    pipe(callback_on_step_end=record, **common)  # default: the latents only
+    assert seen == [{"latents": (2, 1, 8, 8)}] * 3
+    with pytest.raises(PPAPError) as e:
+        pipe(callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **common)
+    assert "'prompt_embeds'" in str(e.value) and "latents, x0, guidance" in str(e.value) and "\n" not in str(e.value)
+
+    class ZeroAtCutoff(PipelineCallback):  # diffusers' callback objects: their tensor_inputs set the inputs
+        tensor_inputs = ["latents", "x0"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            index, ratio = self.config.cutoff_step_index, self.config.cutoff_step_ratio
+            cutoff = index if index is not None else int(pipeline.num_timesteps * ratio)  # as diffusers' cut-off callbacks
+            seen.append((step_index, sorted(callback_kwargs)))
+            if step_index == cutoff:
+                callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+            return callback_kwargs
+
+    common["num_inference_steps"] = 4
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = pipe(latents=latents, **common).images
+    outs = []
+    for callback in (
+        ZeroAtCutoff(cutoff_step_ratio=0.5),
+        MultiPipelineCallbacks([ZeroAtCutoff(cutoff_step_ratio=None, cutoff_step_index=2)]),
+    ):
+        seen.clear()
+        outs.append(pipe(latents=latents, callback_on_step_end=callback, **common).images)
+        assert seen == [(i, ["latents", "x0"]) for i in range(4)]
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], plain)  # both zeroed the sample after step 2 of 4
+
+
+def test_a_cli_error_mid_run_is_the_last_line_on_stderr(tiny_models, capsys):
+    """The progress bars are closed before the one-line error is printed, not redrawn after it."""
+    from ppap.cli import main
+
+    m = tiny_models
+    argv = ["sample", "--diffusion", m["diffusion"], "--guide", m["guide"], "--guide-weights", m["weights"]]
+    argv += ["--method", "naive", "--scale", "1e30", "--num", "4", "--batch-size", "2", "--steps", "3"]
+    code = main(["--threads", "1"] + argv + ["--out", str(m["root"] / "s.png")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]  # splitlines also splits a bar's carriage returns
+    assert code == 2 and lines[-1].startswith("ppap: error: naive") and "non-finite" in lines[-1], err
+    assert "0/4" in err  # the bar was shown before the error
+    assert not (m["root"] / "s.png").exists()

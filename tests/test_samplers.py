@@ -2,6 +2,8 @@
 paper's setting needs (prediction types, spacings, offsets, final alpha, clipping, learned
 variance, class- and text-conditional UNets with classifier-free guidance)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -15,7 +17,9 @@ BASE = dict(num_train_timesteps=1000, beta_schedule="linear")
 
 
 def _reference_loop(unet, scheduler, x_T, steps, generator, channels, unet_kwargs=None, cfg_scale=1.0, negative=None, **step_kwargs):
-    """The loop diffusers' pipelines run (DDPMPipeline / DDIMPipeline; IF's CFG and variance split)."""
+    """The loop diffusers' pipelines run: DDPMPipeline / DDIMPipeline, with IFPipeline.__call__'s
+    classifier-free guidance (the prediction channels combined, the conditional branch's learned
+    variance kept) and its variance split (kept only for a learned variance_type)."""
     scheduler.set_timesteps(steps)
     x = x_T.clone()
     kw = unet_kwargs or {}
@@ -24,11 +28,12 @@ def _reference_loop(unet, scheduler, x_T, steps, generator, channels, unet_kwarg
             if cfg_scale > 1:
                 both = {k: torch.cat([negative[k], v]) for k, v in kw.items()}
                 out_u, out_c = unet(torch.cat([x, x]), t, **both).sample.chunk(2)
-                out = out_u + cfg_scale * (out_c - out_u)
+                eps_u, eps_c, variance = out_u[:, :channels], out_c[:, :channels], out_c[:, channels:]
+                out = torch.cat([eps_u + cfg_scale * (eps_c - eps_u), variance], dim=1)
             else:
                 out = unet(x, t, **kw).sample
-            if isinstance(scheduler, DDIMScheduler):
-                out = out[:, :channels]  # DDIM takes no variance channels (IF's pipelines split them off)
+            if scheduler.config.get("variance_type") not in ("learned", "learned_range"):
+                out = out[:, :channels]
             x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x
 
@@ -132,6 +137,38 @@ def test_text_conditional_unet_with_cfg_matches_diffusers(kind, cfg_scale):
     cond = Conditioning(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=cfg_scale)
     sampler = sample_ddpm if kind == "ddpm" else sample_ddim
     ours = sampler(diffusion.bind(cond), x_T, diffusion.schedule.grid(6, kind), generator=torch.Generator().manual_seed(1))
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+class PositiveVariance(torch.nn.Module):
+    """A learned-variance UNet whose variance channels are positive, as a trained one's are
+    (diffusers' variance_type "learned": the extra channels are the variance itself)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.config = unet, unet.config
+
+    def forward(self, x, t, **kwargs):
+        out = self.unet(x, t, **kwargs).sample
+        c = x.shape[1]
+        return SimpleNamespace(sample=torch.cat([out[:, :c], 1e-3 * torch.nn.functional.softplus(4 * out[:, c:])], dim=1))
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_cfg_keeps_the_conditional_learned_variance(variance_type):
+    """CFG at scale 5 on a learned-variance model combines only the prediction channels: the
+    sample stays finite and equals diffusers' IF loop (combining the variance channels too drove
+    "learned" variances negative, a NaN sample, and "learned_range" outside [beta_tilde, beta])."""
+    scheduler = DDPMScheduler(**BASE, variance_type=variance_type)
+    unet = PositiveVariance(tiny_unet(out_channels=2, num_class_embeds=4))
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(scheduler))
+    labels, null = torch.tensor([0, 2, 1]), torch.tensor([3, 3, 3])
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    ref = _reference_loop(unet, scheduler, x_T, 10, gen(), 1, {"class_labels": labels}, 5.0, {"class_labels": null})
+    cond = Conditioning(class_labels=labels, negative_class_labels=null, guidance_scale=5.0)
+    ours = sample_ddpm(diffusion.bind(cond), x_T, diffusion.schedule.grid(10, "ddpm"), generator=gen())
+    assert torch.isfinite(ref).all()
     assert (ours - ref).abs().max().item() < 1e-5
 
 

@@ -63,3 +63,32 @@ def test_out_of_range_timestep_and_steps():
         schedule.q_sample(torch.zeros(1, 1, 2, 2), torch.tensor([100]), torch.zeros(1, 1, 2, 2))
     with pytest.raises(PPAPError, match="sampling steps 0"):
         schedule.timesteps(0)
+
+
+def test_schedulers_without_variance_are_accepted():
+    """DPMSolverMultistepScheduler's variance_type is None: no variance, not a bad option."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    schedule = NoiseSchedule.from_diffusers(DPMSolverMultistepScheduler(num_train_timesteps=1000))
+    assert schedule.variance_type == "fixed_small"
+    with pytest.raises(PPAPError, match="variance_type='fixed_large_log' is not supported"):
+        NoiseSchedule.from_diffusers(DPMSolverMultistepScheduler(variance_type="fixed_large_log"))
+
+
+def test_fractional_timesteps_interpolate_abar_in_log_sigma():
+    """A float t between the table's entries (Karras sigmas, Euler / Heun spacings): abar is the
+    log-sigma interpolation, which gives back the Karras sigmas diffusers placed at those t; an
+    integer-valued float t gives the table's own value."""
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, use_karras_sigmas=True)
+    sched.set_timesteps(10)
+    schedule = NoiseSchedule.from_diffusers(sched)
+    assert not torch.equal(sched.timesteps, sched.timesteps.round())  # fractional
+    abar = schedule.abar_at(sched.timesteps)
+    assert torch.allclose(abar, 1 / (1 + sched.sigmas[:-1].double() ** 2), rtol=1e-4, atol=0)
+    whole = torch.tensor([0.0, 17.0, 999.0])
+    assert torch.equal(schedule.abar_at(whole), schedule.alphas_cumprod[[0, 17, 999]])
+    assert torch.equal(schedule.abar(torch.tensor([17.0]), torch.zeros(1, 1, 2, 2)).flatten(), schedule.alphas_cumprod[[17]].float())
+    with pytest.raises(PPAPError, match="timestep 999.5 is outside"):
+        schedule.q_sample(torch.zeros(1, 1, 2, 2), torch.tensor([999.5]), torch.zeros(1, 1, 2, 2))

@@ -1,6 +1,7 @@
 """The shipped models are real: they load, and they do what their model cards say."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,25 @@ def test_off_the_shelf_dense_model_fails_on_noise(test_set):
         clean_err = (net(x) - sobel_magnitude(x)).abs().mean()
         noisy_err = (net(noisy) - sobel_magnitude(x)).abs().mean()
     assert noisy_err > 3 * clean_err
+
+
+def test_zoo_train_writes_to_the_working_folder_unless_told_to_replace_the_shipped_model(tmp_path, monkeypatch, capsys):
+    """`ppap zoo train` never writes into the installed package by default: the model goes to
+    --out (runs/zoo-models under the working directory by default), the package only with
+    --into-package."""
+    from ppap import recipes
+    from ppap.cli import main
+
+    written = []
+    monkeypatch.setattr(recipes, "train_classifier", lambda name, out, work, data_dir=None: written.append((Path(out), Path(work))) or {})
+    monkeypatch.chdir(tmp_path)
+    assert main(["zoo", "train", "fashion-classifier"]) == 0
+    assert main(["zoo", "train", "fashion-classifier", "--out", str(tmp_path / "mine"), "--work-dir", str(tmp_path / "w")]) == 0
+    assert main(["zoo", "train", "fashion-classifier", "--into-package"]) == 0
+    assert written == [
+        (Path("runs/zoo-models/fashion-classifier.safetensors"), Path("runs/zoo/fashion-classifier")),
+        (tmp_path / "mine" / "fashion-classifier.safetensors", tmp_path / "w" / "fashion-classifier"),
+        (zoo.weights_dir() / "fashion-classifier.safetensors", Path("runs/zoo/fashion-classifier")),
+    ]
+    assert "wrote runs/zoo-models/fashion-classifier.safetensors" in capsys.readouterr().out
+    assert main(["zoo", "list"]) == 0

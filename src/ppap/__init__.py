@@ -11,6 +11,7 @@ from .guide_model import GuideModel
 from .io import PPAPError
 from .pipeline import PPAPPipeline
 from .samplers import sample_ddim, sample_ddpm
+from .schedulers import sample_scheduler
 from .tasks import Classification, DenseRegression, Segmentation
 from .train import TrainConfig, train_experts
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_bank",
     "sample_ddim",
     "sample_ddpm",
+    "sample_scheduler",
     "save_bank",
     "train_experts",
 ]

@@ -17,6 +17,11 @@ import torch
 
 from .io import PPAPError, atomic_write_bytes
 
+SAMPLER_HELP = (  # the names of ppap.schedulers.SAMPLER_NAMES (not imported here: it loads diffusers)
+    "ddim | ddpm | dpm++ (DPM-Solver++ multistep) | unipc | euler | euler-a (Euler ancestral) | heun: "
+    "that diffusers scheduler, built from the model's scheduler config (default ddim, whatever the folder saved)"
+)
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -95,6 +100,14 @@ def _save_sample_outputs(out: Path, images: np.ndarray, targets: dict[str, np.nd
     atomic_write_bytes(out, png)
 
 
+def _sample_share(num: int, batch_size: int, rank: int, world: int) -> slice:
+    """The samples that process ``rank`` of ``world`` draws: a run of whole batches of the
+    one-process run (a batch's size changes how kernels round, so batches stay as they are)."""
+    batches = -(-num // batch_size)
+    first, last = rank * batches // world, (rank + 1) * batches // world
+    return slice(min(first * batch_size, num), min(last * batch_size, num))
+
+
 def _pipeline(args):
     from .loading import load_pipeline
 
@@ -102,7 +115,8 @@ def _pipeline(args):
 
 
 def _conditioning(args, num: int):
-    """The UNet's conditions from ``--class-label`` / ``--prompt-embeds`` / ``--cfg-scale``."""
+    """The UNet's conditions from ``--class-label`` / ``--negative-class-label`` /
+    ``--prompt-embeds`` / ``--cfg-scale``."""
     from .diffusion import Conditioning
     from .io import load_safetensors
 
@@ -131,12 +145,20 @@ def _conditioning(args, num: int):
         if args.cfg_scale != 1.0:
             raise PPAPError("--cfg-scale needs a conditional model's --class-label or --prompt-embeds")
         return None
-    return Conditioning(labels, embeds, negative, None, args.cfg_scale)
+    null = args.negative_class_label
+    if null is not None and labels is None:
+        raise PPAPError("--negative-class-label needs --class-label")
+    if null is None and labels is not None and embeds is None and args.cfg_scale > 1:
+        raise PPAPError("--cfg-scale above 1 with --class-label needs --negative-class-label N, the model's null class")
+    null_labels = None if null is None else torch.full((num,), null)
+    return Conditioning(labels, embeds, negative, null_labels, args.cfg_scale)
 
 
 def cmd_generate(args) -> int:
     """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
-    from .data import corpus_spec, generate_corpus, open_corpus, reuse_shards
+    from .data import check_corpus, corpus_spec, generate_corpus, open_corpus, pending_shards, reuse_shards
+    from .distributed import every_rank, main_decides
+    from .schedulers import sampling_scheduler
 
     check_out(args.out)
     if _number(args.eta, "--eta") < 0:
@@ -158,20 +180,31 @@ def cmd_generate(args) -> int:
         sampler=args.sampler,
         conditioning=cond,
     )
-    pipe.diffusion.schedule.grid(args.steps, args.sampler)  # bad steps / sampler fail before anything is written
-    if acc.is_main_process:
-        open_corpus(args.out, spec)  # one process creates the manifest (or refuses a different corpus)
-        if args.reuse:
-            reused = reuse_shards(args.out, spec, args.reuse)
-            if not args.quiet:
-                print(f"reused {reused} shards of {args.reuse}")
-    acc.wait_for_everyone()
-    written = generate_corpus(
-        pipe, args.out, spec, conditioning=cond, rank=acc.process_index, world=acc.num_processes, progress=not args.quiet
+    sampling_scheduler(pipe.scheduler, args.sampler, args.steps)  # bad steps / sampler fail before anything is written
+
+    def open_and_list() -> tuple[int, list[int]]:  # one process opens (or refuses) the corpus and lists what it lacks
+        missing = open_corpus(args.out, spec)
+        if not args.reuse:
+            return 0, missing
+        return reuse_shards(args.out, spec, args.reuse), pending_shards(args.out, spec)
+
+    reused, missing = main_decides(acc, open_and_list)
+    if args.reuse and acc.is_main_process and not args.quiet:
+        print(f"reused {reused} shards of {args.reuse}")
+    shares = [missing[r :: acc.num_processes] for r in range(acc.num_processes)]  # disjoint, from the one list
+    written = every_rank(
+        acc,
+        lambda: generate_corpus(
+            pipe, args.out, spec, conditioning=cond, shards=shares[acc.process_index], progress=acc.is_main_process and not args.quiet
+        ),
     )
-    acc.wait_for_everyone()
-    if not args.quiet:
-        print(f"corpus {args.out}: {spec.num_samples} images in {spec.num_shards} shards ({written} written by rank {acc.process_index})")
+    main_decides(acc, lambda: check_corpus(args.out, spec))  # success only for a whole corpus
+    if acc.is_main_process and not args.quiet:
+        drawn = "; ".join(
+            f"{n} written by rank {r}" + (f": shards {', '.join(map(str, shares[r]))}" if n and len(written) > 1 else "")
+            for r, n in enumerate(written)
+        )
+        print(f"corpus {args.out}: {spec.num_samples} images in {spec.num_shards} shards ({drawn})")
     return 0
 
 
@@ -311,7 +344,7 @@ def build_term(
 
     if target_image is not None and target_map is not None:
         raise PPAPError("give --target-image or --target-map, not both")
-    model = load_guide(guide, guide_weights, task=task, revision=revision)
+    model = load_guide(guide, guide_weights, task=task, revision=revision).to(pipe._execution_device)  # ours: it runs where the sample is
     bank = load_experts(experts, copy.deepcopy(model), pipe.diffusion, revision=revision) if experts else None
     image = load_reference_image(target_image, pipe.image_shape, fit) if target_image else None
     target_value = load_target_map(target_map) if target_map else target
@@ -330,8 +363,10 @@ def build_term(
 
 def cmd_sample(args) -> int:
     from . import zoo
+    from .distributed import every_rank, main_decides
     from .images import to_hwc_uint8
     from .pipeline import generate
+    from .schedulers import sampling_scheduler
 
     torch.manual_seed(args.seed)  # for any third-party randomness; ppap's own noise is seeded per sample
     if args.num < 1:
@@ -345,8 +380,11 @@ def cmd_sample(args) -> int:
         raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
     check_out(out, "file")
     check_out(out.with_suffix(".npz"), "file")
+    acc = _accelerator()
+    if args.device is None and acc.num_processes > 1:
+        args.device = str(acc.device)  # under `accelerate launch`: each process on its own device
     pipe = _pipeline(args)
-    pipe.diffusion.schedule.grid(args.steps, args.sampler)  # one-line errors before loading guides
+    sampling_scheduler(pipe.scheduler, args.sampler, args.steps)  # one-line errors before loading guides
     cond = _conditioning(args, args.num)
     fit = zoo.ZOO[args.diffusion].reference_fit if zoo.is_zoo_name(args.diffusion) else "resize"
     terms = []
@@ -379,22 +417,31 @@ def cmd_sample(args) -> int:
         terms.append(build_term(pipe, args.num, fit=fit, revision=args.revision, **kw))
     terms = [t for t in terms if t is not None]
     described = " + ".join(t.description for t in terms)
-    x = generate(
-        pipe,
-        args.num,
-        seed=args.seed,
-        terms=terms,
-        conditioning=cond,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        desc=described or "unguided sampling",
-        num_inference_steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-    )
+    mine = _sample_share(args.num, args.batch_size, acc.process_index, acc.num_processes)
+
+    def draw() -> np.ndarray:  # this process's share, batch for batch as one process would draw it
+        x = generate(
+            pipe,
+            mine.stop - mine.start,
+            seed=args.seed,
+            start=mine.start,
+            terms=[t.select(mine) for t in terms],
+            conditioning=cond.select(mine) if cond is not None else None,
+            batch_size=args.batch_size,
+            progress=acc.is_main_process and not args.quiet,
+            desc=described or "unguided sampling",
+            num_inference_steps=args.steps,
+            sampler=args.sampler,
+            eta=args.eta,
+        )
+        return to_hwc_uint8(x)
+
+    images = np.concatenate(every_rank(acc, draw))  # every process's share, in sample order
     targets = {"targets": terms[0].targets.cpu().numpy() if terms else np.full(args.num, -1)}
     targets |= {f"targets_{k}": t.targets.cpu().numpy() for k, t in enumerate(terms[1:], start=1)}
-    _save_sample_outputs(out, to_hwc_uint8(x), targets, nrow=args.nrow)
+    main_decides(acc, lambda: _save_sample_outputs(out, images, targets, nrow=args.nrow))  # one result, written once
+    if not acc.is_main_process:
+        return 0
     if not args.quiet:
         print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images; guidance: {described or 'none'})")
     return 0
@@ -409,7 +456,9 @@ def cmd_zoo(args) -> int:
         return 0
     from .zoo_train import train_zoo_model
 
-    train_zoo_model(args.name, work_root=Path(args.work_dir), data_dir=args.data_dir)
+    train_zoo_model(
+        args.name, work_root=Path(args.work_dir), data_dir=args.data_dir, out_root=None if args.into_package else Path(args.out)
+    )
     return 0
 
 
@@ -496,10 +545,18 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="text-conditional UNet: safetensors file with 'prompt_embeds' [N, L, D] or [L, D] "
         "(cycled) and optionally 'negative_prompt_embeds'",
     )
+    group.add_argument(
+        "--negative-class-label",
+        type=int,
+        help="class-conditional UNet with --cfg-scale > 1: the model's null class, the label it was trained with for "
+        "'no class' (DiT-style models: the last class embedding, num_class_embeds - 1); no default, a diffusers "
+        "UNet does not record one",
+    )
     group.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import describe_default_scales
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="ppap", description="Practical plug-and-play guidance of diffusion models (PPAP).")
@@ -512,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="corpus directory (re-run to resume)")
     g.add_argument("--num", type=int, default=1000, help="number of images")
     g.add_argument("--steps", type=int, default=25, help="sampling steps")
-    g.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    g.add_argument("--sampler", default="ddim", help=SAMPLER_HELP)
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--shard-size", type=int, default=256, help="images per shard file")
@@ -563,11 +620,15 @@ def build_parser() -> argparse.ArgumentParser:
         "'guide=fashion-segmenter,experts=fashion-segmenter-ppap5,target-image=ref.png,scale=1000'; repeatable",
     )
     s.add_argument(
-        "--scale", type=float, default=None, help="guidance scale s (default: the zoo experts' measured best, else 30; docs/BENCHMARKS.md)"
+        "--scale",
+        type=float,
+        default=None,
+        help="guidance scale s (default: the experts' recorded best, else per task and method, the zoo benchmarks' choice: "
+        f"{describe_default_scales()}; docs/results.md)",
     )
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    s.add_argument("--sampler", default="ddim", help=SAMPLER_HELP)
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
@@ -585,9 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("name")
     zt.add_argument("--work-dir", default="runs/zoo", help="checkpoints for resuming")
     zt.add_argument("--data-dir", help="Fashion-MNIST folder")
+    where = zt.add_mutually_exclusive_group()
+    where.add_argument("--out", default="runs/zoo-models", help="folder for the trained model, laid out as the zoo (default: %(default)s)")
+    where.add_argument("--into-package", action="store_true", help="replace the model shipped inside the installed package (maintainers)")
     z.set_defaults(func=cmd_zoo)
 
-    b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/BENCHMARKS.md)")
+    b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/reproducing.md)")
     b.add_argument("suite", choices=("classifier", "dense"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
@@ -598,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--ablations",
-        help='classifier suite: also the ablation rows, "all" (issue #13\'s levers and diagnosis) or a comma list of rows (default: none)',
+        help='classifier suite: also the ablation rows, "all" (the training levers and the diagnosis rows, docs/findings.md) or a comma list of rows (default: none)',
     )
     b.add_argument(
         "--extra-rows",
@@ -622,6 +686,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _close_progress_bars() -> None:
+    """Close the bars an error left open (a bar is redrawn when it is closed or collected), so
+    that the error is the last line the user sees."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted, 1 internal error
     (one line; the traceback only with ``--debug``)."""
@@ -634,17 +707,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PPAPError as e:
+        _close_progress_bars()
         print(f"ppap: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("ppap: interrupted (finished shards/checkpoints are kept; re-run to resume)", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input
+        _close_progress_bars()
         if args.debug:
             raise
         msg = str(e).splitlines()[0][:300] if str(e) else ""
         print(f"ppap: internal error: {type(e).__name__}: {msg} (re-run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        from .distributed import leave_process_group
+
+        leave_process_group()
 
 
 if __name__ == "__main__":

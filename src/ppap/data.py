@@ -306,7 +306,7 @@ def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.Pat
             detail = values if len(values) <= 120 else "differs"  # a conditional corpus's labels are long
             raise PPAPError(f"corpus {source} was drawn with other settings ({key}: {detail}); nothing reused")
     copied = 0
-    for k in _pending(root, spec):
+    for k in pending_shards(root, spec):
         if k >= other.num_shards or other.shard_count(k) != spec.shard_size or spec.shard_count(k) != spec.shard_size:
             continue  # a partial shard in either holds other samples
         arr, why = _read_shard(shard_path(source, k), theirs["shards"].get(_name(k)), spec.shard_size, None)
@@ -316,9 +316,10 @@ def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.Pat
     return copied
 
 
-def _pending(root: Path, spec: CorpusSpec) -> list[int]:
-    """The shards still to draw, for a drawing rank after the opener: a cheap check (file, record,
-    size) that deletes nothing, so ranks never touch each other's work."""
+def pending_shards(root: str | os.PathLike, spec: CorpusSpec) -> list[int]:
+    """The shards of opened corpus ``root`` still to draw: a cheap check (file, record, size) that
+    deletes nothing, so that drawing processes never touch each other's work."""
+    root = Path(root)
     meta = _read_manifest(root)
     _same_corpus(root, meta, spec)
     records = meta.get("shards", {})
@@ -327,6 +328,34 @@ def _pending(root: Path, spec: CorpusSpec) -> list[int]:
         for k in range(spec.num_shards)
         if not ((r := records.get(_name(k))) and (p := shard_path(root, k)).is_file() and p.stat().st_size == r["bytes"])
     ]
+
+
+def _checked_shards(root: Path, meta: dict, spec: CorpusSpec):
+    """Corpus ``root``'s shards in order (uint8 [n, H, W, C] each), every one checked against its
+    manifest record (sha256) and for shape: a missing or damaged shard is a PPAPError."""
+    hwc = None
+    for k in range(spec.num_shards):
+        path = shard_path(root, k)
+        arr, why = _read_shard(path, meta["shards"].get(_name(k)), spec.shard_count(k), hwc)
+        if why == "missing":
+            raise PPAPError(
+                f"corpus {root} is incomplete: shard {path.name} of {spec.num_shards} is missing; "
+                "re-run `ppap generate` with the same settings to finish it"
+            )
+        if why is not None:
+            raise PPAPError(f"corpus shard {path} is {why}; re-run `ppap generate` with the same settings to re-draw it")
+        hwc = hwc or list(arr.shape[1:])
+        yield arr
+
+
+def check_corpus(root: str | os.PathLike, spec: CorpusSpec) -> None:
+    """A PPAPError unless ``root`` holds the whole corpus ``spec``, each shard as its manifest
+    records it: what a drawing run checks before it reports success."""
+    root = Path(root)
+    meta = _read_manifest(root)
+    _same_corpus(root, meta, spec)
+    for _ in _checked_shards(root, meta, spec):
+        pass
 
 
 def load_corpus(root: str | os.PathLike, limit: int | None = None) -> Tensor:
@@ -339,18 +368,8 @@ def load_corpus(root: str | os.PathLike, limit: int | None = None) -> Tensor:
     if meta["format"] == _V1:
         raise PPAPError(f"corpus {root} has no shard checksums ({_V1}); re-run `ppap generate` with the same settings once to add them")
     spec = CorpusSpec(**{key: meta[key] for key in _SPEC_FIELDS})
-    arrays, hwc, n = [], None, 0
-    for k in range(spec.num_shards):
-        path = shard_path(root, k)
-        arr, why = _read_shard(path, meta["shards"].get(_name(k)), spec.shard_count(k), hwc)
-        if why == "missing":
-            raise PPAPError(
-                f"corpus {root} is incomplete: shard {path.name} of {spec.num_shards} is missing; "
-                "re-run `ppap generate` with the same settings to finish it"
-            )
-        if why is not None:
-            raise PPAPError(f"corpus shard {path} is {why}; re-run `ppap generate` with the same settings to re-draw it")
-        hwc = hwc or list(arr.shape[1:])
+    arrays, n = [], 0
+    for arr in _checked_shards(root, meta, spec):
         if limit is None or n < limit:
             arrays.append(arr)
             n += len(arr)
@@ -470,25 +489,23 @@ def generate_corpus(
     spec: CorpusSpec,
     *,
     conditioning=None,
-    rank: int = 0,
-    world: int = 1,
     shards: list[int] | None = None,
     progress: bool = True,
 ) -> int:
-    """Draw the shards of corpus ``spec`` that ``root`` still lacks with ``pipe`` (unguided); with
-    ``world`` processes, rank r takes every world-th missing shard (or exactly ``shards``, as a
-    caller that hands them out chose). Returns how many shards this call wrote. The caller opens
-    the corpus (``open_corpus``) once, on one process, before; then this only reads what is left
-    (a folder without a manifest is opened here)."""
+    """Draw the shards of corpus ``spec`` that ``root`` still lacks with ``pipe`` (unguided): all
+    of them, or those of ``shards`` (the share that a caller handing out the work chose, e.g. one
+    process's share of the list that one process made). Returns how many shards this call wrote.
+    The caller opens the corpus (``open_corpus``) once, on one process, before; then this only
+    reads what is left (a folder without a manifest is opened here)."""
     from tqdm.auto import tqdm
 
     from .images import to_hwc_uint8
     from .pipeline import generate
 
     root = Path(root)
-    missing = _pending(root, spec) if (root / MANIFEST).exists() else open_corpus(root, spec)
-    mine = missing[rank::world] if shards is None else [k for k in shards if k in missing]
-    for k in tqdm(mine, desc="corpus" if world == 1 else f"corpus (rank {rank})", unit="shard", disable=not progress):
+    missing = pending_shards(root, spec) if (root / MANIFEST).exists() else open_corpus(root, spec)
+    mine = missing if shards is None else [k for k in shards if k in missing]
+    for k in tqdm(mine, desc="corpus", unit="shard", disable=not progress):
         start, n = k * spec.shard_size, spec.shard_count(k)
         cond = conditioning.select(slice(start, start + n)) if conditioning is not None else None
         x = generate(

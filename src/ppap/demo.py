@@ -34,7 +34,7 @@ class DemoConfig:
     )
     per_class: int = 10  # guided samples per class and method
     steps: int = 25  # DDIM steps
-    scales: dict = field(default_factory=lambda: {"naive": 30.0, "ppap": 30.0})  # each best of the sweep in docs/BENCHMARKS.md
+    scales: dict = field(default_factory=lambda: {"naive": 30.0, "ppap": 30.0})  # each best of the sweep in docs/results.md
     grid_per_class: int = 4  # images per class and method shown in the grid
 
 

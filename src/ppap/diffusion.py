@@ -1,7 +1,10 @@
 """The diffusion backbone: any pixel-space diffusers UNet plus its noise schedule, in one convention.
 
 Timestep spaces are named, never remapped behind a wrapper:
-  * ``t``     training timestep, int in [0, T) (what the UNet, the router and q_sample take);
+  * ``t``     training timestep in [0, T): an int, or a float where a scheduler's grid falls
+              between the table's entries (Euler / Heun spacings, Karras sigmas); the UNet takes
+              it as it is, abar_t is interpolated linearly in log sigma (``NoiseSchedule.abar_at``)
+              and an expert bank routes it to the range that contains it;
   * ``i``     sampler step index (0 = first, noisiest step);
   * ``sigma`` noise level sqrt((1 - abar_t) / abar_t).
 
@@ -21,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .frozen import frozen
 from .io import PPAPError, give_usual_permissions, read_json
 
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -87,7 +91,7 @@ class NoiseSchedule:
         if config.get("thresholding"):
             raise PPAPError("scheduler option thresholding=True (dynamic thresholding) is not supported; set it to false")
         checks: dict[str, tuple[str, ...]] = {"prediction_type": PREDICTION_TYPES, "timestep_spacing": SPACINGS}
-        if "variance_type" in config:
+        if config.get("variance_type") is not None:  # None: a scheduler without variance (DPMSolver, ...)
             checks["variance_type"] = VARIANCE_TYPES
         for key, valid in checks.items():
             if key in config and config[key] not in valid:
@@ -122,14 +126,28 @@ class NoiseSchedule:
         return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind].from_config(self.config)
 
     def check_t(self, t: Tensor) -> None:
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
-            bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
-            raise PPAPError(f"timestep {bad} is outside [0, {self.num_train_timesteps})")
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > self.num_train_timesteps - 1):
+            bad = float(t.min()) if float(t.min()) < 0 else float(t.max())
+            raise PPAPError(f"timestep {bad:g} is outside [0, {self.num_train_timesteps})")
+
+    def abar_at(self, t: Tensor) -> Tensor:
+        """abar_t [B] float64 at training timesteps t [B]. A fractional t is interpolated linearly
+        in log sigma between its two neighbours: the inverse of diffusers' ``_sigma_to_t`` (which
+        places Karras / exponential sigmas on the timestep axis) and k-diffusion's ``t_to_sigma``."""
+        table = self.alphas_cumprod.to(t.device)
+        if not t.is_floating_point():
+            return table[t]
+        lo = t.detach().floor().long().clamp(0, self.num_train_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        w = (t.detach().to(torch.float64) - lo).clamp(0, 1)
+        log_sigma = ((1 - table) / table).log() / 2
+        sigma = ((1 - w) * log_sigma[lo] + w * log_sigma[hi]).exp()
+        return torch.where(w == 0, table[lo], 1 / (1 + sigma**2))  # integer-valued t: the table's own value
 
     def abar(self, t: Tensor, like: Tensor) -> Tensor:
-        """abar_t broadcast to ``like``'s shape and dtype: [B] -> [B, 1, 1, 1]."""
-        a = self.alphas_cumprod.to(like.device)[t.to(like.device)]
-        return append_dims(a, like.ndim).to(like.dtype)
+        """abar_t broadcast to ``like``'s shape, dtype and device: [B] -> [B, 1, 1, 1]. The
+        float64 table is indexed on the CPU and cast before it moves (MPS has no float64)."""
+        return append_dims(self.abar_at(t.cpu()).to(like.dtype).to(like.device), like.ndim)
 
     def sigma(self, t: Tensor) -> Tensor:
         a = self.alphas_cumprod[t]
@@ -173,19 +191,34 @@ class NoiseSchedule:
 
     def to_prediction(self, x_t: Tensor, t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """(eps, x0) from a model output of this schedule's prediction type, in diffusers' order."""
-        a = self.abar(t, x_t)
-        b = 1 - a
-        if self.prediction_type == "epsilon":
-            return output, (x_t - b**0.5 * output) / a**0.5
-        if self.prediction_type == "sample":
-            return (x_t - a**0.5 * output) / b**0.5, output
-        return a**0.5 * output + b**0.5 * x_t, a**0.5 * x_t - b**0.5 * output  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+        return split_output(output, x_t, self.abar(t, x_t), self.prediction_type)
+
+
+def split_output(output: Tensor, x_t: Tensor, a: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(eps, x0) from a model output [B, C, H, W] of ``prediction_type`` at x_t, abar_t = ``a``
+    (broadcastable), in diffusers' order of operations."""
+    b = 1 - a
+    if prediction_type == "epsilon":
+        return output, (x_t - b**0.5 * output) / a**0.5
+    if prediction_type == "sample":
+        return (x_t - a**0.5 * output) / b**0.5, output
+    return a**0.5 * output + b**0.5 * x_t, a**0.5 * x_t - b**0.5 * output  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+
+
+def join_output(eps: Tensor, x0: Tensor, a: Tensor, prediction_type: str) -> Tensor:
+    """The model output of ``prediction_type`` whose (eps, x0) is the given pair (``split_output``'s inverse)."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    return a**0.5 * eps - (1 - a) ** 0.5 * x0
 
 
 class Prediction(NamedTuple):
     eps: Tensor  # [B, C, H, W] predicted noise
     x0: Tensor  # [B, C, H, W] predicted clean image (not clipped)
     variance: Tensor | None = None  # [B, C, H, W] the UNet's extra variance channels (learned-variance models)
+    output: Tensor | None = None  # [B, C, H, W] the (CFG-combined) model output in its own prediction type
 
 
 @dataclass(frozen=True)
@@ -238,13 +271,16 @@ class Diffusion(nn.Module):
     """A diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``) and its schedule behind one
     call: ``(x_t, t, cond) -> Prediction``. Learned-variance outputs (2C channels) are split into
     the prediction and ``Prediction.variance``. The UNet may run in float16 / bfloat16: inputs are
-    cast to its dtype and outputs back to the data's, so the sampler state and guidance stay float32."""
+    cast to its dtype and outputs back to the data's, so the sampler state and guidance stay float32.
+    The UNet runs in eval mode with no weight gradients for each call only (``frozen``): the
+    caller's UNet (one it is training, say) keeps its own mode and ``requires_grad``."""
 
-    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, name: str = "in-memory"):
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, name: str = "in-memory", scheduler_config: dict | None = None):
         super().__init__()
-        self.unet = unet.eval().requires_grad_(False)
+        self.unet = unet
         self.schedule = schedule
         self.name = name
+        self.scheduler_config = scheduler_config  # as saved (its `_class_name` included): load_pipeline rebuilds that class
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -276,13 +312,15 @@ class Diffusion(nn.Module):
             kwargs["encoder_hidden_states"] = prompt_embeds.to(self.dtype)
         elif prompt_embeds is not None:
             raise PPAPError(f"prompt_embeds given but {type(self.unet).__name__} takes no encoder_hidden_states")
-        return self.unet(x.to(self.dtype), t, **kwargs).sample.to(x.dtype)
+        with frozen(self.unet):
+            return self.unet(x.to(self.dtype), t, **kwargs).sample.to(x.dtype)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Prediction:
         """x_t [B, C, H, W], t [B] (or a scalar) training timesteps."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         cond = cond or Conditioning()
+        channels = x_t.shape[1]
         if cond.cfg:
             negative = cond.negative_prompt_embeds
             if cond.prompt_embeds is not None and negative is None:
@@ -291,13 +329,16 @@ class Diffusion(nn.Module):
             labels = None if cond.class_labels is None or neg_labels is None else torch.cat([neg_labels, cond.class_labels])
             prompts = None if cond.prompt_embeds is None or negative is None else torch.cat([negative, cond.prompt_embeds])
             uncond, c = self._unet(torch.cat([x_t, x_t]), torch.cat([t, t]), labels, prompts).chunk(2)
-            output = uncond + cond.guidance_scale * (c - uncond)
+            # CFG combines the prediction channels only; a learned variance is the conditional
+            # branch's (diffusers' IF pipelines): extrapolated, it could turn negative or leave
+            # learned_range's [beta_tilde, beta]
+            eps_u, eps_c = uncond[:, :channels], c[:, :channels]
+            output = torch.cat([eps_u + cond.guidance_scale * (eps_c - eps_u), c[:, channels:]], dim=1)
         else:
             output = self._unet(x_t, t, cond.class_labels, cond.prompt_embeds)
-        channels = x_t.shape[1]
         variance = output[:, channels:] if output.shape[1] == 2 * channels else None
         eps, x0 = self.schedule.to_prediction(x_t, t, output[:, :channels])
-        return Prediction(eps, x0, variance)
+        return Prediction(eps, x0, variance, output[:, :channels])
 
     def bind(self, cond: Conditioning | None) -> Denoiser:
         """This model with its condition fixed: the ``(x_t, t) -> Prediction`` that samplers take."""
@@ -330,8 +371,9 @@ class Diffusion(nn.Module):
             raise PPAPError(f"{path} is not a diffusers UNet directory (no config.json or unet/config.json)")
         if not sched_file.exists():
             raise PPAPError(f"{path} has no scheduler config ({sched_file} missing)")
-        schedule = NoiseSchedule.from_config(read_json(sched_file, "scheduler config"))
-        return cls(load_unet(unet_dir, torch_dtype=torch_dtype, variant=variant), schedule, name=str(path))
+        saved = read_json(sched_file, "scheduler config")
+        schedule = NoiseSchedule.from_config(saved)
+        return cls(load_unet(unet_dir, torch_dtype=torch_dtype, variant=variant), schedule, name=str(path), scheduler_config=saved)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a diffusers pipeline directory (loads with ``DDPMPipeline`` / ``PPAPPipeline.from_pretrained``)."""

@@ -151,7 +151,7 @@ class TimestepRouter:
             bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
             raise PPAPError(f"timestep {bad} is outside the experts' range [0, {self.num_train_timesteps})")
         inner = torch.tensor(self.boundaries[1:-1], dtype=t.dtype, device=t.device)
-        return torch.bucketize(t, inner, right=True)
+        return torch.bucketize(t.contiguous(), inner, right=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,10 +190,15 @@ class ExpertBank(nn.Module):
     router: TimestepRouter
     adapter: AdapterConfig
     guide: GuideModel
-    base_fingerprint: str  # sha256 of the off-the-shelf weights the experts were built on
+    base_fingerprints: dict[str, str]  # sha256 of the off-the-shelf weights the experts were built on, per precision
     task: Task | None = None  # set when loaded from disk (what the experts were trained for)
     default_scale: float | None = None  # the bank's measured best guidance scale, when its card records one
     blend: int = 0  # soft routing: width (timesteps) of the blend of neighbouring experts at each boundary
+
+    @property
+    def base_fingerprint(self) -> str:
+        """The off-the-shelf weights' fingerprint (their values in float32)."""
+        return self.base_fingerprints["float32"]
 
     def train(self, mode: bool = True) -> ExpertBank:
         """Train mode for the experts only: frozen layers keep eval-mode statistics, so the
@@ -218,9 +223,9 @@ class ExpertBank(nn.Module):
         if len(experts) == 1:  # the sampling case: all samples share t
             return self.run_expert(experts[0], x)
         out = None
-        for i in experts:
+        for i in experts:  # several experts in one autograd graph: none is merged into the weights
             mask = ids == i
-            y = self.run_expert(i, x[mask])
+            y = self.run_expert(i, x[mask], whole_batch=False)
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[mask] = y
@@ -232,7 +237,8 @@ class ExpertBank(nn.Module):
         blend of the two neighbouring experts' outputs (their weights 1/2 each at the boundary)."""
         half = self.blend / 2
         out = None
-        for tv in t.unique().tolist():
+        levels = t.unique().tolist()
+        for tv in levels:
             mask = t == tv
             xs = x[mask]
             i = int(self.router(torch.tensor([tv]))[0])
@@ -243,24 +249,20 @@ class ExpertBank(nn.Module):
                 j, w_j = i + 1, 0.5 - (hi - tv) / (2 * half)
             else:
                 j, w_j = i, 0.0
-            if w_j > 0:  # two experts in one graph: their LoRA branches, not weights merged in place
-                merge = getattr(self, "merge", None)
-                if merge is not None:
-                    self.merge = False
-                try:
-                    y = (1 - w_j) * self.run_expert(i, xs) + w_j * self.run_expert(j, xs)
-                finally:
-                    if merge is not None:
-                        self.merge = merge
+            if w_j > 0:  # two experts in one graph: their LoRA branches, nothing merged
+                y = (1 - w_j) * self.run_expert(i, xs, whole_batch=False) + w_j * self.run_expert(j, xs, whole_batch=False)
             else:
-                y = self.run_expert(i, xs)
+                y = self.run_expert(i, xs, whole_batch=len(levels) == 1)
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[mask] = y
         assert out is not None
         return out
 
-    def run_expert(self, i: int, x: Tensor) -> Tensor:
+    def run_expert(self, i: int, x: Tensor, *, whole_batch: bool = True) -> Tensor:
+        """Expert i's output on x [B, C, H, W]. ``whole_batch``: expert i serves the whole batch of
+        this call (no other expert's output shares its graph), so a LoRA bank in eval mode may run
+        it merged into the weights; otherwise it runs its LoRA branches."""
         raise NotImplementedError
 
     def teacher(self, x: Tensor) -> Tensor:
@@ -351,7 +353,16 @@ class LoRAExperts(ExpertBank):
     """PPAP's bank: one frozen net, N peft LoRA adapters (plus per-expert norm copies).
 
     peft is applied to the off-the-shelf model itself (``guide.net``), so each saved expert loads
-    on the bare model with ``PeftModel.from_pretrained(model, bank_dir / "expert_0")``."""
+    on the bare model with ``PeftModel.from_pretrained(model, bank_dir / "expert_0")``. This is
+    the one step of ppap that changes a module it is given: like peft's ``get_peft_model``, the
+    bank injects its adapters into ``guide.net`` in place and freezes its own weights (eval mode,
+    no grad); the bank owns that net from then on. Pass a copy (``copy.deepcopy(guide)``) to
+    keep using the unadapted model (``PPAPPipeline`` and the CLI do; ``load_bank`` adapts the
+    guide it is given, as this class does).
+
+    In eval mode, an expert that serves a whole batch runs merged into the weights (the cost of
+    a plain forward; ``merge_expert`` / ``unmerge``, or ``merge = False`` for separate branches);
+    a batch that spans several experts runs each one's LoRA branches, nothing merged."""
 
     def __init__(self, guide: nn.Module, router: TimestepRouter, adapter: AdapterConfig = AdapterConfig(), seed: int = 0):
         super().__init__()
@@ -362,7 +373,7 @@ class LoRAExperts(ExpertBank):
         self.router, self.adapter = router, adapter
         self.guide = as_guide_model(guide)
         net = self.guide.net.requires_grad_(False).eval()
-        self.base_fingerprint = fingerprint(net.state_dict())
+        self.base_fingerprints = weights_fingerprints(net.state_dict())
         names = dict(net.named_modules())
         if adapter.target_modules:
             unknown = [n for n in adapter.target_modules if n not in names]
@@ -394,59 +405,90 @@ class LoRAExperts(ExpertBank):
                 self.model.add_adapter(expert_name(i), config)
         self._active = 0
         self.model.set_adapter(expert_name(0))
-        self.merge = True  # eval mode: the routed expert's LoRA is merged into the weights (a naive-guidance forward)
+        self.merge = True  # eval mode, one expert serving a whole batch: run it merged (the cost of a plain forward)
         self._merged: int | None = None
-        self._base_weights: dict[int, Tensor] = {}  # id(LoRA layer) -> exact copy of its base weight, restored on unmerge
+        self._put_aside: dict[str, Tensor] = {}  # while merged: LoRA layer name -> the base weight its merged copy stands in for
 
     def frozen_modules(self) -> list[nn.Module]:
         if self.adapter.per_expert_norm:
             return []
         return [m for m in self.model.modules() if isinstance(m, NORM_TYPES)]
 
-    def _lora_layers(self) -> list[nn.Module]:
+    def _lora_layers(self) -> dict[str, Any]:  # peft LoraLayer modules
         from peft.tuners.lora import LoraLayer
 
-        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
-    def _unmerge(self) -> None:
-        """Back to base weights + separate LoRA branches, bit for bit (peft's own unmerge
-        subtracts the delta again, which is not exact in floating point)."""
-        if self._merged is None:
-            return
-        self.model.base_model.unmerge_adapter()
-        with torch.no_grad():
-            for layer in self._lora_layers():
-                layer.get_base_layer().weight.copy_(self._base_weights[id(layer)])  # type: ignore[operator]
-        self._merged = None
-
-    def activate(self, i: int) -> None:
-        """Make expert ``i`` the one ``run_expert`` calls (peft's ``set_adapter``); in eval mode
-        also merge it into the weights, so that a routed call costs a plain forward."""
-        merge = self.merge and not self.training
-        if merge and self._merged == i:
-            return
-        self._unmerge()
+    def select(self, i: int) -> None:
+        """Make expert ``i`` the active adapter (peft's ``set_adapter``), its LoRA as separate branches."""
+        self.unmerge()
         if i != self._active:
             self.model.set_adapter(expert_name(i))
             self._active = i
-        if merge:
-            if not self._base_weights:
-                self._base_weights = {id(m): m.get_base_layer().weight.detach().clone() for m in self._lora_layers()}  # type: ignore[operator]
-            self.model.base_model.merge_adapter([expert_name(i)])
-            self._merged = i
+
+    def merge_expert(self, i: int) -> None:
+        """Merge expert ``i``'s LoRA into the adapted layers' weights, so that a call costs one plain
+        forward. The merged weights are new tensors: each layer's own weight is put aside (keyed
+        by its module name) and put back, the same tensor, by ``unmerge``. Nothing is changed in
+        place, so an autograd graph built on any expert, merged or not, stays valid. Costs one
+        extra copy of the adapted weights while merged (``merge = False`` runs the branches instead)."""
+        if self._merged == i:
+            return
+        self.select(i)
+        with torch.no_grad():
+            for name, layer in self._lora_layers().items():
+                base = layer.get_base_layer()
+                self._put_aside[name] = base.weight
+                base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+                layer.merge(adapter_names=[expert_name(i)])  # peft adds B A * scale to the copy (plain LoRA: weight only)
+        self._merged = i
+
+    def unmerge(self) -> None:
+        """Back to the backbone's own weights (the very tensors, so bit for bit) and separate LoRA
+        branches; a no-op when nothing is merged."""
+        if self._merged is None:
+            return
+        layers = self._lora_layers()
+        for name, weight in self._put_aside.items():
+            layers[name].get_base_layer().weight = weight
+            layers[name].merged_adapters = []
+        self._put_aside, self._merged = {}, None
+
+    def activate(self, i: int) -> None:
+        """Make expert ``i`` the one a whole-batch ``run_expert`` calls: in eval mode (with ``merge``
+        on) merged, else as separate LoRA branches."""
+        if self.merge and not self.training:
+            self.merge_expert(i)
+        else:
+            self.select(i)
 
     def train(self, mode: bool = True) -> LoRAExperts:
         if mode:
-            self._unmerge()  # adapters train as separate branches
+            self.unmerge()  # adapters train as separate branches
         super().train(mode)
         return self
 
-    def run_expert(self, i: int, x: Tensor) -> Tensor:
-        self.activate(i)
-        return self.guide(x)  # guide.net carries the injected adapters
+    def _apply(self, fn, recurse=True):
+        self.unmerge()  # a move or cast acts on the backbone's own weights (the merge is redone at the next call)
+        return super()._apply(fn, recurse)
+
+    def state_dict(self, *args, **kwargs):
+        self.unmerge()  # the backbone's own weights, never a merged copy
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.unmerge()
+        return super().load_state_dict(*args, **kwargs)
+
+    def run_expert(self, i: int, x: Tensor, *, whole_batch: bool = True) -> Tensor:
+        if whole_batch:
+            self.activate(i)
+        else:
+            self.select(i)
+        return self.guide(x, net=self.guide.net)  # guide.net carries the injected adapters; it runs in the bank's mode
 
     def teacher(self, x: Tensor) -> Tensor:
-        self._unmerge()
+        self.unmerge()
         modes = {m: m.training for m in self.model.modules()}  # restored exactly (shared BN included)
         self.model.eval()
         try:
@@ -463,19 +505,19 @@ class LoRAExperts(ExpertBank):
     def expert_state(self, i: int) -> dict[str, Tensor]:
         from peft import get_peft_model_state_dict
 
-        self._unmerge()
+        self.unmerge()
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=expert_name(i)).items()}
 
     def load_expert_state(self, i: int, state: dict[str, Tensor]) -> None:
         from peft import set_peft_model_state_dict
 
-        self._unmerge()
+        self.unmerge()
         result = set_peft_model_state_dict(self.model, state, adapter_name=expert_name(i))
         if result.unexpected_keys:
             raise PPAPError(f"adapter weights do not fit the model (unexpected {result.unexpected_keys[:3]})")
 
     def base_state(self) -> dict[str, Tensor]:
-        self._unmerge()
+        self.unmerge()
         skip = ("lora_", "modules_to_save")
         return {k: v for k, v in self.model.state_dict().items() if not any(s in k for s in skip)}
 
@@ -513,13 +555,13 @@ class FullExperts(ExpertBank):
         self.router, self.adapter = router, adapter
         self.guide = as_guide_model(guide)
         net = self.guide.net.requires_grad_(False).eval()
-        self.base_fingerprint = fingerprint(net.state_dict())
+        self.base_fingerprints = weights_fingerprints(net.state_dict())
         self.experts = nn.ModuleDict({expert_name(i): copy.deepcopy(net).requires_grad_(True) for i in range(router.num_experts)})
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.guide]
 
-    def run_expert(self, i: int, x: Tensor) -> Tensor:
+    def run_expert(self, i: int, x: Tensor, *, whole_batch: bool = True) -> Tensor:
         return self.guide(x, net=self.experts[expert_name(i)])
 
     def teacher(self, x: Tensor) -> Tensor:
@@ -574,6 +616,46 @@ FORMAT = "ppap-experts-v2"  # v2: adapters on the bare off-the-shelf model (v1 h
 OLD_FORMATS = ("ppap-experts-v1",)
 
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_fingerprints(state: dict[str, Tensor]) -> dict[str, str]:
+    """A backbone's fingerprint at each precision a guide may run in: its weights' values in
+    float32, and rounded to bfloat16 and to float16."""
+    return {name: fingerprint(state, dtype) for name, dtype in PRECISIONS.items()}
+
+
+def _precision(state: dict[str, Tensor]) -> str:
+    """The precision a net computes in: "bfloat16" / "float16" when its weights are, else "float32"."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return next((name for name in ("bfloat16", "float16") if PRECISIONS[name] in dtypes), "float32")
+
+
+def check_guide(state: dict[str, Tensor], manifest: dict, directory: Path) -> None:
+    """Refuse a guide whose weights ``state`` are not those the experts in ``manifest`` were
+    trained on, compared at the guide's precision: a half-precision guide against the trained
+    guide's weights rounded alike (a bank trained in float32 loads on a bfloat16 or float16
+    copy of its guide), a float32 guide at any precision the manifest records (a bank trained on
+    a bfloat16 copy loads on the float32 original)."""
+    recorded = {"float32": manifest["guide_fingerprint"]} | (manifest.get("guide_fingerprints") or {})
+    own = _precision(state)
+    # dtype None: the plain fingerprint (that of float32 weights; what manifests of float64 guides hold)
+    tries = [(None, "float32"), (torch.float32, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16")]
+    for dtype, precision in tries if own == "float32" else [(PRECISIONS[own], own)]:
+        if precision in recorded and fingerprint(state, dtype) == recorded[precision]:
+            return
+    name = (manifest.get("guide") or {}).get("ref", "another model")
+    if own not in recorded:
+        raise PPAPError(
+            f"experts in {directory} record no {own} fingerprint of their guide ({name}): load the guide in float32, "
+            f"then cast it with the bank (bank.to(torch.{own}))"
+        )
+    raise PPAPError(
+        f"experts in {directory} were trained on {name} (weights {str(recorded[own])[:12]}), "
+        f"not on the given guidance model (weights {fingerprint(state, PRECISIONS[own])[:12]})"
+    )
+
+
 def schedule_fingerprint(schedule: NoiseSchedule) -> str:
     return fingerprint({"alphas_cumprod": schedule.alphas_cumprod})
 
@@ -589,6 +671,7 @@ def bank_manifest(bank: ExpertBank, task: Task, schedule: NoiseSchedule, **extra
         "task": asdict(task),  # type: ignore[call-overload]  # every Task is a dataclass
         "guide": bank.guide.identity,
         "guide_fingerprint": bank.base_fingerprint,
+        "guide_fingerprints": {k: v for k, v in bank.base_fingerprints.items() if k != "float32"},
         "schedule": {"num_train_timesteps": schedule.num_train_timesteps, "fingerprint": schedule_fingerprint(schedule)},
         "trained": [],
         "files": {},
@@ -632,6 +715,7 @@ MANIFEST_SCHEMA = {  # what load_bank reads; a damaged manifest is one line nami
     "adapter": (dict,),
     "task": (dict, lambda v: isinstance(v.get("name"), str), "an object with a task name"),
     "guide_fingerprint": (str,),
+    "guide_fingerprints": (dict, lambda v: all(isinstance(f, str) for f in v.values()), "of fingerprints", False),
     "schedule": (dict, lambda v: isinstance(v.get("fingerprint"), str), "an object with a fingerprint"),
     "trained": (list, lambda v: all(isinstance(n, str) for n in v), "a list of expert names"),
     "files": (dict, None, "", False),
@@ -654,7 +738,7 @@ def load_bank(
         values: dict[str, Any] = {k: tuple(v) if k == "target_modules" and v else v for k, v in manifest["adapter"].items()}
         adapter = AdapterConfig(**values)
         task = make_task(**manifest["task"])
-        trained, want_fp, sched = list(manifest["trained"]), manifest["guide_fingerprint"], manifest["schedule"]
+        trained, sched = list(manifest["trained"]), manifest["schedule"]
         if not isinstance(sched, dict) or not isinstance(trained, list):
             raise TypeError("schedule must be an object and trained a list")
     except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -666,13 +750,7 @@ def load_bank(
             f"experts in {directory} were trained for another noise schedule "
             f"(T={sched.get('num_train_timesteps')}) than this diffusion model's (T={schedule.num_train_timesteps})"
         )
-    have = fingerprint(guide.net.state_dict())
-    if have != want_fp:
-        name = (manifest.get("guide") or {}).get("ref", "another model")
-        raise PPAPError(
-            f"experts in {directory} were trained on {name} (weights {str(want_fp)[:12]}), "
-            f"not on the given guidance model (weights {have[:12]})"
-        )
+    check_guide(guide.net.state_dict(), manifest, directory)
     missing = [expert_name(i) for i in range(router.num_experts) if expert_name(i) not in trained]
     if missing and require_all:
         raise PPAPError(f"experts in {directory} are unfinished ({missing[0]} not trained); re-run `ppap train` to finish them")

@@ -84,12 +84,12 @@ class PredictedX0Guide:
         instead of their own no-grad forward). The gradient is that of the loss the model sees,
         on x0_hat clipped to [-1, 1]: zero through saturated pixels. (A straight-through clip,
         which passes it, keeps pushing pixels the clip already holds: on segmentation it broke
-        the images at the scales that work, docs/BENCHMARKS.md.)"""
+        the images at the scales that work, docs/findings.md.)"""
         x = x_t.detach().requires_grad_(True)
         pred = self.diffusion(x, t)
         x0 = pred.x0.clamp(-1, 1)
         g = self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
-        return Prediction(pred.eps.detach(), pred.x0.detach(), None if pred.variance is None else pred.variance.detach()), g
+        return Prediction._make(None if v is None else v.detach() for v in pred), g
 
 
 @dataclass(frozen=True)

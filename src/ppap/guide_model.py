@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .frozen import frozen
 from .io import PPAPError
 
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
@@ -48,6 +49,12 @@ def _field(obj: Any, key: str) -> Any:
     return getattr(obj, key, None)
 
 
+def _dtype_of(net: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype ``net`` computes in: that of its first floating-point parameter (``default``
+    when it has none)."""
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), default)
+
+
 def _resample_mode(resample: Any) -> str:
     """A processor's ``resample`` (PIL int or enum, or torchvision InterpolationMode) -> torch mode."""
     if isinstance(getattr(resample, "value", None), str):  # torchvision InterpolationMode
@@ -60,10 +67,13 @@ class GuideModel(nn.Module):
 
     ``forward(x)``: ``x`` [B, C, H, W] in [-1, 1] -> a plain tensor: [B, K] logits
     (classification), [B, K, H', W'] (segmentation, dense; [B, 1, H', W'] for depth) with
-    (H', W') = (H, W) when ``dense_size="input"``. ``net`` is frozen (eval mode, no grad); it stays
-    in eval mode through ``GuideModel.train()`` since BatchNorm statistics and dropout belong to
-    the clean-image training. ``mean``/``std`` are in [0, 1] pixel units, one value or one per
-    channel; ``in_channels`` defaults to ``len(mean)`` when that is above 1.
+    (H', W') = (H, W) when ``dense_size="input"``, in x's dtype. ``net`` runs as a fixed function:
+    in eval mode (BatchNorm statistics and dropout belong to the clean-image training) and with no
+    gradient for its weights, for the call only (``frozen``): the caller's net keeps its own mode
+    and ``requires_grad``. Gradients flow to ``x``. A float16 / bfloat16 net gets its input cast
+    to its dtype; the preprocessing and the output stay in x's dtype (float32 for the sampler).
+    ``mean``/``std`` are in [0, 1] pixel units, one value or one per channel; ``in_channels``
+    defaults to ``len(mean)`` when that is above 1.
     """
 
     def __init__(
@@ -94,7 +104,7 @@ class GuideModel(nn.Module):
             raise PPAPError(f"in_channels must be a positive int; got {in_channels!r}")
         if not (dense_size is None or dense_size == "input"):
             dense_size = _pair(dense_size, "dense_size")  # type: ignore[arg-type]
-        self.net = net.eval().requires_grad_(False)
+        self.net = net
         self.input_size = None if input_size is None else _pair(input_size, "input_size")
         self.resize, self.output, self.task, self.dense_size = resize, output, task, dense_size
         self.classes = None if classes is None else tuple(classes)
@@ -154,6 +164,8 @@ class GuideModel(nn.Module):
                 f"{self.ref}: the net's output is a {type(out).__name__}, not a tensor; pass output= "
                 "(a field name such as 'logits' or a callable)"
             )
+        if out.is_floating_point():
+            out = out.to(x.dtype)  # a half-precision net's output, back in the caller's dtype
         if self.task == "classification" and out.ndim != 2:
             raise PPAPError(f"{self.ref}: classification output must be [B, K]; got shape {tuple(out.shape)}")
         if self.task != "classification" and out.ndim == 3:
@@ -168,8 +180,23 @@ class GuideModel(nn.Module):
 
     def forward(self, x: Tensor, net: nn.Module | None = None) -> Tensor:
         """x [B, C, H, W] in [-1, 1] -> the net's output as a tensor. ``net`` replaces ``self.net``
-        for this call (a peft-wrapped copy, an expert) with the same pre- and post-processing."""
-        return self.postprocess((self.net if net is None else net)(self.preprocess(x)), x)
+        for this call (a peft-wrapped copy, an expert) with the same pre- and post-processing; it
+        runs in its own mode (an expert bank trains it), ``self.net`` frozen for the call."""
+        inputs = self.preprocess(x)
+        if net is not None:
+            return self.postprocess(net(inputs.to(_dtype_of(net, inputs.dtype))), x)
+        with frozen(self.net):
+            return self.postprocess(self.net(inputs.to(_dtype_of(self.net, inputs.dtype))), x)
+
+    def _apply(self, fn, recurse=True):
+        # the folded normalisation acts on x, in x's dtype: a cast of the guide to half precision
+        # must not round it, so it follows the device only
+        kept = {name: getattr(self, name) for name in ("_scale", "_shift")}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            if value is not None:
+                setattr(self, name, value.to(getattr(self, name).device))
+        return self
 
     @property
     def identity(self) -> dict:

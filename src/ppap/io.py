@@ -26,13 +26,35 @@ class PPAPError(ValueError):
     """A user-facing error: the CLI prints its message as one line and exits with status 2."""
 
 
+def _umask_by_setting() -> int:
+    umask = os.umask(0)  # os.umask reads the mask only by replacing it: done once, at import
+    os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it: from ``/proc/self/status`` (Linux), else
+    the value it had when ppap was imported. Setting it to read it back (``os.umask``) would
+    race with files other threads create meanwhile."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
 def give_usual_permissions(path: Path, written_since: float | None = None) -> None:
     """Set ``path``'s mode to what ``open()`` would have given it (0666 less the umask): writers
     that go through a private temporary file leave 0600, which other users cannot read. A folder:
     the ``*.safetensors`` under it written at or after ``written_since`` (``time.time()`` before a
     ``save_pretrained``), so that a user's other files there keep their modes."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     path = Path(path)
     files = [path] if not path.is_dir() else [f for f in sorted(path.rglob("*.safetensors")) if f.stat().st_mtime >= (written_since or 0.0)]
     for file in files:
@@ -236,14 +258,17 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def fingerprint(state: dict[str, Tensor]) -> str:
+def fingerprint(state: dict[str, Tensor], dtype: torch.dtype | None = None) -> str:
     """sha256 of a state dict's names, shapes, dtypes and values: a weights identity that does
-    not depend on file names or formats."""
+    not depend on file names or formats. With ``dtype``, floating-point tensors are hashed as
+    their values rounded to it, so copies of one model in several precisions agree at that
+    precision; ``dtype=torch.float32`` leaves the fingerprint of float32 weights as it is."""
     import hashlib
 
     h = hashlib.sha256()
     for key in sorted(state):
-        v = state[key].detach().cpu().contiguous()
+        v = state[key].detach().cpu()
+        v = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
         h.update(f"{key}:{tuple(v.shape)}:{v.dtype};".encode())
         h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -92,21 +92,36 @@ def load_pipeline(
     torch_dtype: str | torch.dtype | None = None,
 ) -> PPAPPipeline:
     """The pipeline of a folder, zoo name or hub id, its UNet on ``device`` in ``dtype``
-    (``torch_dtype``: diffusers' name for it; give one or the other)."""
+    (``torch_dtype``: diffusers' name for it; give one or the other) and its scheduler of the
+    class the folder saved (as diffusers' ``from_pretrained``)."""
     if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
         raise PPAPError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
     dtype = dtype if dtype is not None else torch_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     diffusion = load_diffusion(ref, revision=revision, subfolder=subfolder, torch_dtype=dtype, variant=variant)
-    from diffusers import DDPMScheduler
-
-    pipe = PPAPPipeline(unet=diffusion.unet, scheduler=DDPMScheduler.from_config(diffusion.schedule.config))
+    # its scheduler of the class the folder saved, as diffusers' from_pretrained does
+    pipe = PPAPPipeline(unet=diffusion.unet, scheduler=load_scheduler(diffusion.scheduler_config or diffusion.schedule.config, ref))
     pipe.register_to_config(_name_or_path=ref)
     pipe.to(device)
     if pipe.unet.dtype != dtype:
         pipe.unet.to(dtype)  # the UNet only: the sampler state and guidance stay float32
     return pipe
+
+
+def load_scheduler(config: dict, where: str):
+    """The diffusers scheduler of a scheduler config, of the class its ``_class_name`` names
+    (DDPMScheduler when it names none)."""
+    import diffusers
+
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
+    if cls is None:
+        raise PPAPError(f"{where}: unknown scheduler class {name!r}")
+    try:
+        return cls.from_config(config)
+    except (ValueError, TypeError) as e:  # diffusers refuses some option combinations at construction
+        raise PPAPError(f"{where}: cannot build {name} ({e})") from None
 
 
 def load_guide(
@@ -120,7 +135,7 @@ def load_guide(
         return load_transformers_guide(ref, task=task, revision=revision, subfolder=subfolder)
     if zoo.is_zoo_name(ref):
         entry = zoo.get(ref, "guide")
-        net = resolve_factory(entry.factory)()
+        net = resolve_factory(entry.factory)().eval().requires_grad_(False)  # built here: a fixed evaluator
         load_weights_into(net, weights or entry.location)
         return GuideModel(net, task=task or entry.task, classes=entry.classes or None, ref=ref)
     if ":" not in ref:
@@ -138,7 +153,7 @@ def load_guide(
         raise PPAPError(f"factory {ref} failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, nn.Module):
         raise PPAPError(f"factory {ref} returned {type(net).__name__}, not a torch.nn.Module")
-    load_weights_into(net, weights)
+    load_weights_into(net.eval().requires_grad_(False), weights)
     return GuideModel(net, task=task, ref=ref)
 
 
@@ -179,7 +194,7 @@ def _load_transformers_guide(folder: Path, task: str | None, name: str) -> Guide
 
     require_safetensors(folder, "model")
     try:
-        model = cls.from_pretrained(folder, use_safetensors=True)
+        model = cls.from_pretrained(folder, use_safetensors=True).requires_grad_(False)  # eval mode from from_pretrained
     except Exception as e:
         raise PPAPError(f"cannot load {architectures[0]} from {name} ({str(e).splitlines()[0][:200]})") from None
     processor = None

@@ -10,17 +10,19 @@ and outputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -29,11 +31,61 @@ from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
-from .samplers import SAMPLERS, NonFiniteError
+from .samplers import NonFiniteError, Progress
+from .schedulers import sample, sampling_scheduler
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
-DEFAULT_CLASSIFIER_SCALE = 30.0  # the classifier zoo's best (docs/BENCHMARKS.md); dense losses need far larger ones
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+EXPERT_METHODS = ("ppap", "noise-aware", "multi-expert-supervised")  # the methods that call an expert bank
+
+DEFAULT_SCALES: dict[tuple[str, str], float] = {
+    # (task, method) -> the guidance scale the zoo benchmarks chose (`make bench`, docs/results.md);
+    # (dense losses are per-pixel means: their useful scales are 10-1000x a classifier's)
+    ("classification", "naive"): 30.0,
+    ("classification", "ppap"): 30.0,
+    ("classification", "noise-aware"): 30.0,
+    ("classification", "multi-expert-supervised"): 10.0,
+    ("classification", "x0"): 1.0,
+    ("classification", "x0-shortcut"): 1.0,
+    ("segmentation", "naive"): 300.0,
+    ("segmentation", "ppap"): 1000.0,
+    ("segmentation", "x0"): 300.0,
+    ("dense", "naive"): 3000.0,
+    ("dense", "ppap"): 10000.0,
+    ("dense", "x0"): 10000.0,
+}
+
+
+def default_scale(task: str, method: str) -> float:
+    """The default guidance scale of ``method`` on ``task`` (``DEFAULT_SCALES``). Pairs the
+    benchmarks did not sweep borrow the nearest measured one: the supervised banks take PPAP's
+    scale, x0-shortcut takes x0's; a task of one's own takes classification's."""
+    borrowed = "ppap" if method in EXPERT_METHODS else "x0" if method == "x0-shortcut" else method
+    for key in ((task, method), (task, borrowed), ("classification", method)):
+        if key in DEFAULT_SCALES:
+            return DEFAULT_SCALES[key]
+    return DEFAULT_SCALES[("classification", "ppap")]
+
+
+def describe_default_scales() -> str:
+    """``DEFAULT_SCALES`` in one line, for help texts."""
+    tasks = dict.fromkeys(task for task, _ in DEFAULT_SCALES)
+    return "; ".join(f"{task}: " + ", ".join(f"{m} {s:g}" for (t, m), s in DEFAULT_SCALES.items() if t == task) for task in tasks)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device (an index left out is the first one)."""
+    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
+
+
+def _check_device(module: nn.Module, device: torch.device, what: str) -> None:
+    """A module given at call time runs where the sample is; ppap does not move it (diffusers
+    never moves what the caller passes to ``__call__``)."""
+    first: Tensor | None = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    if first is not None and not _same_device(first.device, device):
+        raise PPAPError(f"the {what} is on {first.device} but the pipeline samples on {device}: move it there first (.to({str(device)!r}))")
 
 
 def sample_seed(seed: int, k: int) -> int:
@@ -49,36 +101,89 @@ def sample_generators(seed: int, start: int, num: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(sample_seed(seed, start + j)) for j in range(num)]
 
 
+def _snapshot(*modules: Any) -> Callable[[], None]:
+    """A function that hands the caller's ``modules`` back as they came: the train/eval mode of
+    every submodule and ``requires_grad`` of every parameter (guidance runs them frozen, in
+    eval mode, and wrapping a plain net in a ``GuideModel`` freezes it)."""
+    given = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
+    modes = [(sub, sub.training) for m, _ in given for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m, _ in given for p in m.parameters()]
+
+    def restore() -> None:
+        for m, mode in given:
+            m.train(mode)  # a module's own train() (an expert bank unmerges its adapters), then every flag exactly
+        for sub, mode in modes:
+            sub.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return restore
+
+
 class PPAPPipeline(DiffusionPipeline):
     r"""Guided sampling of a pixel-space diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``).
 
     Parameters:
         unet: the denoiser; any prediction type (``epsilon`` / ``v_prediction`` / ``sample``, as the
             scheduler config says), learned variance (2C output channels) included.
-        scheduler: a ``DDPMScheduler`` or ``DDIMScheduler`` (its config gives the noise schedule,
-            the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and variance).
+        scheduler: the diffusers scheduler sampled with by default (its config gives the noise
+            schedule, the timestep spacing, ``steps_offset``, ``set_alpha_to_one``, clipping and
+            variance): ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
+            ``UniPCMultistepScheduler``, ``EulerDiscreteScheduler``,
+            ``EulerAncestralDiscreteScheduler`` or ``HeunDiscreteScheduler``.
+
+    Devices: the pipeline samples on its execution device (``pipe.to(device)``, or the
+    accelerator that ``enable_model_cpu_offload`` and accelerate's offload hooks name). The guide
+    and the expert bank passed at call time are used where they are, as diffusers uses what a
+    caller passes: move them to that device first (``guide.to("cuda")``); a guide elsewhere is a
+    one-line error naming both devices. A call hands them back as it found them: on their device,
+    in their train/eval mode, with their ``requires_grad`` (guidance runs them frozen, in eval
+    mode, for the call only).
+
+    Default guidance scales, per task and method (``DEFAULT_SCALES``, the scales the zoo
+    benchmarks chose in docs/results.md; an expert bank's own recorded ``default_scale`` comes
+    first for the expert methods):
+
+    * classification: naive 30, ppap 30, noise-aware 30, multi-expert-supervised 10, x0 1, x0-shortcut 1;
+    * segmentation: naive 300, ppap 1000, x0 300;
+    * dense: naive 3000, ppap 10000, x0 10000;
+
+    and, not swept, PPAP's scale for the supervised banks and x0's for x0-shortcut.
 
     Example:
         ```py
         >>> from ppap import PPAPPipeline
         >>> from ppap.loading import load_guide
         >>> pipe = PPAPPipeline.from_pretrained("./my-ddpm").to("cuda")
-        >>> out = pipe(batch_size=16, num_inference_steps=25, guide=load_guide("fashion-classifier"),
+        >>> out = pipe(batch_size=16, num_inference_steps=25, guide=load_guide("fashion-classifier").to("cuda"),
         ...            experts="./experts", target="sneaker", generator=torch.manual_seed(0))
         >>> out.images[0].save("sneaker.png")
         ```
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "x0", "guidance"]  # what ``callback_on_step_end`` can be given
 
-    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler):
+    def __init__(self, unet: nn.Module, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
     @property
     def diffusion(self) -> Diffusion:
-        """The UNet and the scheduler's schedule behind one ``(x_t, t, cond) -> Prediction`` call."""
-        return Diffusion(self.unet, NoiseSchedule.from_diffusers(self.scheduler), name=str(self.name_or_path or "in-memory"))
+        """The UNet and the scheduler's schedule behind one ``(x_t, t, cond) -> Prediction`` call:
+        one object while ``unet``, ``scheduler`` (and its config) and the name stay the same, a
+        new one after either is replaced."""
+        key = (self.unet, self.scheduler, dict(self.scheduler.config), str(self.name_or_path or "in-memory"))
+        cached = self.__dict__.get("_diffusion")
+        if cached is None or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2:] == key[2:]):
+            cached = (key, Diffusion(self.unet, NoiseSchedule.from_diffusers(self.scheduler), name=key[3]))
+            self._diffusion = cached
+        return cached[1]
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the current (or last) call: diffusers' ``PipelineCallback`` cut-offs read it."""
+        return getattr(self, "_num_timesteps", 0)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -110,13 +215,17 @@ class PPAPPipeline(DiffusionPipeline):
 
         ``guide`` is the off-the-shelf model (a ``GuideModel``, or an ``nn.Module`` taking the
         diffusion model's images in [-1, 1]); ``experts`` a bank or its directory (then loaded on a
-        copy of the guide, which stays untouched); ``target`` class index / name / list (cycled),
+        copy of the guide, which stays untouched); a bank given without ``guide`` brings its own
+        (``bank.guide``) to the expert methods. ``target`` class index / name / list (cycled),
         ``'all'``, or a label / dense map tensor; ``target_image`` reference images [C, H, W] or
         [N, C, H, W] in [-1, 1] whose clean-model output is the dense target; ``method`` defaults to
-        ``ppap`` with experts, ``naive`` with only a guide."""
+        ``ppap`` with experts, ``naive`` with only a guide. ``classifier_scale`` defaults to the
+        bank's recorded scale (expert methods), else ``default_scale(task, method)``."""
         method = method or ("ppap" if experts is not None else "naive" if guide is not None else "unguided")
         if method == "unguided":
             return None
+        if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS:
+            guide = experts.guide  # the bank's own guide: its class names, reference and shapes
         if guide is None:
             raise PPAPError(f"method {method!r} needs a guide (the off-the-shelf model)")
         guide = as_guide_model(guide)
@@ -153,11 +262,9 @@ class PPAPPipeline(DiffusionPipeline):
                 image=image,
                 target_map=None if target is None else torch.as_tensor(target),
             )
-        if classifier_scale is None:
-            classifier_scale = (
-                getattr(bank, "default_scale", None) if method in ("ppap", "noise-aware", "multi-expert-supervised") else None
-            )
-        scale = float(DEFAULT_CLASSIFIER_SCALE if classifier_scale is None else classifier_scale)
+        if classifier_scale is None and method in EXPERT_METHODS:
+            classifier_scale = getattr(bank, "default_scale", None)
+        scale = float(default_scale(the_task.name, method) if classifier_scale is None else classifier_scale)
         return GuidanceTerm(
             method,
             the_task,
@@ -214,6 +321,25 @@ class PPAPPipeline(DiffusionPipeline):
 
     # ---- sampling ------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _step_progress(self, enabled: bool, total: int) -> Iterator[Progress]:
+        """The samplers' step bar: diffusers' ``progress_bar`` (so ``set_progress_bar_config``
+        applies), closed on the way out, an error's included, so that the error is the last line."""
+        if not enabled:
+            yield False
+            return
+        bar = self.progress_bar(total=total)
+
+        def steps(timesteps: list[int]) -> Iterator[int]:
+            for t in timesteps:
+                yield t
+                bar.update()
+
+        try:
+            yield steps
+        finally:
+            bar.close()
+
     @torch.no_grad()
     def __call__(
         self,
@@ -224,7 +350,11 @@ class PPAPPipeline(DiffusionPipeline):
         latents: Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[PPAPPipeline, int, int, dict], dict | None] | None = None,
+        callback_on_step_end: Callable[[PPAPPipeline, int, int, dict], dict | None]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         guide: nn.Module | None = None,
         experts: ExpertBank | str | os.PathLike | None = None,
         target: Any = None,
@@ -232,6 +362,7 @@ class PPAPPipeline(DiffusionPipeline):
         method: str | None = None,
         classifier_scale: float | None = None,
         calibration: Calibration | None = None,
+        task: str | None = None,
         terms: Sequence[GuidanceTerm] = (),
         class_labels=None,
         prompt_embeds: Tensor | None = None,
@@ -252,27 +383,42 @@ class PPAPPipeline(DiffusionPipeline):
             latents: x_T [B, C, H, W] given by the caller (else drawn from ``generator``).
             output_type: "pil", "np" ([B, H, W, C] in [0, 1]), "pt" ([B, C, H, W] in [0, 1]) or
                 "latent" (the raw [B, C, H, W] sample in the model's [-1, 1] range).
-            callback_on_step_end: ``fn(pipe, i, t, {"latents": x}) -> dict | None`` after each step;
-                a returned ``{"latents": ...}`` replaces the sample.
-            guide, experts, target, target_image, method, classifier_scale, calibration: one
+            callback_on_step_end: ``fn(pipe, i, t, callback_kwargs) -> dict | None`` after each
+                step, or a diffusers ``PipelineCallback`` / ``MultiPipelineCallbacks`` (whose
+                ``tensor_inputs`` then name the inputs); a returned ``{"latents": ...}`` replaces
+                the sample.
+            callback_on_step_end_tensor_inputs: the ``callback_kwargs`` keys, among
+                ``_callback_tensor_inputs``: "latents" (x after the step), "x0" (the step's
+                clean-image estimate) and "guidance" (its scaled guidance gradient, None unguided).
+            guide, experts, target, target_image, method, classifier_scale, calibration, task: one
                 guidance term (see ``guidance_term``); methods: unguided, naive, ppap, noise-aware,
-                multi-expert-supervised, x0, x0-shortcut.
+                multi-expert-supervised, x0, x0-shortcut. ``guide`` and ``experts`` must be on the
+                pipeline's execution device (they are not moved).
             terms: further guidance terms (composed guidance: their gradients add), each with
                 ``batch_size`` targets (``guidance_term(batch_size, ...)``).
             class_labels, prompt_embeds, negative_prompt_embeds, negative_class_labels,
                 guidance_scale: conditions of a conditional UNet and classifier-free guidance
                 (diffusers' meaning: 1 = off).
-            sampler: "ddim" or "ddpm"; default by the scheduler's class (DDPMScheduler -> ddpm).
+            sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
+                euler-a, heun), built from the scheduler's config; default: the registered
+                scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
+            progress: show the step bar (``self.progress_bar``, configured by
+                ``set_progress_bar_config``).
         """
         if output_type not in OUTPUT_TYPES:
             raise PPAPError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        sampler = sampler or ("ddpm" if isinstance(self.scheduler, DDPMScheduler) else "ddim")
-        if sampler not in SAMPLERS:
-            raise PPAPError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        scheduler = sampling_scheduler(self.scheduler, sampler, num_inference_steps)  # a fresh one: self.scheduler stays as it is
         if not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
             raise PPAPError(f"eta must be a finite number >= 0, got {eta!r}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise PPAPError(
+                f"callback_on_step_end_tensor_inputs {unknown[0]!r} is not available; valid: {', '.join(self._callback_tensor_inputs)}"
+            )
         diffusion = self.diffusion
-        device = diffusion.device
+        device = self._execution_device  # with CPU offload: the accelerator, not where the weights rest
         shape = diffusion.image_shape
         if latents is not None:
             if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
@@ -282,7 +428,8 @@ class PPAPPipeline(DiffusionPipeline):
             raise PPAPError(f"batch_size must be >= 1, got {batch_size!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
-        grid = diffusion.schedule.grid(num_inference_steps, sampler)
+        scheduler.set_timesteps(num_inference_steps)  # a fresh copy: its length is the number of UNet calls (Heun: 2S - 1)
+        self._num_timesteps = len(scheduler.timesteps)
         cond = self.conditioning(
             batch_size,
             class_labels=class_labels,
@@ -293,41 +440,52 @@ class PPAPPipeline(DiffusionPipeline):
         )
         if cond is not None:
             cond = cond.to(device)
-        first = self.guidance_term(
-            batch_size,
-            guide=guide,
-            experts=experts,
-            target=target,
-            target_image=target_image,
-            method=method,
-            classifier_scale=classifier_scale,
-            calibration=calibration,
-        )
-        all_terms = ([first] if first is not None else []) + list(terms)
-        for term in all_terms:
-            if len(term.targets) != batch_size:
-                raise PPAPError(f"a guidance term has {len(term.targets)} targets for a batch of {batch_size} images")
-            for module in (term.net, term.experts):
-                if module is not None:
-                    module.to(device)
-        denoiser = diffusion.bind(cond)
-        guide_fn = compose(all_terms, denoiser)
-        if latents is None:
-            x = randn_tensor((batch_size,) + shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            x = latents.to(device=device, dtype=torch.float32)
-
-        def on_step(state: dict) -> Tensor | None:
-            if callback_on_step_end is None:
-                return None
-            out = callback_on_step_end(self, state["i"], state["t"], {"latents": state["x"]})
-            return out.get("latents") if isinstance(out, dict) else None
-
-        extra = {"eta": eta} if sampler == "ddim" else {}
+        restore_given = _snapshot(guide, experts, *(m for t in terms for m in (t.net, t.experts)))
         try:
-            x = SAMPLERS[sampler](denoiser, x, grid, guide=guide_fn, generator=generator, callback=on_step, progress=progress, **extra)
+            first = self.guidance_term(
+                batch_size,
+                guide=guide,
+                experts=experts,
+                target=target,
+                target_image=target_image,
+                method=method,
+                classifier_scale=classifier_scale,
+                calibration=calibration,
+                task=task,
+            )
+            all_terms = ([first] if first is not None else []) + list(terms)
+            for term in all_terms:
+                if len(term.targets) != batch_size:
+                    raise PPAPError(f"a guidance term has {len(term.targets)} targets for a batch of {batch_size} images")
+                if term.net is not None:
+                    _check_device(term.net, device, "guide")
+                if term.experts is not None:
+                    _check_device(term.experts, device, "expert bank")
+            denoiser = diffusion.bind(cond)
+            guide_fn = compose(all_terms, denoiser)
+            if latents is None:
+                x = randn_tensor((batch_size,) + shape, generator=generator, device=device, dtype=torch.float32)
+            else:
+                x = latents.to(torch.float32).to(device)  # cast first: float64 latents cannot go to MPS
+
+            state_keys = {"latents": "x", "x0": "x0", "guidance": "guidance"}  # callback name -> the loop's state key
+
+            def on_step(state: dict) -> Tensor | None:
+                if callback_on_step_end is None:
+                    return None
+                kwargs = {k: state[state_keys[k]] for k in callback_on_step_end_tensor_inputs}
+                out = callback_on_step_end(self, state["i"], state["t"], kwargs)
+                return out.get("latents") if isinstance(out, dict) else None
+
+            with self._step_progress(progress, self._num_timesteps) as bar:
+                x = sample(
+                    denoiser, x, scheduler, num_inference_steps, guide=guide_fn, eta=eta, generator=generator, callback=on_step, progress=bar
+                )
         except NonFiniteError as e:
             raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
+        finally:
+            restore_given()  # the caller's modules as they came: guidance ran them frozen, in eval mode
+            self.maybe_free_model_hooks()  # enable_model_cpu_offload: the UNet back to the CPU
         image: Any = x if output_type == "latent" else (x / 2 + 0.5).clamp(0, 1)
         if output_type in ("np", "pil"):
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -357,22 +515,21 @@ def generate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PPAPError(f"batch size must be >= 1, got {batch_size!r}")
     out = []
-    bar = tqdm(total=num, desc=desc, unit="img", disable=not progress)
-    for b0 in range(0, num, batch_size):
-        n = min(batch_size, num - b0)
-        index = slice(b0, b0 + n)
-        cond = conditioning.select(index) if conditioning is not None else None
-        cond_kwargs: dict[str, Any] = {} if cond is None else cond.as_kwargs()
-        x = pipe(  # type: ignore[union-attr]  # return_dict=True: an ImagePipelineOutput
-            batch_size=n,
-            generator=sample_generators(seed, start + b0, n),
-            terms=[t.select(index) for t in terms],
-            output_type="latent",
-            progress=False,
-            **cond_kwargs,
-            **call_kwargs,
-        ).images
-        out.append(x.clamp(-1, 1).cpu())
-        bar.update(n)
-    bar.close()
+    with tqdm(total=num, desc=desc, unit="img", disable=not progress) as bar:  # closed before an error is reported
+        for b0 in range(0, num, batch_size):
+            n = min(batch_size, num - b0)
+            index = slice(b0, b0 + n)
+            cond = conditioning.select(index) if conditioning is not None else None
+            cond_kwargs: dict[str, Any] = {} if cond is None else cond.as_kwargs()
+            x = pipe(  # type: ignore[union-attr]  # return_dict=True: an ImagePipelineOutput
+                batch_size=n,
+                generator=sample_generators(seed, start + b0, n),
+                terms=[t.select(index) for t in terms],
+                output_type="latent",
+                progress=False,
+                **cond_kwargs,
+                **call_kwargs,
+            ).images
+            out.append(x.clamp(-1, 1).cpu())
+            bar.update(n)
     return torch.cat(out) if out else torch.empty((0,) + pipe.image_shape)

@@ -14,7 +14,7 @@ step for step, noise included (``randn_tensor`` with the caller's generator or g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
@@ -31,8 +31,11 @@ class NonFiniteError(PPAPError):
 
 
 GuideFn = Callable[[Tensor, Tensor, Prediction], Tensor]
-Callback = Callable[[dict], None]
+Callback = Callable[[dict], Tensor | None]  # may return a replacement sample
 Generator = torch.Generator | list[torch.Generator] | None
+Progress = bool | Callable[[list[int]], Iterable[int]]
+"""``True`` / ``False``: a tqdm bar of the sampler's own, or none; a callable wraps the list of
+timesteps (a pipeline passes its ``progress_bar``, so that ``set_progress_bar_config`` applies)."""
 
 
 class DenoiserFn(Protocol):
@@ -48,8 +51,13 @@ def _clip_range(schedule: NoiseSchedule, clip_x0: bool | None) -> float | None:
     return float(schedule.config.get("clip_sample_range", 1.0)) if clip_x0 else None
 
 
-def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
-    t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
+def _step(denoiser: DenoiserFn, x: Tensor, timestep: int | Tensor, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
+    """The prediction at (x, t) and the guidance gradient (None unguided). ``timestep`` is an int
+    or a scheduler's 0-dim timestep (kept in its dtype: a float t reaches the UNet as it is)."""
+    if isinstance(timestep, Tensor):
+        t, t_int = timestep.to(x.device).expand(x.shape[0]).contiguous(), _number(timestep)
+    else:
+        t, t_int = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device), timestep
     if guide is not None and hasattr(guide, "guided_prediction"):  # a guide that needs the UNet forward with grad
         with torch.enable_grad():
             pred, g = guide.guided_prediction(x, t)
@@ -61,19 +69,33 @@ def _step(denoiser: DenoiserFn, x: Tensor, t_int: int, guide: GuideFn | None) ->
         with torch.enable_grad():
             g = guide(x, t, pred)
     if not bool(torch.isfinite(g).all()):
-        raise NonFiniteError(f"the guidance gradient is not finite at t={t_int}")
+        raise NonFiniteError(f"the guidance gradient is not finite at t={t_int:g}")
     return pred, g.detach()
 
 
-def _check_finite(x: Tensor, t_int: int) -> None:
+def _number(t: Tensor) -> int | float:
+    """A scheduler's 0-dim timestep as a Python number (an int where it is one)."""
+    value = float(t)
+    return int(value) if value.is_integer() else value
+
+
+def _check_finite(x: Tensor, t_int: int | float) -> None:
     """One reduction per step: a NaN/inf sample is an error now, never an all-black image later."""
     if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"the sample became non-finite at t={t_int} (the diffusion model's output or the guidance scale)")
+        raise NonFiniteError(f"the sample became non-finite at t={t_int:g} (the diffusion model's output or the guidance scale)")
+
+
+def _steps(timesteps: list, progress: Progress, desc: str) -> Iterable:
+    """The loop's timesteps, through the caller's progress wrapper or a tqdm bar."""
+    if callable(progress):
+        return progress(timesteps)
+    return tqdm(timesteps, desc=desc, disable=not progress, leave=False)
 
 
 def _scalars(grid: SamplingGrid, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """(abar_t, abar_prev) of step i as 0-dim tensors in the data's dtype and device: the step
-    arithmetic runs in that dtype, in diffusers' order, so that the loops match its schedulers."""
+    arithmetic runs in that dtype, in diffusers' order, so that the loops match its schedulers.
+    The float64 grid is cast before it moves (MPS has no float64)."""
     return grid.abar[i].to(like.dtype).to(like.device), grid.abar_prev[i].to(like.dtype).to(like.device)
 
 
@@ -88,14 +110,14 @@ def sample_ddim(
     clip_x0: bool | None = None,
     generator: Generator = None,
     callback: Callback | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Tensor:
     """DDIM (Song et al., 2021, eq. 12). x_T [B, C, H, W] ~ N(0, I); ``grid`` from
     ``schedule.grid(S, "ddim")``. ``clip_x0`` None follows the scheduler's ``clip_sample``.
     Returns x_0 [B, C, H, W] (unclipped)."""
     clip = _clip_range(denoiser.schedule, clip_x0)
     x = x_T
-    for i, t_int in enumerate(tqdm(grid.timesteps.tolist(), desc="DDIM", disable=not progress, leave=False)):
+    for i, t_int in enumerate(_steps(grid.timesteps.tolist(), progress, "DDIM")):
         a_t, a_prev = _scalars(grid, i, x)
         pred, g = _step(denoiser, x, t_int, guide)
         eps, x0 = pred.eps, pred.x0
@@ -156,7 +178,7 @@ def sample_ddpm(
     clip_x0: bool | None = None,
     generator: Generator = None,
     callback: Callback | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Tensor:
     """Ancestral DDPM (Ho et al., 2020, Algorithm 2) on a possibly respaced grid (from
     ``schedule.grid(S, "ddpm")``), with the scheduler's variance (fixed or learned). Same
@@ -164,7 +186,7 @@ def sample_ddpm(
     schedule = denoiser.schedule
     clip = _clip_range(schedule, clip_x0)
     x = x_T
-    for i, t_int in enumerate(tqdm(grid.timesteps.tolist(), desc="DDPM", disable=not progress, leave=False)):
+    for i, t_int in enumerate(_steps(grid.timesteps.tolist(), progress, "DDPM")):
         a_t, a_prev = _scalars(grid, i, x)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # the one-step alpha/beta of the respaced chain
         pred, g = _step(denoiser, x, t_int, guide)

@@ -45,7 +45,7 @@ class Classification:
     temperature on the teacher only (tau < 1 sharpens it). Unlike that code we sum over classes
     (a true per-sample KL) instead of averaging, so the loss scale does not depend on K, and the
     default is the teacher's own softmax (tau 1), not its 4x sharpened one (tau 0.25): higher
-    guided accuracy, on the worst class too, at the same FID (docs/BENCHMARKS.md, "A softer teacher").
+    guided accuracy, on the worst class too, at the same FID (docs/findings.md, "Teacher temperature").
     """
 
     num_classes: int

@@ -14,12 +14,15 @@ same data. Under ``accelerate launch`` gradients are averaged across processes (
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -27,11 +30,13 @@ from tqdm.auto import tqdm
 
 from .data import InfiniteBatches
 from .diffusion import NoiseSchedule
+from .distributed import main_decides
 from .experts import MANIFEST, AdapterConfig, ExpertBank, bank_manifest, expert_name, record_expert
 from .io import PPAPError, atomic_torch_save, atomic_write_json, exclusive_lock, load_resume_state, read_json
 from .tasks import Task
 
 LOCK = ".lock"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class TrainConfig:
     objective: str = "distill"  # "distill" (data-free PPAP) or "supervised" (needs labels)
     experts: str = "5"  # a count of equal timestep ranges, "logsnr:5" (equal log-SNR ranges), or "lo-hi,lo-hi,..."
     adapter: str = "lora"  # "lora" (one frozen net + N adapters) or "full" (N full copies)
-    rank: int = 32  # LoRA rank (the best of 8 / 16 / 32 in the bench's ablation, docs/BENCHMARKS.md)
+    rank: int = 32  # LoRA rank (the best of 8 / 16 / 32 in the bench's ablation, docs/findings.md)
     alpha: float = 32.0  # LoRA alpha (update scaled by alpha / rank)
     per_expert_norm: bool = True  # each expert owns its norm layers (affine + running stats)
     iterations: int = 1000  # optimiser steps per expert
@@ -47,7 +52,7 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW peak; linear warm-up then linear decay to 0, restarted per expert
     warmup: int = 20  # warm-up steps of each expert's schedule
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warm_start: bool = True  # start expert i from expert i-1's weights (the official code does; it wins, docs/BENCHMARKS.md)
+    warm_start: bool = True  # start expert i from expert i-1's weights (the official code does; it wins, docs/findings.md)
     balance_classes: bool = False  # classification: draw the corpus so the teacher's pseudo-labels are uniform (no real labels)
     tau: float | None = None  # KD temperature on the teacher (None: the task's own, 1; the official code's 0.25 sharpens)
     seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
@@ -105,9 +110,13 @@ class _Dist:
         for t in tensors:
             t.copy_(self.acc.reduce(t, reduction="mean"))
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.acc.wait_for_everyone()
+    def mean(self, value: Tensor) -> float:
+        """The mean of a scalar over the processes: the same number on every process."""
+        return value.item() if self.world == 1 else self.acc.reduce(value.detach().clone(), reduction="mean").item()
+
+    def decide(self, fn: Callable[[], T]) -> T:
+        """``fn`` on the main process; its result, or its error, on every process."""
+        return main_decides(self.acc, fn)
 
 
 def _norm_buffers(bank: ExpertBank, i: int) -> list[Tensor]:
@@ -153,13 +162,16 @@ def train_experts(
     if cfg.objective == "supervised" and labels is None:
         raise PPAPError("objective 'supervised' needs labelled images (e.g. --data fashion-mnist)")
     existed = out_dir.exists()
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     created = False
-    try:  # one writer per folder: a second `ppap train` on it is refused, not interleaved
-        with exclusive_lock(out_dir / LOCK, blocking=False) if dist.main else contextlib.nullcontext():
-            manifest = _open_manifest(out_dir, bank, task, schedule, cfg, identity)
+    try:
+        with contextlib.ExitStack() as held:
+
+            def open_folder() -> dict:  # the main process: one writer per folder, a second `ppap train` on it is refused
+                out_dir.mkdir(parents=True, exist_ok=True)
+                held.enter_context(exclusive_lock(out_dir / LOCK, blocking=False))
+                return _open_manifest(out_dir, bank, task, schedule, cfg, identity)
+
+            manifest = dist.decide(open_folder)
             bank.task = task
             bank.to(dist.device)
             images = images.to(dist.device)
@@ -176,10 +188,14 @@ def train_experts(
                     raise PPAPError(
                         f"the guidance model gives non-finite outputs on {bad} of {len(targets)} training images; nothing was trained"
                     )
-            created = not (out_dir / MANIFEST).exists()
-            if dist.main and created:  # written only once the inputs passed every check
+
+            def write_manifest() -> bool:  # written only once the inputs passed every check
+                if (out_dir / MANIFEST).exists():
+                    return False
                 atomic_write_json(out_dir / MANIFEST, manifest)
-            dist.barrier()
+                return True
+
+            created = dist.decide(write_manifest)
             return _train_all(bank, task, schedule, images, targets, cfg, out_dir, dist, manifest, todo, only, progress)
     except PPAPError:
         if dist.main and (not existed or (created and not manifest["trained"])):  # nothing learnt: leave the folder as found
@@ -200,11 +216,12 @@ def _train_all(bank, task, schedule, images, targets, cfg, out_dir, dist, manife
             bank.load_expert(i, out_dir)  # a later warm-started expert, and the caller, need it
             continue
         stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
-        dist.barrier()
-        if dist.main:
+
+        def record(i: int = i) -> None:
             atomic_write_json(out_dir / MANIFEST, record_expert(manifest, bank, i, out_dir, stats[expert_name(i)]))
             (out_dir / ".resume" / f"{expert_name(i)}.pt").unlink(missing_ok=True)
-        dist.barrier()
+
+        dist.decide(record)
     return stats
 
 
@@ -234,6 +251,10 @@ def class_balance_weights(targets: Tensor) -> Tensor:
         raise PPAPError("balance_classes needs a classification task (one class per image)")
     counts = torch.bincount(labels.cpu())
     return 1.0 / counts[labels.cpu()].double()
+
+
+def _checkpoint(path: Path, bank, i: int, opt, step: int, losses: list[float]) -> None:
+    atomic_torch_save(path, {"expert": bank.expert_state(i), "opt": opt.state_dict(), "step": step, "losses": losses})
 
 
 def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_dir: Path, dist: _Dist, progress: bool) -> dict:
@@ -278,7 +299,7 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
             loss = task.supervised_loss(out, target).mean()
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
-        value = loss.item()
+        value = dist.mean(loss)  # the global batch's loss: every process sees a non-finite one and stops together
         if not math.isfinite(value):  # stop before the step: the last checkpoint stays finite
             raise PPAPError(
                 f"{expert_name(i)} step {step}: the loss is {value} (learning rate {cfg.lr:g} too high, "
@@ -293,8 +314,8 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
-        if step % cfg.checkpoint_every == 0 and step < cfg.iterations and dist.main:
-            atomic_torch_save(resume, {"expert": bank.expert_state(i), "opt": opt.state_dict(), "step": step, "losses": losses})
+        if step % cfg.checkpoint_every == 0 and step < cfg.iterations:
+            dist.decide(functools.partial(_checkpoint, resume, bank, i, opt, step, losses))
     bar.close()
     dist.mean_(_norm_buffers(bank, i))  # running statistics were gathered on each rank's shard
     bank.eval()

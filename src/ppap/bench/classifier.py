@@ -52,7 +52,7 @@ class Row:
     bank: str | None = None  # key into BenchConfig.banks
     calibration: Calibration = field(default_factory=Calibration)
     # a row ``make bench`` leaves out unless asked (``BenchConfig.extra_rows``): it carries no
-    # claim the default rows do not (its figures are in docs/BENCHMARKS.md), and its cost is what
+    # claim the default rows do not (its figures are in docs/findings.md), and its cost is what
     # keeps ``make bench`` within 90 min on 2 CPU cores
     extra: bool = False
 
@@ -280,7 +280,7 @@ class BenchConfig:
     extra_rows: tuple[str, ...] | str = ()
     # independent jobs (corpus shards, banks, sweep / main rows, ablations) run in this many
     # processes, the cores split between them. On 2 CPU cores two single-threaded workers trained
-    # the banks 1.7x faster than one two-threaded process and sampled 1.0-1.14x (docs/BENCHMARKS.md);
+    # the banks 1.7x faster than one two-threaded process and sampled 1.0-1.14x (docs/reproducing.md);
     # 1 = everything in this process (e.g. on a GPU).
     workers: int = 2
 
