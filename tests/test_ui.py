@@ -88,7 +88,7 @@ def error_of(client, **values) -> str:
 
 def test_class_target_steps_and_seed(client):
     """A class target changes the PPAP samples, and the judge's accuracy is reported; the same
-    seed reproduces them exactly, another seed or step count does not."""
+    seed reproduces them exactly, another seed, step count or sampler does not."""
     trouser = call(client, target="trouser")
     assert trouser["status"].startswith("done") and trouser["ppap"]
     bag = call(client, target="bag")
@@ -100,6 +100,7 @@ def test_class_target_steps_and_seed(client):
     assert not np.array_equal(samples(call(client, target="trouser", seed=1)), samples(trouser))
     assert not np.array_equal(samples(call(client, target="trouser", steps=STEPS - 1)), samples(trouser))
     assert call(client, target="trouser", scale="5")["table"]["data"][0][3] == "5"
+    assert not np.array_equal(samples(call(client, target="trouser", sampler="dpm++")), samples(trouser))
 
 
 def test_methods_side_by_side_with_previews(client):
@@ -204,8 +205,7 @@ def test_cancel_stops_the_job(client):
 def test_x0_previews_converge_to_the_samples():
     """The previews are the x0 prediction, not x_t: halfway through 4 DDIM steps x0 is already
     close to the finished sample (mean error 9 grey levels here) while x_t is still noisy (52);
-    the last preview is the sample itself. Holds whether the pipeline hands x0 to the callback
-    or ppap.ui computes it from the UNet's output."""
+    the last preview is the sample itself."""
     from ppap.ui_compare import ModelCache, Request, marked_grid, run_comparison
 
     previews: list[np.ndarray] = []

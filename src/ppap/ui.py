@@ -157,7 +157,7 @@ def _request(values: dict, folder: Path) -> tuple[Request, str | None]:
 def build_app(cache: ModelCache | None = None):
     """The page, its queue (one job at a time) and its API (``/generate``)."""
     gr = _gradio()
-    from .samplers import SAMPLERS
+    from .schedulers import SAMPLER_NAMES
 
     cache = cache or ModelCache()
     stops: dict[str, threading.Event] = {}  # session -> the stop switch of its running job
@@ -191,7 +191,7 @@ def build_app(cache: ModelCache | None = None):
                     inp["steps"] = gr.Slider(1, 100, value=DEFAULTS.steps, step=1, label="steps")
                     inp["num"] = gr.Slider(1, 64, value=DEFAULTS.num, step=1, label="images")
                 with gr.Row():
-                    inp["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULTS.sampler, label="sampler", allow_custom_value=True)
+                    inp["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULTS.sampler, label="sampler", allow_custom_value=True)
                     inp["seed"] = gr.Number(DEFAULTS.seed, precision=0, label="seed")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -27,6 +27,7 @@ from .images import image_grid, load_reference_image, to_hwc_uint8
 from .io import PPAPError, atomic_write_bytes
 from .loading import load_experts, load_guide, load_pipeline
 from .pipeline import PPAPPipeline, generate
+from .schedulers import sampling_scheduler
 
 METHODS = ("unguided", "naive", "ppap", "noise-aware", "x0")
 MAX_IMAGES = 64
@@ -208,44 +209,6 @@ def _fit(diffusion: str) -> str:
     return zoo.ZOO[diffusion].reference_fit if zoo.is_zoo_name(diffusion) else "resize"
 
 
-class _X0Preview:
-    """The step's x0 prediction for ``callback_on_step_end``: asked of the pipeline where it
-    offers ``"x0"`` as a callback input, else computed from the UNet's last output."""
-
-    def __init__(self, pipe: PPAPPipeline):
-        self.pipe = pipe
-        self.native = "x0" in getattr(pipe, "_callback_tensor_inputs", ())
-        self.last: tuple[Tensor, Tensor, Tensor] | None = None
-
-    def call_kwargs(self) -> dict:
-        return {"callback_on_step_end_tensor_inputs": ["latents", "x0"]} if self.native else {}
-
-    def __enter__(self) -> _X0Preview:
-        if not self.native:
-
-            def hook(module, args, kwargs, output):
-                x, t = args[0], args[1] if len(args) > 1 else kwargs.get("timestep")
-                self.last = (x.detach(), t.detach() if isinstance(t, Tensor) else torch.tensor(t), output.sample.detach())
-
-            self.handle = self.pipe.unet.register_forward_hook(hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.native:
-            self.handle.remove()
-
-    def x0(self, callback_kwargs: dict) -> Tensor | None:
-        if self.native:
-            return callback_kwargs.get("x0")
-        if self.last is None:
-            return None
-        x, t, out = self.last
-        n = callback_kwargs["latents"].shape[0]
-        x, out = x[-n:].float(), out[-n:, : x.shape[1]].float()  # classifier-free guidance: the conditional half
-        t = t.reshape(-1)[-n:] if t.numel() > 1 else t.reshape(1).expand(n)
-        return self.pipe.diffusion.schedule.to_prediction(x, t.to(x.device), out)[1]
-
-
 def run_comparison(
     cache: ModelCache,
     req: Request,
@@ -264,7 +227,7 @@ def run_comparison(
     req.check()
     stop = stop or threading.Event()
     pipe = cache.pipeline(req.diffusion)
-    pipe.diffusion.schedule.grid(req.steps, req.sampler)  # a bad sampler or step count: one line, now
+    sampling_scheduler(pipe.scheduler, req.sampler, req.steps)  # a bad sampler or step count: one line, now
     cond = _conditioning(pipe, req)
     reference = load_reference_image(reference_path, pipe.image_shape, _fit(req.diffusion)) if reference_path else None
     columns = {m: method_terms(cache, pipe, req, m, reference) for m in req.methods}
@@ -278,33 +241,29 @@ def run_comparison(
     every = preview_every or max(1, req.steps // 6)
     total = req.steps * len(columns)
     for k, (method, terms) in enumerate(columns.items()):
-        x0_preview = _X0Preview(pipe)
 
-        def step_end(pipe, i, t, kwargs, method=method, k=k, x0_preview=x0_preview):
+        def step_end(pipe, i, t, kwargs, method=method, k=k):
             if stop.is_set():
                 raise Cancelled()
-            on_progress(method, k * req.steps + i + 1, total)
+            on_progress(method, min(k * req.steps + i + 1, total), total)  # (Heun calls back twice a step)
             if i % every == 0 or i == req.steps - 1:
-                x0 = x0_preview.x0(kwargs)
-                if x0 is not None:
-                    on_preview(method, preview_grid(x0))
+                on_preview(method, preview_grid(kwargs["x0"]))
             return {}
 
         start = time.perf_counter()
-        with x0_preview:
-            x = generate(
-                pipe,
-                req.num,
-                seed=req.seed,
-                terms=terms,
-                conditioning=cond,
-                batch_size=req.num,
-                progress=False,
-                num_inference_steps=req.steps,
-                sampler=req.sampler,
-                callback_on_step_end=step_end,
-                **x0_preview.call_kwargs(),
-            )
+        x = generate(
+            pipe,
+            req.num,
+            seed=req.seed,
+            terms=terms,
+            conditioning=cond,
+            batch_size=req.num,
+            progress=False,
+            num_inference_steps=req.steps,
+            sampler=req.sampler,
+            callback_on_step_end=step_end,
+            callback_on_step_end_tensor_inputs=["latents", "x0"],
+        )
         seconds = time.perf_counter() - start
         result = MethodResult(
             method, to_hwc_uint8(x), seconds, [t.scale for t in terms], " + ".join(t.description for t in terms) or "unguided"
