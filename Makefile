@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ppap-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,bench,lint]"
+	$(PY) -m pip install -q -e ".[test,bench,lint,ui]"
 	touch $(STAMP)
 
 install: $(STAMP)

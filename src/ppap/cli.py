@@ -510,6 +510,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from .ui import launch
+
+    if not 0 <= args.port <= 65535:
+        raise PPAPError(f"--port must be 0..65535 (0: a free port), got {args.port}")
+    launch(args.host, args.port, share=args.share, device=args.device or "cpu")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------
@@ -667,6 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a 2-minute version")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("ui", help="a local web page comparing guidance methods side by side (needs ppap[ui])")
+    u.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    u.add_argument("--port", type=int, default=7860, help="port; 0 picks a free one (the URL is printed)")
+    u.add_argument("--share", action="store_true", help="also make a public Gradio share link (off by default)")
+    u.add_argument("--device", help="cpu | cuda | cuda:N | mps (default: cpu)")
+    u.set_defaults(func=cmd_ui)
     return p
 
 

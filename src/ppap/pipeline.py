@@ -479,7 +479,15 @@ class PPAPPipeline(DiffusionPipeline):
 
             with self._step_progress(progress, self._num_timesteps) as bar:
                 x = sample(
-                    denoiser, x, scheduler, num_inference_steps, guide=guide_fn, eta=eta, generator=generator, callback=on_step, progress=bar
+                    denoiser,
+                    x,
+                    scheduler,
+                    num_inference_steps,
+                    guide=guide_fn,
+                    eta=eta,
+                    generator=generator,
+                    callback=on_step,
+                    progress=bar,
                 )
         except NonFiniteError as e:
             raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
