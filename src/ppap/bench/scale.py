@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import multiprocessing
 import tempfile
 import time
@@ -73,7 +74,7 @@ class ScaleBenchConfig:
     train_batch: int = 8  # batch of the timed expert-training step
     throughput_num: int = 8  # images per corpus-throughput run (one batch)
     throughput_steps: int = 10  # DDIM steps of each throughput run
-    fresh_processes: bool = True  # each measurement in its own process (clean peak memory); False: all in this one (tests)
+    fresh_processes: bool | None = None  # each measurement in its own process; None: on the CPU only (CUDA's peak resets)
 
 
 QUICK = ScaleBenchConfig(
@@ -143,7 +144,9 @@ class _PeakMemory:
         self.above_mib: float | None = None
 
     def __enter__(self) -> _PeakMemory:
+        gc.collect()  # what an earlier measurement in this process left unreferenced
         if self.cuda:
+            torch.cuda.empty_cache()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated() / 2**20
@@ -439,6 +442,9 @@ class ScaleBench(Bench):
         self.stage.check_config(dataclasses.asdict(cfg))
         self.timings, self._recorded, self._pool = {}, {}, None
         self.errors: dict[str, str] = {}
+        # the CPU's peak resident set cannot be reset below what a process ever held, so each
+        # measurement runs in a new process there; CUDA's allocator peak is reset per measurement
+        self.fresh = cfg.fresh_processes if cfg.fresh_processes is not None else torch.device(cfg.device).type == "cpu"
 
     def folder(self, name: str) -> str:
         return str(build_model_folder(name, self.out / "models" / name))
@@ -447,7 +453,7 @@ class ScaleBench(Bench):
         """Stage ``name``: ``fn(*args)`` in a fresh process (``fresh_processes``), saved; a failure is noted in the
         report (and retried by the next run), not fatal to the other measurements."""
         try:
-            return self.stage.get(name, lambda: in_fresh_process(fn, *args) if self.cfg.fresh_processes else fn(*args))
+            return self.stage.get(name, lambda: in_fresh_process(fn, *args) if self.fresh else fn(*args))
         except Exception as e:
             self.errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if self.progress:
