@@ -127,3 +127,14 @@ def test_bench_scale_quick_runs_and_resumes(tmp_path, capsys):
     assert main(["bench", "scale", "--quick", "--quiet", "--out", str(out)]) == 0  # resumes: nothing recomputed
     assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json") if p.name != "seconds.json"} == stages
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_measurements_run_in_a_new_process_and_a_killed_one_is_an_error():
+    import os
+
+    from ppap.bench.scale import in_fresh_process
+
+    assert in_fresh_process(os.getpid) != os.getpid()
+    with pytest.raises(PPAPError, match="killed"):  # not a hang (multiprocessing.Pool would wait forever)
+        in_fresh_process(os._exit, 1)

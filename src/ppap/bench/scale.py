@@ -28,6 +28,8 @@ import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,10 +129,14 @@ def _init_fresh(threads: int) -> None:
 
 def in_fresh_process(fn: Callable, *args) -> Any:
     """``fn(*args)`` in a new interpreter (spawned, so nothing is inherited), with as many torch
-    threads as this process has; its result is returned, its exceptions re-raised here."""
+    threads as this process has; its result is returned, its exceptions re-raised here, and its
+    death (killed for memory) is an error, not a hang."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1, initializer=_init_fresh, initargs=(torch.get_num_threads(),)) as pool:
-        return pool.apply(fn, args)
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_fresh, initargs=(torch.get_num_threads(),)) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:  # a worker killed from outside: on Linux, most often the kernel's out-of-memory killer
+            raise PPAPError("the measuring process was killed (out of memory?)") from None
 
 
 class _PeakMemory:
@@ -677,7 +683,8 @@ def figure(r: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("diffusion resolution (pixels per side)")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+        if ax.collections:
+            ax.legend(fontsize=7)
     fig.suptitle(f"ppap bench scale: {r['machine']['device']} {r['machine']['dtype']}", fontsize=9)
     _savefig(fig, path)
 
