@@ -571,7 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--data-dir", help="Fashion-MNIST folder")
     z.set_defaults(func=cmd_zoo)
 
-    b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/BENCHMARKS.md)")
+    b = sub.add_parser(
+        "bench", help="the paper's comparison on the zoo; cost at real sizes (resumable; see docs/BENCHMARKS.md, docs/SCALE.md)"
+    )
     b.add_argument("suite", choices=("classifier", "dense", "scale"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
