@@ -558,8 +558,8 @@ def json_config(name: str) -> dict:
 
 def _ppap_over_naive(seconds: dict, steps: int, experts: int) -> float:
     """PPAP's step over naive's, with the bank's expert switches spread over the trajectory
-    (experts - 1 switches in ``steps`` steps)."""
-    ppap = seconds["ppap"] + seconds["expert_switch"] * (experts - 1) / steps
+    (at most experts - 1 switches in ``steps`` steps)."""
+    ppap = seconds["ppap"] + seconds["expert_switch"] * (min(experts, steps) - 1) / steps
     return ppap / seconds["naive"]
 
 
@@ -594,11 +594,20 @@ def _f(v, fmt: str = ".3f") -> str:
     return "" if v is None else format(v, fmt)
 
 
+def _memory_method(r: dict) -> str:
+    cuda = torch.device(r["config"]["device"]).type == "cuda"
+    fresh = r["config"]["fresh_processes"]
+    if fresh is None:
+        fresh = not cuda
+    where = "each method in a fresh process" if fresh else "in one process, the peak reset before each method"
+    return f"{where}, {'CUDA allocator peak' if cuda else 'peak resident set while two steps run'}"
+
+
 def scale_report(r: dict) -> str:
     cfg, experts = r["config"], int(r["config"]["experts"]) if str(r["config"]["experts"]).isdigit() else 5
     lines = [
         f"Machine: {machine_in_order(r)}. Random weights; one mid-noise step of DDIM-{cfg['steps']} per method (median of "
-        f"{cfg['repeats']} round-robin rounds after a warm-up); memory: each method in a fresh process.",
+        f"{cfg['repeats']} round-robin rounds after a warm-up); memory: {_memory_method(r)}.",
         "",
         "Architectures: " + ", ".join(f"{n} ({a['parameters'] / 1e6:.1f}M)" for n, a in r["architectures"].items()),
         "",
@@ -623,7 +632,7 @@ def scale_report(r: dict) -> str:
     lines += [
         "",
         "Parts: naive ~ UNet fwd + resize + guide fwd+bwd; x0 ~ UNet fwd+bwd + resize + guide fwd+bwd; PPAP ~ naive, plus "
-        f"{experts - 1} expert switches per trajectory (in the PPAP ratio, spread over {cfg['steps']} steps).",
+        f"{min(experts, cfg['steps']) - 1} expert switches per trajectory (in the PPAP ratio, spread over {cfg['steps']} steps).",
         "",
         "| pair | bank of N experts MiB | guide MiB | N full copies MiB | bank / guide | train step s (batch) | train peak MiB |",
         "|---|---|---|---|---|---|---|",
