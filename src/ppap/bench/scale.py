@@ -329,10 +329,10 @@ def measure_x0_memory(diffusion_dir: str, guide_dir: str, device: str, dtype: st
 
 def _memory_of(loaded: _Loaded, steps: int, method: str) -> dict:
     call = _mid_step_call(loaded, steps, loaded.guide_fn(method))
-    loaded_mib = _proc_status_mib("VmRSS") if loaded.device.type == "cpu" else torch.cuda.memory_allocated() / 2**20
     with _PeakMemory(loaded.device) as peak:
         for _ in range(2):
             call()
+    loaded_mib = peak.before  # the models and inputs, held before the steps
     return {"peak_mib": peak.mib, "step_mib": peak.above_mib, "loaded_mib": None if loaded_mib is None else round(loaded_mib, 1)}
 
 
