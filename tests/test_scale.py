@@ -138,3 +138,17 @@ def test_measurements_run_in_a_new_process_and_a_killed_one_is_an_error():
     assert in_fresh_process(os.getpid) != os.getpid()
     with pytest.raises(PPAPError, match="killed"):  # not a hang (multiprocessing.Pool would wait forever)
         in_fresh_process(os._exit, 1)
+
+
+def test_a_step_that_runs_out_of_memory_is_left_out_not_fatal():
+    from ppap.bench.scale import _fits
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    def other_error():
+        raise RuntimeError("a bug")
+
+    assert not _fits(out_of_memory, torch.device("cpu")) and _fits(lambda: None, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="a bug"):  # only memory is forgiven
+        _fits(other_error, torch.device("cpu"))

@@ -254,13 +254,28 @@ def _mid_step_call(loaded: _Loaded, steps: int, guide) -> Callable[[], object]:
 
 
 def measure_times(diffusion_dir: str, guide_dir: str, bank_dir: str, device: str, dtype: str, batch: int, steps: int, repeats: int) -> dict:
-    """Median seconds of one mid-noise step per method and of its parts, timed round-robin."""
+    """Median seconds of one mid-noise step per method and of its parts, timed round-robin. A
+    call that runs out of memory (x0 at a large batch, say) is None, and the others are still timed."""
     loaded = _load(diffusion_dir, guide_dir, bank_dir, device, dtype, batch)
     calls = {m: _mid_step_call(loaded, steps, loaded.guide_fn(m)) for m in METHODS}
     calls |= _part_calls(loaded, steps)
-    seconds = round_robin_median(calls, repeats)
-    seconds["expert_switch"] /= 2
-    return {k: round(v, 5) for k, v in seconds.items()}
+    out_of_memory = [name for name, call in calls.items() if not _fits(call, loaded.device)]
+    seconds: dict[str, float | None] = dict(round_robin_median({k: c for k, c in calls.items() if k not in out_of_memory}, repeats))
+    if seconds.get("expert_switch") is not None:
+        seconds["expert_switch"] /= 2  # type: ignore[operator]
+    return {k: None if k in out_of_memory else round(seconds[k], 5) for k in calls}  # type: ignore[arg-type]
+
+
+def _fits(call: Callable[[], object], device: torch.device) -> bool:
+    """Whether ``call`` runs without running out of memory (it is then warm, too)."""
+    try:
+        call()
+        return True
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
 
 
 def _part_calls(loaded: _Loaded, steps: int) -> dict[str, Callable[[], object]]:
@@ -556,9 +571,11 @@ def json_config(name: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _ppap_over_naive(seconds: dict, steps: int, experts: int) -> float:
+def _ppap_over_naive(seconds: dict, steps: int, experts: int) -> float | None:
     """PPAP's step over naive's, with the bank's expert switches spread over the trajectory
-    (at most experts - 1 switches in ``steps`` steps)."""
+    (at most experts - 1 switches in ``steps`` steps); None where one ran out of memory."""
+    if any(seconds.get(k) is None for k in ("ppap", "naive", "expert_switch")):
+        return None
     ppap = seconds["ppap"] + seconds["expert_switch"] * (min(experts, steps) - 1) / steps
     return ppap / seconds["naive"]
 
@@ -573,8 +590,9 @@ def targets(r: dict) -> dict:
             banks.append(p["bank"]["bank_over_guide"])
         for b in r["batch_sizes"]:
             s = (p.get(f"b{b}") or {}).get("seconds")
-            if s:
-                ratios.append(_ppap_over_naive(s, cfg["steps"], experts))
+            ratio = _ppap_over_naive(s, cfg["steps"], experts) if s else None
+            if ratio is not None:
+                ratios.append(ratio)
     thr = [t["ratio"] for t in r["throughput"].values() if t]
     worst = lambda v, f: None if not v else round(f(v), 3)  # noqa: E731
     out = {
@@ -592,6 +610,10 @@ def targets(r: dict) -> dict:
 
 def _f(v, fmt: str = ".3f") -> str:
     return "" if v is None else format(v, fmt)
+
+
+def _times(ratio: float | None) -> str:
+    return "" if ratio is None else f" ({ratio:.2f}x)"
 
 
 def _memory_method(r: dict) -> str:
@@ -623,11 +645,13 @@ def scale_report(r: dict) -> str:
             if not s:
                 lines.append(f"| {name} | {b} | failed |  |  |  |  |  |  |  |  | {peaks} |")
                 continue
+            v = lambda k, fmt=".3f", s=s: "out of memory" if s.get(k) is None else format(s[k], fmt)  # noqa: E731
             ppap_ratio = _ppap_over_naive(s, cfg["steps"], experts)
+            x0_ratio = None if s.get("x0") is None or s.get("naive") is None else s["x0"] / s["naive"]
             lines.append(
-                f"| {name} | {b} | {s['unguided']:.3f} | {s['naive']:.3f} | {s['ppap']:.3f} ({ppap_ratio:.2f}x) | "
-                f"{s['x0']:.3f} ({s['x0'] / s['naive']:.2f}x) | {s['unet_forward']:.3f} | {s['unet_forward_backward']:.3f} | "
-                f"{s['guide_forward_backward']:.3f} | {s['resize_forward_backward']:.4f} | {s['expert_switch']:.4f} | {peaks} |"
+                f"| {name} | {b} | {v('unguided')} | {v('naive')} | {v('ppap')}{_times(ppap_ratio)} | "
+                f"{v('x0')}{_times(x0_ratio)} | {v('unet_forward')} | {v('unet_forward_backward')} | "
+                f"{v('guide_forward_backward')} | {v('resize_forward_backward', '.4f')} | {v('expert_switch', '.4f')} | {peaks} |"
             )
     lines += [
         "",
@@ -679,7 +703,7 @@ def figure(r: dict, path: Path) -> None:
         for name, p in r["pairs"].items():
             res = int(json_config(name.split("+")[0])["sample_size"])
             row = p.get(f"b{b}") or {}
-            if row.get("seconds"):
+            if row.get("seconds") and row["seconds"].get(m) is not None:
                 pts_t.append((res, row["seconds"][m] / b, name))
             peak = ((row.get("memory") or {}).get(m) or {}).get("peak_mib")
             if peak is not None:
