@@ -711,6 +711,8 @@ def figure(r: dict, path: Path) -> None:
         for ax, pts in ((ax_t, pts_t), (ax_m, pts_m)):
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=m, s=25)
+            for res, y, name in pts if m == "naive" else ():  # which pair a column of points is
+                ax.annotate(name.split("+")[1], (res, y), fontsize=6, xytext=(4, 0), textcoords="offset points")
     for ax, ylabel in ((ax_t, f"seconds per image per step (batch {b})"), (ax_m, f"peak memory GiB (batch {b})")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
