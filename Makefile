@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ppap-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/ppap bench classifier
 	$(VENV)/bin/ppap bench dense
+
+# on a machine with CUDA: the device and dtype tests on the GPU, `ppap bench scale` in float32 /
+# float16 / bfloat16 at batch 1, 16, 64, and the zoo's sampling throughput (docs/SCALE.md); figures
+# in docs/gpu-check.json. Without CUDA it stops with one line.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out docs/gpu-check.json
 
 clean:
 	rm -rf demo_out .pytest_cache

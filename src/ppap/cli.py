@@ -474,6 +474,8 @@ def _row_choice(text: str, check) -> tuple[str, ...] | str:
 
 def cmd_bench(args) -> int:
     out = Path(args.out or f"runs/bench-{args.suite}{'-quick' if args.quick else ''}")
+    if args.suite != "scale" and (args.device, args.dtype, args.batch_sizes) != (None, None, None):
+        raise PPAPError("--device, --dtype and --batch-sizes apply to `ppap bench scale` only")
     if args.suite == "classifier":
         import dataclasses
 
@@ -492,9 +494,14 @@ def cmd_bench(args) -> int:
             cfg = dataclasses.replace(cfg, extra_rows=_row_choice(args.extra_rows, table_rows))
         results = run_classifier_bench(out, cfg=cfg, progress=not args.quiet)
         print(classifier_report(results))
+    elif args.workers is not None or args.ablations is not None or args.extra_rows is not None:
+        raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
+    elif args.suite == "scale":
+        from .bench.scale import run_scale_bench, scale_config, scale_report
+
+        results = run_scale_bench(out, cfg=scale_config(args.quick, args.device, args.dtype, args.batch_sizes), progress=not args.quiet)
+        print(scale_report(results))
     else:
-        if args.workers is not None or args.ablations is not None or args.extra_rows is not None:
-            raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
         from .bench import dense_report, run_dense_bench
 
         results = run_dense_bench(out, quick=args.quick, progress=not args.quiet)
@@ -651,8 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--into-package", action="store_true", help="replace the model shipped inside the installed package (maintainers)")
     z.set_defaults(func=cmd_zoo)
 
-    b = sub.add_parser("bench", help="the paper's comparison on the zoo (resumable; see docs/reproducing.md)")
-    b.add_argument("suite", choices=("classifier", "dense"))
+    b = sub.add_parser(
+        "bench", help="the paper's comparison on the zoo; cost at real sizes (resumable; see docs/reproducing.md, docs/SCALE.md)"
+    )
+    b.add_argument("suite", choices=("classifier", "dense", "scale"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
     b.add_argument(
@@ -668,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--extra-rows",
         help='classifier suite: also the main table\'s extra rows, "all" (ppap-10, x0-shortcut, x0-shortcut-calibrated) or a comma list (default: none)',
     )
+    b.add_argument("--device", help="scale suite: cpu | cuda | cuda:N (default cpu)")
+    b.add_argument("--dtype", help="scale suite: float32 | float16 | bfloat16 for the UNet and the guide (default float32)")
+    b.add_argument("--batch-sizes", help="scale suite: comma list (default 1,8 on the CPU, 1,16,64 on a GPU)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

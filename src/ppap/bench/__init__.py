@@ -1,6 +1,7 @@
-"""The benches behind ``ppap bench``: ``classifier`` (the paper's comparison on the zoo) and
-``dense`` (layout guidance with the zoo's dense models), on one shared stage / worker / report
-layer (``common``). Every stage is saved under the results folder, so a re-run resumes."""
+"""The benches behind ``ppap bench``: ``classifier`` (the paper's comparison on the zoo),
+``dense`` (layout guidance with the zoo's dense models) and ``scale`` (cost and memory of
+published architectures at their real sizes, ``ppap.bench.scale``), on one shared stage / worker
+/ report layer (``common``). Every stage is saved under the results folder, so a re-run resumes."""
 
 from .classifier import QUICK, BenchConfig, classifier_report, run_classifier_bench
 from .dense import QUICK as DENSE_QUICK

@@ -1,0 +1,729 @@
+"""``ppap bench scale``: guidance at the sizes people run, with random weights.
+
+The published architectures in ``ppap.configs`` (DDPM-CIFAR10-32, DDPM-CelebA-HQ-256, an
+ADM-style ImageNet-64 class-conditional UNet, an IF-stage-I-like text-conditional UNet; ResNet-50,
+ViT-B/16, SegFormer-B0, DPT-Large) are written as random-weight model folders and loaded through
+ppap's own loaders, as a user's models are. Per (diffusion, guide) pair and batch size:
+
+* the median time of one mid-noise DDIM step, unguided / naive / PPAP (5 default experts) / x0;
+* that step taken apart: UNet forward, UNet forward + backward (what x0 adds), the guide's
+  forward + backward at its own input size, the resizing (forward + backward), and one expert
+  switch of the bank (unmerge + merge), so that every ratio is explained by its parts;
+* the peak memory of each method, each in a fresh process (CPU: the peak resident set while two
+  steps run; CUDA: ``torch.cuda.max_memory_allocated``);
+* one expert-training step (time, memory) and the bank's size on disk against N full copies;
+* per unconditional diffusion model, corpus throughput: ppap's ``generate`` against diffusers'
+  ``DDIMPipeline`` on the same UNet, steps and batch.
+
+Weights are random: times and memory do not depend on them (accuracy is not measured here).
+Every measurement is a stage file under ``out/stages``, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..configs import ARCHITECTURES, build_model_folder, count_parameters
+from ..io import PPAPError, atomic_write_bytes, atomic_write_json
+from .common import (
+    Bench,
+    _proc_status_mib,
+    _reset_peak_rss,
+    _savefig,
+    _Stage,
+    exit_with_parent,
+    machine,
+    machine_in_order,
+    mid_step,
+    pyplot,
+    round_robin_median,
+)
+
+METHODS = ("unguided", "naive", "ppap", "x0")
+# every diffusion model and every guide at least once; the guide's task decides the target kind
+PAIRS = (
+    ("ddpm-cifar10-32", "resnet-50"),
+    ("ddpm-cifar10-32", "vit-base-patch16-224"),
+    ("adm-imagenet-64", "resnet-50"),
+    ("ddpm-celebahq-256", "segformer-b0-ade-512"),
+    ("if-i-m-64", "dpt-large"),
+)
+PROMPT_SHAPE = (77, 4096)  # T5-XXL-like prompt embeddings for the text-conditional UNet
+
+
+@dataclass(frozen=True)
+class ScaleBenchConfig:
+    pairs: tuple = PAIRS  # (diffusion, guide) architectures of ppap.configs
+    batch_sizes: tuple = ()  # empty: (1, 8) on the CPU, (1, 16, 64) on a GPU
+    device: str = "cpu"
+    dtype: str = "float32"  # the UNet's and the guide's dtype (the sampler state and gradients stay float32)
+    steps: int = 25  # DDIM steps: the grid the mid-noise step is taken from, and the throughput runs
+    repeats: int = 3  # timed rounds per measurement, after one warm-up round
+    experts: str = "5"  # the bank's experts (TrainConfig's default recipe otherwise: LoRA rank 32)
+    train_batch: int = 8  # batch of the timed expert-training step
+    throughput_num: int = 8  # images per corpus-throughput run (one batch)
+    throughput_steps: int = 10  # DDIM steps of each throughput run
+    fresh_processes: bool | None = None  # each measurement in its own process; None: on the CPU only (CUDA's peak resets)
+
+
+QUICK = ScaleBenchConfig(
+    pairs=(("ddpm-cifar10-32", "resnet-50"),),
+    batch_sizes=(1,),
+    steps=4,
+    repeats=1,
+    train_batch=1,
+    throughput_num=1,
+    throughput_steps=2,
+    fresh_processes=False,
+)
+
+
+def scale_config(
+    quick: bool = False, device: str | None = None, dtype: str | None = None, batch_sizes_text: str | None = None
+) -> ScaleBenchConfig:
+    """The configuration of ``ppap bench scale [--quick] [--device] [--dtype] [--batch-sizes 1,8]``."""
+    cfg = QUICK if quick else ScaleBenchConfig()
+    sizes: tuple[int, ...] = cfg.batch_sizes
+    if batch_sizes_text is not None:
+        try:
+            sizes = tuple(int(v) for v in batch_sizes_text.split(","))
+        except ValueError:
+            raise PPAPError(f"bad --batch-sizes {batch_sizes_text!r}: use integers, e.g. '1,8'") from None
+        if not sizes or min(sizes) < 1:
+            raise PPAPError(f"bad --batch-sizes {batch_sizes_text!r}: every size must be >= 1")
+    return dataclasses.replace(cfg, device=device or cfg.device, dtype=dtype or cfg.dtype, batch_sizes=sizes)
+
+
+def batch_sizes(cfg: ScaleBenchConfig) -> tuple[int, ...]:
+    if cfg.batch_sizes:
+        return tuple(cfg.batch_sizes)
+    return (1, 8) if torch.device(cfg.device).type == "cpu" else (1, 16, 64)
+
+
+def pair_name(diffusion: str, guide: str) -> str:
+    return f"{diffusion}+{guide}"
+
+
+# --------------------------------------------------------------------------------------------
+# fresh worker processes: a measurement's memory is that of its own process alone
+# --------------------------------------------------------------------------------------------
+
+
+def _init_fresh(threads: int) -> None:
+    exit_with_parent()
+    torch.set_num_threads(threads)
+
+
+def in_fresh_process(fn: Callable, *args) -> Any:
+    """``fn(*args)`` in a new interpreter (spawned, so nothing is inherited), with as many torch
+    threads as this process has; its result is returned, its exceptions re-raised here, and its
+    death (killed for memory) is an error, not a hang."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_fresh, initargs=(torch.get_num_threads(),)) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:  # a worker killed from outside: on Linux, most often the kernel's out-of-memory killer
+            raise PPAPError("the measuring process was killed (out of memory?)") from None
+
+
+class _PeakMemory:
+    """The peak memory of what runs inside ``with``: CUDA's allocator peak on a GPU, else the
+    peak resident set (Linux: reset through ``clear_refs``). ``mib``: the peak; ``above_mib``:
+    above what was held before (the loaded models)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.mib: float | None = None
+        self.above_mib: float | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        gc.collect()  # what an earlier measurement in this process left unreferenced
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.before = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.mib = _proc_status_mib("VmHWM")
+        if self.mib is not None and self.before is not None:
+            self.above_mib = round(self.mib - self.before, 1)
+            self.mib = round(self.mib, 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------
+# one pair loaded as a user would load it
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    pipe: Any
+    denoiser: Any  # the diffusion model with its condition bound (class labels, prompt embeddings)
+    guide: Any
+    bank: Any
+    device: torch.device
+    batch: int
+
+    def term(self, method: str):
+        """``method``'s guidance term toward class 0 (a classifier) or toward the clean guide's
+        output on a random reference image (segmentation, depth)."""
+        if method == "unguided":
+            return None
+        shape = self.pipe.image_shape
+        dense = self.guide.task in ("segmentation", "dense")
+        image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1 if dense else None
+        return self.pipe.guidance_term(
+            self.batch,
+            guide=self.guide,
+            experts=self.bank if method == "ppap" else None,
+            target=None if dense else 0,
+            target_image=image,
+            method=method,
+            classifier_scale=1.0,
+        )
+
+    def guide_fn(self, method: str):
+        term = self.term(method)
+        return None if term is None else term.build(self.denoiser)
+
+    def noise(self):
+        shape = (self.batch,) + self.pipe.image_shape
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+
+def _load(
+    diffusion_dir: str, guide_dir: str | None, bank_dir: str | None, device: str, dtype: str, batch: int, guide_copy: bool = True
+) -> _Loaded:
+    """The pipeline and (when given) the guide and its bank, on ``device`` in ``dtype``. The bank
+    sits on a copy of the guide when ``guide_copy`` (so naive and PPAP can run side by side)."""
+    from ..diffusion import Conditioning
+    from ..loading import load_experts, load_guide, load_pipeline, resolve_device, resolve_dtype
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    pipe = load_pipeline(diffusion_dir, device=dev, dtype=dt)
+    diffusion = pipe.diffusion
+    config = pipe.unet.config
+    labels = torch.zeros(batch, dtype=torch.long, device=dev) if getattr(config, "num_class_embeds", None) else None
+    embeds = torch.randn((batch,) + PROMPT_SHAPE, generator=torch.Generator().manual_seed(2)).to(dev) if diffusion.takes_prompt else None
+    cond = None if labels is None and embeds is None else Conditioning(labels, embeds)
+    guide = bank = None
+    if guide_dir is not None:
+        guide = load_guide(guide_dir)
+        if bank_dir is not None:  # loaded in float32: the experts check the backbone's weights as saved
+            bank = load_experts(bank_dir, copy.deepcopy(guide) if guide_copy else guide, diffusion).to(dev).to(dt)
+        guide = guide.to(dev).to(dt)
+    return _Loaded(pipe, diffusion.bind(cond), guide, bank, dev, batch)
+
+
+def _mid_step_call(loaded: _Loaded, steps: int, guide) -> Callable[[], object]:
+    from ..samplers import sample_ddim
+
+    x, step = loaded.noise(), mid_step(loaded.pipe.diffusion, steps)
+    return lambda: (sample_ddim(loaded.denoiser, x, step, guide=guide), _sync(loaded.device))
+
+
+# --------------------------------------------------------------------------------------------
+# the measurements (each run in a fresh process)
+# --------------------------------------------------------------------------------------------
+
+
+def measure_times(diffusion_dir: str, guide_dir: str, bank_dir: str, device: str, dtype: str, batch: int, steps: int, repeats: int) -> dict:
+    """Median seconds of one mid-noise step per method and of its parts, timed round-robin. A
+    call that runs out of memory (x0 at a large batch, say) is None, and the others are still timed."""
+    loaded = _load(diffusion_dir, guide_dir, bank_dir, device, dtype, batch)
+    calls = {m: _mid_step_call(loaded, steps, loaded.guide_fn(m)) for m in METHODS}
+    calls |= _part_calls(loaded, steps)
+    out_of_memory = [name for name, call in calls.items() if not _fits(call, loaded.device)]
+    seconds: dict[str, float | None] = dict(round_robin_median({k: c for k, c in calls.items() if k not in out_of_memory}, repeats))
+    if seconds.get("expert_switch") is not None:
+        seconds["expert_switch"] /= 2  # type: ignore[operator]
+    return {k: None if k in out_of_memory else round(seconds[k], 5) for k in calls}  # type: ignore[arg-type]
+
+
+def _fits(call: Callable[[], object], device: torch.device) -> bool:
+    """Whether ``call`` runs without running out of memory (it is then warm, too)."""
+    try:
+        call()
+        return True
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
+
+
+def _part_calls(loaded: _Loaded, steps: int) -> dict[str, Callable[[], object]]:
+    """The pieces a guided step is made of, each alone."""
+    guide, denoiser, bank, dev = loaded.guide, loaded.denoiser, loaded.bank, loaded.device
+    x = loaded.noise()
+    t = torch.full((loaded.batch,), int(mid_step(loaded.pipe.diffusion, steps).timesteps[0]), device=dev)
+    term = loaded.term("naive")
+    targets = term.targets.to(dev)
+    net_input = guide.preprocess(x.to(next(guide.parameters()).dtype)).detach()
+
+    def unet_forward():
+        with torch.no_grad():
+            denoiser(x, t)
+        _sync(dev)
+
+    def unet_forward_backward():
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            torch.autograd.grad(denoiser(xg, t).x0.sum(), xg)
+        _sync(dev)
+
+    def guide_forward_backward():  # at the guide's own input size: no resizing in it
+        with torch.enable_grad():
+            xi = net_input.detach().requires_grad_(True)
+            out = guide.postprocess(guide.net(xi), x).float()
+            torch.autograd.grad(term.task.log_likelihood(out, term.task.check_target(targets, tuple(out.shape))).sum(), xi)
+        _sync(dev)
+
+    def resize_forward_backward():
+        with torch.enable_grad():
+            xg = x.detach().to(net_input.dtype).requires_grad_(True)
+            torch.autograd.grad(guide.preprocess(xg).float().square().sum(), xg)
+        _sync(dev)
+
+    here = int(bank.router(t[:1].cpu())[0])  # the mid step's expert, which the PPAP step keeps merged
+    there = (here + 1) % bank.router.num_experts
+
+    def expert_switch():  # to a neighbouring expert and back (two switches: halved by measure_times)
+        bank.activate(there)
+        bank.activate(here)
+        _sync(dev)
+
+    return {
+        "unet_forward": unet_forward,
+        "unet_forward_backward": unet_forward_backward,
+        "guide_forward_backward": guide_forward_backward,
+        "resize_forward_backward": resize_forward_backward,
+        "expert_switch": expert_switch,
+    }
+
+
+def measure_memory(
+    diffusion_dir: str, guide_dir: str | None, bank_dir: str | None, device: str, dtype: str, batch: int, steps: int
+) -> dict:
+    """Peak memory of two mid-noise steps of one method, with only what it needs loaded (the
+    bank on the guide itself, no second copy)."""
+    loaded = _load(diffusion_dir, guide_dir, bank_dir, device, dtype, batch, guide_copy=False)
+    method = "unguided" if guide_dir is None else "ppap" if bank_dir else "naive"
+    return _memory_of(loaded, steps, method)
+
+
+def measure_x0_memory(diffusion_dir: str, guide_dir: str, device: str, dtype: str, batch: int, steps: int) -> dict:
+    return _memory_of(_load(diffusion_dir, guide_dir, None, device, dtype, batch), steps, "x0")
+
+
+def _memory_of(loaded: _Loaded, steps: int, method: str) -> dict:
+    call = _mid_step_call(loaded, steps, loaded.guide_fn(method))
+    with _PeakMemory(loaded.device) as peak:
+        for _ in range(2):
+            call()
+    loaded_mib = peak.before  # the models and inputs, held before the steps
+    return {"peak_mib": peak.mib, "step_mib": peak.above_mib, "loaded_mib": None if loaded_mib is None else round(loaded_mib, 1)}
+
+
+def build_bank(diffusion_dir: str, guide_dir: str, bank_dir: str, experts: str) -> dict:
+    """A bank of the default recipe (TrainConfig: LoRA rank 32, per-expert norms), saved as
+    ``ppap train`` saves one, and its size on disk against N full copies of its guide."""
+    from ..experts import TimestepRouter, make_bank, save_bank
+    from ..loading import load_diffusion, load_guide
+    from ..tasks import task_for
+    from ..train import TrainConfig
+
+    diffusion, guide = load_diffusion(diffusion_dir), load_guide(guide_dir)
+    cfg = TrainConfig(experts=experts)
+    task = task_for(guide, diffusion.image_shape, guide.task or "classification", tau=cfg.tau)
+    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
+    bank = make_bank(guide, router, cfg.adapter_config(), seed=cfg.seed)
+    save_bank(bank, bank_dir, task, diffusion.schedule)
+    bank_bytes = sum(f.stat().st_size for f in Path(bank_dir).rglob("*") if f.is_file())
+    guide_bytes = sum(f.stat().st_size for f in Path(guide_dir).glob("*.safetensors"))
+    return {
+        "experts": router.num_experts,
+        "rank": cfg.rank,
+        "bank_mib": round(bank_bytes / 2**20, 2),
+        "guide_mib": round(guide_bytes / 2**20, 2),
+        "full_copies_mib": round(router.num_experts * guide_bytes / 2**20, 2),
+        "bank_over_guide": round(bank_bytes / guide_bytes, 3),
+    }
+
+
+def measure_train_step(diffusion_dir: str, guide_dir: str, device: str, dtype: str, batch: int, repeats: int) -> dict:
+    """One expert's training steps through ``train_experts`` (``repeats`` + 1 steps, the first a
+    warm-up in the mean) on a random corpus of ``batch`` images: seconds per step and peak memory."""
+    from ..experts import TimestepRouter, make_bank
+    from ..loading import load_diffusion, load_guide, resolve_device
+    from ..tasks import task_for
+    from ..train import TrainConfig, train_experts
+
+    dev = resolve_device(device)
+    diffusion, guide = load_diffusion(diffusion_dir), load_guide(guide_dir)
+    steps = repeats + 1
+    cfg = TrainConfig(batch_size=batch, iterations=steps, warmup=1, checkpoint_every=10**6)
+    task = task_for(guide, diffusion.image_shape, guide.task or "classification", tau=cfg.tau)
+    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
+    bank = make_bank(guide.to(dev), router, cfg.adapter_config(), seed=cfg.seed)
+    if dtype != "float32":
+        bank.to(getattr(torch, dtype))
+    images = torch.rand((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with tempfile.TemporaryDirectory() as tmp, _PeakMemory(dev) as peak:
+        stats = train_experts(bank, task, diffusion.schedule, images, cfg, tmp, only=[0], progress=False)
+    return {
+        "batch": batch,
+        "seconds_per_step": round(stats["expert_0"]["seconds"] / steps, 4),
+        "peak_mib": peak.mib,
+        "step_mib": peak.above_mib,
+    }
+
+
+def measure_throughput(diffusion_dir: str, device: str, dtype: str, num: int, steps: int, repeats: int) -> dict:
+    """Images per second of ppap's ``generate`` (unguided DDIM, as ``ppap generate`` draws a
+    corpus) and of diffusers' ``DDIMPipeline`` on the same UNet, batch and steps."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from ..loading import load_pipeline, resolve_device, resolve_dtype
+    from ..pipeline import generate
+
+    dev = resolve_device(device)
+    pipe = load_pipeline(diffusion_dir, device=dev, dtype=resolve_dtype(dtype))
+    reference = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    reference.set_progress_bar_config(disable=True)
+    calls = {
+        "ppap": lambda: (
+            generate(pipe, num, seed=0, batch_size=num, progress=False, num_inference_steps=steps, sampler="ddim"),
+            _sync(dev),
+        ),
+        "diffusers": lambda: (
+            reference(batch_size=num, num_inference_steps=steps, eta=0.0, output_type="np", generator=torch.Generator().manual_seed(0)),
+            _sync(dev),
+        ),
+    }
+    seconds = round_robin_median(calls, repeats)
+    ips = {k: round(num / s, 3) for k, s in seconds.items()}
+    return {
+        "num": num,
+        "steps": steps,
+        "ppap_images_per_s": ips["ppap"],
+        "diffusers_images_per_s": ips["diffusers"],
+        "ratio": round(ips["ppap"] / ips["diffusers"], 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the bench
+# --------------------------------------------------------------------------------------------
+
+
+class ScaleBench(Bench):
+    """Bench's stage / timing layer without its zoo models: this bench loads only the folders it
+    builds under ``out/models``."""
+
+    def __init__(self, cfg: ScaleBenchConfig, out: Path, progress: bool = True):
+        for d, g in cfg.pairs:
+            for name, kind in ((d, "diffusion"), (g, "guide")):
+                if name not in ARCHITECTURES or ARCHITECTURES[name].kind != kind:
+                    valid = ", ".join(a.name for a in ARCHITECTURES.values() if a.kind == kind)
+                    raise PPAPError(f"unknown {kind} architecture {name!r}; valid: {valid}")
+        from ..loading import resolve_device, resolve_dtype
+
+        resolve_device(cfg.device), resolve_dtype(cfg.dtype)  # one-line errors (no CUDA here, a bad name) before anything runs
+        if any(not isinstance(b, int) or b < 1 for b in batch_sizes(cfg)):
+            raise PPAPError(f"batch sizes must be integers >= 1, got {list(cfg.batch_sizes)}")
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.stage = _Stage(self.out)
+        self.stage.check_config(dataclasses.asdict(cfg))
+        self.timings, self._recorded, self._pool = {}, {}, None
+        self.errors: dict[str, str] = {}
+        # the CPU's peak resident set cannot be reset below what a process ever held, so each
+        # measurement runs in a new process there; CUDA's allocator peak is reset per measurement
+        self.fresh = cfg.fresh_processes if cfg.fresh_processes is not None else torch.device(cfg.device).type == "cpu"
+
+    def folder(self, name: str) -> str:
+        return str(build_model_folder(name, self.out / "models" / name))
+
+    def measure(self, name: str, fn: Callable, *args) -> dict | None:
+        """Stage ``name``: ``fn(*args)`` in a fresh process (``fresh_processes``), saved; a failure is noted in the
+        report (and retried by the next run), not fatal to the other measurements."""
+        try:
+            return self.stage.get(name, lambda: in_fresh_process(fn, *args) if self.fresh else fn(*args))
+        except Exception as e:
+            self.errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if self.progress:
+                print(f"{name}: {self.errors[name]}")
+            return None
+
+    def pair_stage(self, diffusion: str, guide: str) -> dict:
+        cfg = self.cfg
+        d_dir, g_dir = self.folder(diffusion), self.folder(guide)
+        bank_dir = str(self.out / "banks" / pair_name(diffusion, guide))
+        key = pair_name(diffusion, guide)
+        out: dict[str, Any] = {"bank": self.measure(f"{key}-bank", build_bank, d_dir, g_dir, bank_dir, cfg.experts)}
+        if out["bank"] is None:
+            return out
+        out["train"] = self.measure(f"{key}-train", measure_train_step, d_dir, g_dir, cfg.device, cfg.dtype, cfg.train_batch, cfg.repeats)
+        for b in batch_sizes(cfg):
+            row: dict[str, Any] = {
+                "seconds": self.measure(
+                    f"{key}-b{b}-time", measure_times, d_dir, g_dir, bank_dir, cfg.device, cfg.dtype, b, cfg.steps, cfg.repeats
+                )
+            }
+            memory = {}
+            for m, (gd, bd) in {"unguided": (None, None), "naive": (g_dir, None), "ppap": (g_dir, bank_dir)}.items():
+                memory[m] = self.measure(f"{key}-b{b}-memory-{m}", measure_memory, d_dir, gd, bd, cfg.device, cfg.dtype, b, cfg.steps)
+            memory["x0"] = self.measure(f"{key}-b{b}-memory-x0", measure_x0_memory, d_dir, g_dir, cfg.device, cfg.dtype, b, cfg.steps)
+            row["memory"] = memory
+            out[f"b{b}"] = row
+        return out
+
+    def pair_stages(self, key: str) -> list[str]:
+        names = [f"{key}-bank", f"{key}-train"]
+        for b in batch_sizes(self.cfg):
+            names += [f"{key}-b{b}-time"] + [f"{key}-b{b}-memory-{m}" for m in METHODS]
+        return names
+
+    def throughput_models(self) -> list[str]:
+        """The unconditional diffusion models of the pairs: DDIMPipeline passes no class labels
+        or prompt embeddings."""
+        models = dict.fromkeys(d for d, _ in self.cfg.pairs)
+        return [d for d in models if json_config(d)["_class_name"] == "UNet2DModel" and not json_config(d).get("num_class_embeds")]
+
+    def throughput_stage(self) -> dict:
+        cfg, out = self.cfg, {}
+        for d in self.throughput_models():
+            out[d] = self.measure(
+                f"{d}-throughput",
+                measure_throughput,
+                self.folder(d),
+                cfg.device,
+                cfg.dtype,
+                cfg.throughput_num,
+                cfg.throughput_steps,
+                cfg.repeats,
+            )
+        return out
+
+    def _run(self) -> dict:
+        t0 = time.time()
+        pairs = {}
+        done = lambda names: all(map(self.stage.exists, names))  # noqa: E731
+        for d, g in self.cfg.pairs:
+            key = pair_name(d, g)
+            pairs[key] = self.timed(key, lambda d=d, g=g: self.pair_stage(d, g), cached=done(self.pair_stages(key)), save=False)
+        thr_names = [f"{d}-throughput" for d in self.throughput_models()]
+        throughput = self.timed("throughput", self.throughput_stage, cached=done(thr_names), save=False)
+        names = sorted({n for p in self.cfg.pairs for n in p})
+        results = {
+            "config": dataclasses.asdict(self.cfg),
+            "machine": machine() | {"device": self.cfg.device, "dtype": self.cfg.dtype},
+            "architectures": {n: {"source": ARCHITECTURES[n].source, "parameters": count_parameters(n)} for n in names},
+            "batch_sizes": list(batch_sizes(self.cfg)),
+            "pairs": pairs,
+            "throughput": throughput,
+            "errors": self.errors,
+            "stage_seconds": self.timings,
+            "seconds_this_call": round(time.time() - t0, 1),
+        }
+        results["targets"] = targets(results)
+        atomic_write_json(self.out / "results.json", results)
+        atomic_write_bytes(self.out / "report.md", scale_report(results).encode())
+        figure(results, self.out / "bench_scale.png")
+        return results
+
+
+def json_config(name: str) -> dict:
+    from ..configs import config_dir
+    from ..io import read_json
+
+    return read_json(config_dir(name) / "unet_config.json", f"{name} UNet config")
+
+
+# --------------------------------------------------------------------------------------------
+# targets, report, figure
+# --------------------------------------------------------------------------------------------
+
+
+def _ppap_over_naive(seconds: dict, steps: int, experts: int) -> float | None:
+    """PPAP's step over naive's, with the bank's expert switches spread over the trajectory
+    (at most experts - 1 switches in ``steps`` steps); None where one ran out of memory."""
+    if any(seconds.get(k) is None for k in ("ppap", "naive", "expert_switch")):
+        return None
+    ppap = seconds["ppap"] + seconds["expert_switch"] * (min(experts, steps) - 1) / steps
+    return ppap / seconds["naive"]
+
+
+def targets(r: dict) -> dict:
+    """The stated targets as ratios from this run: PPAP <= 1.05x naive at every size; a 5-expert
+    bank < 2 copies of its guide on disk; corpus throughput >= 0.95x diffusers'."""
+    cfg, ratios, banks, thr = r["config"], [], [], []
+    experts = int(cfg["experts"]) if str(cfg["experts"]).isdigit() else 5
+    for p in r["pairs"].values():
+        if p.get("bank"):
+            banks.append(p["bank"]["bank_over_guide"])
+        for b in r["batch_sizes"]:
+            s = (p.get(f"b{b}") or {}).get("seconds")
+            ratio = _ppap_over_naive(s, cfg["steps"], experts) if s else None
+            if ratio is not None:
+                ratios.append(ratio)
+    thr = [t["ratio"] for t in r["throughput"].values() if t]
+    worst = lambda v, f: None if not v else round(f(v), 3)  # noqa: E731
+    out = {
+        "ppap_over_naive_max": worst(ratios, max),
+        "bank_over_guide_max": worst(banks, max),
+        "throughput_over_diffusers_min": worst(thr, min),
+    }
+    out["met"] = {
+        "ppap_le_1.05x_naive": None if out["ppap_over_naive_max"] is None else out["ppap_over_naive_max"] <= 1.05,
+        "bank_lt_2_guides": None if out["bank_over_guide_max"] is None else out["bank_over_guide_max"] < 2,
+        "throughput_ge_0.95x": None if out["throughput_over_diffusers_min"] is None else out["throughput_over_diffusers_min"] >= 0.95,
+    }
+    return out
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _times(ratio: float | None) -> str:
+    return "" if ratio is None else f" ({ratio:.2f}x)"
+
+
+def _memory_method(r: dict) -> str:
+    cuda = torch.device(r["config"]["device"]).type == "cuda"
+    fresh = r["config"]["fresh_processes"]
+    if fresh is None:
+        fresh = not cuda
+    where = "each method in a fresh process" if fresh else "in one process, the peak reset before each method"
+    return f"{where}, {'CUDA allocator peak' if cuda else 'peak resident set while two steps run'}"
+
+
+def scale_report(r: dict) -> str:
+    cfg, experts = r["config"], int(r["config"]["experts"]) if str(r["config"]["experts"]).isdigit() else 5
+    lines = [
+        f"Machine: {machine_in_order(r)}. Random weights; one mid-noise step of DDIM-{cfg['steps']} per method (median of "
+        f"{cfg['repeats']} round-robin rounds after a warm-up); memory: {_memory_method(r)}.",
+        "",
+        "Architectures: " + ", ".join(f"{n} ({a['parameters'] / 1e6:.1f}M)" for n, a in r["architectures"].items()),
+        "",
+        "| pair | batch | unguided s | naive s | PPAP s (x naive) | x0 s (x naive) | UNet fwd | UNet fwd+bwd | guide fwd+bwd | resize fwd+bwd "
+        "| expert switch | peak MiB unguided / naive / PPAP / x0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in r["pairs"].items():
+        for b in r["batch_sizes"]:
+            row = p.get(f"b{b}") or {}
+            s, mem = row.get("seconds"), row.get("memory") or {}
+            peaks = " / ".join(_f((mem.get(m) or {}).get("peak_mib"), ".0f") or "-" for m in METHODS)
+            if not s:
+                lines.append(f"| {name} | {b} | failed |  |  |  |  |  |  |  |  | {peaks} |")
+                continue
+            v = lambda k, fmt=".3f", s=s: "out of memory" if s.get(k) is None else format(s[k], fmt)  # noqa: E731
+            ppap_ratio = _ppap_over_naive(s, cfg["steps"], experts)
+            x0_ratio = None if s.get("x0") is None or s.get("naive") is None else s["x0"] / s["naive"]
+            lines.append(
+                f"| {name} | {b} | {v('unguided')} | {v('naive')} | {v('ppap')}{_times(ppap_ratio)} | "
+                f"{v('x0')}{_times(x0_ratio)} | {v('unet_forward')} | {v('unet_forward_backward')} | "
+                f"{v('guide_forward_backward')} | {v('resize_forward_backward', '.4f')} | {v('expert_switch', '.4f')} | {peaks} |"
+            )
+    lines += [
+        "",
+        "Parts: naive ~ UNet fwd + resize + guide fwd+bwd; x0 ~ UNet fwd+bwd + resize + guide fwd+bwd; PPAP ~ naive, plus "
+        f"{min(experts, cfg['steps']) - 1} expert switches per trajectory (in the PPAP ratio, spread over {cfg['steps']} steps).",
+        "",
+        "| pair | bank of N experts MiB | guide MiB | N full copies MiB | bank / guide | train step s (batch) | train peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, p in r["pairs"].items():
+        bank, train = p.get("bank") or {}, p.get("train") or {}
+        lines.append(
+            f"| {name} | {_f(bank.get('bank_mib'), '.1f')} | {_f(bank.get('guide_mib'), '.1f')} | {_f(bank.get('full_copies_mib'), '.1f')} | "
+            f"{_f(bank.get('bank_over_guide'), '.2f')} | {_f(train.get('seconds_per_step'))} ({train.get('batch', '')}) | "
+            f"{_f(train.get('peak_mib'), '.0f')} |"
+        )
+    if r["throughput"]:
+        lines += [
+            "",
+            "| diffusion | images | steps | ppap generate img/s | diffusers DDIMPipeline img/s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d, t in r["throughput"].items():
+            if t:
+                lines.append(
+                    f"| {d} | {t['num']} | {t['steps']} | {t['ppap_images_per_s']} | {t['diffusers_images_per_s']} | {t['ratio']:.3f} |"
+                )
+    tg = r["targets"]
+    lines += [
+        "",
+        f"Targets: PPAP / naive at most {_f(tg['ppap_over_naive_max'], '.3f')} (<= 1.05: {tg['met']['ppap_le_1.05x_naive']}); "
+        f"bank / guide at most {_f(tg['bank_over_guide_max'], '.2f')} (< 2: {tg['met']['bank_lt_2_guides']}); "
+        f"throughput / diffusers at least {_f(tg['throughput_over_diffusers_min'], '.3f')} (>= 0.95: {tg['met']['throughput_ge_0.95x']}).",
+    ]
+    if r["errors"]:
+        lines += ["", "Failed measurements (re-run to retry): " + "; ".join(f"{k}: {v}" for k, v in r["errors"].items())]
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def figure(r: dict, path: Path) -> None:
+    """Seconds per image of one step and peak memory against the diffusion model's resolution,
+    per method, at the largest batch measured."""
+    plt = pyplot()
+    b = max(r["batch_sizes"])
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in METHODS:
+        pts_t, pts_m = [], []
+        for name, p in r["pairs"].items():
+            res = int(json_config(name.split("+")[0])["sample_size"])
+            row = p.get(f"b{b}") or {}
+            if row.get("seconds") and row["seconds"].get(m) is not None:
+                pts_t.append((res, row["seconds"][m] / b, name))
+            peak = ((row.get("memory") or {}).get(m) or {}).get("peak_mib")
+            if peak is not None:
+                pts_m.append((res, peak / 1024, name))
+        for ax, pts in ((ax_t, pts_t), (ax_m, pts_m)):
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=m, s=25)
+            for res, y, name in pts if m == "naive" else ():  # which pair a column of points is
+                ax.annotate(name.split("+")[1], (res, y), fontsize=6, xytext=(4, 0), textcoords="offset points")
+    for ax, ylabel in ((ax_t, f"seconds per image per step (batch {b})"), (ax_m, f"peak memory GiB (batch {b})")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("diffusion resolution (pixels per side)")
+        ax.set_ylabel(ylabel)
+        if ax.collections:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"ppap bench scale: {r['machine']['device']} {r['machine']['dtype']}", fontsize=9)
+    _savefig(fig, path)
+
+
+def run_scale_bench(out: Path, quick: bool = False, cfg: ScaleBenchConfig | None = None, progress: bool = True) -> dict:
+    cfg = cfg or (QUICK if quick else ScaleBenchConfig())
+    return ScaleBench(cfg, out, progress=progress).run()
