@@ -140,8 +140,8 @@ def test_default_scale_is_the_zoo_experts_measured_best():
     import copy
 
     from ppap import zoo
+    from ppap.config import default_scale
     from ppap.loading import load_experts, load_guide, load_pipeline
-    from ppap.pipeline import default_scale
 
     experts = [e for e in zoo.ZOO.values() if e.kind == "experts"]
     assert experts and all(e.scale is not None for e in experts)  # every shipped bank says how hard to guide with it

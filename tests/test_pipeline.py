@@ -333,7 +333,7 @@ def test_a_bank_brings_its_own_guide():
 
 def test_default_scale_follows_the_task_and_the_method():
     from ppap import DenseRegression, GuideModel, zoo
-    from ppap.pipeline import DEFAULT_SCALES, default_scale, describe_default_scales
+    from ppap.config import DEFAULT_SCALES, default_scale, describe_default_scales
 
     pipe = _pipe()
     documented = " ".join((PPAPPipeline.__doc__ or "").split())

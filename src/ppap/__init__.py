@@ -4,16 +4,56 @@ Guide a pretrained diffusion model with an off-the-shelf model trained only on c
 through N noise-range LoRA experts trained data-free on the model's own samples.
 """
 
-from .diffusion import Conditioning, Diffusion, NoiseSchedule, Prediction
-from .experts import AdapterConfig, ExpertBank, FullExperts, LoRAExperts, TimestepRouter, load_bank, save_bank
-from .guidance import GuidanceTerm, GuideSpec, NoisyInputGuide, PredictedX0Guide, SumGuide, build_guide
-from .guide_model import GuideModel
-from .io import PPAPError
-from .pipeline import PPAPPipeline
-from .samplers import sample_ddim, sample_ddpm
-from .schedulers import sample_scheduler
-from .tasks import Classification, DenseRegression, Segmentation
-from .train import TrainConfig, train_experts
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .config import TrainConfig
+    from .diffusion import Conditioning, Diffusion, NoiseSchedule, Prediction
+    from .errors import PPAPError
+    from .experts import AdapterConfig, ExpertBank, FullExperts, LoRAExperts, TimestepRouter, load_bank, save_bank
+    from .guidance import GuidanceTerm, GuideSpec, NoisyInputGuide, PredictedX0Guide, SumGuide, build_guide
+    from .guide_model import GuideModel
+    from .pipeline import PPAPPipeline
+    from .samplers import sample_ddim, sample_ddpm
+    from .schedulers import sample_scheduler
+    from .tasks import Classification, DenseRegression, Segmentation
+    from .train import train_experts
+
+# The public API is loaded on first use (PEP 562): `import ppap` and the command line stay fast,
+# and a name's module (torch, diffusers, peft) is imported only when the name is.
+_LAZY = {
+    "AdapterConfig": "experts",
+    "build_guide": "guidance",
+    "Classification": "tasks",
+    "Conditioning": "diffusion",
+    "DenseRegression": "tasks",
+    "Diffusion": "diffusion",
+    "ExpertBank": "experts",
+    "FullExperts": "experts",
+    "GuidanceTerm": "guidance",
+    "GuideModel": "guide_model",
+    "GuideSpec": "guidance",
+    "load_bank": "experts",
+    "LoRAExperts": "experts",
+    "NoiseSchedule": "diffusion",
+    "NoisyInputGuide": "guidance",
+    "PPAPError": "errors",
+    "PPAPPipeline": "pipeline",
+    "PredictedX0Guide": "guidance",
+    "Prediction": "diffusion",
+    "sample_ddim": "samplers",
+    "sample_ddpm": "samplers",
+    "sample_scheduler": "schedulers",
+    "save_bank": "experts",
+    "Segmentation": "tasks",
+    "SumGuide": "guidance",
+    "TimestepRouter": "experts",
+    "train_experts": "train",
+    "TrainConfig": "config",
+}
 
 __version__ = "0.2.0"
 __all__ = [
@@ -46,3 +86,16 @@ __all__ = [
     "save_bank",
     "train_experts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ppap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

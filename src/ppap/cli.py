@@ -8,14 +8,19 @@ import dataclasses
 import inspect
 import io
 import json
+import math
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from .errors import PPAPError
 
-from .io import PPAPError, atomic_write_bytes
+if TYPE_CHECKING:
+    import numpy as np
+
+# Only argparse and ppap's torch-free modules at import time: `ppap --help`, every subcommand's
+# --help and every argument error return without importing torch; each command imports what it needs.
 
 SAMPLER_HELP = (  # the names of ppap.schedulers.SAMPLER_NAMES (not imported here: it loads diffusers)
     "ddim | ddpm | dpm++ (DPM-Solver++ multistep) | unipc | euler | euler-a (Euler ancestral) | heun: "
@@ -83,6 +88,7 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
 
 
 def _accelerator():
+    import torch
     from accelerate import Accelerator
 
     # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` start a gloo
@@ -91,7 +97,10 @@ def _accelerator():
 
 
 def _save_sample_outputs(out: Path, images: np.ndarray, targets: dict[str, np.ndarray], nrow: int) -> None:
+    import numpy as np
+
     from .images import encode_png
+    from .io import atomic_write_bytes
 
     png = encode_png(images, nrow)
     npz = io.BytesIO()
@@ -117,6 +126,8 @@ def _pipeline(args):
 def _conditioning(args, num: int):
     """The UNet's conditions from ``--class-label`` / ``--negative-class-label`` /
     ``--prompt-embeds`` / ``--cfg-scale``."""
+    import torch
+
     from .diffusion import Conditioning
     from .io import load_safetensors
 
@@ -234,10 +245,11 @@ def _load_training_data(args, task_name: str):
 
 
 def cmd_train(args) -> int:
+    from .config import TrainConfig
     from .experts import TimestepRouter, make_bank, parameter_report
     from .loading import load_diffusion, load_guide, resolve_device
     from .tasks import task_for
-    from .train import TrainConfig, train_experts
+    from .train import train_experts
 
     cfg = config_from_args(TrainConfig, args)
     check_out(args.out)
@@ -312,7 +324,7 @@ def _number(value, what: str) -> float | None:
         v = float(value)
     except ValueError:
         raise PPAPError(f"bad {what} {value!r}: expected a number") from None
-    if not np.isfinite(v):
+    if not math.isfinite(v):
         raise PPAPError(f"bad {what} {value!r}: expected a finite number")
     return v
 
@@ -362,6 +374,9 @@ def build_term(
 
 
 def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
     from . import zoo
     from .distributed import every_rank, main_decides
     from .images import to_hwc_uint8
@@ -563,8 +578,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import describe_default_scales
-    from .train import TrainConfig
+    from .config import TrainConfig, describe_default_scales
 
     p = argparse.ArgumentParser(prog="ppap", description="Practical plug-and-play guidance of diffusion models (PPAP).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -715,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)

@@ -21,9 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-
-class PPAPError(ValueError):
-    """A user-facing error: the CLI prints its message as one line and exits with status 2."""
+from .errors import PPAPError
 
 
 def _umask_by_setting() -> int:

@@ -27,6 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .config import EXPERT_METHODS, default_scale
 from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
@@ -36,41 +37,6 @@ from .schedulers import sample, sampling_scheduler
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-EXPERT_METHODS = ("ppap", "noise-aware", "multi-expert-supervised")  # the methods that call an expert bank
-
-DEFAULT_SCALES: dict[tuple[str, str], float] = {
-    # (task, method) -> the guidance scale the zoo benchmarks chose (`make bench`, docs/results.md);
-    # (dense losses are per-pixel means: their useful scales are 10-1000x a classifier's)
-    ("classification", "naive"): 30.0,
-    ("classification", "ppap"): 30.0,
-    ("classification", "noise-aware"): 30.0,
-    ("classification", "multi-expert-supervised"): 10.0,
-    ("classification", "x0"): 1.0,
-    ("classification", "x0-shortcut"): 1.0,
-    ("segmentation", "naive"): 300.0,
-    ("segmentation", "ppap"): 1000.0,
-    ("segmentation", "x0"): 300.0,
-    ("dense", "naive"): 3000.0,
-    ("dense", "ppap"): 10000.0,
-    ("dense", "x0"): 10000.0,
-}
-
-
-def default_scale(task: str, method: str) -> float:
-    """The default guidance scale of ``method`` on ``task`` (``DEFAULT_SCALES``). Pairs the
-    benchmarks did not sweep borrow the nearest measured one: the supervised banks take PPAP's
-    scale, x0-shortcut takes x0's; a task of one's own takes classification's."""
-    borrowed = "ppap" if method in EXPERT_METHODS else "x0" if method == "x0-shortcut" else method
-    for key in ((task, method), (task, borrowed), ("classification", method)):
-        if key in DEFAULT_SCALES:
-            return DEFAULT_SCALES[key]
-    return DEFAULT_SCALES[("classification", "ppap")]
-
-
-def describe_default_scales() -> str:
-    """``DEFAULT_SCALES`` in one line, for help texts."""
-    tasks = dict.fromkeys(task for task, _ in DEFAULT_SCALES)
-    return "; ".join(f"{task}: " + ", ".join(f"{m} {s:g}" for (t, m), s in DEFAULT_SCALES.items() if t == task) for task in tasks)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

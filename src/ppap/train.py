@@ -20,7 +20,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,61 +28,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .config import TrainConfig
 from .data import InfiniteBatches
 from .diffusion import NoiseSchedule
 from .distributed import main_decides
-from .experts import MANIFEST, AdapterConfig, ExpertBank, bank_manifest, expert_name, record_expert
+from .experts import MANIFEST, ExpertBank, bank_manifest, expert_name, record_expert
 from .io import PPAPError, atomic_torch_save, atomic_write_json, exclusive_lock, load_resume_state, read_json
 from .tasks import Task
 
 LOCK = ".lock"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    objective: str = "distill"  # "distill" (data-free PPAP) or "supervised" (needs labels)
-    experts: str = "5"  # a count of equal timestep ranges, "logsnr:5" (equal log-SNR ranges), or "lo-hi,lo-hi,..."
-    adapter: str = "lora"  # "lora" (one frozen net + N adapters) or "full" (N full copies)
-    rank: int = 32  # LoRA rank (the best of 8 / 16 / 32 in the bench's ablation, docs/findings.md)
-    alpha: float = 32.0  # LoRA alpha (update scaled by alpha / rank)
-    per_expert_norm: bool = True  # each expert owns its norm layers (affine + running stats)
-    iterations: int = 1000  # optimiser steps per expert
-    batch_size: int = 64  # global batch, split across processes
-    lr: float = 1e-3  # AdamW peak; linear warm-up then linear decay to 0, restarted per expert
-    warmup: int = 20  # warm-up steps of each expert's schedule
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warm_start: bool = True  # start expert i from expert i-1's weights (the official code does; it wins, docs/findings.md)
-    balance_classes: bool = False  # classification: draw the corpus so the teacher's pseudo-labels are uniform (no real labels)
-    tau: float | None = None  # KD temperature on the teacher (None: the task's own, 1; the official code's 0.25 sharpens)
-    seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
-    checkpoint_every: int = 100  # steps between resume checkpoints
-
-    def __post_init__(self):
-        for f in fields(self):  # types first: a config file can hold anything
-            value, want = getattr(self, f.name), type(f.default) if f.default is not None else float
-            ok = (
-                isinstance(value, bool)
-                if want is bool
-                else (value is None and f.default is None)
-                or (isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool))
-            )
-            if not ok:
-                raise PPAPError(f"training option {f.name} must be {want.__name__}, got {value!r}")
-        if self.objective not in ("distill", "supervised"):
-            raise PPAPError(f"unknown objective {self.objective!r}; valid: 'distill', 'supervised'")
-        for name in ("iterations", "batch_size", "rank", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise PPAPError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, lo in (("lr", 0.0), ("alpha", 0.0), ("tau", 0.0), ("weight_decay", None)):
-            v = getattr(self, name)
-            if v is not None and (not math.isfinite(v) or (lo is not None and v <= lo) or v < 0):
-                raise PPAPError(f"{name} must be a finite number {'> 0' if lo is not None else '>= 0'}, got {v}")
-        if self.warmup < 0:
-            raise PPAPError(f"warmup must be >= 0, got {self.warmup}")
-
-    def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(kind=self.adapter, rank=self.rank, alpha=self.alpha, per_expert_norm=self.per_expert_norm)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
