@@ -1,6 +1,6 @@
 """Unguided ppap sampling against diffusers' own loop, per scheduler and prediction type: the
 max abs difference of the final samples (a tiny random UNet, 8x8, T = 1000, 10 steps, 4 samples,
-the same x_T and generator). Prints a markdown table for docs/BENCHMARKS.md.
+the same x_T and generator). Prints a markdown table for docs/results.md.
 
     PYTHONPATH=src:tests python benchmarks/scheduler_parity.py
 """
