@@ -14,6 +14,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the device of the device / dtype tests: the CPU here; `make gpu-check` sets PPAP_TEST_DEVICE=cuda
+TEST_DEVICE = torch.device(os.environ.get("PPAP_TEST_DEVICE", "cpu"))
+
 
 def tiny_unet(seed: int = 0, out_channels: int = 1, num_class_embeds: int | None = None, in_channels: int = 1):
     from diffusers import UNet2DModel

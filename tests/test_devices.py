@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from ppap import Classification, LoRAExperts, PPAPPipeline, TimestepRouter
 from ppap.models import tiny_classifier
 
-from conftest import tiny_unet
+from conftest import TEST_DEVICE, tiny_unet
 
 
 def _bank():
@@ -98,15 +98,16 @@ def test_cpu_offload_gives_the_same_images(offload):
     """diffusers' test_model_cpu_offload_forward_pass idea with accelerate's hooks on the CPU:
     the offloaded pipeline samples on its execution device (not where the weights rest) and gives
     the plain one's images; model offload keeps its hooks after the call (maybe_free_model_hooks)."""
-    bank = _bank()
-    plain = _ppap_images(PPAPPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100)), bank)
+    device = TEST_DEVICE if offload == "model" else torch.device("cpu")  # the meta-weights hook loads to the CPU
+    bank = _bank().to(device)
+    plain = _ppap_images(PPAPPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100)).to(device), bank)
     pipe = PPAPPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100))
     if offload == "model":
-        pipe.enable_model_cpu_offload(device="cpu")
+        pipe.enable_model_cpu_offload(device=TEST_DEVICE)
     else:
         RestOnMeta(pipe.unet)
         assert next(pipe.unet.parameters()).device.type == "meta"
-    assert pipe._execution_device.type == "cpu"
+    assert pipe._execution_device.type == device.type
     offloaded = _ppap_images(pipe, bank)
     assert abs(offloaded - plain).max() < 1e-5
     if offload == "model":
@@ -117,7 +118,7 @@ def test_cpu_offload_gives_the_same_images(offload):
 
 
 def test_bfloat16_unet_with_ppap_guidance_keeps_the_sampler_state_float32():
-    pipe = PPAPPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    pipe = PPAPPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).to(TEST_DEVICE)
     pipe.unet.to(torch.bfloat16)
     dtypes = set()
 
@@ -127,7 +128,7 @@ def test_bfloat16_unet_with_ppap_guidance_keeps_the_sampler_state_float32():
     out = pipe(
         batch_size=2,
         num_inference_steps=4,
-        experts=_bank(),
+        experts=_bank().to(TEST_DEVICE),
         target=3,
         output_type="latent",
         progress=False,
