@@ -86,25 +86,27 @@ def test_latents_generators_and_callback():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_seed_gives_the_same_start_on_every_device(device):
-    """Noise is drawn on the CPU from the caller's generator and moved (diffusers' randn_tensor habit)."""
+def test_a_seed_gives_the_same_start_on_every_device(device, monkeypatch):
+    """x_T is drawn on the CPU from the caller's generator and moved (diffusers' randn_tensor
+    habit): the x_T the sampler receives on ``device`` equals the one drawn for the CPU, and
+    equals the caller's generator's own draw."""
+    import ppap.pipeline
 
-    def first_latents(pipe):
-        seen = []
-        pipe(
-            batch_size=2,
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(3),
-            progress=False,
-            output_type="latent",
-            callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"]),
+    starts = []
+
+    def record_start(denoiser, x_T, *args, **kwargs):  # the sampler's entry point: what it starts from
+        starts.append(x_T)
+        return x_T
+
+    monkeypatch.setattr(ppap.pipeline, "sample", record_start)
+    for where in (device, "cpu"):
+        _pipe().to(where)(
+            batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(3), progress=False, output_type="latent"
         )
-        return seen[0]
-
-    on_device, on_cpu = first_latents(_pipe().to(device)), first_latents(_pipe())
-    grabbed, grabbed_cpu = {0: on_device}, {0: on_cpu}
-    assert grabbed[0].device.type == torch.device(device).type
-    assert torch.allclose(grabbed[0].cpu(), grabbed_cpu[0], atol=1e-4)
+    on_device, on_cpu = starts
+    assert on_device.device.type == torch.device(device).type
+    assert torch.equal(on_device.cpu(), on_cpu)
+    assert torch.equal(on_cpu, torch.randn(on_cpu.shape, generator=torch.Generator().manual_seed(3)))
 
 
 def test_bfloat16_unet_with_float32_guidance():

@@ -18,15 +18,20 @@ def test_q_sample_equals_diffusers_add_noise(beta_schedule):
     assert torch.equal(schedule.alphas_cumprod.float(), sched.alphas_cumprod)
 
 
-def test_eps_x0_conversions_are_inverse():
-    schedule = NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000))
-    x_t, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_a_model_output_gives_back_the_noise_and_the_clean_image(prediction_type):
+    """``to_prediction`` inverts q_sample for each prediction type; the v target is diffusers' own
+    (``DDPMScheduler.get_velocity``)."""
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    schedule = NoiseSchedule.from_diffusers(sched)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t = torch.tensor([0, 10, 500, 999])
-    x0 = schedule.eps_to_x0(x_t, t, eps)
-    assert torch.allclose(schedule.x0_to_eps(x_t, t, x0), eps, atol=1e-4)
-    # q_sample of the predicted x0 with the same eps gives back x_t
-    assert torch.allclose(schedule.q_sample(x0, t, eps), x_t, atol=1e-4)
-    assert torch.allclose(schedule.sigma(t), ((1 - schedule.alphas_cumprod[t]) / schedule.alphas_cumprod[t]).sqrt())
+    x_t = schedule.q_sample(x0, t, eps)
+    output = {"epsilon": eps, "sample": x0, "v_prediction": sched.get_velocity(x0, eps, t)}[prediction_type]
+    got_eps, got_x0 = schedule.to_prediction(x_t, t, output)
+    atol = 2e-2 if prediction_type == "epsilon" else 1e-4  # x0 from eps divides by sqrt(abar_999) ~ 0.006
+    assert torch.allclose(got_eps, eps, atol=1e-3) and torch.allclose(got_x0, x0, atol=atol)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
@@ -39,7 +44,7 @@ def test_timesteps_follow_the_scheduler_config(kind, steps, spacing, offset):
     sched = cls(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
     sched.set_timesteps(steps)
     schedule = NoiseSchedule.from_diffusers(sched)
-    assert torch.equal(schedule.timesteps(steps, kind), sched.timesteps.long())
+    assert torch.equal(schedule.grid(steps, kind).timesteps, sched.timesteps.long())
 
 
 def test_final_alpha_follows_set_alpha_to_one():
@@ -62,7 +67,7 @@ def test_out_of_range_timestep_and_steps():
     with pytest.raises(PPAPError, match="timestep 100 is outside"):
         schedule.q_sample(torch.zeros(1, 1, 2, 2), torch.tensor([100]), torch.zeros(1, 1, 2, 2))
     with pytest.raises(PPAPError, match="sampling steps 0"):
-        schedule.timesteps(0)
+        schedule.grid(0)
 
 
 def test_schedulers_without_variance_are_accepted():

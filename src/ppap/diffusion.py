@@ -150,10 +150,6 @@ class NoiseSchedule:
         float64 table is indexed on the CPU and cast before it moves (MPS has no float64)."""
         return append_dims(self.abar_at(t).to(like.dtype).to(like.device), like.ndim)
 
-    def sigma(self, t: Tensor) -> Tensor:
-        a = self.alphas_cumprod[t]
-        return ((1 - a) / a).sqrt()
-
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4), same as diffusers ``add_noise``."""
         self.check_t(t)
@@ -177,18 +173,6 @@ class NoiseSchedule:
         table = self.alphas_cumprod
         abar_prev = torch.where(prev >= 0, table[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
         return SamplingGrid(ts, table[ts], abar_prev)
-
-    def timesteps(self, num_steps: int, kind: str = "ddim") -> Tensor:
-        """Descending training timesteps of ``grid(num_steps, kind)``."""
-        return self.grid(num_steps, kind).timesteps
-
-    def eps_to_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        a = self.abar(t, x_t)
-        return (x_t - (1 - a) ** 0.5 * eps) / a**0.5
-
-    def x0_to_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        a = self.abar(t, x_t)
-        return (x_t - a**0.5 * x0) / (1 - a) ** 0.5
 
     def to_prediction(self, x_t: Tensor, t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """(eps, x0) from a model output of this schedule's prediction type, in diffusers' order."""
