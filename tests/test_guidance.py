@@ -67,6 +67,29 @@ def test_x0_gradient_is_that_of_the_clipped_loss_through_the_unet(tiny_diffusion
     assert torch.equal(pred.x0, x0.detach()) and not pred.x0.requires_grad
 
 
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_x0_in_sub_batches_gives_the_whole_batch_gradient(max_batch):
+    """x0's UNet backward in sub-batches (to cap its memory) is exact: the same prediction and
+    gradient as the whole batch, the per-sample conditions (class labels, CFG) sliced along."""
+    from diffusers import DDPMScheduler
+
+    from ppap import Conditioning, Diffusion, NoiseSchedule
+    from ppap.guidance import PredictedX0Guide
+
+    from conftest import tiny_unet
+
+    torch.manual_seed(0)
+    diffusion = Diffusion(tiny_unet(num_class_embeds=4), NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100)))
+    cond = Conditioning(class_labels=torch.tensor([0, 1, 2, 3, 1]), negative_class_labels=torch.full((5,), 3), guidance_scale=2.0)
+    denoiser, net, task = diffusion.bind(cond), tiny_classifier().eval(), Classification(10)
+    x_t, t, y = torch.randn(5, 1, 8, 8), torch.full((5,), 60), torch.tensor([1, 2, 3, 4, 5])
+    whole_pred, whole = PredictedX0Guide(denoiser, net, task, y, 2.0).guided_prediction(x_t, t)
+    pred, g = PredictedX0Guide(denoiser, net, task, y, 2.0, max_batch=max_batch).guided_prediction(x_t, t)
+    assert torch.allclose(g, whole, atol=1e-6, rtol=1e-5) and torch.allclose(pred.x0, whole_pred.x0, atol=1e-6)
+    with pytest.raises(PPAPError, match="max_batch must be an integer >= 1, got 0"):
+        PredictedX0Guide(denoiser, net, task, y, 2.0, max_batch=0)
+
+
 def test_calibrated_log_likelihood_and_softplus():
     z, y = torch.randn(5, 10), torch.arange(5)
     plain = Calibration().calibrate_task(Classification(10))

@@ -384,6 +384,10 @@ class Denoiser:
     def __call__(self, x_t: Tensor, t: Tensor) -> Prediction:
         return self.diffusion(x_t, t, self.cond)
 
+    def select(self, index: Tensor | slice) -> Denoiser:
+        """The denoiser of the samples ``index`` (their conditions), for a sub-batch."""
+        return self if self.cond is None else Denoiser(self.diffusion, self.cond.select(index))
+
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 

@@ -68,28 +68,58 @@ class NoisyInputGuide:
 
 @dataclass
 class PredictedX0Guide:
-    """grad of log p(target | x0_hat(x_t)) through the diffusion UNet (costs a UNet backward)."""
+    """grad of log p(target | x0_hat(x_t)) through the diffusion UNet (costs a UNet backward).
+
+    ``max_batch``: samples per UNet forward and backward (None: the whole batch). The backward
+    keeps every activation of the UNet's forward, which at 256x256 is gigabytes per sample; each
+    sample's gradient is its own, so sub-batches give the same gradient with a proportionally
+    smaller peak."""
 
     diffusion: DenoiserFn
     net: nn.Module
     task: Task
     target: Tensor
     scale: float
+    max_batch: int | None = None
+
+    def __post_init__(self):
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
+            raise PPAPError(f"x0 max_batch must be an integer >= 1, got {self.max_batch!r}")
 
     def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
         return self.guided_prediction(x_t, t)[1]
 
     def guided_prediction(self, x_t: Tensor, t: Tensor) -> tuple[Prediction, Tensor]:
         """The UNet's prediction and the guidance from ONE forward with grad (samplers use this
-        instead of their own no-grad forward). The gradient is that of the loss the model sees,
-        on x0_hat clipped to [-1, 1]: zero through saturated pixels. (A straight-through clip,
-        which passes it, keeps pushing pixels the clip already holds: on segmentation it broke
-        the images at the scales that work, docs/findings.md.)"""
+        instead of their own no-grad forward), in sub-batches of ``max_batch`` samples. The
+        gradient is that of the loss the model sees, on x0_hat clipped to [-1, 1]: zero through
+        saturated pixels. (A straight-through clip, which passes it, keeps pushing pixels the clip
+        already holds: on segmentation it broke the images at the scales that work,
+        docs/findings.md.)"""
+        n = x_t.shape[0]
+        step = min(self.max_batch or n, n)
+        if step == n:
+            return self._guided(self.diffusion, x_t, t, self.target)
+        parts = [
+            self._guided(_rows(self.diffusion, slice(i, i + step)), x_t[i : i + step], t[i : i + step], self.target[i : i + step])
+            for i in range(0, n, step)
+        ]
+        preds = [p for p, _ in parts]
+        pred = Prediction._make(None if fields[0] is None else torch.cat(fields) for fields in zip(*preds))
+        return pred, torch.cat([g for _, g in parts])
+
+    def _guided(self, denoiser: DenoiserFn, x_t: Tensor, t: Tensor, target: Tensor) -> tuple[Prediction, Tensor]:
         x = x_t.detach().requires_grad_(True)
-        pred = self.diffusion(x, t)
+        pred = denoiser(x, t)
         x0 = pred.x0.clamp(-1, 1)
-        g = self.scale * _grad_log_likelihood(self.task, self.net(x0), self.target, x)
+        g = self.scale * _grad_log_likelihood(self.task, self.net(x0), target, x)
         return Prediction._make(None if v is None else v.detach() for v in pred), g
+
+
+def _rows(denoiser: DenoiserFn, index: slice) -> DenoiserFn:
+    """The denoiser of the samples ``index``: its bound per-sample condition sliced with them."""
+    select = getattr(denoiser, "select", None)
+    return denoiser if select is None else select(index)
 
 
 @dataclass(frozen=True)
@@ -239,6 +269,7 @@ class GuideSpec:
     experts: ExpertBank | None = None
     diffusion: DenoiserFn | None = None  # the (conditioned) diffusion model, for the x0 methods
     calibration: Calibration = field(default_factory=Calibration)  # x0-shortcut only
+    max_batch: int | None = None  # x0 only: samples per UNet forward + backward (None: the whole batch)
 
 
 def _need(spec: GuideSpec, attr: str, method: str):
@@ -264,7 +295,7 @@ def _experts(spec: GuideSpec) -> Guide:
 
 
 def _x0(spec: GuideSpec) -> Guide:
-    return PredictedX0Guide(_need(spec, "diffusion", "x0"), _need(spec, "net", "x0"), spec.task, spec.target, spec.scale)
+    return PredictedX0Guide(_need(spec, "diffusion", "x0"), _need(spec, "net", "x0"), spec.task, spec.target, spec.scale, spec.max_batch)
 
 
 def _x0_shortcut(spec: GuideSpec) -> Guide:
@@ -310,6 +341,7 @@ class GuidanceTerm:
     experts: ExpertBank | None = None
     calibration: Calibration = field(default_factory=Calibration)
     interval: tuple[int, int] | None = None  # guide only for training timesteps lo <= t < hi
+    max_batch: int | None = None  # x0: samples per UNet forward + backward, to cap the backward's memory (exact)
     normalize: bool = False  # per-sample unit-RMS gradient times ``scale`` (``NormalizedGuide``)
     description: str = ""
 
@@ -345,6 +377,7 @@ class GuidanceTerm:
             experts=self.experts,
             diffusion=denoiser,
             calibration=self.calibration,
+            max_batch=self.max_batch,
         )
         guide = build_guide(self.method, spec)
         if guide is None:
