@@ -126,6 +126,13 @@ def test_bench_scale_quick_runs_and_resumes(tmp_path, capsys):
     stages = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json") if p.name != "seconds.json"}
     assert main(["bench", "scale", "--quick", "--quiet", "--out", str(out)]) == 0  # resumes: nothing recomputed
     assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json") if p.name != "seconds.json"} == stages
+    missing = out / "stages" / "ddpm-cifar10-32+resnet-50-b1-memory-x0.json"
+    missing.unlink()  # --report-only reports what is there and measures nothing
+    assert main(["bench", "scale", "--quick", "--quiet", "--report-only", "--out", str(out)]) == 0
+    assert not missing.exists()
+    r = json.loads((out / "results.json").read_text())
+    assert r["errors"] == {"ddpm-cifar10-32+resnet-50-b1-memory-x0": "not measured (--report-only)"}
+    assert "not measured (--report-only)" in (out / "report.md").read_text()
     capsys.readouterr()
 
 

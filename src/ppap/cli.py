@@ -489,8 +489,8 @@ def _row_choice(text: str, check) -> tuple[str, ...] | str:
 
 def cmd_bench(args) -> int:
     out = Path(args.out or f"runs/bench-{args.suite}{'-quick' if args.quick else ''}")
-    if args.suite != "scale" and (args.device, args.dtype, args.batch_sizes) != (None, None, None):
-        raise PPAPError("--device, --dtype and --batch-sizes apply to `ppap bench scale` only")
+    if args.suite != "scale" and ((args.device, args.dtype, args.batch_sizes) != (None, None, None) or args.report_only):
+        raise PPAPError("--device, --dtype, --batch-sizes and --report-only apply to `ppap bench scale` only")
     if args.suite == "classifier":
         import dataclasses
 
@@ -514,7 +514,8 @@ def cmd_bench(args) -> int:
     elif args.suite == "scale":
         from .bench.scale import run_scale_bench, scale_config, scale_report
 
-        results = run_scale_bench(out, cfg=scale_config(args.quick, args.device, args.dtype, args.batch_sizes), progress=not args.quiet)
+        cfg = scale_config(args.quick, args.device, args.dtype, args.batch_sizes)
+        results = run_scale_bench(out, cfg=cfg, progress=not args.quiet, report_only=args.report_only)
         print(scale_report(results))
     else:
         from .bench import dense_report, run_dense_bench
@@ -694,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="scale suite: cpu | cuda | cuda:N (default cpu)")
     b.add_argument("--dtype", help="scale suite: float32 | float16 | bfloat16 for the UNet and the guide (default float32)")
     b.add_argument("--batch-sizes", help="scale suite: comma list (default 1,8 on the CPU, 1,16,64 on a GPU)")
+    b.add_argument(
+        "--report-only", action="store_true", help="scale suite: the report of the stages finished so far; measures nothing, lists the rest"
+    )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
