@@ -173,3 +173,32 @@ def test_class_balanced_batches_even_out_the_teachers_pseudo_labels(tiny_diffusi
             _bank(), Classification(10), tiny_diffusion.schedule, _images(), cfg, tmp_path / str(balance), progress=False
         )
     assert stats[True]["expert_0"]["loss_last"] != stats[False]["expert_0"]["loss_last"]
+
+
+def test_micro_batches_give_the_whole_batch_step_and_resume_either_way(tiny_diffusion, tmp_path):
+    """micro_batch runs the batch's forward and backward a few samples at a time (the memory of
+    one micro-batch) and adds the gradients up: with frozen norms the experts are those of the
+    whole batch. It is how a step is computed, so a folder resumes under another micro_batch."""
+    task = Classification(10)
+    cfg = dataclasses.replace(CFG, iterations=6, per_expert_norm=False)
+
+    def frozen_norm_bank():
+        torch.manual_seed(0)
+        return LoRAExperts(tiny_classifier(), TimestepRouter.uniform(2, 100), AdapterConfig(rank=4, alpha=4, per_expert_norm=False))
+
+    whole, micro = frozen_norm_bank(), frozen_norm_bank()
+    train_experts(whole, task, tiny_diffusion.schedule, _images(), cfg, tmp_path / "whole", progress=False)
+    train_experts(
+        micro, task, tiny_diffusion.schedule, _images(), dataclasses.replace(cfg, micro_batch=3), tmp_path / "micro", progress=False
+    )
+    for i in range(2):
+        a, b = whole.expert_state(i), micro.expert_state(i)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+        assert any(not torch.equal(v, frozen_norm_bank().expert_state(i)[k]) for k, v in a.items() if "lora_B" in k)  # it trained
+    more = dataclasses.replace(cfg, iterations=8, micro_batch=2)  # not refused as "other settings"
+    with pytest.raises(PPAPError, match="iterations differs|other settings"):
+        train_experts(frozen_norm_bank(), task, tiny_diffusion.schedule, _images(), more, tmp_path / "whole", progress=False)
+    again = dataclasses.replace(cfg, micro_batch=2)
+    assert train_experts(frozen_norm_bank(), task, tiny_diffusion.schedule, _images(), again, tmp_path / "whole", progress=False) == {}
+    with pytest.raises(PPAPError, match="micro_batch must be >= 0"):
+        TrainConfig(micro_batch=-1)

@@ -68,6 +68,7 @@ class TrainConfig:
     tau: float | None = None  # KD temperature on the teacher (None: the task's own, 1; the official code's 0.25 sharpens)
     seed: int = 0  # LoRA init, batches, t and noise are all drawn from it
     checkpoint_every: int = 100  # steps between resume checkpoints
+    micro_batch: int = 0  # samples per forward + backward on each process (0: all of its share); gradients add up to the batch's
 
     def __post_init__(self):
         for f in fields(self):  # types first: a config file can hold anything
@@ -82,6 +83,8 @@ class TrainConfig:
                 raise PPAPError(f"training option {f.name} must be {want.__name__}, got {value!r}")
         if self.objective not in ("distill", "supervised"):
             raise PPAPError(f"unknown objective {self.objective!r}; valid: 'distill', 'supervised'")
+        if self.micro_batch < 0:
+            raise PPAPError(f"micro_batch must be >= 0 (0: the whole batch), got {self.micro_batch}")
         for name in ("iterations", "batch_size", "rank", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise PPAPError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -189,12 +189,19 @@ def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity) -> dict:
     if path.exists():
         have = read_json(path, "expert manifest")
         for key in ("format", "boundaries", "adapter", "task", "guide_fingerprint", "schedule", "train"):
-            if have.get(key) != json.loads(json.dumps(want[key])):  # as read back; == so that alpha 8 is 8.0
+            if _settings(have.get(key), key) != _settings(
+                json.loads(json.dumps(want[key])), key
+            ):  # as read back; == so that alpha 8 is 8.0
                 raise PPAPError(
                     f"{out_dir} holds experts trained with other settings ({key} differs); use another --out or the same settings to resume"
                 )
         return have
     return want
+
+
+def _settings(value, key: str):
+    """What must match to resume: ``micro_batch`` says how a step is computed, not what it computes."""
+    return {k: v for k, v in value.items() if k != "micro_batch"} if key == "train" and isinstance(value, dict) else value
 
 
 def class_balance_weights(targets: Tensor) -> Tensor:
@@ -247,11 +254,16 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
         t_all = torch.randint(lo, hi, (cfg.batch_size,), generator=g)
         noise_all = torch.randn((cfg.batch_size,) + tuple(images.shape[1:]), generator=g)
         t, noise = t_all[per_rank].to(x0.device), noise_all[per_rank].to(x0.device)
-        out = bank.run_expert(i, schedule.q_sample(x0, t, noise))
-        if cfg.objective == "distill":
-            loss = task.distill_loss(out, target).mean()
-        else:
-            loss = task.supervised_loss(out, target).mean()
+        opt.zero_grad(set_to_none=True)
+        n = x0.shape[0]
+        chunk = cfg.micro_batch or n  # micro-batches: the activations of one at a time, the gradient of all
+        loss = x0.new_zeros(())
+        for a in range(0, n, chunk):
+            part = slice(a, a + chunk)
+            out = bank.run_expert(i, schedule.q_sample(x0[part], t[part], noise[part]))
+            each = task.distill_loss(out, target[part]) if cfg.objective == "distill" else task.supervised_loss(out, target[part])
+            (each.sum() / n).backward()
+            loss = loss + each.detach().sum() / n
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
         value = dist.mean(loss)  # the global batch's loss: every process sees a non-finite one and stops together
@@ -260,8 +272,6 @@ def _train_one(bank, i, task, schedule, images, targets, cfg: TrainConfig, out_d
                 f"{expert_name(i)} step {step}: the loss is {value} (learning rate {cfg.lr:g} too high, "
                 f"or a non-finite guidance model); nothing of this expert was saved since its last checkpoint"
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         dist.mean_([p.grad for p in params if p.grad is not None])
         opt.step()
         step += 1

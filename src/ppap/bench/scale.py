@@ -377,9 +377,10 @@ def build_bank(diffusion_dir: str, guide_dir: str, bank_dir: str, experts: str) 
     }
 
 
-def measure_train_step(diffusion_dir: str, guide_dir: str, device: str, dtype: str, batch: int, repeats: int) -> dict:
+def measure_train_step(diffusion_dir: str, guide_dir: str, device: str, dtype: str, batch: int, repeats: int, micro_batch: int = 0) -> dict:
     """One expert's training steps through ``train_experts`` (``repeats`` + 1 steps, the first a
-    warm-up in the mean) on a random corpus of ``batch`` images: seconds per step and peak memory."""
+    warm-up in the mean) on a random corpus of ``batch`` images: seconds per step and peak memory
+    (``micro_batch``: TrainConfig's, samples per forward and backward)."""
     from ..experts import TimestepRouter, make_bank
     from ..loading import load_diffusion, load_guide, resolve_device
     from ..tasks import task_for
@@ -388,7 +389,7 @@ def measure_train_step(diffusion_dir: str, guide_dir: str, device: str, dtype: s
     dev = resolve_device(device)
     diffusion, guide = load_diffusion(diffusion_dir), load_guide(guide_dir)
     steps = repeats + 1
-    cfg = TrainConfig(batch_size=batch, iterations=steps, warmup=1, checkpoint_every=10**6)
+    cfg = TrainConfig(batch_size=batch, iterations=steps, warmup=1, checkpoint_every=10**6, micro_batch=micro_batch)
     task = task_for(guide, diffusion.image_shape, guide.task or "classification", tau=cfg.tau)
     router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
     bank = make_bank(guide.to(dev), router, cfg.adapter_config(), seed=cfg.seed)
