@@ -7,27 +7,14 @@ the same x_T and generator). Prints a markdown table for docs/results.md.
 
 from __future__ import annotations
 
-import inspect
-
 import diffusers
 import torch
+from test_schedulers import _diffusers_loop as diffusers_loop  # the tests' reference loop
 
 from ppap import Diffusion, NoiseSchedule
 from ppap.schedulers import SAMPLER_NAMES, sample
 
 from conftest import tiny_unet
-
-
-def diffusers_loop(unet, scheduler, x_T: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """diffusers' denoising loop (its pipelines' ``for t in timesteps``, no CFG)."""
-    s = type(scheduler).from_config(scheduler.config)
-    s.set_timesteps(steps)
-    x = x_T * s.init_noise_sigma
-    kwargs = {"generator": generator} if "generator" in inspect.signature(s.step).parameters else {}
-    with torch.no_grad():
-        for t in s.timesteps:
-            x = s.step(unet(s.scale_model_input(x, t), t).sample, t, x, **kwargs).prev_sample
-    return x
 
 
 def main() -> None:
