@@ -18,7 +18,7 @@ import torch
 from ppap.data import FASHION_MNIST_CLASSES
 from ppap.io import atomic_write_json
 from ppap.loading import load_experts, load_guide, load_pipeline
-from ppap.pipeline import generate
+from ppap.pipeline import sample_images
 
 
 def _labels(net, x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +38,9 @@ def main() -> None:
     teacher, judge = load_guide("fashion-classifier"), load_guide("fashion-evaluator")
     bank = load_experts(args.experts, copy.deepcopy(teacher), pipe.diffusion)
     common = dict(seed=args.seed, batch_size=64, num_inference_steps=25, sampler="ddim")
-    unguided = generate(pipe, args.num, desc="unguided", **common)
+    unguided = sample_images(pipe, args.num, desc="unguided", **common)
     term = pipe.guidance_term(args.num, guide=teacher, experts=bank, target="all", classifier_scale=args.scale)
-    guided = generate(pipe, args.num, terms=[term], desc="ppap", **common)
+    guided = sample_images(pipe, args.num, terms=[term], desc="ppap", **common)
     k = len(FASHION_MNIST_CLASSES)
     by_teacher, by_judge = _labels(teacher, unguided), _labels(judge, unguided)
     judged, requested = _labels(judge, guided), term.targets

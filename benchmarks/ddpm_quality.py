@@ -16,7 +16,7 @@ import torch
 from ppap.data import load_fashion_mnist
 from ppap.loading import load_guide, load_pipeline
 from ppap.metrics import features, fid, kid, precision_recall
-from ppap.pipeline import generate
+from ppap.pipeline import sample_images
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     x_train, _ = load_fashion_mnist("train")
     f_test = features(evaluator, x_test)
     t0 = time.time()
-    x = generate(
+    x = sample_images(
         load_pipeline("fashion-ddpm", device="cpu"),
         args.num,
         seed=args.seed,

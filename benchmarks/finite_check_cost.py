@@ -35,7 +35,7 @@ def main() -> None:
 
     def step_with(fn, check):
         samplers._check_finite = check  # the sample's check; the gradient's is one more reduction
-        samplers.sample_ddim(diffusion, x, step, guide=fn)
+        samplers.sample_ddim(diffusion, x, step, guidance=fn)
 
     calls = {
         f"{g} {c}": functools.partial(step_with, fn, check)

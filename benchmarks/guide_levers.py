@@ -14,7 +14,7 @@ import time
 
 from ppap.loading import load_experts, load_guide, load_pipeline
 from ppap.metrics import accuracy
-from ppap.pipeline import generate
+from ppap.pipeline import sample_images
 
 LEVERS = {  # name -> guidance interval [lo, hi) in training timesteps (None: every step)
     "every step": None,
@@ -41,7 +41,7 @@ def main() -> None:
         lo, hi = interval or (0, 1000)
         share = int(((timesteps >= lo) & (timesteps < hi)).sum())
         start = time.perf_counter()
-        x = generate(
+        x = sample_images(
             pipe,
             args.num,
             seed=args.seed,

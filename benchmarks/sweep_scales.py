@@ -14,7 +14,7 @@ import time
 import torch
 
 from ppap.loading import load_experts, load_guide, load_pipeline
-from ppap.pipeline import generate
+from ppap.pipeline import sample_images
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
             for scale in map(float, args.scales.split(",")):
                 term = pipe.guidance_term(len(targets), guide=naive, experts=bank, target=targets, method=method, classifier_scale=scale)
                 t0 = time.time()
-                x = generate(
+                x = sample_images(
                     pipe,
                     len(targets),
                     seed=args.seed,

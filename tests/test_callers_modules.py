@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from ppap import Classification, Diffusion, GuideModel, NoiseSchedule, NoisyInputGuide, PPAPPipeline
+from ppap import Classification, Diffusion, GuideModel, NoiseSchedule, NoisyInputGuidance, PPAPPipeline
 from ppap.models import tiny_classifier
 
 from conftest import tiny_unet
@@ -77,7 +77,7 @@ def test_guide_model_and_guidance_leave_the_callers_net_as_it_was():
     guide = GuideModel(net)
     assert _flags(net) == before
     x = torch.rand(3, 1, 8, 8) * 2 - 1
-    g = NoisyInputGuide(lambda v, t: guide(v), Classification(10), torch.tensor([1, 2, 3]), 1.0)(x, torch.tensor([5, 5, 5]), None)
+    g = NoisyInputGuidance(lambda v, t: guide(v), Classification(10), torch.tensor([1, 2, 3]), 1.0)(x, torch.tensor([5, 5, 5]), None)
     assert g.abs().sum() > 0 and _flags(net) == before and all(p.grad is None for p in net.parameters())
     assert set(seen) == {(False, False)}
     assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())  # BatchNorm statistics did not move

@@ -154,7 +154,7 @@ def test_class_label_classifier_free_guidance_from_the_cli(tmp_path, capsys):
 
     from ppap import Conditioning, PPAPPipeline
     from ppap.images import to_hwc_uint8
-    from ppap.pipeline import generate
+    from ppap.pipeline import sample_images
 
     from conftest import tiny_unet
 
@@ -168,7 +168,7 @@ def test_class_label_classifier_free_guidance_from_the_cli(tmp_path, capsys):
         images[null] = np.load(out.with_suffix(".npz"))["images"]
     pipe = PPAPPipeline.from_pretrained(folder)
     cond = Conditioning(torch.tensor([1, 1]), negative_class_labels=torch.tensor([3, 3]), guidance_scale=3.0)
-    x = generate(pipe, 2, seed=0, conditioning=cond, progress=False, num_inference_steps=3, sampler="ddim")
+    x = sample_images(pipe, 2, seed=0, conditioning=cond, progress=False, num_inference_steps=3, sampler="ddim")
     assert np.array_equal(images["3"], to_hwc_uint8(x))
     assert not np.array_equal(images["3"], images["0"])  # the null class is the one given
     code, _, err = run(common + ["--cfg-scale", "3", "--out", str(tmp_path / "x.png")], capsys)

@@ -141,7 +141,7 @@ def test_full_experts_are_independent_copies(tiny_diffusion, tmp_path):
 def test_merged_experts_guide_like_unmerged_and_restore_the_backbone_exactly():
     """Inference merges the routed expert's LoRA into the weights (the cost of a naive forward);
     the guidance equals the unmerged one to 1e-5 and the backbone comes back bit for bit."""
-    from ppap import NoisyInputGuide
+    from ppap import NoisyInputGuidance
 
     bank = _bank(3)
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_merged_experts_guide_like_unmerged_and_restore_the_backbone_exactly():
     grads = {}
     for merge in (False, True):
         bank.merge = merge
-        guide = NoisyInputGuide(bank.eval(), Classification(10), y, 1.0)
+        guide = NoisyInputGuidance(bank.eval(), Classification(10), y, 1.0)
         grads[merge] = [guide(x, torch.full((4,), t), None) for t in (10, 50, 90, 10)]
         if merge:
             assert bank._merged == 0  # the last call left expert 0 merged

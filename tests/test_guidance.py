@@ -10,12 +10,12 @@ from ppap.experts import TimestepRouter, make_bank
 from ppap.guidance import (
     CalibratedClassification,
     Calibration,
-    GuideSpec,
-    NoisyInputGuide,
-    NormalizedGuide,
-    ShortcutX0Guide,
-    SumGuide,
-    build_guide,
+    GuidanceSpec,
+    NoisyInputGuidance,
+    NormalizedGuidance,
+    ShortcutX0Guidance,
+    SumGuidance,
+    build_guidance,
 )
 from ppap.models import tiny_classifier, tiny_dense
 from ppap.tasks import Classification, DenseRegression, Segmentation
@@ -32,7 +32,7 @@ def test_shortcut_gradient_is_the_x0_gradient_over_sqrt_abar(tiny_diffusion):
     t = torch.full((4,), 60)
     pred = tiny_diffusion(x_t, t)
     y = torch.tensor([1, 2, 3, 4])
-    g = ShortcutX0Guide(net, task, y, 2.0, tiny_diffusion)(x_t, t, pred)
+    g = ShortcutX0Guidance(net, task, y, 2.0, tiny_diffusion)(x_t, t, pred)
     x0 = pred.x0.clamp(-1, 1).requires_grad_(True)
     ll = task.log_likelihood(net(x0), y)
     g0 = torch.autograd.grad(ll.sum(), x0)[0]
@@ -41,7 +41,7 @@ def test_shortcut_gradient_is_the_x0_gradient_over_sqrt_abar(tiny_diffusion):
     with torch.no_grad():
         after = task.log_likelihood(net(pred.x0.clamp(-1, 1) + 1e-2 * g0 / g0.norm()), y)
     assert (after > ll.detach()).all()
-    sigma = ShortcutX0Guide(net, task, y, 2.0, tiny_diffusion, scale_schedule="sigma")(x_t, t, pred)
+    sigma = ShortcutX0Guidance(net, task, y, 2.0, tiny_diffusion, scale_schedule="sigma")(x_t, t, pred)
     assert torch.allclose(sigma, g * (1 - abar).sqrt(), atol=1e-6)
 
 
@@ -49,7 +49,7 @@ def test_x0_gradient_is_that_of_the_clipped_loss_through_the_unet(tiny_diffusion
     """x0 guidance is the exact gradient w.r.t. x_t of log p(y | net(clip(x0_hat(x_t)))), saturated
     pixels included (a straight-through clip gives another vector), from the same single forward
     whose prediction the sampler uses."""
-    from ppap.guidance import PredictedX0Guide
+    from ppap.guidance import PredictedX0Guidance
 
     torch.manual_seed(0)
     net = tiny_classifier().eval()
@@ -57,7 +57,7 @@ def test_x0_gradient_is_that_of_the_clipped_loss_through_the_unet(tiny_diffusion
     x_t = 3 * torch.randn(4, 1, 8, 8)
     t = torch.full((4,), 90)  # high noise (of 100 steps): x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar) saturates
     y = torch.tensor([1, 2, 3, 4])
-    pred, g = PredictedX0Guide(tiny_diffusion, net, task, y, 2.0).guided_prediction(x_t, t)
+    pred, g = PredictedX0Guidance(tiny_diffusion, net, task, y, 2.0).guided_prediction(x_t, t)
     x = x_t.clone().requires_grad_(True)
     x0 = tiny_diffusion(x, t).x0
     saturated = (x0.detach().abs() > 1).float().mean()
@@ -74,7 +74,7 @@ def test_x0_in_sub_batches_gives_the_whole_batch_gradient(max_batch):
     from diffusers import DDPMScheduler
 
     from ppap import Conditioning, Diffusion, NoiseSchedule
-    from ppap.guidance import PredictedX0Guide
+    from ppap.guidance import PredictedX0Guidance
 
     from conftest import tiny_unet
 
@@ -83,11 +83,11 @@ def test_x0_in_sub_batches_gives_the_whole_batch_gradient(max_batch):
     cond = Conditioning(class_labels=torch.tensor([0, 1, 2, 3, 1]), negative_class_labels=torch.full((5,), 3), guidance_scale=2.0)
     denoiser, net, task = diffusion.bind(cond), tiny_classifier().eval(), Classification(10)
     x_t, t, y = torch.randn(5, 1, 8, 8), torch.full((5,), 60), torch.tensor([1, 2, 3, 4, 5])
-    whole_pred, whole = PredictedX0Guide(denoiser, net, task, y, 2.0).guided_prediction(x_t, t)
-    pred, g = PredictedX0Guide(denoiser, net, task, y, 2.0, max_batch=max_batch).guided_prediction(x_t, t)
+    whole_pred, whole = PredictedX0Guidance(denoiser, net, task, y, 2.0).guided_prediction(x_t, t)
+    pred, g = PredictedX0Guidance(denoiser, net, task, y, 2.0, max_batch=max_batch).guided_prediction(x_t, t)
     assert torch.allclose(g, whole, atol=1e-6, rtol=1e-5) and torch.allclose(pred.x0, whole_pred.x0, atol=1e-6)
     with pytest.raises(PPAPError, match="max_batch must be an integer >= 1, got 0"):
-        PredictedX0Guide(denoiser, net, task, y, 2.0, max_batch=0)
+        PredictedX0Guidance(denoiser, net, task, y, 2.0, max_batch=0)
 
 
 def test_calibrated_log_likelihood_and_softplus():
@@ -122,9 +122,9 @@ def test_supervised_banks_guide_under_their_own_names():
     with torch.no_grad():
         next(bank.experts["expert_1"].parameters()).mul_(-3.0)  # make the two experts differ
     y, x, t = torch.tensor([3, 4]), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 90])
-    spec = GuideSpec(task=Classification(10), target=y, scale=1.0, experts=bank)
+    spec = GuidanceSpec(task=Classification(10), target=y, scale=1.0, experts=bank)
     for method in ("noise-aware", "multi-expert-supervised"):
-        g = build_guide(method, spec)(x, t, None)
+        g = build_guidance(method, spec)(x, t, None)
         xr = x.clone().requires_grad_(True)
         routed = torch.cat([bank.run_expert(0, xr[:1]), bank.run_expert(1, xr[1:])]).log_softmax(-1)[torch.arange(2), y]
         assert torch.allclose(g, torch.autograd.grad(routed.sum(), xr)[0], atol=1e-6)
@@ -146,9 +146,12 @@ def test_composed_guidance_raises_both_log_likelihoods(layout):
         net, task, target = tiny_dense(1).eval(), DenseRegression("l1"), torch.rand(3, 1, 8, 8)
     x = torch.randn(3, 1, 8, 8)
     y = torch.tensor([0, 5, 9])
-    terms = [NoisyInputGuide(lambda v, s: clf(v), Classification(10), y, 1.0), NoisyInputGuide(lambda v, s: net(v), task, target, 30.0)]
+    terms = [
+        NoisyInputGuidance(lambda v, s: clf(v), Classification(10), y, 1.0),
+        NoisyInputGuidance(lambda v, s: net(v), task, target, 30.0),
+    ]
     # equal-size terms: the sum then has a positive component along each term's own gradient
-    g = SumGuide([NormalizedGuide(term, 1.0) for term in terms])(x, torch.full((3,), 10), None)
+    g = SumGuidance([NormalizedGuidance(term, 1.0) for term in terms])(x, torch.full((3,), 10), None)
     step = x + 1e-3 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     with torch.no_grad():
         for term, model in zip(terms, (clf, net)):

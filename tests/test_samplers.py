@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ppap import Classification, Conditioning, Diffusion, NoiseSchedule, NoisyInputGuide, sample_ddim, sample_ddpm
+from ppap import Classification, Conditioning, Diffusion, NoiseSchedule, NoisyInputGuidance, sample_ddim, sample_ddpm
 from ppap.models import tiny_classifier
 
 from conftest import tiny_cond_unet, tiny_unet
@@ -201,22 +201,22 @@ def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0, pred
     y = torch.tensor([0, 3, 5, 9])
     x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     grid = diffusion.schedule.grid(10, kind)[steps]  # the step t[0] -> t[1] is compared
-    guide = NoisyInputGuide(lambda x, _t: net(x), Classification(10), y, scale=2.0)
+    guidance = NoisyInputGuidance(lambda x, _t: net(x), Classification(10), y, scale=2.0)
     after_first = {}
 
-    def run(guide, key):
+    def run(guidance, key):
         sampler(
             diffusion,
             x_t,
             grid,
-            guide=guide,
+            guidance=guidance,
             clip_x0=clip_x0,
             generator=torch.Generator().manual_seed(3),
             callback=lambda d: after_first.setdefault(key, d["x"]),
         )
 
     run(None, "plain")
-    run(guide, "guided")
+    run(guidance, "guided")
     assert (_log_prob(net, after_first["guided"], y) > _log_prob(net, after_first["plain"], y)).all()
 
 
@@ -227,7 +227,7 @@ def test_ddpm_guidance_is_variance_times_gradient(tiny_diffusion):
     y = torch.tensor([1, 2])
     x_t = torch.randn(2, 1, 8, 8)
     grid = tiny_diffusion.schedule.grid(10, "ddpm")
-    guide = NoisyInputGuide(lambda x, _t: net(x), Classification(10), y, scale=3.0)
+    guidance = NoisyInputGuidance(lambda x, _t: net(x), Classification(10), y, scale=3.0)
     seen = {}
 
     def first_step(key, **kw):
@@ -236,7 +236,7 @@ def test_ddpm_guidance_is_variance_times_gradient(tiny_diffusion):
         )
         return seen[key]
 
-    plain, guided = first_step("plain"), first_step("guided", guide=guide)
+    plain, guided = first_step("plain"), first_step("guided", guidance=guidance)
     a_t, a_prev = grid.abar[0], grid.abar_prev[0]
     var = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).float()
     assert guided["guidance"].abs().sum() > 0

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ppap import Classification, NoisyInputGuide, PPAPError
+from ppap import Classification, NoisyInputGuidance, PPAPError
 from ppap.tasks import DenseRegression, Segmentation, make_task
 
 
@@ -58,13 +58,13 @@ def test_unknown_task():
 
 
 def test_normalized_guide_has_unit_rms_times_scale():
-    from ppap.guidance import NormalizedGuide
+    from ppap.guidance import NormalizedGuidance
 
     torch.manual_seed(0)
     clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    inner = NoisyInputGuide(lambda v, t: clf(v), Classification(10), torch.tensor([1, 2, 3]), scale=123.0)
+    inner = NoisyInputGuidance(lambda v, t: clf(v), Classification(10), torch.tensor([1, 2, 3]), scale=123.0)
     x = torch.randn(3, 1, 8, 8)
-    g = NormalizedGuide(inner, scale=0.5)(x, torch.zeros(3, dtype=torch.long), None)
+    g = NormalizedGuidance(inner, scale=0.5)(x, torch.zeros(3, dtype=torch.long), None)
     assert torch.allclose(g.flatten(1).square().mean(1).sqrt(), torch.full((3,), 0.5), atol=1e-5)
     raw = inner(x, torch.zeros(3, dtype=torch.long), None)
     assert torch.allclose(torch.nn.functional.cosine_similarity(g.flatten(1), raw.flatten(1)), torch.ones(3), atol=1e-5)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .diffusion import Conditioning, Diffusion, NoiseSchedule, Prediction
     from .errors import PPAPError
     from .experts import AdapterConfig, ExpertBank, FullExperts, LoRAExperts, TimestepRouter, load_bank, save_bank
-    from .guidance import GuidanceTerm, GuideSpec, NoisyInputGuide, PredictedX0Guide, SumGuide, build_guide
+    from .guidance import GuidanceSpec, GuidanceTerm, NoisyInputGuidance, PredictedX0Guidance, SumGuidance, build_guidance
     from .guide_model import GuideModel
     from .pipeline import PPAPPipeline
     from .samplers import sample_ddim, sample_ddpm
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
 # and a name's module (torch, diffusers, peft) is imported only when the name is.
 _LAZY = {
     "AdapterConfig": "experts",
-    "build_guide": "guidance",
+    "build_guidance": "guidance",
     "Classification": "tasks",
     "Conditioning": "diffusion",
     "DenseRegression": "tasks",
@@ -35,21 +35,21 @@ _LAZY = {
     "FullExperts": "experts",
     "GuidanceTerm": "guidance",
     "GuideModel": "guide_model",
-    "GuideSpec": "guidance",
+    "GuidanceSpec": "guidance",
     "load_bank": "experts",
     "LoRAExperts": "experts",
     "NoiseSchedule": "diffusion",
-    "NoisyInputGuide": "guidance",
+    "NoisyInputGuidance": "guidance",
     "PPAPError": "errors",
     "PPAPPipeline": "pipeline",
-    "PredictedX0Guide": "guidance",
+    "PredictedX0Guidance": "guidance",
     "Prediction": "diffusion",
     "sample_ddim": "samplers",
     "sample_ddpm": "samplers",
     "sample_scheduler": "schedulers",
     "save_bank": "experts",
     "Segmentation": "tasks",
-    "SumGuide": "guidance",
+    "SumGuidance": "guidance",
     "TimestepRouter": "experts",
     "train_experts": "train",
     "TrainConfig": "config",
@@ -66,19 +66,19 @@ __all__ = [
     "FullExperts",
     "GuidanceTerm",
     "GuideModel",
-    "GuideSpec",
+    "GuidanceSpec",
     "LoRAExperts",
     "NoiseSchedule",
-    "NoisyInputGuide",
+    "NoisyInputGuidance",
     "PPAPError",
     "PPAPPipeline",
-    "PredictedX0Guide",
+    "PredictedX0Guidance",
     "Prediction",
     "Segmentation",
-    "SumGuide",
+    "SumGuidance",
     "TimestepRouter",
     "TrainConfig",
-    "build_guide",
+    "build_guidance",
     "load_bank",
     "sample_ddim",
     "sample_ddpm",

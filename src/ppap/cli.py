@@ -380,7 +380,7 @@ def cmd_sample(args) -> int:
     from . import zoo
     from .distributed import every_rank, main_decides
     from .images import to_hwc_uint8
-    from .pipeline import generate
+    from .pipeline import sample_images
     from .schedulers import sampling_scheduler
 
     torch.manual_seed(args.seed)  # for any third-party randomness; ppap's own noise is seeded per sample
@@ -435,7 +435,7 @@ def cmd_sample(args) -> int:
     mine = _sample_share(args.num, args.batch_size, acc.process_index, acc.num_processes)
 
     def draw() -> np.ndarray:  # this process's share, batch for batch as one process would draw it
-        x = generate(
+        x = sample_images(
             pipe,
             mine.stop - mine.start,
             seed=args.seed,

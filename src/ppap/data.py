@@ -500,7 +500,7 @@ def generate_corpus(
     from tqdm.auto import tqdm
 
     from .images import to_hwc_uint8
-    from .pipeline import generate
+    from .pipeline import sample_images
 
     root = Path(root)
     missing = pending_shards(root, spec) if (root / MANIFEST).exists() else open_corpus(root, spec)
@@ -508,7 +508,7 @@ def generate_corpus(
     for k in tqdm(mine, desc="corpus", unit="shard", disable=not progress):
         start, n = k * spec.shard_size, spec.shard_count(k)
         cond = conditioning.select(slice(start, start + n)) if conditioning is not None else None
-        x = generate(
+        x = sample_images(
             pipe,
             n,
             seed=spec.seed,

@@ -21,7 +21,7 @@ from . import zoo
 from .images import image_grid, to_hwc_uint8
 from .io import atomic_write_bytes, atomic_write_json
 from .loading import load_experts, load_guide, load_pipeline
-from .pipeline import generate
+from .pipeline import sample_images
 from .train import TrainConfig, data_free_experts
 
 
@@ -88,7 +88,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
     results, images = {}, {}
     for name, term in terms.items():
         t0 = time.time()
-        x = generate(
+        x = sample_images(
             pipe,
             len(targets),
             seed=seed + 1,

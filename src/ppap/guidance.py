@@ -1,7 +1,8 @@
-"""Guidance methods: small callables ``guide(x_t, t, pred) -> s * grad_{x_t} log p(target | x_t)``.
+"""Guidance methods: small callables ``guidance(x_t, t, pred) -> s * grad_{x_t} log p(target | x_t)``.
 
-The samplers know nothing about tasks, experts or targets; a method is chosen by building a
-guide. ``METHODS`` maps the CLI names to builders:
+The guide is the off-the-shelf model; the guidance is the gradient callable built around it (and
+its experts). The samplers know nothing about tasks, experts or targets; a method is chosen by
+building its guidance. ``METHODS`` maps the CLI names to builders:
 
   unguided  no guidance (the builder returns None)
   naive     the off-the-shelf model applied to the noisy x_t as it is
@@ -36,7 +37,7 @@ from .samplers import DenoiserFn, NonFiniteError
 from .tasks import Classification, Task
 
 
-class Guide(Protocol):
+class Guidance(Protocol):
     def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor: ...
 
 
@@ -53,7 +54,7 @@ def _grad_log_likelihood(task: Task, output: Tensor, target: Tensor, wrt: Tensor
 
 
 @dataclass
-class NoisyInputGuide:
+class NoisyInputGuidance:
     """grad of log p(target | x_t) from a model applied to x_t directly: ``model(x_t, t)``."""
 
     model: Callable[[Tensor, Tensor], Tensor]
@@ -67,7 +68,7 @@ class NoisyInputGuide:
 
 
 @dataclass
-class PredictedX0Guide:
+class PredictedX0Guidance:
     """grad of log p(target | x0_hat(x_t)) through the diffusion UNet (costs a UNet backward).
 
     ``max_batch``: samples per UNet forward and backward (None: the whole batch). The backward
@@ -193,9 +194,9 @@ class CalibratedClassification(Classification):
 
 
 @dataclass
-class ShortcutX0Guide:
+class ShortcutX0Guidance:
     """grad of log p(target | x0_hat) w.r.t. x0_hat, mapped to x_t as if d x0_hat / d x_t were
-    I / sqrt(abar_t) (the UNet Jacobian dropped): the loss of ``PredictedX0Guide`` at the cost
+    I / sqrt(abar_t) (the UNet Jacobian dropped): the loss of ``PredictedX0Guidance`` at the cost
     of one classifier forward/backward, no UNet backward (MPGD / EluCD style)."""
 
     net: nn.Module
@@ -214,26 +215,26 @@ class ShortcutX0Guide:
 
 
 @dataclass
-class NormalizedGuide:
+class NormalizedGuidance:
     """Per-sample gradient normalisation: ``scale * g / rms(g)``, so that ``scale`` is a step in
     pixel units at every t (the inner guide's own scale cancels). Robust to experts whose
     gradient magnitude varies by orders of magnitude across noise levels."""
 
-    guide: Guide
+    inner: Guidance
     scale: float
 
     def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
-        g = self.guide(x_t, t, pred)
+        g = self.inner(x_t, t, pred)
         rms = g.flatten(1).square().mean(1).sqrt().clamp_min(1e-12)
         return self.scale * g / rms.view(-1, *([1] * (g.ndim - 1)))
 
 
 @dataclass
-class IntervalGuide:
+class IntervalGuidance:
     """``guide`` for training timesteps ``lo <= t < hi``, nothing elsewhere: a guidance interval,
     or one piece of a guide assembled per noise range from several terms."""
 
-    guide: Guide
+    inner: Guidance
     lo: int
     hi: int
 
@@ -241,25 +242,25 @@ class IntervalGuide:
         inside = (t >= self.lo) & (t < self.hi)
         if not bool(inside.any()):
             return torch.zeros_like(x_t)
-        g = self.guide(x_t, t, pred)
+        g = self.inner(x_t, t, pred)
         return g if bool(inside.all()) else g * inside.view(-1, *([1] * (g.ndim - 1))).to(g.dtype)
 
 
 @dataclass
-class SumGuide:
-    """Composed guidance: the sum of several guides' (already scaled) gradients."""
+class SumGuidance:
+    """Composed guidance: the sum of several terms' (already scaled) gradients."""
 
-    guides: Sequence[Guide] = field(default_factory=list)
+    parts: Sequence[Guidance] = field(default_factory=list)
 
     def __call__(self, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
         total = torch.zeros_like(x_t)
-        for guide in self.guides:
-            total = total + guide(x_t, t, pred)
+        for part in self.parts:
+            total = total + part(x_t, t, pred)
         return total
 
 
 @dataclass
-class GuideSpec:
+class GuidanceSpec:
     """Everything a builder may need; each method uses what it needs and checks the rest."""
 
     task: Task
@@ -272,7 +273,7 @@ class GuideSpec:
     max_batch: int | None = None  # x0 only: samples per UNet forward + backward (None: the whole batch)
 
 
-def _need(spec: GuideSpec, attr: str, method: str):
+def _need(spec: GuidanceSpec, attr: str, method: str):
     value = getattr(spec, attr)
     if value is None:
         flag = {"net": "--guide", "experts": "--experts", "diffusion": "--diffusion"}[attr]
@@ -280,27 +281,27 @@ def _need(spec: GuideSpec, attr: str, method: str):
     return value
 
 
-def _unguided(spec: GuideSpec) -> None:
+def _unguided(spec: GuidanceSpec) -> None:
     return None
 
 
-def _naive(spec: GuideSpec) -> Guide:
+def _naive(spec: GuidanceSpec) -> Guidance:
     net = _need(spec, "net", "naive")
-    return NoisyInputGuide(lambda x, t: net(x), spec.task, spec.target, spec.scale)
+    return NoisyInputGuidance(lambda x, t: net(x), spec.task, spec.target, spec.scale)
 
 
-def _experts(spec: GuideSpec) -> Guide:
+def _experts(spec: GuidanceSpec) -> Guidance:
     bank = _need(spec, "experts", "ppap").eval()
-    return NoisyInputGuide(bank, spec.task, spec.target, spec.scale)
+    return NoisyInputGuidance(bank, spec.task, spec.target, spec.scale)
 
 
-def _x0(spec: GuideSpec) -> Guide:
-    return PredictedX0Guide(_need(spec, "diffusion", "x0"), _need(spec, "net", "x0"), spec.task, spec.target, spec.scale, spec.max_batch)
+def _x0(spec: GuidanceSpec) -> Guidance:
+    return PredictedX0Guidance(_need(spec, "diffusion", "x0"), _need(spec, "net", "x0"), spec.task, spec.target, spec.scale, spec.max_batch)
 
 
-def _x0_shortcut(spec: GuideSpec) -> Guide:
+def _x0_shortcut(spec: GuidanceSpec) -> Guidance:
     cal = spec.calibration
-    return ShortcutX0Guide(
+    return ShortcutX0Guidance(
         cal.calibrate_net(_need(spec, "net", "x0-shortcut")),
         cal.calibrate_task(spec.task),
         spec.target,
@@ -310,7 +311,7 @@ def _x0_shortcut(spec: GuideSpec) -> Guide:
     )
 
 
-METHODS: dict[str, Callable[[GuideSpec], Guide | None]] = {
+METHODS: dict[str, Callable[[GuidanceSpec], Guidance | None]] = {
     "unguided": _unguided,
     "naive": _naive,
     "ppap": _experts,
@@ -321,7 +322,7 @@ METHODS: dict[str, Callable[[GuideSpec], Guide | None]] = {
 }
 
 
-def build_guide(method: str, spec: GuideSpec) -> Guide | None:
+def build_guidance(method: str, spec: GuidanceSpec) -> Guidance | None:
     if method not in METHODS:
         raise PPAPError(f"unknown guidance method {method!r}; valid: {', '.join(METHODS)}")
     return METHODS[method](spec)
@@ -342,7 +343,7 @@ class GuidanceTerm:
     calibration: Calibration = field(default_factory=Calibration)
     interval: tuple[int, int] | None = None  # guide only for training timesteps lo <= t < hi
     max_batch: int | None = None  # x0: samples per UNet forward + backward, to cap the backward's memory (exact)
-    normalize: bool = False  # per-sample unit-RMS gradient times ``scale`` (``NormalizedGuide``)
+    normalize: bool = False  # per-sample unit-RMS gradient times ``scale`` (``NormalizedGuidance``)
     description: str = ""
 
     def __post_init__(self):
@@ -363,13 +364,13 @@ class GuidanceTerm:
             "multi-expert-supervised": "experts",
         }.get(self.method)
         if needs is not None:
-            _need(GuideSpec(self.task, self.targets, self.scale, net=self.net, experts=self.experts), needs, self.method)
+            _need(GuidanceSpec(self.task, self.targets, self.scale, net=self.net, experts=self.experts), needs, self.method)
 
     def select(self, index: Tensor | slice) -> GuidanceTerm:
         return dataclasses.replace(self, targets=self.targets[index])
 
-    def build(self, denoiser: DenoiserFn | None = None) -> Guide | None:
-        spec = GuideSpec(
+    def build(self, denoiser: DenoiserFn | None = None) -> Guidance | None:
+        spec = GuidanceSpec(
             task=self.task,
             target=self.targets,
             scale=self.scale,
@@ -379,19 +380,19 @@ class GuidanceTerm:
             calibration=self.calibration,
             max_batch=self.max_batch,
         )
-        guide = build_guide(self.method, spec)
-        if guide is None:
+        guidance = build_guidance(self.method, spec)
+        if guidance is None:
             return None
         if self.normalize:
-            guide = NormalizedGuide(guide, self.scale)
+            guidance = NormalizedGuidance(guidance, self.scale)
         if self.interval is not None:
-            guide = IntervalGuide(guide, *self.interval)
-        return guide
+            guidance = IntervalGuidance(guidance, *self.interval)
+        return guidance
 
 
-def compose(terms: Sequence[GuidanceTerm], denoiser: DenoiserFn | None = None) -> Guide | None:
-    """The summed guide of ``terms`` (None when nothing guides)."""
-    guides = [g for g in (term.build(denoiser) for term in terms) if g is not None]
-    if not guides:
+def compose(terms: Sequence[GuidanceTerm], denoiser: DenoiserFn | None = None) -> Guidance | None:
+    """The summed guidance of ``terms`` (None when nothing guides)."""
+    parts = [g for g in (term.build(denoiser) for term in terms) if g is not None]
+    if not parts:
         return None
-    return guides[0] if len(guides) == 1 else SumGuide(guides)
+    return parts[0] if len(parts) == 1 else SumGuidance(parts)

@@ -428,7 +428,7 @@ class PPAPPipeline(DiffusionPipeline):
                 if term.experts is not None:
                     _check_device(term.experts, device, "expert bank")
             denoiser = diffusion.bind(cond)
-            guide_fn = compose(all_terms, denoiser)
+            guidance = compose(all_terms, denoiser)
             if latents is None:
                 x = randn_tensor((batch_size,) + shape, generator=generator, device=device, dtype=torch.float32)
             else:
@@ -449,7 +449,7 @@ class PPAPPipeline(DiffusionPipeline):
                     x,
                     scheduler,
                     num_inference_steps,
-                    guide=guide_fn,
+                    guidance=guidance,
                     eta=eta,
                     generator=generator,
                     callback=on_step,
@@ -470,7 +470,7 @@ class PPAPPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
 
-def generate(
+def sample_images(
     pipe: PPAPPipeline,
     num: int,
     *,

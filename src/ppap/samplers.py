@@ -2,13 +2,13 @@
 
 ``denoiser(x_t, t) -> Prediction`` is a ``Diffusion`` (or one with its condition bound,
 ``Diffusion.bind``); ``grid`` is ``NoiseSchedule.grid(S, kind)``, the steps diffusers' scheduler
-of that kind would take. A guide is any callable ``guide(x_t, t, pred) -> g`` returning the
+of that kind would take. The guidance is any callable ``guidance(x_t, t, pred) -> g`` returning the
 *scaled* gradient ``s * grad_{x_t} log p(target | x_t)`` ([B, C, H, W]); see ``ppap.guidance``.
 The samplers apply it as in Dhariwal & Nichol (2021), "Diffusion Models Beat GANs", Sec. 4:
   * DDIM (Algorithm 2): eps_hat = eps - sqrt(1 - abar_t) * g, and x0 is recomputed from eps_hat;
   * DDPM (Algorithm 1): mu' = mu + Sigma_t * g.
 Working in (eps, x0) makes this the same correction whatever the model predicts (eps, v or x0).
-With ``guide=None`` both loops reproduce diffusers' ``DDIMScheduler`` / ``DDPMScheduler``
+With ``guidance=None`` both loops reproduce diffusers' ``DDIMScheduler`` / ``DDPMScheduler``
 step for step, noise included (``randn_tensor`` with the caller's generator or generator list).
 """
 
@@ -30,7 +30,7 @@ class NonFiniteError(PPAPError):
     """A NaN or inf in guidance or sampling (the pipeline adds which guidance method)."""
 
 
-GuideFn = Callable[[Tensor, Tensor, Prediction], Tensor]
+GuidanceFn = Callable[[Tensor, Tensor, Prediction], Tensor]
 Callback = Callable[[dict], Tensor | None]  # may return a replacement sample
 Generator = torch.Generator | list[torch.Generator] | None
 Progress = bool | Callable[[list[int]], Iterable[int]]
@@ -51,23 +51,23 @@ def _clip_range(schedule: NoiseSchedule, clip_x0: bool | None) -> float | None:
     return float(schedule.config.get("clip_sample_range", 1.0)) if clip_x0 else None
 
 
-def _step(denoiser: DenoiserFn, x: Tensor, timestep: int | Tensor, guide: GuideFn | None) -> tuple[Prediction, Tensor | None]:
+def _step(denoiser: DenoiserFn, x: Tensor, timestep: int | Tensor, guidance: GuidanceFn | None) -> tuple[Prediction, Tensor | None]:
     """The prediction at (x, t) and the guidance gradient (None unguided). ``timestep`` is an int
     or a scheduler's 0-dim timestep (kept in its dtype: a float t reaches the UNet as it is)."""
     if isinstance(timestep, Tensor):
         t, t_int = timestep.to(x.device).expand(x.shape[0]).contiguous(), _number(timestep)
     else:
         t, t_int = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device), timestep
-    if guide is not None and hasattr(guide, "guided_prediction"):  # a guide that needs the UNet forward with grad
+    if guidance is not None and hasattr(guidance, "guided_prediction"):  # guidance that needs the UNet forward with grad
         with torch.enable_grad():
-            pred, g = guide.guided_prediction(x, t)
+            pred, g = guidance.guided_prediction(x, t)
     else:
         with torch.no_grad():
             pred = denoiser(x, t)
-        if guide is None:
+        if guidance is None:
             return pred, None
         with torch.enable_grad():
-            g = guide(x, t, pred)
+            g = guidance(x, t, pred)
     if not bool(torch.isfinite(g).all()):
         raise NonFiniteError(f"the guidance gradient is not finite at t={t_int:g}")
     return pred, g.detach()
@@ -105,7 +105,7 @@ def sample_ddim(
     x_T: Tensor,
     grid: SamplingGrid,
     *,
-    guide: GuideFn | None = None,
+    guidance: GuidanceFn | None = None,
     eta: float = 0.0,
     clip_x0: bool | None = None,
     generator: Generator = None,
@@ -119,7 +119,7 @@ def sample_ddim(
     x = x_T
     for i, t_int in enumerate(_steps(grid.timesteps.tolist(), progress, "DDIM")):
         a_t, a_prev = _scalars(grid, i, x)
-        pred, g = _step(denoiser, x, t_int, guide)
+        pred, g = _step(denoiser, x, t_int, guidance)
         eps, x0 = pred.eps, pred.x0
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
@@ -174,7 +174,7 @@ def sample_ddpm(
     x_T: Tensor,
     grid: SamplingGrid,
     *,
-    guide: GuideFn | None = None,
+    guidance: GuidanceFn | None = None,
     clip_x0: bool | None = None,
     generator: Generator = None,
     callback: Callback | None = None,
@@ -189,7 +189,7 @@ def sample_ddpm(
     for i, t_int in enumerate(_steps(grid.timesteps.tolist(), progress, "DDPM")):
         a_t, a_prev = _scalars(grid, i, x)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # the one-step alpha/beta of the respaced chain
-        pred, g = _step(denoiser, x, t_int, guide)
+        pred, g = _step(denoiser, x, t_int, guidance)
         x0 = pred.x0 if clip is None else pred.x0.clamp(-clip, clip)
         # posterior mean of q(x_{t-1} | x_t, x0) (Ho et al. eq. 7)
         mean = (a_prev**0.5 * beta) / (1 - a_t) * x0 + alpha**0.5 * (1 - a_prev) / (1 - a_t) * x

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .diffusion import NoiseSchedule, join_output, split_output
 from .io import PPAPError
-from .samplers import Callback, DenoiserFn, Generator, GuideFn, Progress, _check_finite, _number, _step, _steps, sample_ddim, sample_ddpm
+from .samplers import Callback, DenoiserFn, Generator, GuidanceFn, Progress, _check_finite, _number, _step, _steps, sample_ddim, sample_ddpm
 
 # sampler name -> (diffusers scheduler class, config overrides)
 SAMPLER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -95,7 +95,7 @@ def sample_scheduler(
     scheduler,
     num_steps: int,
     *,
-    guide: GuideFn | None = None,
+    guidance: GuidanceFn | None = None,
     generator: Generator = None,
     callback: Callback | None = None,
     progress: Progress = False,
@@ -116,7 +116,7 @@ def sample_scheduler(
         # advance one sigma per step() call (Heun's sigmas are interleaved like its timesteps)
         a = (1 / (1 + s.sigmas[i].double() ** 2)).to(x.dtype).to(x.device)  # cast before moving: MPS has no float64
         x_t = s.scale_model_input(x, t)
-        pred, g = _step(denoiser, x_t, t, guide)
+        pred, g = _step(denoiser, x_t, t, guidance)
         output = pred.output if pred.output is not None else join_output(pred.eps, pred.x0, a, kind)
         eps, x0 = split_output(output, x_t, a, kind)
         if g is not None:  # Dhariwal & Nichol eq. 14, then back to the model's prediction type for step()
@@ -137,7 +137,7 @@ def sample(
     scheduler,
     num_steps: int,
     *,
-    guide: GuideFn | None = None,
+    guidance: GuidanceFn | None = None,
     eta: float = 0.0,
     generator: Generator = None,
     callback: Callback | None = None,
@@ -147,8 +147,10 @@ def sample(
     through ``sample_ddim`` (with ``eta``) / ``sample_ddpm``, the others through ``sample_scheduler``."""
     own = OWN_LOOPS.get(type(scheduler).__name__)
     if own is None:
-        return sample_scheduler(denoiser, x_T, scheduler, num_steps, guide=guide, generator=generator, callback=callback, progress=progress)
+        return sample_scheduler(
+            denoiser, x_T, scheduler, num_steps, guidance=guidance, generator=generator, callback=callback, progress=progress
+        )
     grid = NoiseSchedule.from_diffusers(scheduler).grid(num_steps, own)
     if own == "ddim":
-        return sample_ddim(denoiser, x_T, grid, guide=guide, eta=eta, generator=generator, callback=callback, progress=progress)
-    return sample_ddpm(denoiser, x_T, grid, guide=guide, generator=generator, callback=callback, progress=progress)
+        return sample_ddim(denoiser, x_T, grid, guidance=guidance, eta=eta, generator=generator, callback=callback, progress=progress)
+    return sample_ddpm(denoiser, x_T, grid, guidance=guidance, generator=generator, callback=callback, progress=progress)

@@ -26,7 +26,7 @@ from .cli import _number, build_term, parse_term
 from .images import image_grid, load_reference_image, to_hwc_uint8
 from .io import PPAPError, atomic_write_bytes
 from .loading import load_experts, load_guide, load_pipeline
-from .pipeline import PPAPPipeline, generate
+from .pipeline import PPAPPipeline, sample_images
 from .schedulers import sampling_scheduler
 
 METHODS = ("unguided", "naive", "ppap", "noise-aware", "x0")
@@ -251,7 +251,7 @@ def run_comparison(
             return {}
 
         start = time.perf_counter()
-        x = generate(
+        x = sample_images(
             pipe,
             req.num,
             seed=req.seed,

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from ..data import load_fashion_mnist
 from ..diffusion import Diffusion, SamplingGrid
-from ..guidance import Calibration, GuidanceTerm, Guide
+from ..guidance import Calibration, Guidance, GuidanceTerm
 from ..io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
 from ..loading import load_experts, load_guide, load_pipeline
 from ..metrics import features, predict
-from ..pipeline import generate
+from ..pipeline import sample_images
 from ..samplers import sample_ddim
 
 
@@ -164,7 +164,7 @@ class Bench:
         """``num`` DDIM samples guided by ``term`` (None: unguided; a list: their sum) and the
         seconds they took."""
         t0 = time.time()
-        x = generate(
+        x = sample_images(
             self.pipe,
             num,
             seed=seed,
@@ -224,15 +224,15 @@ def mid_step(diffusion: Diffusion, steps: int) -> SamplingGrid:
 
 
 def time_steps(
-    diffusion: Diffusion, guides: dict[str, Guide | None], batch: int, steps: int, repeats: int, whole: bool = False
+    diffusion: Diffusion, guidances: dict[str, Guidance | None], batch: int, steps: int, repeats: int, whole: bool = False
 ) -> dict[str, float]:
     """Median seconds of one mid-noise DDIM step (of a ``steps``-step schedule) at ``batch`` for
-    each guide (None = unguided), timed round-robin so that a transient load on the machine hits
+    each method's guidance (None = unguided), timed round-robin so that a transient load on the machine hits
     every method alike. Round 0 warms up and is dropped. ``whole``: the whole ``steps``-step
     trajectory instead (so a bank's expert switches are in the time), divided by ``steps``."""
     x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
     step = diffusion.schedule.grid(steps, "ddim") if whole else mid_step(diffusion, steps)
-    calls = {name: functools.partial(sample_ddim, diffusion, x, step, guide=guide) for name, guide in guides.items()}
+    calls = {name: functools.partial(sample_ddim, diffusion, x, step, guidance=guidance) for name, guidance in guidances.items()}
     return {name: seconds / len(step) for name, seconds in round_robin_median(calls, repeats).items()}
 
 
@@ -249,14 +249,14 @@ def round_robin_median(calls: dict[str, Callable[[], object]], repeats: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def step_memory(diffusion: Diffusion, x: Tensor, step: SamplingGrid, guide: Guide | None) -> dict:
+def step_memory(diffusion: Diffusion, x: Tensor, step: SamplingGrid, guidance: Guidance | None) -> dict:
     """The peak RSS of two guided steps above the RSS just before them (``step_memory_mib``; the
     load-time peak would hide everything but x0), and the process's peak RSS. Meant for a fresh
     process; Linux only for the step memory (None elsewhere)."""
     load_peak = _proc_status_mib("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
     before = _reset_peak_rss()
     for _ in range(2):
-        sample_ddim(diffusion, x, step, guide=guide)
+        sample_ddim(diffusion, x, step, guidance=guidance)
     if before is None or load_peak is None:
         scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
         return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "step_memory_mib": None}

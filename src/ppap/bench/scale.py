@@ -211,7 +211,7 @@ class _Loaded:
             classifier_scale=1.0,
         )
 
-    def guide_fn(self, method: str):
+    def guidance(self, method: str):
         term = self.term(method)
         return None if term is None else term.build(self.denoiser)
 
@@ -244,11 +244,11 @@ def _load(
     return _Loaded(pipe, diffusion.bind(cond), guide, bank, dev, batch)
 
 
-def _mid_step_call(loaded: _Loaded, steps: int, guide) -> Callable[[], object]:
+def _mid_step_call(loaded: _Loaded, steps: int, guidance) -> Callable[[], object]:
     from ..samplers import sample_ddim
 
     x, step = loaded.noise(), mid_step(loaded.pipe.diffusion, steps)
-    return lambda: (sample_ddim(loaded.denoiser, x, step, guide=guide), _sync(loaded.device))
+    return lambda: (sample_ddim(loaded.denoiser, x, step, guidance=guidance), _sync(loaded.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def measure_times(diffusion_dir: str, guide_dir: str, bank_dir: str, device: str
     """Median seconds of one mid-noise step per method and of its parts, timed round-robin. A
     call that runs out of memory (x0 at a large batch, say) is None, and the others are still timed."""
     loaded = _load(diffusion_dir, guide_dir, bank_dir, device, dtype, batch)
-    calls = {m: _mid_step_call(loaded, steps, loaded.guide_fn(m)) for m in METHODS}
+    calls = {m: _mid_step_call(loaded, steps, loaded.guidance(m)) for m in METHODS}
     calls |= _part_calls(loaded, steps)
     out_of_memory = [name for name, call in calls.items() if not _fits(call, loaded.device)]
     seconds: dict[str, float | None] = dict(round_robin_median({k: c for k, c in calls.items() if k not in out_of_memory}, repeats))
@@ -346,7 +346,7 @@ def measure_x0_memory(diffusion_dir: str, guide_dir: str, device: str, dtype: st
 
 
 def _memory_of(loaded: _Loaded, steps: int, method: str) -> dict:
-    call = _mid_step_call(loaded, steps, loaded.guide_fn(method))
+    call = _mid_step_call(loaded, steps, loaded.guidance(method))
     with _PeakMemory(loaded.device) as peak:
         for _ in range(2):
             call()
@@ -421,7 +421,7 @@ def measure_throughput(diffusion_dir: str, device: str, dtype: str, num: int, st
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from ..loading import load_pipeline, resolve_device, resolve_dtype
-    from ..pipeline import generate
+    from ..pipeline import sample_images
 
     dev = resolve_device(device)
     pipe = load_pipeline(diffusion_dir, device=dev, dtype=resolve_dtype(dtype))
@@ -429,7 +429,7 @@ def measure_throughput(diffusion_dir: str, device: str, dtype: str, num: int, st
     reference.set_progress_bar_config(disable=True)
     calls = {
         "ppap": lambda: (
-            generate(pipe, num, seed=0, batch_size=num, progress=False, num_inference_steps=steps, sampler="ddim"),
+            sample_images(pipe, num, seed=0, batch_size=num, progress=False, num_inference_steps=steps, sampler="ddim"),
             _sync(dev),
         ),
         "diffusers": lambda: (
