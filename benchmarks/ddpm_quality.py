@@ -13,10 +13,10 @@ import time
 
 import torch
 
+from ppap.batch_sampling import sample_images
 from ppap.data import load_fashion_mnist
 from ppap.loading import load_guide, load_pipeline
 from ppap.metrics import features, fid, kid, precision_recall
-from ppap.pipeline import sample_images
 
 
 def main() -> None:

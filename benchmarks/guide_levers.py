@@ -12,9 +12,9 @@ import argparse
 import dataclasses
 import time
 
+from ppap.batch_sampling import sample_images
 from ppap.loading import load_experts, load_guide, load_pipeline
 from ppap.metrics import accuracy
-from ppap.pipeline import sample_images
 
 LEVERS = {  # name -> guidance interval [lo, hi) in training timesteps (None: every step)
     "every step": None,

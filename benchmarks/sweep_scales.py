@@ -13,8 +13,8 @@ import time
 
 import torch
 
+from ppap.batch_sampling import sample_images
 from ppap.loading import load_experts, load_guide, load_pipeline
-from ppap.pipeline import sample_images
 
 
 def main() -> None:

@@ -153,8 +153,8 @@ def test_class_label_classifier_free_guidance_from_the_cli(tmp_path, capsys):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from ppap import Conditioning, PPAPPipeline
+    from ppap.batch_sampling import sample_images
     from ppap.images import to_hwc_uint8
-    from ppap.pipeline import sample_images
 
     from conftest import tiny_unet
 

@@ -1,12 +1,13 @@
 """The command line answers --help and argument errors without importing torch (or numpy,
-diffusers, transformers, peft): a newcomer's first commands return at once."""
+diffusers, transformers, peft, or a command's implementation): a newcomer's first commands
+return at once."""
 
 import subprocess
 import sys
 
 import pytest
 
-HEAVY = ("torch", "numpy", "diffusers", "transformers", "peft", "accelerate")
+HEAVY = ("torch", "numpy", "diffusers", "transformers", "peft", "accelerate", "ppap.commands")  # the commands load after parsing
 
 PROBE = """
 import sys

@@ -499,8 +499,8 @@ def generate_corpus(
     reads what is left (a folder without a manifest is opened here)."""
     from tqdm.auto import tqdm
 
+    from .batch_sampling import sample_images
     from .images import to_hwc_uint8
-    from .pipeline import sample_images
 
     root = Path(root)
     missing = pending_shards(root, spec) if (root / MANIFEST).exists() else open_corpus(root, spec)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from . import zoo
+from .batch_sampling import sample_images
 from .images import image_grid, to_hwc_uint8
 from .io import atomic_write_bytes, atomic_write_json
 from .loading import load_experts, load_guide, load_pipeline
-from .pipeline import sample_images
 from .train import TrainConfig, data_free_experts
 
 

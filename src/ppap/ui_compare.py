@@ -22,11 +22,13 @@ import torch
 from torch import Tensor
 
 from . import zoo
-from .cli import _number, build_term, parse_term
+from .batch_sampling import sample_images
+from .commands.common import _number
+from .commands.terms import build_term, parse_term
 from .images import image_grid, load_reference_image, to_hwc_uint8
 from .io import PPAPError, atomic_write_bytes
 from .loading import load_experts, load_guide, load_pipeline
-from .pipeline import PPAPPipeline, sample_images
+from .pipeline import PPAPPipeline
 from .schedulers import sampling_scheduler
 
 METHODS = ("unguided", "naive", "ppap", "noise-aware", "x0")

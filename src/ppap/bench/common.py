@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..batch_sampling import sample_images
 from ..data import load_fashion_mnist
 from ..diffusion import Diffusion, SamplingGrid
 from ..guidance import Calibration, Guidance, GuidanceTerm
 from ..io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
 from ..loading import load_experts, load_guide, load_pipeline
 from ..metrics import features, predict
-from ..pipeline import sample_images
 from ..samplers import sample_ddim
 
 

@@ -1,0 +1,56 @@
+"""``ppap bench``: the comparison on the zoo (classifier, dense) and the cost at real sizes (scale)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import PPAPError
+
+
+def _row_choice(text: str, check) -> tuple[str, ...] | str:
+    """``--ablations`` / ``--extra-rows``: "all", "none" or a comma list of row names, which
+    ``check`` refuses with a clear error for an unknown name, before anything loads."""
+    choice = {"all": "all", "none": ()}.get(text)
+    if choice is None:
+        choice = tuple(n.strip() for n in text.split(",") if n.strip())
+        check(choice)
+    return choice
+
+
+def cmd_bench(args) -> int:
+    out = Path(args.out or f"runs/bench-{args.suite}{'-quick' if args.quick else ''}")
+    if args.suite != "scale" and ((args.device, args.dtype, args.batch_sizes) != (None, None, None) or args.report_only):
+        raise PPAPError("--device, --dtype, --batch-sizes and --report-only apply to `ppap bench scale` only")
+    if args.suite == "classifier":
+        import dataclasses
+
+        from ..bench import QUICK, BenchConfig, classifier_report, run_classifier_bench
+
+        cfg = QUICK if args.quick else BenchConfig()
+        if args.workers is not None:
+            if args.workers < 1:
+                raise PPAPError(f"--workers must be >= 1 (got {args.workers})")
+            cfg = dataclasses.replace(cfg, workers=args.workers)
+        from ..bench.classifier import ablation_names, table_rows
+
+        if args.ablations is not None:
+            cfg = dataclasses.replace(cfg, ablations=_row_choice(args.ablations, ablation_names))
+        if args.extra_rows is not None:
+            cfg = dataclasses.replace(cfg, extra_rows=_row_choice(args.extra_rows, table_rows))
+        results = run_classifier_bench(out, cfg=cfg, progress=not args.quiet)
+        print(classifier_report(results))
+    elif args.workers is not None or args.ablations is not None or args.extra_rows is not None:
+        raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
+    elif args.suite == "scale":
+        from ..bench.scale import run_scale_bench, scale_config, scale_report
+
+        cfg = scale_config(args.quick, args.device, args.dtype, args.batch_sizes)
+        results = run_scale_bench(out, cfg=cfg, progress=not args.quiet, report_only=args.report_only)
+        print(scale_report(results))
+    else:
+        from ..bench import dense_report, run_dense_bench
+
+        results = run_dense_bench(out, quick=args.quick, progress=not args.quiet)
+        print(dense_report(results))
+    print(f"results in {out}/ (results.json, report.md, figures); re-run to resume")
+    return 0

@@ -1,0 +1,93 @@
+"""What several commands take from their flags: the diffusion pipeline and its conditions
+(``--diffusion``, ``--device``, ``--class-label``, ...), a checked ``--out``, numbers given as
+text, and the accelerator that splits the work between processes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..errors import PPAPError
+
+
+def _accelerator():
+    import torch
+    from accelerate import Accelerator
+
+    # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` start a gloo
+    # process group (MULTI_CPU) instead of silently running N independent copies
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _pipeline(args):
+    from ..loading import load_pipeline
+
+    return load_pipeline(args.diffusion, device=args.device, dtype=args.dtype, revision=args.revision)
+
+
+def _conditioning(args, num: int):
+    """The UNet's conditions from ``--class-label`` / ``--negative-class-label`` /
+    ``--prompt-embeds`` / ``--cfg-scale``."""
+    import torch
+
+    from ..diffusion import Conditioning
+    from ..io import load_safetensors
+
+    labels = None
+    if args.class_label:
+        try:
+            values = [int(v) for v in args.class_label.split(",")]
+        except ValueError:
+            raise PPAPError(f"bad --class-label {args.class_label!r}: use integers, e.g. '3' or '0,1,2' (cycled)") from None
+        labels = torch.tensor([values[k % len(values)] for k in range(num)])
+    embeds = negative = None
+    if args.prompt_embeds:
+        tensors = load_safetensors(args.prompt_embeds)
+        if "prompt_embeds" not in tensors:
+            raise PPAPError(f"{args.prompt_embeds} has no 'prompt_embeds' tensor (found: {', '.join(sorted(tensors)) or 'none'})")
+        embeds, negative = tensors["prompt_embeds"].float(), tensors.get("negative_prompt_embeds")
+        if embeds.ndim == 2:
+            embeds = embeds[None]
+        if embeds.ndim != 3:
+            raise PPAPError(f"prompt_embeds in {args.prompt_embeds} must be [L, D] or [N, L, D], got {list(embeds.shape)}")
+        embeds = embeds[torch.arange(num) % embeds.shape[0]]
+        if negative is not None:
+            negative = (negative[None] if negative.ndim == 2 else negative).float()
+            negative = negative[torch.arange(num) % negative.shape[0]]
+    if labels is None and embeds is None:
+        if args.cfg_scale != 1.0:
+            raise PPAPError("--cfg-scale needs a conditional model's --class-label or --prompt-embeds")
+        return None
+    null = args.negative_class_label
+    if null is not None and labels is None:
+        raise PPAPError("--negative-class-label needs --class-label")
+    if null is None and labels is not None and embeds is None and args.cfg_scale > 1:
+        raise PPAPError("--cfg-scale above 1 with --class-label needs --negative-class-label N, the model's null class")
+    null_labels = None if null is None else torch.full((num,), null)
+    return Conditioning(labels, embeds, negative, null_labels, args.cfg_scale)
+
+
+def check_out(path: str | Path, kind: str = "folder") -> Path:
+    """``--out``: no file in the way of a folder (or a folder in the way of a file), checked
+    before anything is computed or written."""
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise PPAPError(f"--out {path} is a file, not a folder")
+    if kind == "file" and path.is_dir():
+        raise PPAPError(f"--out {path} is a directory")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise PPAPError(f"--out {path}: {parent} is a file, not a folder")
+    return path
+
+
+def _number(value, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise PPAPError(f"bad {what} {value!r}: expected a number") from None
+    if not math.isfinite(v):
+        raise PPAPError(f"bad {what} {value!r}: expected a finite number")
+    return v
