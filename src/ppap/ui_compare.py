@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import zoo
 from .batch_sampling import sample_images
-from .commands.common import _number
+from .commands.common import finite_number
 from .commands.terms import build_term, parse_term
 from .images import image_grid, load_reference_image, to_hwc_uint8
 from .io import PPAPError, atomic_write_bytes
@@ -111,15 +111,15 @@ class Request:
         if unknown:
             raise PPAPError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
         for name, lo, hi in (("steps", 1, MAX_STEPS), ("number of images", 1, MAX_IMAGES)):
-            value = _number(self.steps if name == "steps" else self.num, name)
+            value = finite_number(self.steps if name == "steps" else self.num, name)
             if value is None or value != int(value) or not lo <= value <= hi:
                 raise PPAPError(f"{name} must be an integer {lo}..{hi}, got {value}")
-        seed = _number(self.seed, "seed")
+        seed = finite_number(self.seed, "seed")
         if seed is None or seed != int(seed):
             raise PPAPError(f"seed must be an integer, got {self.seed!r}")
-        self.scale = _number(self.scale, "guidance scale")
-        self.layout_scale = _number(self.layout_scale, "layout guidance scale")
-        cfg = _number(self.cfg_scale, "CFG scale")
+        self.scale = finite_number(self.scale, "guidance scale")
+        self.layout_scale = finite_number(self.layout_scale, "layout guidance scale")
+        cfg = finite_number(self.cfg_scale, "CFG scale")
         self.cfg_scale = 1.0 if cfg is None else cfg
         self.steps, self.num, self.seed = int(self.steps), int(self.num), int(self.seed)
 

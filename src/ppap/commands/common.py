@@ -10,7 +10,8 @@ from pathlib import Path
 from ..errors import PPAPError
 
 
-def _accelerator():
+def accelerator():
+    """The ``Accelerator`` of this process: one of several under ``accelerate launch``, else the only one."""
     import torch
     from accelerate import Accelerator
 
@@ -19,13 +20,14 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def _pipeline(args):
+def pipeline_from_flags(args):
+    """The ``PPAPPipeline`` of ``--diffusion`` on ``--device`` in ``--dtype`` at ``--revision``."""
     from ..loading import load_pipeline
 
     return load_pipeline(args.diffusion, device=args.device, dtype=args.dtype, revision=args.revision)
 
 
-def _conditioning(args, num: int):
+def conditioning_from_flags(args, num: int):
     """The UNet's conditions from ``--class-label`` / ``--negative-class-label`` /
     ``--prompt-embeds`` / ``--cfg-scale``."""
     import torch
@@ -81,7 +83,8 @@ def check_out(path: str | Path, kind: str = "folder") -> Path:
     return path
 
 
-def _number(value, what: str) -> float | None:
+def finite_number(value, what: str) -> float | None:
+    """``value`` (a number or its text) as a finite float, None as None; else a one-line error naming ``what``."""
     if value is None:
         return None
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import PPAPError
-from .common import _accelerator, _conditioning, _number, _pipeline, check_out
+from .common import accelerator, check_out, conditioning_from_flags, finite_number, pipeline_from_flags
 
 
 def cmd_generate(args) -> int:
@@ -13,13 +13,13 @@ def cmd_generate(args) -> int:
     from ..schedulers import sampling_scheduler
 
     check_out(args.out)
-    if _number(args.eta, "--eta") < 0:
+    if finite_number(args.eta, "--eta") < 0:
         raise PPAPError(f"--eta must be >= 0, got {args.eta}")
-    acc = _accelerator()
+    acc = accelerator()
     if args.device is None:
         args.device = str(acc.device)
-    pipe = _pipeline(args)
-    cond = _conditioning(args, args.num) if args.num >= 1 else None
+    pipe = pipeline_from_flags(args)
+    cond = conditioning_from_flags(args, args.num) if args.num >= 1 else None
     spec = corpus_spec(
         pipe,
         args.diffusion,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PPAPError
-from .common import _accelerator, _conditioning, _number, _pipeline, check_out
+from .common import accelerator, check_out, conditioning_from_flags, finite_number, pipeline_from_flags
 from .terms import build_term, parse_term
 
 if TYPE_CHECKING:
@@ -50,19 +50,19 @@ def cmd_sample(args) -> int:
         raise PPAPError(f"--num must be >= 1, got {args.num}")
     if args.batch_size < 1 or args.nrow < 1:
         raise PPAPError(f"--batch-size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
-    _number(args.scale, "--scale")
-    _number(args.eta, "--eta")
+    finite_number(args.scale, "--scale")
+    finite_number(args.eta, "--eta")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
     check_out(out, "file")
     check_out(out.with_suffix(".npz"), "file")
-    acc = _accelerator()
+    acc = accelerator()
     if args.device is None and acc.num_processes > 1:
         args.device = str(acc.device)  # under `accelerate launch`: each process on its own device
-    pipe = _pipeline(args)
+    pipe = pipeline_from_flags(args)
     sampling_scheduler(pipe.scheduler, args.sampler, args.steps)  # one-line errors before loading guides
-    cond = _conditioning(args, args.num)
+    cond = conditioning_from_flags(args, args.num)
     fit = zoo.ZOO[args.diffusion].reference_fit if zoo.is_zoo_name(args.diffusion) else "resize"
     terms = []
     if args.guide:

@@ -4,7 +4,7 @@ web page's extra terms, parsed and loaded into the pipeline's guidance terms."""
 from __future__ import annotations
 
 from ..errors import PPAPError
-from .common import _number
+from .common import finite_number
 
 TERM_KEYS = ("guide", "guide_weights", "experts", "method", "task", "target", "target_image", "target_map", "scale", "calibration")
 
@@ -61,7 +61,7 @@ def build_term(
         target=target_value,
         target_image=image,
         method=method,
-        classifier_scale=_number(scale, "guidance scale"),
+        classifier_scale=finite_number(scale, "guidance scale"),
         calibration=Calibration.parse(calibration),
         task=task,
     )

@@ -7,7 +7,7 @@ import json
 
 from ..cli import config_from_args
 from ..errors import PPAPError
-from .common import _accelerator, check_out
+from .common import accelerator, check_out
 
 
 def _load_training_data(args, task_name: str):
@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
     check_out(args.out)
     if args.limit is not None and args.limit < 1:
         raise PPAPError(f"--limit must be >= 1, got {args.limit}")
-    acc = _accelerator()
+    acc = accelerator()
     device = resolve_device(args.device) if args.device else acc.device
     diffusion = load_diffusion(args.diffusion, revision=args.revision)  # its schedule and image shape; the UNet is not run
     schedule, image_shape = diffusion.schedule, diffusion.image_shape
