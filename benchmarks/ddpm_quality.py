@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ppap.data import load_fashion_mnist
+from ppap.fashion_mnist import load_fashion_mnist
 from ppap.loading import load_guide, load_pipeline
 from ppap.metrics import features, fid, kid, precision_recall
 from ppap.pipeline import sample_images

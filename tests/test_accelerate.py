@@ -173,7 +173,7 @@ def test_generate_shares_out_one_list_of_missing_shards(tiny_models, tmp_path):
     only for a whole corpus."""
     m = tiny_models
     late = (
-        "import time, ppap.data as d\n"
+        "import time, ppap.corpus as d\n"
         "read = d._read_manifest\n"
         "def late(root):\n"
         "    end = time.monotonic() + 20\n"

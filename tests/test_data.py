@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ppap import PPAPError
-from ppap.data import InfiniteBatches, fashion_mnist_dir, load_fashion_mnist
+from ppap.fashion_mnist import fashion_mnist_dir, load_fashion_mnist
+from ppap.train import InfiniteBatches
 
 needs_data = pytest.mark.skipif(
     not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),

@@ -154,8 +154,7 @@ def test_save_bank_round_trips_through_load_bank(tiny_diffusion, tmp_path):
 def test_class_balanced_batches_even_out_the_teachers_pseudo_labels(tiny_diffusion, tmp_path):
     """balance_classes: a corpus whose pseudo-labels are 90% class 0 is drawn 50/50, the draw is a
     pure function of (seed, step) like the plain one, and training with it runs and differs."""
-    from ppap.data import InfiniteBatches
-    from ppap.train import class_balance_weights
+    from ppap.train import InfiniteBatches, class_balance_weights
 
     logits = torch.zeros(100, 10)
     logits[:90, 0], logits[90:, 1] = 5.0, 5.0

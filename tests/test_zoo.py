@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppap import zoo
-from ppap.data import fashion_mnist_dir, load_fashion_mnist
+from ppap.fashion_mnist import fashion_mnist_dir, load_fashion_mnist
 from ppap.loading import load_diffusion, load_guide
 from ppap.metrics import accuracy
 

@@ -167,8 +167,9 @@ def _conditioning(args, num: int):
 
 def cmd_generate(args) -> int:
     """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
-    from .data import check_corpus, corpus_spec, generate_corpus, open_corpus, pending_shards, reuse_shards
+    from .corpus import check_corpus, corpus_spec, open_corpus, pending_shards, reuse_shards
     from .distributed import every_rank, main_decides
+    from .pipeline import generate_corpus
     from .schedulers import sampling_scheduler
 
     check_out(args.out)
@@ -234,7 +235,8 @@ def check_out(path: str | Path, kind: str = "folder") -> Path:
 
 
 def _load_training_data(args, task_name: str):
-    from .data import load_corpus, load_fashion_mnist
+    from .corpus import load_corpus
+    from .fashion_mnist import load_fashion_mnist
 
     if args.limit is not None and args.limit < 1:
         raise PPAPError(f"--limit must be >= 1, got {args.limit}")
