@@ -140,7 +140,7 @@ def test_two_process_generate_train_and_sample_match_one_process(tiny_models, tm
     m = tiny_models
     out = _launch(*_generate_args(m, tmp_path / "c2")).stdout
     assert main(["--threads", "1", *_generate_args(m, tmp_path / "c1"), "--quiet"]) == 0
-    assert _shares(out) == {0: [0, 2, 4], 1: [1, 3]}  # each rank drew its own shards, together all five
+    assert _shares(out) == {0: [0, 2, 4], 1: [1, 3]}  # the shares handed out (what each rank wrote: the test below)
     shards = sorted(p.name for p in (tmp_path / "c2").glob("shard-*.npy"))
     assert shards == [f"shard-{k:05d}.npy" for k in range(5)]
     for name in shards:  # together exactly the one-process corpus
