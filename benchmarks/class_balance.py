@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ppap.batch_sampling import sample_images
-from ppap.data import FASHION_MNIST_CLASSES
+from ppap.fashion_mnist import FASHION_MNIST_CLASSES
 from ppap.io import atomic_write_json
 from ppap.loading import load_experts, load_guide, load_pipeline
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 from ppap.batch_sampling import sample_images
-from ppap.data import load_fashion_mnist
+from ppap.fashion_mnist import load_fashion_mnist
 from ppap.loading import load_guide, load_pipeline
 from ppap.metrics import features, fid, kid, precision_recall
 

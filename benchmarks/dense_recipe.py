@@ -16,7 +16,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
-from ppap.bench.dense import TASKS, DenseBench, DenseBenchConfig
+from ppap.bench.dense import DENSE_MODELS, DenseBench, DenseBenchConfig
 from ppap.experts import load_manifest
 from ppap.io import atomic_write_bytes, atomic_write_json
 from ppap.loading import load_experts, load_guide
@@ -77,7 +77,7 @@ def main() -> None:
     out = Path(args.out)
     bench = DenseBench(DenseBenchConfig(), out)
     results: dict = {}
-    for task_name, (_, experts_ref) in TASKS.items():
+    for task_name, (_, experts_ref) in DENSE_MODELS.items():
         results[task_name] = {}
         for name, variant in VARIANTS.items():
             tag = f"r{variant['rank']}-{'warm' if variant['warm_start'] else 'cold'}"

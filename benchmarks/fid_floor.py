@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppap.data import load_corpus, load_fashion_mnist, uint8_to_unit
+from ppap.corpus import load_corpus
+from ppap.fashion_mnist import load_fashion_mnist
+from ppap.images import uint8_to_unit
 from ppap.io import PPAPError, atomic_write_json
 from ppap.loading import load_guide
 from ppap.metrics import features, fid, precision_recall, predict

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from ppap.data import FASHION_MNIST_CLASSES
+from ppap.fashion_mnist import FASHION_MNIST_CLASSES
 from ppap.loading import load_guide
 from ppap.metrics import features, fid, precision_recall, predict
 
@@ -44,7 +44,7 @@ def main() -> None:
         miss = f"{FASHION_MNIST_CLASSES[int(row.argmax())]} ({int(row.max())})" if row.max() > 0 else "-"
         print(f"| {name} | {per_class[c].item():.0%} | {miss} |")
     if args.fid:
-        from ppap.data import load_fashion_mnist
+        from ppap.fashion_mnist import load_fashion_mnist
 
         real, fake = features(evaluator, load_fashion_mnist("test")[0]), features(evaluator, images)
         precision, recall = precision_recall(real[: len(fake)], fake)  # as the bench: equal set sizes

@@ -14,7 +14,7 @@ import copy
 import json
 
 from ppap import zoo
-from ppap.data import load_fashion_mnist
+from ppap.fashion_mnist import load_fashion_mnist
 from ppap.loading import load_diffusion, load_experts, load_guide
 from ppap.metrics import mean_iou, score_under_noise
 from ppap.models import segmentation_labels, sobel_magnitude

@@ -55,11 +55,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(*args, rank1_prelude: str = "", pythonpath: str = ""):
+def _two_processes(*args, prelude: str = "", rank1_prelude: str = "", pythonpath: str = ""):
     """``python -m ppap ARGS`` as ranks 0 and 1 of one gloo group, each with its own exit status and
-    output (``accelerate launch`` would merge them and add its own report); ``rank1_prelude`` runs
-    first on rank 1. Returns [(status, stdout, stderr)] per rank and the seconds between the two
-    processes' ends."""
+    output (``accelerate launch`` would merge them and add its own report); ``prelude`` runs first
+    on both ranks, then ``rank1_prelude`` on rank 1. Returns [(status, stdout, stderr)] per rank and
+    the seconds between the two processes' ends."""
     port, procs, ended = _free_port(), [], {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as files:
         logs = [(Path(tmp) / f"{rank}.out", Path(tmp) / f"{rank}.err") for rank in range(2)]
@@ -68,7 +68,12 @@ def _two_processes(*args, rank1_prelude: str = "", pythonpath: str = ""):
             env |= {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
             if pythonpath:
                 env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
-            code = (rank1_prelude if rank == 1 else "") + "\nimport sys\nfrom ppap.cli import main\nsys.exit(main(sys.argv[1:]))"
+            code = (
+                prelude
+                + "\n"
+                + (rank1_prelude if rank == 1 else "")
+                + "\nimport sys\nfrom ppap.cli import main\nsys.exit(main(sys.argv[1:]))"
+            )
             stdout, stderr = files.enter_context(out.open("w")), files.enter_context(err.open("w"))
             procs.append(subprocess.Popen([sys.executable, "-c", code, "--threads", "1", *args], env=env, stdout=stdout, stderr=stderr))
         deadline = time.monotonic() + TIMEOUT
@@ -135,7 +140,7 @@ def test_two_process_generate_train_and_sample_match_one_process(tiny_models, tm
     m = tiny_models
     out = _launch(*_generate_args(m, tmp_path / "c2")).stdout
     assert main(["--threads", "1", *_generate_args(m, tmp_path / "c1"), "--quiet"]) == 0
-    assert _shares(out) == {0: [0, 2, 4], 1: [1, 3]}  # each rank drew its own shards, together all five
+    assert _shares(out) == {0: [0, 2, 4], 1: [1, 3]}  # the shares handed out (what each rank wrote: the test below)
     shards = sorted(p.name for p in (tmp_path / "c2").glob("shard-*.npy"))
     assert shards == [f"shard-{k:05d}.npy" for k in range(5)]
     for name in shards:  # together exactly the one-process corpus
@@ -173,7 +178,7 @@ def test_generate_shares_out_one_list_of_missing_shards(tiny_models, tmp_path):
     only for a whole corpus."""
     m = tiny_models
     late = (
-        "import time, ppap.data as d\n"
+        "import time, ppap.corpus as d\n"
         "read = d._read_manifest\n"
         "def late(root):\n"
         "    end = time.monotonic() + 20\n"
@@ -182,9 +187,24 @@ def test_generate_shares_out_one_list_of_missing_shards(tiny_models, tmp_path):
         "    return read(root)\n"
         "d._read_manifest = late\n"
     )
-    results, _ = _two_processes(*_generate_args(m, tmp_path / "c2"), rank1_prelude=late)
+    log = tmp_path / "written-by-rank-"
+    record = (  # each rank notes every shard file it writes
+        "import os, ppap.corpus as c\n"
+        "write = c.atomic_write_bytes\n"
+        "def noted(path, data):\n"
+        f"    with open({str(log)!r} + os.environ['RANK'], 'a') as f:\n"
+        "        f.write(os.path.basename(path) + '\\n')\n"
+        "    write(path, data)\n"
+        "c.atomic_write_bytes = noted\n"
+    )
+    results, _ = _two_processes(*_generate_args(m, tmp_path / "c2"), prelude=record, rank1_prelude=late)
     assert [status for status, _, _ in results] == [0, 0], [err[-500:] for _, _, err in results]
-    assert _shares(results[0][1]) == {0: [0, 2, 4], 1: [1, 3]}
+    shares = _shares(results[0][1])
+    assert shares == {0: [0, 2, 4], 1: [1, 3]}
+    written = [Path(f"{log}{rank}").read_text().split() for rank in range(2)]
+    assert written == [[f"shard-{k:05d}.npy" for k in shares[rank]] for rank in range(2)]  # each rank drew its share, once
+    assert not set(written[0]) & set(written[1])  # disjoint
+    assert sorted(written[0] + written[1]) == [f"shard-{k:05d}.npy" for k in range(5)]  # together the whole corpus
     assert main(["--threads", "1", *_generate_args(m, tmp_path / "c1"), "--quiet"]) == 0
     for k in range(5):
         name = f"shard-{k:05d}.npy"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ppap import zoo
-from ppap.data import fashion_mnist_dir
+from ppap.fashion_mnist import fashion_mnist_dir
 
 needs_data = pytest.mark.skipif(
     not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
@@ -57,7 +57,7 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     real_bank = load_file(out / "banks" / "ablation-default_recipe_on_real_images__no_labels" / "expert_4" / "adapter_model.safetensors")
     recipe_bank = load_file(out / "banks" / "ppap5-recipe" / "expert_4" / "adapter_model.safetensors")
     assert real_bank.keys() == recipe_bank.keys() and any(not torch.equal(real_bank[k], recipe_bank[k]) for k in real_bank)
-    from ppap.data import load_corpus
+    from ppap.corpus import load_corpus
 
     larger, corpus = load_corpus(out / "corpus-96"), load_corpus(out / "corpus")  # the 3x corpus row's, beside the bench's 32
     assert len(larger) == 96 and (larger[:32] - corpus).abs().max() <= 2 / 127.5  # the same first samples (batching aside)
@@ -176,8 +176,10 @@ def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
     stage.check_config(dataclasses.asdict(QUICK))
     stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, workers=2)))  # how it runs, not what it measures
     stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, ablations=(), extra_rows=())))  # which cached rows it adds
-    with pytest.raises(PPAPError, match="per_class"):
+    with pytest.raises(PPAPError, match=rf"another bench configuration \(per_class: {QUICK.per_class} there, 3 here\)"):
         stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, per_class=3)))
+    with pytest.raises(PPAPError, match=r"\(per_class, seed differ\)"):  # every differing field, in the config's order
+        stage.check_config(dataclasses.asdict(dataclasses.replace(QUICK, per_class=3, seed=QUICK.seed + 1)))
 
 
 def test_ablation_choice_is_checked_and_kept_in_table_order():

@@ -338,7 +338,7 @@ CASES = {
     ),
     "bench of another configuration": (
         lambda b: ["bench", "classifier", "--out", _bench_folder_of_another_config(b["tmp"])],
-        "holds stages of another bench configuration (per_class differ)",
+        "holds stages of another bench configuration (per_class: 7 there, 100 here)",
     ),
     "not a corpus": (
         lambda b: [
@@ -447,7 +447,7 @@ def test_generate_reuse_copies_the_shards_a_smaller_corpus_holds(tiny_models, ca
     """A larger corpus with --reuse is the corpus drawn from scratch, drawing only the new shards."""
     import torch
 
-    from ppap.data import load_corpus
+    from ppap.corpus import load_corpus
 
     args = ["generate", "--diffusion", tiny_models["diffusion"], "--shard-size", "16", "--steps", "3"]
     assert run(args + ["--out", str(tmp_path / "small"), "--num", "40", "--quiet"], capsys)[0] == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ppap import PPAPError
-from ppap.data import CorpusSpec, load_corpus, open_corpus, shard_path, write_shard
+from ppap.corpus import CorpusSpec, load_corpus, open_corpus, shard_path, write_shard
 from ppap.io import Field, check_fields, read_json_object
 
 
@@ -91,7 +91,7 @@ def test_a_corpus_records_its_shards_and_loads(tmp_path):
     _tidy(tmp_path)
     with pytest.raises(PPAPError) as e:
         open_corpus(tmp_path, _spec(seed=1))
-    _one_line(e, "holds a different corpus (seed: 0 there, 1 asked)")
+    _one_line(e, "holds a different corpus (seed: 0 there, 1 here); use another --out or the same settings to resume")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "altered"])
@@ -296,7 +296,8 @@ def test_generate_corpus_redraws_a_truncated_shard(tmp_path):
     from diffusers import DDPMScheduler
 
     from ppap import PPAPPipeline
-    from ppap.data import corpus_spec, generate_corpus
+    from ppap.batch_sampling import generate_corpus
+    from ppap.corpus import corpus_spec
 
     from conftest import tiny_unet
 
@@ -343,7 +344,7 @@ def test_read_json_object_checks_types_and_values(tmp_path):
 def test_a_larger_corpus_reuses_the_shards_it_shares(tmp_path):
     """Sample k depends only on the seed and k, so a larger corpus with the same settings copies
     the smaller one's whole shards (checked against its manifest) and draws only the rest."""
-    from ppap.data import reuse_shards
+    from ppap.corpus import reuse_shards
 
     assert _fill(tmp_path / "small").num_shards == 3  # shards of 4, 4, 2
     (tmp_path / "small" / "shard-00001.npy").write_bytes(b"damaged")  # a shard that fails its checksum is not copied
@@ -363,5 +364,5 @@ def test_a_larger_corpus_reuses_the_shards_it_shares(tmp_path):
     open_corpus(tmp_path / "labelled", labelled)
     with pytest.raises(PPAPError) as e:
         reuse_shards(tmp_path / "labelled", labelled, tmp_path / "small")
-    _one_line(e, "was drawn with other settings (condition: differs); nothing reused")
+    _one_line(e, "was drawn with other settings (condition differs); nothing reused")
     _tidy(tmp_path / "big")

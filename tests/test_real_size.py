@@ -24,7 +24,7 @@ def real_models(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # ~30 s of CPU; the margin is for a machine shared with other jobs
 def test_generate_train_sample_at_real_size(real_models, tmp_path, capsys):
-    from ppap.data import load_corpus
+    from ppap.corpus import load_corpus
     from ppap.loading import load_diffusion, load_experts, load_guide
 
     diffusion, guide = real_models["ddpm-cifar10-32"], real_models["resnet-50"]

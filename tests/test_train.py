@@ -151,11 +151,21 @@ def test_save_bank_round_trips_through_load_bank(tiny_diffusion, tmp_path):
     assert loaded.task == Classification(10)
 
 
+def test_batches_are_a_pure_function_of_the_step():
+    from ppap.train import InfiniteBatches
+
+    data = torch.arange(10)
+    a = InfiniteBatches(data, batch_size=4, seed=3)
+    b = InfiniteBatches(data, batch_size=4, seed=3)
+    seq = [a.batch(s)[0] for s in range(5)]  # 20 samples = two full epochs
+    assert torch.equal(torch.sort(torch.cat(seq[:2] + [seq[2][:2]])).values, data)  # epoch 0: each sample once
+    assert torch.equal(b.batch(3)[0], seq[3])  # no history needed (resume)
+
+
 def test_class_balanced_batches_even_out_the_teachers_pseudo_labels(tiny_diffusion, tmp_path):
     """balance_classes: a corpus whose pseudo-labels are 90% class 0 is drawn 50/50, the draw is a
     pure function of (seed, step) like the plain one, and training with it runs and differs."""
-    from ppap.data import InfiniteBatches
-    from ppap.train import class_balance_weights
+    from ppap.train import InfiniteBatches, class_balance_weights
 
     logits = torch.zeros(100, 10)
     logits[:90, 0], logits[90:, 1] = 5.0, 5.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppap import zoo
-from ppap.data import fashion_mnist_dir, load_fashion_mnist
+from ppap.fashion_mnist import fashion_mnist_dir, load_fashion_mnist
 from ppap.loading import load_diffusion, load_guide
 from ppap.metrics import accuracy
 
@@ -113,3 +113,24 @@ def test_zoo_train_writes_to_the_working_folder_unless_told_to_replace_the_shipp
     ]
     assert "wrote runs/zoo-models/fashion-classifier.safetensors" in capsys.readouterr().out
     assert main(["zoo", "list"]) == 0
+
+
+def test_a_recipe_checkpoint_resumes_only_under_its_own_recipe(tmp_path):
+    """A zoo recipe's checkpoint stores its recipe (tuples and all); a resume under the same one
+    goes on, a DDPM may run longer, any other change is one line naming it."""
+    import dataclasses
+
+    from ppap.io import PPAPError, atomic_torch_save, load_resume_state
+    from ppap.recipes import DDPMRecipe, _same_recipe
+
+    r, ckpt = DDPMRecipe(), tmp_path / "work" / "ckpt.pt"
+    atomic_torch_save(ckpt, {"recipe": dataclasses.asdict(r)})
+    saved = load_resume_state(ckpt)["recipe"]
+    _same_recipe(saved, r, ckpt)
+    _same_recipe(saved, dataclasses.replace(r, iterations=2 * r.iterations, checkpoint_every=10), ckpt)
+    with pytest.raises(PPAPError) as e:
+        _same_recipe(saved, dataclasses.replace(r, block_out_channels=(32, 64)), ckpt)
+    assert (
+        str(e.value)
+        == f"{ckpt} was made with another recipe (block_out_channels: [32, 64, 128] there, [32, 64] here); delete {ckpt.parent} to start over"
+    )

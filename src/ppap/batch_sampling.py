@@ -1,18 +1,23 @@
 """Many images, batch by batch, each seeded by its own index: sample k of a run seeded ``seed``
 draws its noise from ``sample_seed(seed, k)`` alone, so that the batch size, the number of
-processes and a resume point change no image."""
+processes and a resume point change no image. ``sample_images`` returns them; ``generate_corpus``
+writes them as the shards of a corpus (``ppap.corpus``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .corpus import CORPUS_MANIFEST, CorpusSpec, open_corpus, pending_shards, write_shard
 from .diffusion import Conditioning
 from .guidance import GuidanceTerm
+from .images import to_hwc_uint8
 from .io import PPAPError
 from .pipeline import PPAPPipeline, sample_generators
 
@@ -54,3 +59,40 @@ def sample_images(
             out.append(x.clamp(-1, 1).cpu())
             bar.update(n)
     return torch.cat(out) if out else torch.empty((0,) + pipe.image_shape)
+
+
+def generate_corpus(
+    pipe: PPAPPipeline,
+    root: str | os.PathLike,
+    spec: CorpusSpec,
+    *,
+    conditioning: Conditioning | None = None,
+    shards: list[int] | None = None,
+    progress: bool = True,
+) -> int:
+    """Draw the shards of corpus ``spec`` that ``root`` still lacks with ``pipe`` (unguided): all
+    of them, or those of ``shards`` (the share that a caller handing out the work chose, e.g. one
+    process's share of the list that one process made). Returns how many shards this call wrote.
+    The caller opens the corpus (``open_corpus``) once, on one process, before; then this only
+    reads what is left (a folder without a manifest is opened here). Sample k of the corpus is
+    ``sample_images``' sample k of ``spec.seed``, whichever shard, process or run draws it."""
+    root = Path(root)
+    missing = pending_shards(root, spec) if (root / CORPUS_MANIFEST).exists() else open_corpus(root, spec)
+    mine = missing if shards is None else [k for k in shards if k in missing]
+    for k in tqdm(mine, desc="corpus", unit="shard", disable=not progress):
+        start, n = k * spec.shard_size, spec.shard_count(k)
+        cond = conditioning.select(slice(start, start + n)) if conditioning is not None else None
+        x = sample_images(
+            pipe,
+            n,
+            seed=spec.seed,
+            start=start,
+            batch_size=spec.batch_size,
+            conditioning=cond,
+            progress=False,
+            num_inference_steps=spec.steps,
+            eta=spec.eta,
+            sampler=spec.sampler,
+        )
+        write_shard(root, k, to_hwc_uint8(x))
+    return len(mine)

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from .frozen import frozen
 from .io import PPAPError
+from .tasks import TASKS
 
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
-TASKS = ("classification", "segmentation", "dense")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
 # PIL resample ids (image processors store these) -> torch modes. PIL's NEAREST samples pixel
 # centres, which is torch's "nearest-exact"; LANCZOS (1) and HAMMING (5) have no torch kernel, so

@@ -1,4 +1,5 @@
-"""Image files in and out: sample grids, reference images for dense targets, target maps.
+"""Images in and out: the uint8 <-> [-1, 1] conversions, sample grids, PNGs, reference images
+for dense targets, target maps.
 
 In memory ppap images are float [B, C, H, W] in [-1, 1]; on disk they are uint8 [N, H, W, C].
 """
@@ -11,10 +12,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import unit_to_uint8
 from .io import PPAPError
 
 FITS = ("resize", "pad")
+
+
+def uint8_to_unit(x: Tensor) -> Tensor:
+    """uint8 [.., 0, 255] -> float32 [-1, 1]: 0 is -1, 255 is 1."""
+    return x.float().div(127.5).sub(1.0)
+
+
+def unit_to_uint8(x: Tensor) -> Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clamped, rounding to nearest: the inverse of ``uint8_to_unit``."""
+    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
 
 
 def to_hwc_uint8(x: Tensor) -> np.ndarray:
@@ -74,7 +84,7 @@ def load_reference_image(path: str | Path, image_shape: tuple[int, ...], fit: st
     img = fit_image(img, tuple(image_shape[1:]), fit)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-    return x[None].float().div(127.5).sub(1.0)
+    return uint8_to_unit(x[None])
 
 
 def load_target_map(path: str | Path) -> Tensor:

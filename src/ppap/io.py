@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -196,6 +196,34 @@ def read_json_object(path: str | os.PathLike, what: str, schema: Mapping[str, Fi
     naming the file and, where it is one field, that field."""
     path = Path(path)
     return check_fields(_parse_json(path, what), f"{what} {path}", schema)
+
+
+def check_same_settings(
+    stored: Mapping[str, Any],
+    current: Mapping[str, Any],
+    what: str,
+    remedy: str,
+    *,
+    keys: Iterable[str] | None = None,
+    ignore: Iterable[str] = (),
+) -> None:
+    """Refuse to go on with a run (a corpus, an expert folder, a bench, a training recipe) whose
+    settings as ``stored`` (read back from its JSON) differ from the ``current`` ones: one
+    PPAPError line "``what`` (FIELDS); ``remedy``". FIELDS names the differing fields, with both
+    values where one field differs and they are short ("seed: 0 there, 1 here").
+
+    The fields compared are ``keys`` (default: every key of either), less ``ignore``; a key one
+    side lacks reads as null. Both sides are compared as JSON stores them (tuples as lists, 8
+    equal to 8.0)."""
+    skip = set(ignore)
+    names = [k for k in (keys if keys is not None else dict.fromkeys([*current, *stored])) if k not in skip]
+    old, now = (json.loads(json.dumps({k: side.get(k) for k in names})) for side in (stored, current))
+    differ = [k for k in names if old[k] != now[k]]
+    if not differ:
+        return
+    values = f"{differ[0]}: {old[differ[0]]!r} there, {now[differ[0]]!r} here"
+    fields = values if len(differ) == 1 and len(values) <= 120 else f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''}"
+    raise PPAPError(f"{what} ({fields}); {remedy}")
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:

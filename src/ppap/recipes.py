@@ -7,7 +7,6 @@ point and restarted ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -19,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import InfiniteBatches, load_fashion_mnist
 from .diffusion import Diffusion, NoiseSchedule
-from .io import PPAPError, atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_resume_state
-from .train import TrainConfig
+from .fashion_mnist import load_fashion_mnist
+from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, check_same_settings, load_resume_state
+from .train import InfiniteBatches, TrainConfig
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -31,10 +30,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def _same_recipe(saved: dict, recipe, ckpt: Path) -> None:
     now = asdict(recipe)
-    keys = ("iterations", "checkpoint_every") if isinstance(recipe, DDPMRecipe) else ("checkpoint_every",)
-    diff = [k for k in now if k not in keys and json.dumps(saved.get(k)) != json.dumps(now[k])]
-    if diff:
-        raise PPAPError(f"{ckpt} was made with another recipe ({diff[0]} differs); delete {ckpt.parent} to start over")
+    free = ("iterations", "checkpoint_every") if isinstance(recipe, DDPMRecipe) else ("checkpoint_every",)
+    check_same_settings(saved, now, f"{ckpt} was made with another recipe", f"delete {ckpt.parent} to start over", keys=now, ignore=free)
 
 
 # --------------------------------------------------------------------------------------------

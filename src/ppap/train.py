@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import shutil
 import time
@@ -29,15 +28,60 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import InfiniteBatches
 from .diffusion import NoiseSchedule
 from .distributed import main_decides
 from .experts import MANIFEST, ExpertBank, bank_manifest, expert_name, record_expert
-from .io import PPAPError, atomic_torch_save, atomic_write_json, exclusive_lock, load_resume_state, read_json
+from .io import PPAPError, atomic_torch_save, atomic_write_json, check_same_settings, exclusive_lock, load_resume_state, read_json
 from .tasks import Task
 
-LOCK = ".lock"
+RUN_LOCK = ".lock"  # held by the one `ppap train` writing an experts folder
 T = TypeVar("T")
+
+
+class InfiniteBatches:
+    """Deterministic, resumable minibatches over a fixed tensor set.
+
+    Batch ``step`` is a pure function of ``(seed, step)``: sample k of the flat stream is element
+    ``perm_e[k mod N]`` of epoch ``e = k // N``'s permutation. A resumed run therefore sees
+    exactly the batches it would have seen, with none lost or repeated. With ``weights`` [N], an
+    epoch is N draws with replacement in proportion to them (a re-weighted corpus), equally seeded.
+    """
+
+    def __init__(self, *tensors: Tensor, batch_size: int, seed: int, weights: Tensor | None = None):
+        n = tensors[0].shape[0]
+        if any(t.shape[0] != n for t in tensors):
+            raise ValueError("all tensors need the same first dimension")
+        if n == 0:
+            raise PPAPError("cannot draw batches from an empty dataset")
+        if weights is not None and (weights.shape != (n,) or not bool((weights >= 0).all()) or float(weights.sum()) <= 0):
+            raise ValueError(f"weights must be [{n}], non-negative and not all zero")
+        self.tensors, self.batch_size, self.seed, self.n, self.weights = tensors, batch_size, seed, n, weights
+        self._perm_cache: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perm_cache:
+            if len(self._perm_cache) > 2:
+                self._perm_cache.clear()
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm_cache[epoch] = (
+                torch.randperm(self.n, generator=g)
+                if self.weights is None
+                else torch.multinomial(self.weights.double().cpu(), self.n, replacement=True, generator=g)
+            )
+        return self._perm_cache[epoch]
+
+    def indices(self, step: int) -> Tensor:
+        k = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs, pos = k // self.n, k % self.n
+        return (
+            torch.stack([self._perm(int(e))[int(p)] for e, p in zip(epochs, pos)])
+            if epochs[0] != epochs[-1]
+            else self._perm(int(epochs[0]))[pos]
+        )
+
+    def batch(self, step: int) -> tuple[Tensor, ...]:
+        idx = self.indices(step)
+        return tuple(t[idx] for t in self.tensors)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -123,7 +167,7 @@ def train_experts(
 
             def open_folder() -> dict:  # the main process: one writer per folder, a second `ppap train` on it is refused
                 out_dir.mkdir(parents=True, exist_ok=True)
-                held.enter_context(exclusive_lock(out_dir / LOCK, blocking=False))
+                held.enter_context(exclusive_lock(out_dir / RUN_LOCK, blocking=False))
                 return _open_manifest(out_dir, bank, task, schedule, cfg, identity)
 
             manifest = dist.decide(open_folder)
@@ -158,7 +202,7 @@ def train_experts(
             if created or not existed:
                 (out_dir / MANIFEST).unlink(missing_ok=True)
             if not existed:
-                (out_dir / LOCK).unlink(missing_ok=True)
+                (out_dir / RUN_LOCK).unlink(missing_ok=True)
                 if out_dir.is_dir() and not any(out_dir.iterdir()):
                     out_dir.rmdir()
         raise
@@ -188,20 +232,21 @@ def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity) -> dict:
     path = out_dir / MANIFEST
     if path.exists():
         have = read_json(path, "expert manifest")
-        for key in ("format", "boundaries", "adapter", "task", "guide_fingerprint", "schedule", "train"):
-            if _settings(have.get(key), key) != _settings(
-                json.loads(json.dumps(want[key])), key
-            ):  # as read back; == so that alpha 8 is 8.0
-                raise PPAPError(
-                    f"{out_dir} holds experts trained with other settings ({key} differs); use another --out or the same settings to resume"
-                )
+        check_same_settings(
+            _settings(have),
+            _settings(want),
+            f"{out_dir} holds experts trained with other settings",
+            "use another --out or the same settings to resume",
+            keys=("format", "boundaries", "adapter", "task", "guide_fingerprint", "schedule", "train"),
+        )
         return have
     return want
 
 
-def _settings(value, key: str):
+def _settings(manifest: dict) -> dict:
     """What must match to resume: ``micro_batch`` says how a step is computed, not what it computes."""
-    return {k: v for k, v in value.items() if k != "micro_batch"} if key == "train" and isinstance(value, dict) else value
+    train = manifest.get("train")
+    return manifest | {"train": {k: v for k, v in train.items() if k != "micro_batch"}} if isinstance(train, dict) else manifest
 
 
 def class_balance_weights(targets: Tensor) -> Tensor:
@@ -315,7 +360,8 @@ def data_free_experts(
     (``guide``, whose net receives the adapters) into noise-range experts. Resumable at every
     stage. Returns (bank, stats); experts are saved in ``work_dir/experts``, the corpus in
     ``corpus_dir`` (default ``work_dir/corpus``)."""
-    from .data import corpus_spec, generate_corpus, load_corpus, open_corpus
+    from .batch_sampling import generate_corpus
+    from .corpus import corpus_spec, load_corpus, open_corpus
     from .experts import TimestepRouter, make_bank
     from .tasks import task_for
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .data import FASHION_MNIST_CLASSES
+from .fashion_mnist import FASHION_MNIST_CLASSES
 from .io import PPAPError
 
 SEGMENTER_CLASSES = ("background",) + FASHION_MNIST_CLASSES

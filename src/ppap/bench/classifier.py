@@ -33,8 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import corpus_spec, generate_corpus, load_corpus, load_fashion_mnist, open_corpus, reuse_shards
+from ..batch_sampling import generate_corpus
+from ..corpus import corpus_spec, load_corpus, open_corpus, reuse_shards
 from ..experts import MANIFEST, ExpertBank, TimestepRouter, load_bank, load_manifest, make_bank, parameter_report
+from ..fashion_mnist import load_fashion_mnist
 from ..guidance import Calibration, GuidanceTerm
 from ..images import to_hwc_uint8
 from ..io import PPAPError, atomic_write_bytes, atomic_write_json, read_json

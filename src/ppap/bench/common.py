@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import multiprocessing
 import os
 import resource
@@ -25,10 +24,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..batch_sampling import sample_images
-from ..data import load_fashion_mnist
 from ..diffusion import Diffusion, SamplingGrid
+from ..fashion_mnist import load_fashion_mnist
 from ..guidance import Calibration, Guidance, GuidanceTerm
-from ..io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
+from ..io import atomic_write_bytes, atomic_write_json, check_same_settings, read_json
 from ..loading import load_experts, load_guide, load_pipeline
 from ..metrics import features, predict
 from ..samplers import sample_ddim
@@ -60,17 +59,16 @@ class _Stage:
         it runs (``workers``) and which cached rows it adds (``ablations``, ``extra_rows``) are
         not configuration."""
         path = self.dir / "config.json"
-        config = json.loads(json.dumps(config))  # tuples -> lists, as read back
         if not path.exists():
             atomic_write_json(path, config)
             return
-        old = read_json(path, "bench configuration")
-        differ = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
-        if differ:
-            raise PPAPError(
-                f"{self.dir.parent} holds stages of another bench configuration ({', '.join(differ)} differ); "
-                "use another --out, or delete that folder to start over"
-            )
+        check_same_settings(
+            read_json(path, "bench configuration"),
+            config,
+            f"{self.dir.parent} holds stages of another bench configuration",
+            "use another --out, or delete that folder to start over",
+            ignore=ignore,
+        )
 
 
 class Bench:

@@ -33,7 +33,10 @@ from ..metrics import features, fid, predict
 from ..models import FOREGROUND_THRESHOLD, sobel_magnitude
 from .common import Bench, _savefig, in_order, machine, machine_in_order, pyplot, time_steps
 
-TASKS = {"segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"), "dense": ("fashion-edges", "fashion-edges-ppap5")}
+DENSE_MODELS = {  # task -> (the zoo's guide, its experts)
+    "segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"),
+    "dense": ("fashion-edges", "fashion-edges-ppap5"),
+}
 METHODS = ("naive", "x0", "ppap")
 
 
@@ -105,7 +108,7 @@ class DenseBench(Bench):
     def __init__(self, cfg: DenseBenchConfig, out: Path, progress: bool = True):
         super().__init__(cfg, out, progress)
         self.models: dict[str, tuple[nn.Module, ExpertBank]] = {}  # task -> (clean guide, its PPAP-5 bank)
-        for task_name, (guide_ref, experts_ref) in TASKS.items():
+        for task_name, (guide_ref, experts_ref) in DENSE_MODELS.items():
             guide = load_guide(guide_ref)
             self.models[task_name] = (guide, load_experts(experts_ref, copy.deepcopy(guide), self.diffusion))
 
@@ -147,7 +150,7 @@ class DenseBench(Bench):
     def sweep_stage(self) -> dict:
         out = {}
         refs = self.references(sweep=True)
-        for task_name in TASKS:
+        for task_name in DENSE_MODELS:
             targets = self.targets(task_name, refs)
             out[task_name] = {m: self.sweep_method(task_name, m, targets) for m in METHODS}
         return out
@@ -166,10 +169,10 @@ class DenseBench(Bench):
 
     def main_stage(self, sweep: dict) -> dict:
         refs = self.references(sweep=False)
-        first = next(iter(TASKS))
+        first = next(iter(DENSE_MODELS))
         out = {}
         unguided = None
-        for task_name in TASKS:
+        for task_name in DENSE_MODELS:
             targets = self.targets(task_name, refs)
             rows = {}
             if unguided is None:  # the same unguided images serve both tasks (same noises, no target)
@@ -188,14 +191,14 @@ class DenseBench(Bench):
 
     def main_parts(self) -> list[str]:
         """The stage files the main table is made of."""
-        return ["main-unguided-seconds"] + [f"main-{task_name}-{m}" for task_name in TASKS for m in METHODS]
+        return ["main-unguided-seconds"] + [f"main-{task_name}-{m}" for task_name in DENSE_MODELS for m in METHODS]
 
     def cost_stage(self) -> dict:
         """Median seconds of one mid-noise DDIM step per method (timed round-robin), as a ratio to
         an unguided step."""
         refs = self.x_test[: self.cfg.cost_batch]
         guides = {"unguided": None}
-        for task_name in TASKS:
+        for task_name in DENSE_MODELS:
             targets = self.targets(task_name, refs)
             for m in METHODS:
                 guides[f"{task_name}/{m}"] = self.term(task_name, m, 1.0, targets).build(self.diffusion)
@@ -211,8 +214,8 @@ class DenseBench(Bench):
         cols = ("reference", "target map", "unguided", "naive", "ppap")
         fig, axes = plt.subplots(2 * k, len(cols), figsize=(1.6 * len(cols), 1.6 * 2 * k))
         refs = self.references(sweep=False)[:k]
-        first = next(iter(TASKS))
-        for ti, task_name in enumerate(TASKS):
+        first = next(iter(DENSE_MODELS))
+        for ti, task_name in enumerate(DENSE_MODELS):
             targets = self.targets(task_name, refs).numpy()
             imgs = {
                 m: np.load(self.out / "samples" / f"{first if m == 'unguided' else task_name}-{m}.npy")[:k, 0].astype(np.float32)

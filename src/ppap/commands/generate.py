@@ -8,7 +8,8 @@ from .common import accelerator, check_out, conditioning_from_flags, finite_numb
 
 def cmd_generate(args) -> int:
     """Data-free corpus: unguided samples of the diffusion model in atomic shards."""
-    from ..data import check_corpus, corpus_spec, generate_corpus, open_corpus, pending_shards, reuse_shards
+    from ..batch_sampling import generate_corpus
+    from ..corpus import check_corpus, corpus_spec, open_corpus, pending_shards, reuse_shards
     from ..distributed import every_rank, main_decides
     from ..schedulers import sampling_scheduler
 

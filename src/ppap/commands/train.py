@@ -11,7 +11,8 @@ from .common import accelerator, check_out
 
 
 def _load_training_data(args, task_name: str):
-    from ..data import load_corpus, load_fashion_mnist
+    from ..corpus import load_corpus
+    from ..fashion_mnist import load_fashion_mnist
 
     if args.limit is not None and args.limit < 1:
         raise PPAPError(f"--limit must be >= 1, got {args.limit}")

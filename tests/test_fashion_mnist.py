@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppap import PPAPError
-from ppap.data import InfiniteBatches, fashion_mnist_dir, load_fashion_mnist
+from ppap.fashion_mnist import fashion_mnist_dir, load_fashion_mnist
 
 needs_data = pytest.mark.skipif(
     not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(),
@@ -44,12 +44,3 @@ def test_reader_with_data_dir_and_clear_errors(tmp_path, monkeypatch):
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(4))
     with pytest.raises(PPAPError, match="5 images but 4 labels"):
         load_fashion_mnist("train", tmp_path)
-
-
-def test_batches_are_a_pure_function_of_the_step():
-    data = torch.arange(10)
-    a = InfiniteBatches(data, batch_size=4, seed=3)
-    b = InfiniteBatches(data, batch_size=4, seed=3)
-    seq = [a.batch(s)[0] for s in range(5)]  # 20 samples = two full epochs
-    assert torch.equal(torch.sort(torch.cat(seq[:2] + [seq[2][:2]])).values, data)  # epoch 0: each sample once
-    assert torch.equal(b.batch(3)[0], seq[3])  # no history needed (resume)

@@ -1,17 +1,17 @@
-"""Datasets: the real Fashion-MNIST reader and the data-free corpus of generated images.
+"""The data-free corpus store: a folder of shards of generated images and a manifest that records
+each shard's checksum, so that a corpus resumes after a crash, is shared out among processes, and
+is used whole or not at all.
 
-Images everywhere in ppap are float tensors in [-1, 1], shape [B, C, H, W]. Stored images are
-uint8 [N, H, W, C] (the layout of every image file and of ``np.savez`` outputs).
+Shards hold uint8 [n, H, W, C] images (``.npy``); ``load_corpus`` gives float [N, C, H, W] in
+[-1, 1]. Drawing the images is the pipeline's business (``ppap.pipeline.generate_corpus``).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -20,90 +20,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import PPAPError, atomic_write_bytes, atomic_write_json, check_fields, exclusive_lock, read_json_object
-
-FASHION_MNIST_CLASSES = (
-    "t-shirt/top",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
+from .images import uint8_to_unit
+from .io import (
+    PPAPError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_fields,
+    check_same_settings,
+    exclusive_lock,
+    fingerprint,
+    read_json_object,
 )
-DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-_FILES = {
-    ("train", "images"): "train-images-idx3-ubyte.gz",
-    ("train", "labels"): "train-labels-idx1-ubyte.gz",
-    ("test", "images"): "t10k-images-idx3-ubyte.gz",
-    ("test", "labels"): "t10k-labels-idx1-ubyte.gz",
-}
 
-
-def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Where the IDX files live: ``data_dir``, else ``$PPAP_DATA_DIR``, else Debian's path."""
-    return Path(data_dir or os.environ.get("PPAP_DATA_DIR") or DEFAULT_FASHION_DIR)
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:  # 0x08 = unsigned byte, the only type Fashion-MNIST uses
-        raise PPAPError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise PPAPError(f"{path} is truncated: header says {shape}, found {data.size} bytes")
-    return data.reshape(shape)
-
-
-def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST as ``(images [N, 1, 32, 32] float in [-1, 1], labels [N] int64)``.
-
-    The 28x28 images are zero-padded (background is 0 = -1 after scaling) to 32x32 so that
-    UNets can halve the resolution three times.
-    """
-    if split not in ("train", "test"):
-        raise PPAPError(f"unknown Fashion-MNIST split {split!r}; valid: 'train', 'test'")
-    root = fashion_mnist_dir(data_dir)
-    paths = {kind: root / _FILES[(split, kind)] for kind in ("images", "labels")}
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise PPAPError(
-            f"Fashion-MNIST not found ({missing[0]}): run `sudo apt-get install dataset-fashion-mnist`, "
-            "or point --data-dir / PPAP_DATA_DIR at a folder with the four *-ubyte.gz files"
-        )
-    images = _read_idx(paths["images"])
-    labels = _read_idx(paths["labels"])
-    if images.shape[0] != labels.shape[0]:
-        raise PPAPError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
-    x = torch.from_numpy(np.pad(images, ((0, 0), (2, 2), (2, 2)))).unsqueeze(1)
-    return uint8_to_unit(x), torch.from_numpy(labels.astype(np.int64))
-
-
-def uint8_to_unit(x: Tensor) -> Tensor:
-    """uint8 [.., 0, 255] -> float32 [-1, 1]."""
-    return x.float().div(127.5).sub(1.0)
-
-
-def unit_to_uint8(x: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255], rounding to nearest."""
-    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# Data-free corpus: shards of generated images + a manifest that records each shard's checksum.
-# --------------------------------------------------------------------------------------------
-
-MANIFEST = "manifest.json"
-LOCK = ".lock"
-FORMAT = "ppap-corpus-v2"
-_V1 = "ppap-corpus-v1"  # shards written atomically but not recorded; the next open_corpus records them
+CORPUS_MANIFEST = "manifest.json"
+CORPUS_LOCK = ".lock"
+CORPUS_FORMAT = "ppap-corpus-v2"
+_CORPUS_FORMAT_V1 = "ppap-corpus-v1"  # shards written atomically but not recorded; the next open_corpus records them
 
 _COUNT = (int, lambda v: v >= 1, ">= 1")
 _SPEC_FIELDS = {
@@ -119,7 +51,7 @@ _SPEC_FIELDS = {
     "condition": ((dict, type(None)),),
 }
 _MANIFEST_FIELDS = _SPEC_FIELDS | {
-    "format": (str, lambda v: v in (FORMAT, _V1), f"'{FORMAT}'"),
+    "format": (str, lambda v: v in (CORPUS_FORMAT, _CORPUS_FORMAT_V1), f"'{CORPUS_FORMAT}'"),
     "shards": (dict, None, "", False),
 }  # required from v2 on (checked below)
 _RECORD_FIELDS = {
@@ -166,15 +98,15 @@ def _locked(root: Path):
     manifest (and the opener deletes files), so they must not interleave."""
     if not root.is_dir():
         raise PPAPError(f"{root} is not a ppap corpus (no such folder); create one with `ppap generate`")
-    return exclusive_lock(root / LOCK)
+    return exclusive_lock(root / CORPUS_LOCK)
 
 
 def _read_manifest(root: Path) -> dict:
-    path = root / MANIFEST
+    path = root / CORPUS_MANIFEST
     if not path.exists():
-        raise PPAPError(f"{root} is not a ppap corpus (no {MANIFEST}); create one with `ppap generate`")
+        raise PPAPError(f"{root} is not a ppap corpus (no {CORPUS_MANIFEST}); create one with `ppap generate`")
     meta = read_json_object(path, "corpus manifest", _MANIFEST_FIELDS)
-    if meta["format"] == FORMAT:
+    if meta["format"] == CORPUS_FORMAT:
         check_fields(meta, f"corpus manifest {path}", {"shards": (dict,)})
     for name, record in meta.get("shards", {}).items():
         check_fields(record, f"corpus manifest {path}, record of shard {name}", _RECORD_FIELDS)
@@ -182,12 +114,9 @@ def _read_manifest(root: Path) -> dict:
 
 
 def _same_corpus(root: Path, meta: dict, spec: CorpusSpec) -> None:
-    for key, new in spec.__dict__.items():
-        if meta[key] != new:
-            raise PPAPError(
-                f"{root} holds a different corpus ({key}: {meta[key]!r} there, {new!r} asked); "
-                "use another --out or the same settings to resume"
-            )
+    check_same_settings(
+        meta, spec.__dict__, f"{root} holds a different corpus", "use another --out or the same settings to resume", keys=_SPEC_FIELDS
+    )
 
 
 def _record(data: bytes, shape) -> dict:
@@ -236,15 +165,15 @@ def open_corpus(root: str | os.PathLike, spec: CorpusSpec) -> list[int]:
         raise PPAPError(f"corpus folder {root} is a file")
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
-        path = root / MANIFEST
-        meta = _read_manifest(root) if path.exists() else dict(spec.__dict__, format=FORMAT, shards={})
+        path = root / CORPUS_MANIFEST
+        meta = _read_manifest(root) if path.exists() else dict(spec.__dict__, format=CORPUS_FORMAT, shards={})
         before = json.dumps(meta, sort_keys=True) if path.exists() else None
         _same_corpus(root, meta, spec)
-        if meta["format"] == _V1:  # v1 wrote shards atomically: take each file's checksum now, then check it as any
+        if meta["format"] == _CORPUS_FORMAT_V1:  # v1 wrote shards atomically: take each file's checksum now, then check it as any
             meta["shards"] = {
                 _name(k): _record(p.read_bytes(), [0] * 4) for k in range(spec.num_shards) if (p := shard_path(root, k)).is_file()
             }
-            meta["format"] = FORMAT
+            meta["format"] = CORPUS_FORMAT
         for tmp in root.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         keep, missing, hwc = {}, [], None
@@ -280,13 +209,13 @@ def write_shard(root: Path, k: int, images: Tensor | np.ndarray) -> None:
     with _locked(root):
         meta = _read_manifest(root)
         spec = CorpusSpec(**{key: meta[key] for key in _SPEC_FIELDS})
-        if meta["format"] != FORMAT or not 0 <= k < spec.num_shards or len(arr) != spec.shard_count(k):
+        if meta["format"] != CORPUS_FORMAT or not 0 <= k < spec.num_shards or len(arr) != spec.shard_count(k):
             raise ValueError(f"shard {k} of {root} must hold {spec.shard_count(k)} images of an opened corpus, got {len(arr)}")
         if any(r["shape"][1:] != list(arr.shape[1:]) for name, r in meta["shards"].items() if name != _name(k)):
             raise ValueError(f"shard {k} of {root} has images of {list(arr.shape[1:])} (H, W, C), unlike the other shards")
         atomic_write_bytes(shard_path(root, k), data)
         meta["shards"][_name(k)] = _record(data, arr.shape)
-        atomic_write_json(root / MANIFEST, meta)
+        atomic_write_json(root / CORPUS_MANIFEST, meta)
 
 
 def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.PathLike) -> int:
@@ -297,14 +226,12 @@ def reuse_shards(root: str | os.PathLike, spec: CorpusSpec, source: str | os.Pat
     manifest first (a damaged one is left to draw). Returns how many shards were copied."""
     root, source = Path(root), Path(source)
     theirs = _read_manifest(source)
-    if theirs["format"] != FORMAT:
+    if theirs["format"] != CORPUS_FORMAT:
         raise PPAPError(f"corpus {source} has no shard checksums ({theirs['format']}); re-run `ppap generate` on it once")
     other = CorpusSpec(**{key: theirs[key] for key in _SPEC_FIELDS})
-    for key, want in spec.__dict__.items():
-        if key != "num_samples" and theirs[key] != want:  # other settings: other samples
-            values = f"{theirs[key]!r} there, {want!r} here"
-            detail = values if len(values) <= 120 else "differs"  # a conditional corpus's labels are long
-            raise PPAPError(f"corpus {source} was drawn with other settings ({key}: {detail}); nothing reused")
+    check_same_settings(  # other settings: other samples
+        theirs, spec.__dict__, f"corpus {source} was drawn with other settings", "nothing reused", keys=_SPEC_FIELDS, ignore=["num_samples"]
+    )
     copied = 0
     for k in pending_shards(root, spec):
         if k >= other.num_shards or other.shard_count(k) != spec.shard_size or spec.shard_count(k) != spec.shard_size:
@@ -365,8 +292,10 @@ def load_corpus(root: str | os.PathLike, limit: int | None = None) -> Tensor:
     ``limit``: a corpus is used whole or not at all. Takes no lock (the corpus may be read-only)."""
     root = Path(root)
     meta = _read_manifest(root)
-    if meta["format"] == _V1:
-        raise PPAPError(f"corpus {root} has no shard checksums ({_V1}); re-run `ppap generate` with the same settings once to add them")
+    if meta["format"] == _CORPUS_FORMAT_V1:
+        raise PPAPError(
+            f"corpus {root} has no shard checksums ({_CORPUS_FORMAT_V1}); re-run `ppap generate` with the same settings once to add them"
+        )
     spec = CorpusSpec(**{key: meta[key] for key in _SPEC_FIELDS})
     arrays, n = [], 0
     for arr in _checked_shards(root, meta, spec):
@@ -375,57 +304,6 @@ def load_corpus(root: str | os.PathLike, limit: int | None = None) -> Tensor:
             n += len(arr)
     x = torch.from_numpy(np.concatenate(arrays)[:limit]).permute(0, 3, 1, 2)
     return uint8_to_unit(x)
-
-
-class InfiniteBatches:
-    """Deterministic, resumable minibatches over a fixed tensor set.
-
-    Batch ``step`` is a pure function of ``(seed, step)``: sample k of the flat stream is element
-    ``perm_e[k mod N]`` of epoch ``e = k // N``'s permutation. A resumed run therefore sees
-    exactly the batches it would have seen, with none lost or repeated. With ``weights`` [N], an
-    epoch is N draws with replacement in proportion to them (a re-weighted corpus), equally seeded.
-    """
-
-    def __init__(self, *tensors: Tensor, batch_size: int, seed: int, weights: Tensor | None = None):
-        n = tensors[0].shape[0]
-        if any(t.shape[0] != n for t in tensors):
-            raise ValueError("all tensors need the same first dimension")
-        if n == 0:
-            raise PPAPError("cannot draw batches from an empty dataset")
-        if weights is not None and (weights.shape != (n,) or not bool((weights >= 0).all()) or float(weights.sum()) <= 0):
-            raise ValueError(f"weights must be [{n}], non-negative and not all zero")
-        self.tensors, self.batch_size, self.seed, self.n, self.weights = tensors, batch_size, seed, n, weights
-        self._perm_cache: dict[int, Tensor] = {}
-
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perm_cache:
-            if len(self._perm_cache) > 2:
-                self._perm_cache.clear()
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm_cache[epoch] = (
-                torch.randperm(self.n, generator=g)
-                if self.weights is None
-                else torch.multinomial(self.weights.double().cpu(), self.n, replacement=True, generator=g)
-            )
-        return self._perm_cache[epoch]
-
-    def indices(self, step: int) -> Tensor:
-        k = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, pos = k // self.n, k % self.n
-        return (
-            torch.stack([self._perm(int(e))[int(p)] for e, p in zip(epochs, pos)])
-            if epochs[0] != epochs[-1]
-            else self._perm(int(epochs[0]))[pos]
-        )
-
-    def batch(self, step: int) -> tuple[Tensor, ...]:
-        idx = self.indices(step)
-        return tuple(t[idx] for t in self.tensors)
-
-
-# --------------------------------------------------------------------------------------------
-# Drawing a corpus from a diffusion model
-# --------------------------------------------------------------------------------------------
 
 
 def corpus_spec(
@@ -443,8 +321,6 @@ def corpus_spec(
 ) -> CorpusSpec:
     """The identity of a corpus of ``num`` samples of ``pipe`` (a ``PPAPPipeline``); a conditional
     model's ``conditioning`` (for all ``num`` samples) is part of it."""
-    from .io import fingerprint
-
     for name, value in (("corpus size", num), ("shard size", shard_size), ("batch size", batch_size), ("steps", steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PPAPError(f"{name} must be >= 1, got {value!r}")
@@ -481,44 +357,3 @@ def corpus_spec(
     )
     check_fields(spec.__dict__, "corpus spec", _SPEC_FIELDS)  # open_corpus' rules: a spec from here always opens
     return spec
-
-
-def generate_corpus(
-    pipe,
-    root,
-    spec: CorpusSpec,
-    *,
-    conditioning=None,
-    shards: list[int] | None = None,
-    progress: bool = True,
-) -> int:
-    """Draw the shards of corpus ``spec`` that ``root`` still lacks with ``pipe`` (unguided): all
-    of them, or those of ``shards`` (the share that a caller handing out the work chose, e.g. one
-    process's share of the list that one process made). Returns how many shards this call wrote.
-    The caller opens the corpus (``open_corpus``) once, on one process, before; then this only
-    reads what is left (a folder without a manifest is opened here)."""
-    from tqdm.auto import tqdm
-
-    from .batch_sampling import sample_images
-    from .images import to_hwc_uint8
-
-    root = Path(root)
-    missing = pending_shards(root, spec) if (root / MANIFEST).exists() else open_corpus(root, spec)
-    mine = missing if shards is None else [k for k in shards if k in missing]
-    for k in tqdm(mine, desc="corpus", unit="shard", disable=not progress):
-        start, n = k * spec.shard_size, spec.shard_count(k)
-        cond = conditioning.select(slice(start, start + n)) if conditioning is not None else None
-        x = sample_images(
-            pipe,
-            n,
-            seed=spec.seed,
-            start=start,
-            batch_size=spec.batch_size,
-            conditioning=cond,
-            progress=False,
-            num_inference_steps=spec.steps,
-            eta=spec.eta,
-            sampler=spec.sampler,
-        )
-        write_shard(root, k, to_hwc_uint8(x))
-    return len(mine)
