@@ -58,3 +58,23 @@ def test_label_counts_that_do_not_match_the_tiles_are_a_one_line_error(rows, col
     with pytest.raises(PPAPError, match=match) as e:
         labelled_grid(_tiles(6, 4, 4, 1), rows=rows, cols=cols)
     assert "\n" not in str(e.value)
+
+
+def test_the_ui_download_shows_each_methods_marked_grid_under_its_name(tmp_path):
+    from PIL import Image
+
+    from ppap.ui_compare import Comparison, MethodResult, marked_grid, write_downloads
+
+    targets = np.array([0, 1, 2, 3])
+    results = {
+        m: MethodResult(m, _tiles(4, 8, 8, 1, seed=k), 1.0, [30.0], m, verdicts=np.array([0, 1, 0, 0]))
+        for k, m in enumerate(("unguided", "ppap"))
+    }
+    comparison = Comparison(results=results, targets=targets, classes=tuple("abcd"), judge="j")
+    png, npz = write_downloads(comparison, tmp_path)
+    out = np.asarray(Image.open(png).convert("RGB"))
+    spots = [_where(out, marked_grid(r.images, comparison.hits(m))) for m, r in results.items()]
+    assert all(len(s) == 1 for s in spots), spots
+    (y0, x0), (y1, x1) = spots[0][0], spots[1][0]
+    assert y0 == y1 and x1 > x0 and (out[:y0] < 128).any()  # side by side, the names above
+    assert (np.load(npz)["images_ppap"] == results["ppap"].images).all()
