@@ -25,8 +25,8 @@ test: $(STAMP)
 
 # ruff (rules in pyproject.toml) and mypy on the public API's modules; CI runs it before the tests
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/mypy
 
 # the paper's comparison and the dense-guidance bench (times on 2 CPU cores: docs/reproducing.md);

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from ppap import Classification, Diffusion, LoRAExperts, NoiseSchedule, PPAPError, PPAPPipeline, TimestepRouter, sample_scheduler
 from ppap.models import tiny_classifier
-from ppap.schedulers import GENERIC_SCHEDULERS, SAMPLER_NAMES
+from ppap.schedulers import GENERIC_SCHEDULERS, OWN_LOOPS, SAMPLER_NAMES, sample
 
 from conftest import tiny_unet
 
@@ -38,6 +38,21 @@ PARITY_CASES = [(name, kind, {}) for name in GENERIC_SCHEDULERS for kind in ("ep
     ("EulerDiscreteScheduler", "sample", {"timestep_spacing": "leading", "steps_offset": 1}),
     ("HeunDiscreteScheduler", "epsilon", {"use_karras_sigmas": True}),
 ]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", sorted(OWN_LOOPS))
+def test_ddim_and_ddpm_own_loops_equal_diffusers_own_loop(name, prediction_type):
+    """``sample`` runs DDIMScheduler / DDPMScheduler through ppap's own DDIM / DDPM loops: bit
+    for bit diffusers' loop with that scheduler (DDPM's noise from the same generator)."""
+    scheduler = getattr(diffusers, name)(num_train_timesteps=1000, prediction_type=prediction_type)
+    unet = tiny_unet()
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(scheduler))
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = _diffusers_loop(unet, scheduler, x_T, 10, torch.Generator().manual_seed(1))
+    ours = sample(diffusion, x_T, scheduler, 10, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(ref).all() and not torch.equal(ref, x_T)
+    assert torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("name,prediction_type,options", PARITY_CASES, ids=[f"{n}-{k}-{i}" for i, (n, k, _) in enumerate(PARITY_CASES)])

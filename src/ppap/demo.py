@@ -19,7 +19,7 @@ import torch
 
 from . import zoo
 from .batch_sampling import sample_images
-from .images import image_grid, to_hwc_uint8
+from .images import image_grid, labelled_grid, png_bytes, to_hwc_uint8
 from .io import atomic_write_bytes, atomic_write_json
 from .loading import load_experts, load_guide, load_pipeline
 from .train import TrainConfig, data_free_experts
@@ -110,14 +110,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
         images[name] = to_hwc_uint8(x)
 
     print("[4/4] writing report")
-    grid = _method_grid(images, num_classes, cfg.per_class, cfg.grid_per_class)
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(grid[..., 0]).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(buf, format="PNG")
-    atomic_write_bytes(out / "grid.png", buf.getvalue())
+    grid = _method_grid(images, list(classes), cfg.per_class, cfg.grid_per_class)
+    atomic_write_bytes(out / "grid.png", png_bytes(grid))
     summary = {
         "config": dataclasses.asdict(cfg),
         "seed": seed,
@@ -132,17 +126,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | No
     return summary
 
 
-def _method_grid(images: dict[str, np.ndarray], num_classes: int, per_class: int, show: int) -> np.ndarray:
-    """Rows = classes; column blocks = methods (``show`` images each), separated by a gap."""
-    blocks = []
-    for arr in images.values():
-        pick = np.stack([arr[c * per_class + j] for c in range(num_classes) for j in range(min(show, per_class))])
-        blocks.append(image_grid(pick, nrow=min(show, per_class)))
-    gap = np.full((blocks[0].shape[0], 6, blocks[0].shape[2]), 128, dtype=np.uint8)
-    out = [blocks[0]]
-    for b in blocks[1:]:
-        out += [gap, b]
-    return np.concatenate(out, axis=1)
+def _method_grid(images: dict[str, np.ndarray], classes: list[str], per_class: int, show: int) -> np.ndarray:
+    """One labelled row per class, one labelled column per method; a cell holds ``show`` of that
+    class's images [N, H, W, C] (``per_class`` per class, class-major) side by side."""
+    show = min(show, per_class)
+    cells = [image_grid(images[m][c * per_class : c * per_class + show], nrow=show) for c in range(len(classes)) for m in images]
+    return labelled_grid(np.stack(cells), rows=classes, cols=list(images))
 
 
 def _print_table(results: dict, classes, summary: dict) -> None:

@@ -110,3 +110,58 @@ def encode_png(images: np.ndarray, nrow: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def labelled_grid(
+    images: np.ndarray, rows: list[str], cols: list[str], zoom: int | None = None, pad: int = 6, font_size: int = 14
+) -> np.ndarray:
+    """uint8 tiles [R * C, H, W, ch] (row-major, ch 1 or 3) -> one uint8 [H', W', ch] image with
+    the row labels in a strip on the left and the column labels in a strip on top (PIL's default
+    font at ``font_size`` px, black on white). Each tile is enlarged ``zoom`` times by nearest neighbour (default: the
+    smallest factor that makes it at least 64 px high, so labels do not dwarf 32x32 images) and
+    placed unaltered, centred in a cell as wide as its column label needs; cells are ``pad`` apart.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise PPAPError(f"labelled_grid takes uint8 [N, H, W, 1 or 3] tiles, got shape {tuple(images.shape)}")
+    if len(images) != len(rows) * len(cols):
+        raise PPAPError(f"{len(images)} tiles do not fill {len(rows)} labelled rows x {len(cols)} labelled columns")
+    _, h, w, ch = images.shape
+    zoom = zoom or -(-64 // h)
+    if zoom < 1:
+        raise PPAPError(f"tile zoom must be >= 1, got {zoom}")
+    tiles = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    h, w = h * zoom, w * zoom
+    font = ImageFont.load_default(font_size)
+
+    def size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = font.getbbox(text)
+        return int(right - left), int(bottom)
+
+    top = max(size(c)[1] for c in cols) + 2 * pad
+    left = max(size(r)[0] for r in rows) + 2 * pad
+    cell = max([w] + [size(c)[0] + pad for c in cols])
+    canvas = Image.new("L" if ch == 1 else "RGB", (left + len(cols) * (cell + pad) + pad, top + len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(cols):
+        draw.text((left + pad + j * (cell + pad) + (cell - size(text)[0]) // 2, pad), text, fill="black", font=font)
+    for i, text in enumerate(rows):
+        y = top + pad + i * (h + pad)
+        draw.text((pad, y + (h - size(text)[1]) // 2), text, fill="black", font=font)
+        for j in range(len(cols)):
+            tile = tiles[i * len(cols) + j]
+            canvas.paste(Image.fromarray(tile[..., 0] if ch == 1 else tile), (left + pad + j * (cell + pad) + (cell - w) // 2, y))
+    out = np.asarray(canvas, dtype=np.uint8)
+    return out[..., None] if ch == 1 else out.copy()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 1 or 3] -> PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()

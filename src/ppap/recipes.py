@@ -334,7 +334,7 @@ def _expert_recipes() -> dict:
             train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
         ),
         # dense experts: same corpus (no labels); KD = per-pixel KL at tau 1 / L1 to the teacher's
-        # map; the classifier's rank 32 and warm-started chain (benchmarks/dense_recipe.py)
+        # map; the classifier's rank 32 and warm-started chain (docs/findings.md, the dense experts)
         "fashion-segmenter-ppap5": ExpertRecipe(
             guide="fashion-segmenter",
             task="segmentation",

@@ -25,7 +25,7 @@ from . import zoo
 from .batch_sampling import sample_images
 from .commands.common import finite_number
 from .commands.terms import build_term, parse_term
-from .images import image_grid, load_reference_image, to_hwc_uint8
+from .images import image_grid, labelled_grid, load_reference_image, png_bytes, to_hwc_uint8
 from .io import PPAPError, atomic_write_bytes
 from .loading import load_experts, load_guide, load_pipeline
 from .pipeline import PPAPPipeline
@@ -313,20 +313,9 @@ def preview_grid(x0: Tensor) -> np.ndarray:
 def write_downloads(comparison: Comparison, folder: str | Path | None = None) -> list[Path]:
     """``ppap-comparison.png`` (the marked grids side by side, method names above) and
     ``ppap-samples.npz`` (``images_<method>`` uint8 [N, H, W, C], ``targets``, ``verdicts_<method>``)."""
-    from PIL import Image, ImageDraw
-
     folder = Path(folder or tempfile.mkdtemp(prefix="ppap-ui-"))
-    grids = [marked_grid(r.images, comparison.hits(m)) for m, r in comparison.results.items()]
-    height = max(g.shape[0] for g in grids) + 16
-    canvas = Image.new("RGB", (sum(g.shape[1] + 8 for g in grids), height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for method, grid in zip(comparison.results, grids):
-        canvas.paste(Image.fromarray(grid), (x, 16))
-        draw.text((x + 2, 2), method, fill="black")
-        x += grid.shape[1] + 8
-    png = io.BytesIO()
-    canvas.save(png, format="PNG")
+    grids = np.stack([marked_grid(r.images, comparison.hits(m)) for m, r in comparison.results.items()])
+    png = png_bytes(labelled_grid(grids, rows=[""], cols=list(comparison.results), zoom=1))
     arrays: dict[str, np.ndarray] = {f"images_{m.replace('-', '_')}": r.images for m, r in comparison.results.items()}
     arrays |= {f"verdicts_{m.replace('-', '_')}": r.verdicts for m, r in comparison.results.items() if r.verdicts is not None}
     if comparison.targets is not None:
@@ -334,7 +323,7 @@ def write_downloads(comparison: Comparison, folder: str | Path | None = None) ->
     npz = io.BytesIO()
     np.savez(npz, **arrays)
     files = [folder / "ppap-comparison.png", folder / "ppap-samples.npz"]
-    atomic_write_bytes(files[0], png.getvalue())
+    atomic_write_bytes(files[0], png)
     atomic_write_bytes(files[1], npz.getvalue())
     return files
 

@@ -27,11 +27,12 @@ from torch import nn
 
 from ..experts import ExpertBank
 from ..guidance import GuidanceTerm
+from ..images import labelled_grid, png_bytes, to_hwc_uint8
 from ..io import atomic_write_bytes, atomic_write_json
 from ..loading import load_experts, load_guide
 from ..metrics import features, fid, predict
 from ..models import FOREGROUND_THRESHOLD, sobel_magnitude
-from .common import Bench, _savefig, in_order, machine, machine_in_order, pyplot, time_steps
+from .common import Bench, in_order, machine, machine_in_order, time_steps
 
 DENSE_MODELS = {  # task -> (the zoo's guide, its experts)
     "segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"),
@@ -209,35 +210,32 @@ class DenseBench(Bench):
         }
 
     def figure(self, path: Path) -> None:
-        plt = pyplot()
+        """Per row, labelled with its task: a reference, its target map, then the unguided, naive
+        and PPAP samples from the same initial noise."""
+        from matplotlib import colormaps
+
         k = self.cfg.figure_targets
-        cols = ("reference", "target map", "unguided", "naive", "ppap")
-        fig, axes = plt.subplots(2 * k, len(cols), figsize=(1.6 * len(cols), 1.6 * 2 * k))
         refs = self.references(sweep=False)[:k]
         first = next(iter(DENSE_MODELS))
-        for ti, task_name in enumerate(DENSE_MODELS):
+        tiles, rows = [], []
+        for task_name in DENSE_MODELS:
             targets = self.targets(task_name, refs).numpy()
-            imgs = {
-                m: np.load(self.out / "samples" / f"{first if m == 'unguided' else task_name}-{m}.npy")[:k, 0].astype(np.float32)
+            if task_name == "segmentation":  # one tab20 colour per label
+                maps = colormaps["tab20"](targets)
+            else:  # each map stretched to its own range
+                lo, hi = targets.min(axis=(1, 2, 3), keepdims=True), targets.max(axis=(1, 2, 3), keepdims=True)
+                maps = colormaps["magma"](((targets - lo) / np.maximum(hi - lo, 1e-8))[:, 0])
+            maps = (maps[..., :3] * 255).round().astype(np.uint8)
+            samples = [
+                np.load(self.out / "samples" / f"{first if m == 'unguided' else task_name}-{m}.npy")[:k].astype(np.float32)
                 for m in ("unguided", "naive", "ppap")
-            }
+            ]
+            grey = [_rgb(refs)] + [_rgb(torch.from_numpy(x)) for x in samples]
             for r in range(k):
-                row = axes[ti * k + r]
-                row[0].imshow(refs[r, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
-                row[1].imshow(
-                    targets[r] if task_name == "segmentation" else targets[r, 0],
-                    cmap="tab20" if task_name == "segmentation" else "magma",
-                    **({"vmin": 0, "vmax": 19} if task_name == "segmentation" else {}),
-                )
-                for c, m in enumerate(("unguided", "naive", "ppap"), start=2):
-                    row[c].imshow(imgs[m][r], cmap="gray", vmin=-1, vmax=1)
-                for c, ax in enumerate(row):
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                    if ti * k + r == 0 or (r == 0 and c == 1):
-                        ax.set_title(cols[c] if c != 1 else f"target ({task_name})", fontsize=7)
-                row[0].set_ylabel(task_name if r == 0 else "", fontsize=7)
-        _savefig(fig, path)
+                tiles += [grey[0][r], maps[r]] + [g[r] for g in grey[1:]]
+                rows.append(task_name)
+        grid = labelled_grid(np.stack(tiles), rows, ["reference", "target map", "unguided", "naive", "ppap"])
+        atomic_write_bytes(path, png_bytes(grid))
 
     def _run(self) -> dict:
         t0 = time.time()
@@ -257,6 +255,11 @@ class DenseBench(Bench):
         atomic_write_bytes(self.out / "report.md", dense_report(results).encode())
         self.figure(self.out / "bench_dense_grid.png")
         return results
+
+
+def _rgb(x: torch.Tensor) -> np.ndarray:
+    """Grey images [N, 1, H, W] in [-1, 1] -> uint8 RGB [N, H, W, 3]."""
+    return np.repeat(to_hwc_uint8(x.float().clamp(-1, 1)), 3, axis=-1)
 
 
 def _fmt_scale(scale) -> str:

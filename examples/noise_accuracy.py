@@ -3,8 +3,8 @@ experts and each expert at every t, on real test images noised to t (the same no
 The figure is the guide's own card metric against the *clean* image's ground truth:
 accuracy (classifier), mIoU (segmenter), L1 to the analytic Sobel map (edge estimator).
 
-    python benchmarks/noise_accuracy.py --experts fashion-ppap5 --out runs/noise_accuracy.json
-    python benchmarks/noise_accuracy.py --experts fashion-segmenter-ppap5 --num 2000
+    python examples/noise_accuracy.py --experts fashion-ppap5 --out runs/noise_accuracy.json
+    python examples/noise_accuracy.py --experts fashion-segmenter-ppap5 --num 2000
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ merge and an unmerge each) are in its time. ``--guide-only``: only the guide's c
 of a step that differs between the methods whose UNet forward needs no grad; x0 is left out), so
 that a few percent are not lost in the UNet forward's noise.
 
-    python benchmarks/step_cost.py --batch 64 --repeats 10
-    python benchmarks/step_cost.py --batch 16 --repeats 5 --whole
-    python benchmarks/step_cost.py --batch 64 --repeats 100 --guide-only
+    python examples/step_cost.py --batch 64 --repeats 10
+    python examples/step_cost.py --batch 16 --repeats 5 --whole
+    python examples/step_cost.py --batch 64 --repeats 100 --guide-only
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 class should be >= 4%), FID/KID/precision/recall of N DDIM samples against the 10k test set,
 next to the same figures for 10k real training images (the floor).
 
-    python benchmarks/ddpm_quality.py --num 1000 --out runs/ddpm_quality.json
+    python examples/ddpm_quality.py --num 1000 --out runs/ddpm_quality.json
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ also FID, precision and recall in the evaluator's features against the 10,000 re
 
     ppap sample --diffusion fashion-ddpm --guide fashion-classifier --experts fashion-ppap5 \\
         --method ppap --target all --num 500 --out runs/zoo-check/ppap5.png
-    python benchmarks/judge.py runs/zoo-check/ppap5.npz
+    python examples/judge.py runs/zoo-check/ppap5.npz
 """
 
 from __future__ import annotations

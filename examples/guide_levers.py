@@ -3,7 +3,7 @@ zoo: PPAP guidance (``fashion-ppap5``) on every DDIM-25 step, or only on a subse
 (``GuidanceTerm.interval``). Each row: the same noises and targets (``--num`` samples, all
 classes in turn), judged by ``fashion-evaluator``; the guide is called on the printed share of steps.
 
-    python benchmarks/guide_levers.py --num 200
+    python examples/guide_levers.py --num 200
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ zoo) and this script times the first x0 preview and the finished comparison from
 Models are loaded before the page opens (as ``ppap ui`` does). Optionally saves a screenshot of
 the page mid-sampling.
 
-    python benchmarks/ui_latency.py --repeats 2 --screenshot docs/ui.png
+    python examples/ui_latency.py --repeats 2 --screenshot docs/ui.png
 """
 
 from __future__ import annotations

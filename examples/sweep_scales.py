@@ -1,7 +1,7 @@
 """Guidance-scale sweep on a seed set disjoint from the demo's: evaluator accuracy on the target
 class per (method, scale). Writes JSON lines; used to pick the demo's scales (docs/results.md).
 
-    python benchmarks/sweep_scales.py --experts fashion-ppap5 --per-class 10 --out runs/sweep.jsonl
+    python examples/sweep_scales.py --experts fashion-ppap5 --per-class 10 --out runs/sweep.jsonl
 """
 
 from __future__ import annotations
