@@ -390,6 +390,7 @@ def cmd_sample(args) -> int:
         raise PPAPError(f"--batch-size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
     _number(args.scale, "--scale")
     _number(args.eta, "--eta")
+    _check_particles(args)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
@@ -448,6 +449,7 @@ def cmd_sample(args) -> int:
             num_inference_steps=args.steps,
             sampler=args.sampler,
             eta=args.eta,
+            **({} if args.particles is None else {"particles": args.particles}),
         )
         return to_hwc_uint8(x)
 
@@ -460,6 +462,16 @@ def cmd_sample(args) -> int:
     if not args.quiet:
         print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images; guidance: {described or 'none'})")
     return 0
+
+
+def _check_particles(args) -> None:
+    """--particles goes with a particle method (and one needs it), before any model loads."""
+    from .config import PARTICLE_METHODS
+
+    if args.method in PARTICLE_METHODS and (args.particles is None or args.particles < 1):
+        raise PPAPError(f"--method {args.method} needs --particles K with K >= 1, got {args.particles}")
+    if args.particles is not None and args.method not in PARTICLE_METHODS:
+        raise PPAPError(f"--particles is for the particle methods ({', '.join(PARTICLE_METHODS)}), not --method {args.method}")
 
 
 def cmd_zoo(args) -> int:
@@ -627,7 +639,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guide", help=f"the off-the-shelf model (transformers or zoo): {MODEL_REF}, or package.module:function")
     s.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
     s.add_argument("--experts", help="the experts (for --method ppap): folder from `ppap train`, zoo name or hub id org/name[@revision]")
-    s.add_argument("--method", default="ppap", help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut")
+    s.add_argument(
+        "--method",
+        default="ppap",
+        help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut; "
+        "particle methods (with --particles): best-of-n | fk | tds | ppap-smc",
+    )
+    s.add_argument(
+        "--particles",
+        type=int,
+        help="K trajectories per image for a particle method (one returned; --scale is the exponent lambda of p(y|x)^lambda, "
+        "default 1; classifiers only; --sampler ddpm, or ddim with --eta > 0)",
+    )
     s.add_argument("--calibration", default="", help="x0-shortcut options, e.g. 'norm_temperature=2,softplus_beta=3,scale_schedule=sigma'")
     s.add_argument("--task", help="task of a --guide without experts (default: the zoo entry's, else classification)")
     s.add_argument("--target", help="class index or name, a comma list (cycled), or 'all' (default: class 0)")

@@ -16,6 +16,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,24 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import EXPERT_METHODS, default_scale
+from .config import EXPERT_METHODS, PARTICLE_METHODS, default_scale
 from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
+from .particles import SMCResult, particle_noise, sample_particles
 from .samplers import NonFiniteError, Progress
-from .schedulers import sample, sampling_scheduler
+from .schedulers import OWN_LOOPS, sample, sampling_scheduler
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class ParticlePipelineOutput(ImagePipelineOutput):
+    """The images of a particle method, and its run (weights, ESS per step, resampling steps)."""
+
+    diagnostics: SMCResult | None = None
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -190,7 +199,7 @@ class PPAPPipeline(DiffusionPipeline):
         method = method or ("ppap" if experts is not None else "naive" if guide is not None else "unguided")
         if method == "unguided":
             return None
-        if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS:
+        if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS + ("ppap-smc",):
             guide = experts.guide  # the bank's own guide: its class names, reference and shapes
         if guide is None:
             raise PPAPError(f"method {method!r} needs a guide (the off-the-shelf model)")
@@ -212,6 +221,8 @@ class PPAPPipeline(DiffusionPipeline):
         else:
             the_task = task_for(guide, diffusion.image_shape, task or guide.task or "classification")
             clean = guide
+        if method in PARTICLE_METHODS and not isinstance(the_task, Classification):
+            raise PPAPError(f"method {method!r} takes a classifier guide (classification), not {the_task.name}")
         if isinstance(the_task, Classification):
             if target_image is not None or (isinstance(target, Tensor) and target.ndim > 1):
                 raise PPAPError("reference images and target maps are for segmentation or dense guides; a classifier takes --target CLASS")
@@ -336,6 +347,7 @@ class PPAPPipeline(DiffusionPipeline):
         negative_class_labels=None,
         guidance_scale: float = 1.0,
         sampler: str | None = None,
+        particles: int | None = None,
         progress: bool = True,
     ) -> ImagePipelineOutput | tuple:
         r"""Sample ``batch_size`` images, guided by an off-the-shelf model when ``guide`` is given.
@@ -368,6 +380,10 @@ class PPAPPipeline(DiffusionPipeline):
             sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
                 euler-a, heun), built from the scheduler's config; default: the registered
                 scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
+            particles: K, for the particle methods (best-of-n, fk, tds, ppap-smc; ``ppap.particles``):
+                K trajectories per image, one returned; their ``classifier_scale`` is the exponent
+                lambda of p(y | x)^lambda. They take a classifier, the ddpm sampler or ddim with
+                eta > 0, and return a ``ParticlePipelineOutput`` (its ``diagnostics``: the run).
             progress: show the step bar (``self.progress_bar``, configured by
                 ``set_progress_bar_config``).
         """
@@ -428,32 +444,28 @@ class PPAPPipeline(DiffusionPipeline):
                 if term.experts is not None:
                     _check_device(term.experts, device, "expert bank")
             denoiser = diffusion.bind(cond)
-            guidance = compose(all_terms, denoiser)
-            if latents is None:
-                x = randn_tensor((batch_size,) + shape, generator=generator, device=device, dtype=torch.float32)
+            run = None
+            if particles is not None or any(term.method in PARTICLE_METHODS for term in all_terms):
+                if callback_on_step_end is not None:
+                    raise PPAPError("callback_on_step_end is not available with a particle method")
+                with self._step_progress(progress, self._num_timesteps) as bar:
+                    run = self._sample_particles(
+                        all_terms, particles, scheduler, num_inference_steps, eta, cond, generator, latents, batch_size, bar
+                    )
+                x = run.images
             else:
-                x = latents.to(torch.float32).to(device)  # cast first: float64 latents cannot go to MPS
-
-            state_keys = {"latents": "x", "x0": "x0", "guidance": "guidance"}  # callback name -> the loop's state key
-
-            def on_step(state: dict) -> Tensor | None:
-                if callback_on_step_end is None:
-                    return None
-                kwargs = {k: state[state_keys[k]] for k in callback_on_step_end_tensor_inputs}
-                out = callback_on_step_end(self, state["i"], state["t"], kwargs)
-                return out.get("latents") if isinstance(out, dict) else None
-
-            with self._step_progress(progress, self._num_timesteps) as bar:
-                x = sample(
+                x = self._sample_gradient(
+                    all_terms,
                     denoiser,
-                    x,
                     scheduler,
                     num_inference_steps,
-                    guidance=guidance,
-                    eta=eta,
-                    generator=generator,
-                    callback=on_step,
-                    progress=bar,
+                    eta,
+                    generator,
+                    latents,
+                    batch_size,
+                    progress,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
                 )
         except NonFiniteError as e:
             raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
@@ -467,7 +479,77 @@ class PPAPPipeline(DiffusionPipeline):
                 image = self.numpy_to_pil(image)
         if not return_dict:
             return (image,)
-        return ImagePipelineOutput(images=image)
+        return ImagePipelineOutput(images=image) if run is None else ParticlePipelineOutput(images=image, diagnostics=run)
+
+    def _sample_gradient(
+        self, all_terms, denoiser, scheduler, num_inference_steps, eta, generator, latents, batch_size, progress, callback, tensor_inputs
+    ) -> Tensor:
+        """x_0 [B, C, H, W] of the scheduler's loop with the terms' summed gradient guidance."""
+        guidance = compose(all_terms, denoiser)
+        device = self._execution_device
+        if latents is None:
+            x = randn_tensor((batch_size,) + self.image_shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            x = latents.to(torch.float32).to(device)  # cast first: float64 latents cannot go to MPS
+
+        state_keys = {"latents": "x", "x0": "x0", "guidance": "guidance"}  # callback name -> the loop's state key
+
+        def on_step(state: dict) -> Tensor | None:
+            if callback is None:
+                return None
+            kwargs = {k: state[state_keys[k]] for k in tensor_inputs}
+            out = callback(self, state["i"], state["t"], kwargs)
+            return out.get("latents") if isinstance(out, dict) else None
+
+        with self._step_progress(progress, self._num_timesteps) as bar:
+            return sample(
+                denoiser, x, scheduler, num_inference_steps, guidance=guidance, eta=eta, generator=generator, callback=on_step, progress=bar
+            )
+
+    def _sample_particles(
+        self, all_terms, particles, scheduler, num_inference_steps, eta, cond, generator, latents, batch_size, bar
+    ) -> SMCResult:
+        """The run of the one particle-method term in ``all_terms``, K = ``particles`` per image."""
+        methods = ", ".join(PARTICLE_METHODS)
+        if len(all_terms) != 1 or all_terms[0].method not in PARTICLE_METHODS:
+            named = " + ".join(t.method for t in all_terms) or "unguided"
+            raise PPAPError(f"particles= is for one term of a particle method ({methods}), got {named}")
+        term = all_terms[0]
+        if particles is None or isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise PPAPError(f"method {term.method!r} needs particles >= 1 (--particles K), got {particles!r}")
+        kind = OWN_LOOPS.get(type(scheduler).__name__)
+        if kind is None or (kind == "ddim" and not eta > 0):
+            got = f"ddim with eta {eta:g}" if kind == "ddim" else type(scheduler).__name__
+            raise PPAPError(f"method {term.method!r} samples the ddpm chain or ddim with eta > 0, not {got} (--sampler ddpm, or --eta 1)")
+        device = self._execution_device
+        shape = self.image_shape
+        if latents is None:
+            x = particle_noise(batch_size, particles, shape, generator, device)
+        else:
+            x = latents.to(torch.float32).to(device).repeat_interleave(particles, 0)
+        rows = torch.arange(batch_size).repeat_interleave(particles)
+        denoiser = self.diffusion.bind(None if cond is None else cond.select(rows))
+        net: Any = term.net
+        bank = term.experts
+        if bank is not None and net is bank.guide:  # the bank's own net carries its adapters: the clean model is its teacher
+            net = bank.teacher
+        grid = NoiseSchedule.from_diffusers(scheduler).grid(num_inference_steps, kind)
+        return sample_particles(
+            term.method,
+            denoiser,
+            x,
+            grid,
+            particles=particles,
+            net=net,
+            task=term.task,
+            target=term.targets.to(device),
+            scale=term.scale,
+            bank=bank,
+            kind=kind,
+            eta=eta,
+            generator=generator,
+            progress=bar,
+        )
 
 
 def sample_images(
