@@ -523,6 +523,11 @@ def cmd_bench(args) -> int:
         print(classifier_report(results))
     elif args.workers is not None or args.ablations is not None or args.extra_rows is not None:
         raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
+    elif args.suite == "search":
+        from .bench.search import run_search_bench, search_report
+
+        results = run_search_bench(out, quick=args.quick, progress=not args.quiet)
+        print(search_report(results))
     elif args.suite == "scale":
         from .bench.scale import run_scale_bench, scale_config, scale_report
 
@@ -697,9 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     b = sub.add_parser(
-        "bench", help="the paper's comparison on the zoo; cost at real sizes (resumable; see docs/reproducing.md, docs/SCALE.md)"
+        "bench",
+        help="the paper's comparison on the zoo; cost at real sizes; particle methods at matched compute (search) (resumable; see docs/reproducing.md, docs/SCALE.md)",
     )
-    b.add_argument("suite", choices=("classifier", "dense", "scale"))
+    b.add_argument("suite", choices=("classifier", "dense", "scale", "search"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
     b.add_argument(
