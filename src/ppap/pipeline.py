@@ -531,6 +531,8 @@ class PPAPPipeline(DiffusionPipeline):
         denoiser = self.diffusion.bind(None if cond is None else cond.select(rows))
         net: Any = term.net
         bank = term.experts
+        if bank is not None:
+            bank.eval()  # as the gradient methods run it (the caller's mode comes back after the call)
         if bank is not None and net is bank.guide:  # the bank's own net carries its adapters: the clean model is its teacher
             net = bank.teacher
         grid = NoiseSchedule.from_diffusers(scheduler).grid(num_inference_steps, kind)
