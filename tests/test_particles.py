@@ -244,7 +244,8 @@ def _pipe():
 
 def test_pipeline_particle_methods_and_their_errors():
     pipe, (_, net) = _pipe(), _tiny()
-    bank = _bank(tiny_classifier().eval())
+    bank = _bank(tiny_classifier().eval()).train()  # the caller's bank in train mode: sampled in eval mode, handed back as it came
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
     out = pipe(
         batch_size=2,
         num_inference_steps=2,
@@ -256,6 +257,7 @@ def test_pipeline_particle_methods_and_their_errors():
         output_type="pt",
         progress=False,
     )
+    assert bank.training and all(torch.equal(before[k], v) for k, v in bank.state_dict().items())  # no norm statistics moved
     assert out.images.shape == (2, 1, 8, 8) and out.diagnostics.ess.shape == (2, 2) and out.diagnostics.particles.shape == (4, 1, 8, 8)
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     a = pipe(batch_size=2, num_inference_steps=2, guide=net, method="fk", particles=3, generator=gens, output_type="latent", progress=False)
