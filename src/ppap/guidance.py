@@ -16,6 +16,9 @@ building its guidance. ``METHODS`` maps the CLI names to builders:
             the same loss, its gradient taken w.r.t. x0_hat only and mapped to x_t with the
             UNet's Jacobian replaced by the identity (MPGD / EluCD style): no UNet backward.
             ``Calibration`` holds EluCD-style options (temperatures, Softplus, scale schedule).
+  best-of-n, fk, tds, ppap-smc
+            particle methods (``ppap.particles``): a term holds their guide, experts, targets
+            and lambda; they are sampled with K particles, not by adding a gradient
 """
 
 from __future__ import annotations
