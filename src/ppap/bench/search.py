@@ -50,7 +50,7 @@ class SearchBenchConfig:
     evaluator: str = "fashion-evaluator"
     num: int = 1000  # returned samples per row, the classes in turn
     steps: int = 25  # S: every chain's steps
-    scale: float = 1.0  # lambda of the particle methods (p(y|x)^lambda)
+    scales: tuple = (1.0, 3.0)  # lambdas of the particle methods (p(y|x)^lambda; 1: the exact conditional)
     budgets: tuple = (1, 2, 4, 8, 16)  # x the compute of one unguided DDIM-S run
     methods: tuple = PARTICLE_ROWS
     gradient_rows: tuple = GRADIENT_ROWS
@@ -62,7 +62,15 @@ class SearchBenchConfig:
 
 
 QUICK = SearchBenchConfig(
-    num=4, steps=3, budgets=(1, 2), gradient_rows=("naive", "ppap"), batch_size=4, cost_batch=2, cost_repeats=1, real_images=200
+    num=4,
+    steps=3,
+    budgets=(1, 2),
+    scales=(1.0,),
+    gradient_rows=("naive", "ppap"),
+    batch_size=4,
+    cost_batch=2,
+    cost_repeats=1,
+    real_images=200,
 )
 
 
@@ -165,8 +173,8 @@ class SearchBench(Bench):
         with torch.no_grad():
             return {"experts": self.bank(x_t, t).argmax(-1), "classifier-on-x0": self.guide(pred.x0.clamp(-1, 1)).argmax(-1)}
 
-    def particle_row(self, method: str, k: int) -> dict:
-        """``method`` with K = ``k`` particles per returned sample, the runs' ESS over t and (TDS,
+    def particle_row(self, method: str, k: int, scale: float) -> dict:
+        """``method`` with K = ``k`` particles per returned sample at lambda = ``scale``, the runs' ESS over t and (TDS,
         ppap-smc) the twists' accuracy per step against the judge's class of each final particle."""
         cfg, t0 = self.cfg, time.time()
         xs, ess, resampled, total = [], [], [], 0
@@ -177,7 +185,7 @@ class SearchBench(Bench):
             x_T = particle_noise(n, k, self.diffusion.image_shape, gens, "cpu")
             run = sample_particles(
                 method, self.diffusion, x_T, self.grid, particles=k, net=self.guide, task=self.task,
-                target=self.targets[b0 : b0 + n], scale=cfg.scale, bank=self.bank, generator=gens,
+                target=self.targets[b0 : b0 + n], scale=scale, bank=self.bank, generator=gens,
                 probe=self.probe if method in ("tds", "ppap-smc") else None,
             )  # fmt: skip
             xs.append(run.images.clamp(-1, 1))
@@ -191,7 +199,8 @@ class SearchBench(Bench):
         out = self.score(torch.cat(xs), time.time() - t0)
         return out | {
             "particles": k,
-            "scale": cfg.scale,
+            "scale": scale,
+            "method": method,
             "timesteps": run.timesteps,
             "ess_over_k": torch.cat(ess, 1).mean(1).tolist(),  # [S]
             "resampled": torch.cat(resampled, 1).mean(1).tolist(),  # [S] fraction of runs resampling at each step
@@ -203,8 +212,8 @@ class SearchBench(Bench):
         for method in self.cfg.methods:
             for budget in self.cfg.budgets:
                 k = particles_at(method, budget, cost, self.cfg.steps)
-                if k >= 1 and f"{method}-K{k}" not in jobs:
-                    jobs[f"{method}-K{k}"] = ("particle_row", (method, k))
+                for scale in self.cfg.scales if k >= 1 else ():
+                    jobs[f"{method}-K{k}-lambda{scale:g}"] = ("particle_row", (method, k, scale))
         rows = ("unguided", "unguided-ddpm") + tuple(self.cfg.gradient_rows)
         for m in rows:
             if m != "noise-aware" or Path(self.cfg.noise_aware).is_dir():
@@ -217,7 +226,7 @@ class SearchBench(Bench):
         jobs = self.row_jobs(cost)
         rows = self.timed("rows", lambda: self.jobs("rows", jobs), cached=all(map(self.stage.exists, jobs)), save=False)
         for name, row in rows.items():
-            method = name.rsplit("-K", 1)[0] if "particles" in row else name
+            method = row["method"] if "particles" in row else name
             if "particles" in row:
                 row["compute"] = round(row["particles"] * particle_cost(method, self.cfg.steps, cost["guide"], cost["expert"]), 2)
             else:
@@ -244,11 +253,14 @@ def figure(r: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     rows = r["rows"]
-    for method in PARTICLE_ROWS:
-        mine = sorted((row for row in rows.values() if row["method"] == method and "particles" in row), key=lambda row: row["compute"])
-        if mine:
-            for ax, key in zip(axes[:2], ("accuracy", "fid")):
-                ax.plot([m["compute"] for m in mine], [m[key] for m in mine], "o-", label=method)
+    curves = sorted({(row["method"], row["scale"]) for row in rows.values() if "particles" in row})
+    for method, scale in curves:  # one line per particle method and lambda, over the budgets
+        mine = sorted(
+            (row for row in rows.values() if "particles" in row and (row["method"], row["scale"]) == (method, scale)),
+            key=lambda row: row["compute"],
+        )
+        for ax, key in zip(axes[:2], ("accuracy", "fid")):
+            ax.plot([m["compute"] for m in mine], [m[key] for m in mine], "o-", label=f"{method} lambda {scale:g}")
     for name, row in rows.items():
         if "particles" not in row:
             for ax, key in zip(axes[:2], ("accuracy", "fid")):
@@ -261,9 +273,9 @@ def figure(r: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     for row in rows.values():
         if "particles" in row and row["method"] in ("tds", "ppap-smc", "fk"):
-            axes[2].plot(row["timesteps"], row["ess_over_k"], label=f"{row['method']} K={row['particles']}")
+            axes[2].plot(row["timesteps"], row["ess_over_k"], label=f"{row['method']} K={row['particles']} lambda {row['scale']:g}")
         for twist, acc in row.get("twist_accuracy", {}).items():
-            axes[3].plot(row["timesteps"], acc, label=f"{twist} ({row['method']} K={row['particles']})")
+            axes[3].plot(row["timesteps"], acc, label=f"{twist} ({row['method']} K={row['particles']} lambda {row['scale']:g})")
     for ax, label in zip(axes[2:], ("ESS / K before resampling", "twist's class = judge's class of the final x_0")):
         ax.set_xlabel("t")
         ax.set_ylabel(label)
@@ -278,7 +290,7 @@ def search_report(r: dict) -> str:
     s = cfg["steps"]
     lines = [
         f"Machine: {machine_in_order(r)}. {cfg['num']} returned samples per row (classes in turn), judged by "
-        f"{cfg['evaluator']}; particle methods on the DDPM-{s} chain with lambda {cfg['scale']:g}, gradient rows on DDIM-{s} (eta 0).",
+        f"{cfg['evaluator']}; particle methods on the DDPM-{s} chain (lambda in the row's name), gradient rows on DDIM-{s} (eta 0) at their default scales.",
         f"Compute per returned sample in unguided DDIM-{s} runs: UNet forward 1, backward 2, guide forward {cost['guide']:.3f} "
         f"and expert forward {cost['expert']:.3f} of a UNet forward (measured, batch {cfg['cost_batch']}). A particle run's K "
         "particles give one sample (they share ancestors after resampling).",
