@@ -18,8 +18,9 @@ For the twisted methods the incremental log-weight of a step is
     log p(x_{t-1} | x_t) - log q(x_{t-1} | x_t, y) + log p~_{t-1}(y | x_{t-1}) - log p~_t(y | x_t)
 (p~_{t-1} by the twist that owns t-1: an expert switch at a router boundary is accounted for),
 the first weight is p~_T(y | x_T), and the last twist is the clean classifier on x_0, lambda log
-p(y | x_0): whatever the twist's errors, the weighted particles target p(x) p(y | x)^lambda. The
-returned sample is one particle drawn by the final weights.
+p(y | x_0): whatever the twist's errors, the weighted particles target p(x) p(y | x)^lambda. TDS
+and ppap-smc return one particle per image drawn by the final weights (with K = 1, their
+proposal's sampler: x0 guidance, PPAP guidance, each at scale lambda on the DDPM chain).
 
 All B * K particles run in one batch (image-major: image b's particles are rows bK..bK+K-1).
 """
