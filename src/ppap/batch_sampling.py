@@ -5,6 +5,7 @@ writes them as the shards of a corpus (``ppap.corpus``)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,20 @@ from .diffusion import Conditioning
 from .guidance import GuidanceTerm
 from .images import to_hwc_uint8
 from .io import PPAPError
-from .pipeline import PPAPPipeline, sample_generators
+from .pipeline import PPAPPipeline
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of sample k of a run seeded ``seed``: a sample's noise (x_T and every later
+    draw) depends only on (seed, k), not on the batch size, the process count or a resume point."""
+    digest = hashlib.sha256(f"ppap-noise:{seed}:{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generators(seed: int, start: int, num: int) -> list[torch.Generator]:
+    """CPU generators for samples start..start+num-1 (diffusers draws CPU noise and moves it, so
+    that a seed gives the same x_T on every device)."""
+    return [torch.Generator("cpu").manual_seed(sample_seed(seed, start + j)) for j in range(num)]
 
 
 def sample_images(

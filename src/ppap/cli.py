@@ -191,7 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guide", help=f"the off-the-shelf model (transformers or zoo): {MODEL_REF}, or package.module:function")
     s.add_argument("--guide-weights", help="safetensors weights for a factory --guide")
     s.add_argument("--experts", help="the experts (for --method ppap): folder from `ppap train`, zoo name or hub id org/name[@revision]")
-    s.add_argument("--method", default="ppap", help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut")
+    s.add_argument(
+        "--method",
+        default="ppap",
+        help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut; "
+        "particle methods (with --particles): best-of-n | fk | tds | ppap-smc",
+    )
+    s.add_argument(
+        "--particles",
+        type=int,
+        help="K trajectories per image for a particle method (one returned; --scale is the exponent lambda of p(y|x)^lambda, "
+        "default 1; classifiers only; --sampler ddpm, or ddim with --eta > 0)",
+    )
     s.add_argument("--calibration", default="", help="x0-shortcut options, e.g. 'norm_temperature=2,softplus_beta=3,scale_schedule=sigma'")
     s.add_argument("--task", help="task of a --guide without experts (default: the zoo entry's, else classification)")
     s.add_argument("--target", help="class index or name, a comma list (cycled), or 'all' (default: class 0)")
@@ -238,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     b = sub.add_parser(
-        "bench", help="the paper's comparison on the zoo; cost at real sizes (resumable; see docs/reproducing.md, docs/SCALE.md)"
+        "bench",
+        help="the paper's comparison on the zoo; cost at real sizes; particle methods at matched compute (search) (resumable; see docs/reproducing.md, docs/SCALE.md)",
     )
-    b.add_argument("suite", choices=("classifier", "dense", "scale"))
+    b.add_argument("suite", choices=("classifier", "dense", "scale", "search"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
     b.add_argument(

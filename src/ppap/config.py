@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .experts import AdapterConfig
 
 EXPERT_METHODS = ("ppap", "noise-aware", "multi-expert-supervised")  # the methods that call an expert bank
+PARTICLE_METHODS = ("best-of-n", "fk", "tds", "ppap-smc")  # K particles per image (ppap.particles); scale = the exponent lambda
 
 DEFAULT_SCALES: dict[tuple[str, str], float] = {
     # (task, method) -> the guidance scale the zoo benchmarks chose (`make bench`, docs/results.md);
@@ -24,6 +25,11 @@ DEFAULT_SCALES: dict[tuple[str, str], float] = {
     ("classification", "multi-expert-supervised"): 10.0,
     ("classification", "x0"): 1.0,
     ("classification", "x0-shortcut"): 1.0,
+    # particle methods: the exponent lambda of p(y | x)^lambda; 1 targets the exact conditional p(x | y)
+    ("classification", "best-of-n"): 1.0,
+    ("classification", "fk"): 1.0,
+    ("classification", "tds"): 1.0,
+    ("classification", "ppap-smc"): 1.0,
     ("segmentation", "naive"): 300.0,
     ("segmentation", "ppap"): 1000.0,
     ("segmentation", "x0"): 300.0,

@@ -16,6 +16,9 @@ building its guidance. ``METHODS`` maps the CLI names to builders:
             the same loss, its gradient taken w.r.t. x0_hat only and mapped to x_t with the
             UNet's Jacobian replaced by the identity (MPGD / EluCD style): no UNet backward.
             ``Calibration`` holds EluCD-style options (temperatures, Softplus, scale schedule).
+  best-of-n, fk, tds, ppap-smc
+            particle methods (``ppap.particles``): a term holds their guide, experts, targets
+            and lambda; they are sampled with K particles, not by adding a gradient
 """
 
 from __future__ import annotations
@@ -311,6 +314,10 @@ def _x0_shortcut(spec: GuidanceSpec) -> Guidance:
     )
 
 
+def _particle_method(spec: GuidanceSpec) -> Guidance | None:
+    raise PPAPError("best-of-n, fk, tds and ppap-smc are particle methods, not a guidance gradient: give particles= (--particles K)")
+
+
 METHODS: dict[str, Callable[[GuidanceSpec], Guidance | None]] = {
     "unguided": _unguided,
     "naive": _naive,
@@ -319,6 +326,11 @@ METHODS: dict[str, Callable[[GuidanceSpec], Guidance | None]] = {
     "multi-expert-supervised": _experts,
     "x0": _x0,
     "x0-shortcut": _x0_shortcut,
+    # particle methods (ppap.particles): a term holds their guide, experts, targets and lambda
+    "best-of-n": _particle_method,
+    "fk": _particle_method,
+    "tds": _particle_method,
+    "ppap-smc": _particle_method,
 }
 
 
@@ -362,6 +374,10 @@ class GuidanceTerm:
             "ppap": "experts",
             "noise-aware": "experts",
             "multi-expert-supervised": "experts",
+            "best-of-n": "net",
+            "fk": "net",
+            "tds": "net",
+            "ppap-smc": "experts",
         }.get(self.method)
         if needs is not None:
             _need(GuidanceSpec(self.task, self.targets, self.scale, net=self.net, experts=self.experts), needs, self.method)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,24 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .config import EXPERT_METHODS, default_scale
+from .config import EXPERT_METHODS, PARTICLE_METHODS, default_scale
 from .diffusion import Conditioning, Diffusion, NoiseSchedule
 from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
+from .particles import SMCResult, sample_particle_term
 from .samplers import NonFiniteError, Progress
 from .schedulers import sample, sampling_scheduler
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class ParticlePipelineOutput(ImagePipelineOutput):
+    """The images of a particle method, and its run (weights, ESS per step, resampling steps)."""
+
+    diagnostics: SMCResult | None = None
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -51,19 +59,6 @@ def _check_device(module: nn.Module, device: torch.device, what: str) -> None:
         first = next(iter(module.buffers()), None)
     if first is not None and not _same_device(first.device, device):
         raise PPAPError(f"the {what} is on {first.device} but the pipeline samples on {device}: move it there first (.to({str(device)!r}))")
-
-
-def sample_seed(seed: int, k: int) -> int:
-    """The seed of sample k of a run seeded ``seed``: a sample's noise (x_T and every later
-    draw) depends only on (seed, k), not on the batch size, the process count or a resume point."""
-    digest = hashlib.sha256(f"ppap-noise:{seed}:{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def sample_generators(seed: int, start: int, num: int) -> list[torch.Generator]:
-    """CPU generators for samples start..start+num-1 (diffusers draws CPU noise and moves it, so
-    that a seed gives the same x_T on every device)."""
-    return [torch.Generator("cpu").manual_seed(sample_seed(seed, start + j)) for j in range(num)]
 
 
 def _snapshot(*modules: Any) -> Callable[[], None]:
@@ -109,7 +104,8 @@ class PPAPPipeline(DiffusionPipeline):
     benchmarks chose in docs/results.md; an expert bank's own recorded ``default_scale`` comes
     first for the expert methods):
 
-    * classification: naive 30, ppap 30, noise-aware 30, multi-expert-supervised 10, x0 1, x0-shortcut 1;
+    * classification: naive 30, ppap 30, noise-aware 30, multi-expert-supervised 10, x0 1, x0-shortcut 1,
+      best-of-n 1, fk 1, tds 1, ppap-smc 1 (for the particle methods, the exponent lambda of p(y|x)^lambda);
     * segmentation: naive 300, ppap 1000, x0 300;
     * dense: naive 3000, ppap 10000, x0 10000;
 
@@ -189,7 +185,7 @@ class PPAPPipeline(DiffusionPipeline):
         method = method or ("ppap" if experts is not None else "naive" if guide is not None else "unguided")
         if method == "unguided":
             return None
-        if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS:
+        if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS + ("ppap-smc",):
             guide = experts.guide  # the bank's own guide: its class names, reference and shapes
         if guide is None:
             raise PPAPError(f"method {method!r} needs a guide (the off-the-shelf model)")
@@ -211,6 +207,8 @@ class PPAPPipeline(DiffusionPipeline):
         else:
             the_task = task_for(guide, diffusion.image_shape, task or guide.task or "classification")
             clean = guide
+        if method in PARTICLE_METHODS and not isinstance(the_task, Classification):
+            raise PPAPError(f"method {method!r} takes a classifier guide (classification), not {the_task.name}")
         if isinstance(the_task, Classification):
             if target_image is not None or (isinstance(target, Tensor) and target.ndim > 1):
                 raise PPAPError("reference images and target maps are for segmentation or dense guides; a classifier takes --target CLASS")
@@ -335,6 +333,7 @@ class PPAPPipeline(DiffusionPipeline):
         negative_class_labels=None,
         guidance_scale: float = 1.0,
         sampler: str | None = None,
+        particles: int | None = None,
         progress: bool = True,
     ) -> ImagePipelineOutput | tuple:
         r"""Sample ``batch_size`` images, guided by an off-the-shelf model when ``guide`` is given.
@@ -367,6 +366,10 @@ class PPAPPipeline(DiffusionPipeline):
             sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
                 euler-a, heun), built from the scheduler's config; default: the registered
                 scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
+            particles: K, for the particle methods (best-of-n, fk, tds, ppap-smc; ``ppap.particles``):
+                K trajectories per image, one returned; their ``classifier_scale`` is the exponent
+                lambda of p(y | x)^lambda. They take a classifier, the ddpm sampler or ddim with
+                eta > 0, and return a ``ParticlePipelineOutput`` (its ``diagnostics``: the run).
             progress: show the step bar (``self.progress_bar``, configured by
                 ``set_progress_bar_config``).
         """
@@ -427,32 +430,39 @@ class PPAPPipeline(DiffusionPipeline):
                 if term.experts is not None:
                     _check_device(term.experts, device, "expert bank")
             denoiser = diffusion.bind(cond)
-            guidance = compose(all_terms, denoiser)
-            if latents is None:
-                x = randn_tensor((batch_size,) + shape, generator=generator, device=device, dtype=torch.float32)
+            run = None
+            if particles is not None or any(term.method in PARTICLE_METHODS for term in all_terms):
+                if callback_on_step_end is not None:
+                    raise PPAPError("callback_on_step_end is not available with a particle method")
+                with self._step_progress(progress, self._num_timesteps) as bar:
+                    run = sample_particle_term(
+                        all_terms,
+                        particles,
+                        self.diffusion,
+                        scheduler,
+                        num_inference_steps,
+                        eta,
+                        cond,
+                        generator,
+                        latents,
+                        batch_size,
+                        self._execution_device,
+                        bar,
+                    )
+                x = run.images
             else:
-                x = latents.to(torch.float32).to(device)  # cast first: float64 latents cannot go to MPS
-
-            state_keys = {"latents": "x", "x0": "x0", "guidance": "guidance"}  # callback name -> the loop's state key
-
-            def on_step(state: dict) -> Tensor | None:
-                if callback_on_step_end is None:
-                    return None
-                kwargs = {k: state[state_keys[k]] for k in callback_on_step_end_tensor_inputs}
-                out = callback_on_step_end(self, state["i"], state["t"], kwargs)
-                return out.get("latents") if isinstance(out, dict) else None
-
-            with self._step_progress(progress, self._num_timesteps) as bar:
-                x = sample(
+                x = self._sample_gradient(
+                    all_terms,
                     denoiser,
-                    x,
                     scheduler,
                     num_inference_steps,
-                    guidance=guidance,
-                    eta=eta,
-                    generator=generator,
-                    callback=on_step,
-                    progress=bar,
+                    eta,
+                    generator,
+                    latents,
+                    batch_size,
+                    progress,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
                 )
         except NonFiniteError as e:
             raise PPAPError(f"{' + '.join(t.description for t in all_terms) or 'unguided sampling'}: {e}") from None
@@ -466,4 +476,29 @@ class PPAPPipeline(DiffusionPipeline):
                 image = self.numpy_to_pil(image)
         if not return_dict:
             return (image,)
-        return ImagePipelineOutput(images=image)
+        return ImagePipelineOutput(images=image) if run is None else ParticlePipelineOutput(images=image, diagnostics=run)
+
+    def _sample_gradient(
+        self, all_terms, denoiser, scheduler, num_inference_steps, eta, generator, latents, batch_size, progress, callback, tensor_inputs
+    ) -> Tensor:
+        """x_0 [B, C, H, W] of the scheduler's loop with the terms' summed gradient guidance."""
+        guidance = compose(all_terms, denoiser)
+        device = self._execution_device
+        if latents is None:
+            x = randn_tensor((batch_size,) + self.image_shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            x = latents.to(torch.float32).to(device)  # cast first: float64 latents cannot go to MPS
+
+        state_keys = {"latents": "x", "x0": "x0", "guidance": "guidance"}  # callback name -> the loop's state key
+
+        def on_step(state: dict) -> Tensor | None:
+            if callback is None:
+                return None
+            kwargs = {k: state[state_keys[k]] for k in tensor_inputs}
+            out = callback(self, state["i"], state["t"], kwargs)
+            return out.get("latents") if isinstance(out, dict) else None
+
+        with self._step_progress(progress, self._num_timesteps) as bar:
+            return sample(
+                denoiser, x, scheduler, num_inference_steps, guidance=guidance, eta=eta, generator=generator, callback=on_step, progress=bar
+            )

@@ -85,7 +85,8 @@ class Bench:
         self.diffusion: Diffusion = self.pipe.diffusion
         self.evaluator = load_guide(cfg.evaluator).net
         self.x_test, self.y_test = load_fashion_mnist("test")
-        self.real_features = features(self.evaluator, self.x_test)
+        real = getattr(cfg, "real_images", None)  # a bench may compare against the first N test images only (its quick version)
+        self.real_features = features(self.evaluator, self.x_test[:real])
         self.timings: dict[str, float] = {}
         self._recorded: dict[str, float] = {}  # stages/seconds.json: every stage's seconds when it was computed
         self._pool: ProcessPoolExecutor | None = None

@@ -41,6 +41,11 @@ def cmd_bench(args) -> int:
         print(classifier_report(results))
     elif args.workers is not None or args.ablations is not None or args.extra_rows is not None:
         raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
+    elif args.suite == "search":
+        from ..bench.search import run_search_bench, search_report
+
+        results = run_search_bench(out, quick=args.quick, progress=not args.quiet)
+        print(search_report(results))
     elif args.suite == "scale":
         from ..bench.scale import run_scale_bench, scale_config, scale_report
 

@@ -52,6 +52,7 @@ def cmd_sample(args) -> int:
         raise PPAPError(f"--batch-size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
     finite_number(args.scale, "--scale")
     finite_number(args.eta, "--eta")
+    _check_particles(args)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise PPAPError(f"--out must be a .png path (the .npz goes beside it), got {out}")
@@ -110,6 +111,7 @@ def cmd_sample(args) -> int:
             num_inference_steps=args.steps,
             sampler=args.sampler,
             eta=args.eta,
+            **({} if args.particles is None else {"particles": args.particles}),
         )
         return to_hwc_uint8(x)
 
@@ -122,3 +124,13 @@ def cmd_sample(args) -> int:
     if not args.quiet:
         print(f"wrote {out} and {out.with_suffix('.npz')} ({args.num} images; guidance: {described or 'none'})")
     return 0
+
+
+def _check_particles(args) -> None:
+    """--particles goes with a particle method (and one needs it), before any model loads."""
+    from ..config import PARTICLE_METHODS
+
+    if args.method in PARTICLE_METHODS and (args.particles is None or args.particles < 1):
+        raise PPAPError(f"--method {args.method} needs --particles K with K >= 1, got {args.particles}")
+    if args.particles is not None and args.method not in PARTICLE_METHODS:
+        raise PPAPError(f"--particles is for the particle methods ({', '.join(PARTICLE_METHODS)}), not --method {args.method}")

@@ -1,0 +1,44 @@
+"""``ppap bench search --quick`` end to end on the zoo models: every row, the compute accounting,
+the ESS and twist diagnostics, the report and figure, and a re-run that recomputes nothing."""
+
+import json
+
+import pytest
+
+from ppap import zoo
+from ppap.fashion_mnist import fashion_mnist_dir
+
+MODELS = ("fashion-ddpm", "fashion-classifier", "fashion-evaluator", "fashion-ppap5")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+@pytest.mark.skipif(not all(zoo.ZOO[n].available for n in MODELS), reason="zoo models not built in this checkout")
+def test_search_bench_quick_runs_and_resumes(tmp_path, capsys):
+    from ppap.bench.search import QUICK, particle_cost, particles_at
+    from ppap.cli import main
+
+    out = tmp_path / "search"
+    assert main(["--threads", "1", "bench", "search", "--quick", "--quiet", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    rows, cost = r["rows"], r["cost"]
+    assert {"unguided", "unguided-ddpm", "naive", "ppap"} <= set(rows)
+    for method in QUICK.methods:  # every particle method at every budget it can reach, K from the measured cost
+        ks = {particles_at(method, b, cost, QUICK.steps) for b in QUICK.budgets} - {0}
+        assert {row["particles"] for row in rows.values() if row["method"] == method} == ks
+    for row in rows.values():
+        assert row["n"] == QUICK.num and 0 <= row["accuracy"] <= 1 and row["per_class_min"] <= row["accuracy"]
+        if "particles" in row:
+            steps = len(row["timesteps"])
+            assert steps == QUICK.steps and len(row["ess_over_k"]) == steps and all(0 < e <= 1 + 1e-9 for e in row["ess_over_k"])
+            assert row["compute"] == round(row["particles"] * particle_cost(row["method"], QUICK.steps, cost["guide"], cost["expert"]), 2)
+            if row["method"] in ("tds", "ppap-smc"):
+                assert set(row["twist_accuracy"]) == {"experts", "classifier-on-x0"}
+    assert rows["unguided"]["compute"] == 1.0 and rows["ppap"]["compute"] > rows["unguided"]["compute"]
+    report = (out / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in rows) and "ESS/K" in report
+    assert (out / "bench_search.png").read_bytes()[:4] == b"\x89PNG"
+    kept = {f: f.stat().st_mtime_ns for f in (out / "stages").iterdir()}
+    assert main(["--threads", "1", "bench", "search", "--quick", "--quiet", "--out", str(out)]) == 0
+    assert {f: f.stat().st_mtime_ns for f in (out / "stages").iterdir()} == kept  # every stage read back
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
