@@ -16,8 +16,8 @@ import copy
 import dataclasses
 from pathlib import Path
 
+from ppap.bank_format import load_manifest
 from ppap.bench.dense import TASKS, DenseBench, DenseBenchConfig
-from ppap.experts import load_manifest
 from ppap.io import atomic_write_bytes, atomic_write_json
 from ppap.loading import load_experts, load_guide
 from ppap.recipes import EXPERT_RECIPES, shared_corpus_dir

@@ -27,9 +27,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .banks import ExpertBank, as_guide_model, load_bank
 from .config import EXPERT_METHODS, default_scale
 from .diffusion import Conditioning, Diffusion, NoiseSchedule
-from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
 from .samplers import NonFiniteError, Progress
