@@ -283,8 +283,8 @@ def _lora_weights(bank):
 
 
 def _grouped_bank():
-    """A bank on a net with a Linear, ungrouped 3x3 and 1x1 convs and a grouped conv (merged
-    through peft's own delta), with experts that differ from each other and from the teacher."""
+    """A bank on a net with a Linear, ungrouped 3x3 and 1x1 convs and a grouped conv, with
+    experts that differ from each other and from the teacher."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 6, 1), nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
     bank = LoRAExperts(net, TimestepRouter.uniform(3, 100), AdapterConfig(rank=4, alpha=8))
@@ -295,26 +295,42 @@ def _grouped_bank():
     return bank.eval()
 
 
+def _delta(layer, adapter):
+    """scaling * B A as the weight of a Linear or ungrouped conv, from the definition: the LoRA
+    branch's response to each input unit (for a conv: a kernel-sized input, one unit on)."""
+    base = layer.get_base_layer()
+    branch = lambda v: layer.lora_B[adapter](layer.lora_A[adapter](v)) * layer.scaling[adapter]  # noqa: E731
+    if isinstance(base, nn.Linear):
+        return branch(torch.eye(base.in_features)).T
+    probes = torch.eye(base.weight[0].numel()).view(-1, *base.weight.shape[1:])  # [in * kh * kw, in, kh, kw]
+    return branch(probes)[:, :, 0, 0].T.reshape(base.weight.shape)
+
+
 def test_a_switch_merges_the_new_experts_delta_alone_and_never_writes_the_backbone():
     """Expert i merged after expert j: each adapted weight is the backbone's W + scaling * B_i A_i
-    (peft's own delta; nothing of j left), for Linear, plain and grouped convs; the backbone's
-    weights are the very tensors after every unmerge, bit for bit, and never written in place
-    (their version counters do not move)."""
+    (nothing of j left), for a Linear and 3x3 and 1x1 convs; a grouped conv (whose LoRA peft
+    cannot merge) keeps its own weight and runs expert i's branch, the bank's output equal to the
+    unmerged one's; the backbone's weights are the very tensors after every unmerge, bit for bit,
+    and never written in place (their version counters do not move)."""
     bank = _grouped_bank()
     own = {n: (w, w.clone(), w._version) for n, (_, w) in _lora_weights(bank).items()}
-    kinds = {
-        type(m.get_base_layer()).__name__ + ("/grouped" if getattr(m.get_base_layer(), "groups", 1) > 1 else "")
-        for m, _ in _lora_weights(bank).values()
-    }
-    assert kinds == {"Conv2d", "Conv2d/grouped", "Linear"}
+    grouped = {n for n, (m, _) in _lora_weights(bank).items() if getattr(m.get_base_layer(), "groups", 1) > 1}
+    kinds = {(type(m.get_base_layer()).__name__, getattr(m.get_base_layer(), "kernel_size", None)) for m, _ in _lora_weights(bank).values()}
+    assert len(grouped) == 1 and kinds == {("Conv2d", (3, 3)), ("Conv2d", (1, 1)), ("Linear", None)}
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for j, i in ((0, 1), (1, 2), (2, 0), (0, 2)):
         bank.merge_expert(j)
         bank.merge_expert(i)
         for n, (layer, merged) in _lora_weights(bank).items():
             w = own[n][0]
-            assert merged is not w and merged.data_ptr() != w.data_ptr()
-            assert torch.allclose(merged, w + layer.get_delta_weight(f"expert_{i}"), atol=1e-5, rtol=1e-5), n
+            if n in grouped:
+                assert merged is w and not layer.merged and layer.active_adapters == [f"expert_{i}"]
+                continue
+            assert merged is not w and merged.data_ptr() != w.data_ptr() and layer.merged
+            assert torch.allclose(merged, w + _delta(layer, f"expert_{i}"), atol=1e-5, rtol=1e-5), n
+        out = bank.run_expert(i, x)
         bank.unmerge()
+        assert torch.allclose(out, bank.run_expert(i, x, whole_batch=False), atol=1e-4, rtol=1e-4)
         for n, (_, w) in _lora_weights(bank).items():
             assert w is own[n][0] and torch.equal(w, own[n][1]) and w._version == own[n][2]
 

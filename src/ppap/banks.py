@@ -301,11 +301,12 @@ class LoRAExperts(ExpertBank):
 
     def merge_expert(self, i: int) -> None:
         """Merge expert ``i``'s LoRA into the adapted layers' weights, so that a call costs one plain
-        forward. Each layer's merged weight W + scaling * B A is a tensor of the bank's own, written
-        by one fused ``addmm`` (``merged_weight``); the layer's own weight is put aside (keyed by
-        its module name) and put back, the very tensor, by ``unmerge``. The backbone's weights are
-        never written, so an autograd graph built on any expert, merged or not, stays valid. Costs
-        one extra copy of the adapted weights while merged (``merge = False`` runs the branches instead)."""
+        forward. Each layer's merged weight W + scaling * B A is a new tensor, written by one fused
+        ``addmm`` (``merged_weight``); the layer's own weight is put aside (keyed by its module
+        name) and put back, the very tensor, by ``unmerge``. The backbone's weights are never
+        written, so an autograd graph built on any expert, merged or not, stays valid. A grouped
+        conv keeps its LoRA branch (its delta is not a grouped kernel). Costs one extra copy of the
+        adapted weights while merged (``merge = False`` runs the branches instead)."""
         if self._merged == i:
             return
         self.select(i)
@@ -313,6 +314,8 @@ class LoRAExperts(ExpertBank):
         with torch.no_grad():
             for layer_name, layer in self._lora_layers().items():
                 base = layer.get_base_layer()
+                if getattr(base, "groups", 1) > 1:  # peft's LoRA of a grouped conv crosses its groups: it runs as a branch
+                    continue
                 self._put_aside[layer_name] = base.weight
                 base.weight = nn.Parameter(merged_weight(layer, name), requires_grad=False)
                 layer.merged_adapters = [name]  # peft's forward then runs the base layer alone
@@ -411,18 +414,21 @@ class LoRAExperts(ExpertBank):
 
 def merged_weight(layer: Any, adapter: str) -> Tensor:
     """A new tensor W + scaling * B A: the base weight W of the peft LoRA ``layer`` (plain LoRA,
-    as the bank configures it) with ``adapter`` merged in; W itself is only read. One fused
-    ``addmm`` where B A is a plain product: a Linear ([out, r] @ [r, in]) and an ungrouped Conv2d,
-    whose B is 1x1 ([out, r] @ [r, in * kh * kw]); else W plus peft's own delta (a grouped conv,
-    fan-in-fan-out weights, half precision on the CPU, which peft merges in float32)."""
+    as the bank configures it) with ``adapter`` merged in; W itself is only read. For a Linear
+    ([out, r] @ [r, in]) and an ungrouped Conv2d, whose B is 1x1 ([out, r] @ [r, in * kh * kw]),
+    one fused ``addmm``; for other layer kinds, W plus peft's own delta."""
     base = layer.get_base_layer()
     w, a, b = base.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    matrix = isinstance(base, nn.Linear) or (isinstance(base, nn.Conv2d) and base.groups == 1 and b.shape[2:] == (1, 1))
-    half_on_cpu = w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16)
-    if matrix and not getattr(layer, "fan_in_fan_out", False) and w.dtype == a.dtype == b.dtype and not half_on_cpu:
-        merged = torch.addmm(w.reshape(len(w), -1), b.reshape(len(b), -1), a.reshape(len(a), -1), alpha=layer.scaling[adapter])
-        return merged.view(w.shape)
-    return w + layer.get_delta_weight(adapter)
+    if getattr(layer, "fan_in_fan_out", False) or not (
+        isinstance(base, nn.Linear) or (isinstance(base, nn.Conv2d) and b.shape[2:] == (1, 1))
+    ):
+        return w + layer.get_delta_weight(adapter)
+    # as peft does, half precision merges in float32 on the CPU (slow half matmuls there)
+    dtype = torch.float32 if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    merged = torch.addmm(
+        w.reshape(len(w), -1).to(dtype), b.reshape(len(b), -1).to(dtype), a.reshape(len(a), -1).to(dtype), alpha=layer.scaling[adapter]
+    )
+    return merged.to(w.dtype).view(w.shape)
 
 
 class FullExperts(ExpertBank):
