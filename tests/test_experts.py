@@ -310,14 +310,14 @@ def test_a_switch_merges_the_new_experts_delta_alone_and_never_writes_the_backbo
     """Expert i merged after expert j: each adapted weight is the backbone's W + scaling * B_i A_i
     (nothing of j left), for a Linear and 3x3 and 1x1 convs; a grouped conv (whose LoRA peft
     cannot merge) keeps its own weight and runs expert i's branch, the bank's output equal to the
-    unmerged one's; the backbone's weights are the very tensors after every unmerge, bit for bit,
+    unmerged one's; every switch writes into the same tensors of the bank's; the backbone's weights are the very tensors after every unmerge, bit for bit,
     and never written in place (their version counters do not move)."""
     bank = _grouped_bank()
     own = {n: (w, w.clone(), w._version) for n, (_, w) in _lora_weights(bank).items()}
     grouped = {n for n, (m, _) in _lora_weights(bank).items() if getattr(m.get_base_layer(), "groups", 1) > 1}
     kinds = {(type(m.get_base_layer()).__name__, getattr(m.get_base_layer(), "kernel_size", None)) for m, _ in _lora_weights(bank).values()}
     assert len(grouped) == 1 and kinds == {("Conv2d", (3, 3)), ("Conv2d", (1, 1)), ("Linear", None)}
-    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x, reused = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), {}
     for j, i in ((0, 1), (1, 2), (2, 0), (0, 2)):
         bank.merge_expert(j)
         bank.merge_expert(i)
@@ -328,9 +328,12 @@ def test_a_switch_merges_the_new_experts_delta_alone_and_never_writes_the_backbo
                 continue
             assert merged is not w and merged.data_ptr() != w.data_ptr() and layer.merged
             assert torch.allclose(merged, w + _delta(layer, f"expert_{i}"), atol=1e-5, rtol=1e-5), n
-        out = bank.run_expert(i, x)
-        bank.unmerge()
-        assert torch.allclose(out, bank.run_expert(i, x, whole_batch=False), atol=1e-4, rtol=1e-4)
+        ptrs = {n: w.data_ptr() for n, (_, w) in _lora_weights(bank).items() if n not in grouped}
+        assert ptrs == reused.setdefault("ptrs", ptrs)  # every switch writes into the bank's same tensors
+        with torch.no_grad():  # (a live graph on the merged weights would keep them: the next merge then writes new ones)
+            out = bank.run_expert(i, x)
+            bank.unmerge()
+            assert torch.allclose(out, bank.run_expert(i, x, whole_batch=False), atol=1e-4, rtol=1e-4)
         for n, (_, w) in _lora_weights(bank).items():
             assert w is own[n][0] and torch.equal(w, own[n][1]) and w._version == own[n][2]
 

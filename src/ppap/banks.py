@@ -30,6 +30,7 @@ from .bank_format import expert_name, weights_fingerprints
 from .diffusion import NoiseSchedule
 from .guide_model import GuideModel
 from .io import PPAPError
+from .merging import held_elsewhere, merged_weight
 from .router import TimestepRouter
 from .tasks import Task
 
@@ -281,6 +282,7 @@ class LoRAExperts(ExpertBank):
         self.merge = True  # eval mode, one expert serving a whole batch: run it merged (the cost of a plain forward)
         self._merged: int | None = None
         self._put_aside: dict[str, Tensor] = {}  # while merged: LoRA layer name -> the base weight its merged copy stands in for
+        self._merge_buffers: dict[str, nn.Parameter] = {}  # LoRA layer name -> its merged weight's tensor (not in the state dict)
 
     def frozen_modules(self) -> list[nn.Module]:
         if self.adapter.per_expert_norm:
@@ -301,12 +303,13 @@ class LoRAExperts(ExpertBank):
 
     def merge_expert(self, i: int) -> None:
         """Merge expert ``i``'s LoRA into the adapted layers' weights, so that a call costs one plain
-        forward. Each layer's merged weight W + scaling * B A is a new tensor, written by one fused
-        ``addmm`` (``merged_weight``); the layer's own weight is put aside (keyed by its module
-        name) and put back, the very tensor, by ``unmerge``. The backbone's weights are never
-        written, so an autograd graph built on any expert, merged or not, stays valid. A grouped
-        conv keeps its LoRA branch (its delta is not a grouped kernel). Costs one extra copy of the
-        adapted weights while merged (``merge = False`` runs the branches instead)."""
+        forward. Each layer's merged weight W + scaling * B A is written by one fused ``addmm``
+        (``merged_weight``) into a tensor of the bank's own, reused from merge to merge; the
+        layer's own weight is put aside (keyed by its module name) and put back, the very tensor,
+        by ``unmerge``. The backbone's weights are never written, and a merged tensor that an
+        autograd graph still holds is left to it (``_merge_buffer``), so every graph stays valid.
+        A grouped conv keeps its LoRA branch (its delta is not a grouped kernel). Costs one extra
+        copy of the adapted weights, kept in eval mode (``train()``, a move or a cast free it)."""
         if self._merged == i:
             return
         self.select(i)
@@ -317,9 +320,23 @@ class LoRAExperts(ExpertBank):
                 if getattr(base, "groups", 1) > 1:  # peft's LoRA of a grouped conv crosses its groups: it runs as a branch
                     continue
                 self._put_aside[layer_name] = base.weight
-                base.weight = nn.Parameter(merged_weight(layer, name), requires_grad=False)
+                out = self._merge_buffer(layer_name, base.weight)
+                merged_weight(layer, name, out=out)
+                base.weight = out
                 layer.merged_adapters = [name]  # peft's forward then runs the base layer alone
         self._merged = i
+
+    def _merge_buffer(self, name: str, like: Tensor) -> nn.Parameter:
+        """The tensor that layer ``name``'s merged weight is written into: the one of the last
+        merge (reusing it spares allocating, and page-faulting, a fresh copy of the weights at
+        every switch), or a new one where that does not fit ``like`` or something else holds it
+        (an autograd graph built on an earlier merge keeps the weights it saved)."""
+        buf = self._merge_buffers.get(name)
+        if buf is None or (buf.shape, buf.dtype, buf.device) != (like.shape, like.dtype, like.device) or held_elsewhere(buf):
+            buf = self._merge_buffers[name] = nn.Parameter(
+                torch.empty_like(like, memory_format=torch.contiguous_format), requires_grad=False
+            )
+        return buf
 
     def unmerge(self) -> None:
         """Back to the backbone's own weights (the very tensors, so bit for bit) and separate LoRA
@@ -343,11 +360,13 @@ class LoRAExperts(ExpertBank):
     def train(self, mode: bool = True) -> LoRAExperts:
         if mode:
             self.unmerge()  # adapters train as separate branches
+            self._merge_buffers = {}
         super().train(mode)
         return self
 
     def _apply(self, fn, recurse=True):
         self.unmerge()  # a move or cast acts on the backbone's own weights (the merge is redone at the next call)
+        self._merge_buffers = {}
         return super()._apply(fn, recurse)
 
     def state_dict(self, *args, **kwargs):
@@ -410,25 +429,6 @@ class LoRAExperts(ExpertBank):
         except RuntimeError as e:  # shape mismatch: another rank or another backbone
             path = Path(directory) / expert_name(i)
             raise PPAPError(f"adapter {path} does not fit the guidance model ({str(e).splitlines()[-1].strip()[:160]})") from None
-
-
-def merged_weight(layer: Any, adapter: str) -> Tensor:
-    """A new tensor W + scaling * B A: the base weight W of the peft LoRA ``layer`` (plain LoRA,
-    as the bank configures it) with ``adapter`` merged in; W itself is only read. For a Linear
-    ([out, r] @ [r, in]) and an ungrouped Conv2d, whose B is 1x1 ([out, r] @ [r, in * kh * kw]),
-    one fused ``addmm``; for other layer kinds, W plus peft's own delta."""
-    base = layer.get_base_layer()
-    w, a, b = base.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    if getattr(layer, "fan_in_fan_out", False) or not (
-        isinstance(base, nn.Linear) or (isinstance(base, nn.Conv2d) and b.shape[2:] == (1, 1))
-    ):
-        return w + layer.get_delta_weight(adapter)
-    # as peft does, half precision merges in float32 on the CPU (slow half matmuls there)
-    dtype = torch.float32 if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-    merged = torch.addmm(
-        w.reshape(len(w), -1).to(dtype), b.reshape(len(b), -1).to(dtype), a.reshape(len(a), -1).to(dtype), alpha=layer.scaling[adapter]
-    )
-    return merged.to(w.dtype).view(w.shape)
 
 
 class FullExperts(ExpertBank):
