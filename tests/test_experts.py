@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ppap import AdapterConfig, Classification, FullExperts, LoRAExperts, PPAPError, TimestepRouter, TrainConfig, train_experts
-from ppap.experts import parameter_report
+from ppap.bank_format import parameter_report
 from ppap.io import atomic_save_safetensors
 from ppap.models import tiny_classifier
 
@@ -275,3 +275,112 @@ def test_a_merged_bank_holds_one_merged_copy_at_most_and_deep_copies():
     assert torch.equal(bank(x, torch.tensor(95)), want[95])
     for b in (bank, twin):
         assert all(torch.equal(base[k], v) for k, v in b.base_state().items())
+
+
+def _lora_weights(bank):
+    """LoRA layer name -> (layer, its base layer's current weight)."""
+    return {n: (m, m.get_base_layer().weight) for n, m in bank._lora_layers().items()}
+
+
+def _grouped_bank():
+    """A bank on a net with a Linear, ungrouped 3x3 and 1x1 convs and a grouped conv, with
+    experts that differ from each other and from the teacher."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 6, 1), nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
+    bank = LoRAExperts(net, TimestepRouter.uniform(3, 100), AdapterConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in bank.model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name) + p.numel())))
+    return bank.eval()
+
+
+def _delta(layer, adapter):
+    """scaling * B A as the weight of a Linear or ungrouped conv, from the definition: the LoRA
+    branch's response to each input unit (for a conv: a kernel-sized input, one unit on)."""
+    base = layer.get_base_layer()
+    branch = lambda v: layer.lora_B[adapter](layer.lora_A[adapter](v)) * layer.scaling[adapter]  # noqa: E731
+    if isinstance(base, nn.Linear):
+        return branch(torch.eye(base.in_features)).T
+    probes = torch.eye(base.weight[0].numel()).view(-1, *base.weight.shape[1:])  # [in * kh * kw, in, kh, kw]
+    return branch(probes)[:, :, 0, 0].T.reshape(base.weight.shape)
+
+
+def test_a_switch_merges_the_new_experts_delta_alone_and_never_writes_the_backbone():
+    """Expert i merged after expert j: each adapted weight is the backbone's W + scaling * B_i A_i
+    (nothing of j left), for a Linear and 3x3 and 1x1 convs; a grouped conv (whose LoRA peft
+    cannot merge) keeps its own weight and runs expert i's branch, the bank's output equal to the
+    unmerged one's; every switch writes into the same tensors of the bank's; the backbone's weights are the very tensors after every unmerge, bit for bit,
+    and never written in place (their version counters do not move)."""
+    bank = _grouped_bank()
+    own = {n: (w, w.clone(), w._version) for n, (_, w) in _lora_weights(bank).items()}
+    grouped = {n for n, (m, _) in _lora_weights(bank).items() if getattr(m.get_base_layer(), "groups", 1) > 1}
+    kinds = {(type(m.get_base_layer()).__name__, getattr(m.get_base_layer(), "kernel_size", None)) for m, _ in _lora_weights(bank).values()}
+    assert len(grouped) == 1 and kinds == {("Conv2d", (3, 3)), ("Conv2d", (1, 1)), ("Linear", None)}
+    x, reused = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), {}
+    for j, i in ((0, 1), (1, 2), (2, 0), (0, 2)):
+        bank.merge_expert(j)
+        bank.merge_expert(i)
+        for n, (layer, merged) in _lora_weights(bank).items():
+            w = own[n][0]
+            if n in grouped:
+                assert merged is w and not layer.merged and layer.active_adapters == [f"expert_{i}"]
+                continue
+            assert merged is not w and merged.data_ptr() != w.data_ptr() and layer.merged
+            assert torch.allclose(merged, w + _delta(layer, f"expert_{i}"), atol=1e-5, rtol=1e-5), n
+        ptrs = {n: w.data_ptr() for n, (_, w) in _lora_weights(bank).items() if n not in grouped}
+        assert ptrs == reused.setdefault("ptrs", ptrs)  # every switch writes into the bank's same tensors
+        with torch.no_grad():  # (a live graph on the merged weights would keep them: the next merge then writes new ones)
+            out = bank.run_expert(i, x)
+            bank.unmerge()
+            assert torch.allclose(out, bank.run_expert(i, x, whole_batch=False), atol=1e-4, rtol=1e-4)
+        for n, (_, w) in _lora_weights(bank).items():
+            assert w is own[n][0] and torch.equal(w, own[n][1]) and w._version == own[n][2]
+
+
+def test_a_deep_copy_of_a_merged_bank_is_independent():
+    """A deep copy taken while expert 1 is merged switches, unmerges and trains on its own: the
+    original keeps expert 1 merged with its values, and each answers as it did before the copy."""
+    import copy
+
+    bank = _grouped_bank()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = {t: bank(x, torch.tensor(t)) for t in (5, 95, 50)}  # expert 1 left merged
+    merged = {n: w.clone() for n, (_, w) in _lora_weights(bank).items()}
+    twin = copy.deepcopy(bank)
+    assert all(tw.data_ptr() != w.data_ptr() for (_, tw), (_, w) in zip(_lora_weights(twin).values(), _lora_weights(bank).values()))
+    assert torch.equal(twin(x, torch.tensor(95)), want[95])  # twin switches to expert 2
+    twin.train()  # and unmerges
+    with torch.no_grad():
+        for p in twin.trainable_parameters(1):
+            p.add_(1.0)
+    assert bank._merged == 1 and all(torch.equal(w, merged[n]) for n, (_, w) in _lora_weights(bank).items())
+    for t in (50, 5, 95, 50):
+        assert torch.equal(bank(x, torch.tensor(t)), want[t])
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_merged_guidance_gradients_equal_the_lora_branches_on_transformers_guides(family):
+    """The input gradient the guidance takes, through a merged expert of a transformers guide,
+    equals that through peft's separate LoRA branches, at every expert."""
+    from ppap import GuideModel, NoisyInputGuidance
+
+    from tiny_hf import tiny_resnet, tiny_vit
+
+    guide = GuideModel.from_transformers({"vit": tiny_vit, "resnet": tiny_resnet}[family](), task="classification", ref=family)
+    guide.input_size = guide.input_size or (32, 32)
+    bank = LoRAExperts(guide, TimestepRouter.uniform(3, 100), AdapterConfig(rank=2, alpha=4))
+    with torch.no_grad():
+        for name, p in bank.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    bank.eval()
+    x, y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    grads = {}
+    for merge in (True, False):
+        bank.merge = merge
+        guidance = NoisyInputGuidance(bank, Classification(10), y, 1.0)
+        grads[merge] = [guidance(x, torch.full((2,), t), None) for t in (10, 50, 90, 50)]
+        assert bank._merged == (1 if merge else None)
+    for a, b in zip(grads[True], grads[False]):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-5, rtol=1e-4)

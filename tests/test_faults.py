@@ -149,14 +149,14 @@ def _bank_copy(w, name, mutate):
 
 def _nan_adapters(folder: Path):
     """NaN adapter weights *with* matching checksums: the bank loads, guidance must catch it."""
-    from ppap.experts import MANIFEST
+    from ppap.bank_format import BANK_MANIFEST
     from ppap.io import file_sha256
 
     path = folder / "expert_0" / "adapter_model.safetensors"
     save_file({k: v.clone().fill_(float("nan")) if "lora_B" in k else v for k, v in load_file(str(path)).items()}, str(path))
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = json.loads((folder / BANK_MANIFEST).read_text())
     manifest["files"]["expert_0/adapter_model.safetensors"] = file_sha256(path)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / BANK_MANIFEST).write_text(json.dumps(manifest))
 
 
 def _swap_adapter(folder: Path):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ppap import PPAPError
-from ppap.experts import TimestepRouter, make_bank
+from ppap.banks import make_bank
 from ppap.guidance import (
     CalibratedClassification,
     Calibration,
@@ -18,6 +18,7 @@ from ppap.guidance import (
     build_guidance,
 )
 from ppap.models import tiny_classifier, tiny_dense
+from ppap.router import TimestepRouter
 from ppap.tasks import Classification, DenseRegression, Segmentation
 from ppap.train import TrainConfig
 

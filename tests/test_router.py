@@ -54,3 +54,20 @@ def test_bad_boundaries_and_timesteps():
         r(torch.tensor([5, 100]))
     with pytest.raises(PPAPError, match="expert 2 does not exist"):
         r.interval(2)
+
+
+def test_one_range_check_for_routers_and_guidance_intervals():
+    """``check_timestep_range`` is the check behind a router's ranges and a guidance term's
+    interval: a non-empty half-open range of integer timesteps, within [0, T) when T is known."""
+    from ppap.router import check_timestep_range
+
+    assert check_timestep_range(0, 1000, 1000) == (0, 1000) and check_timestep_range(3, 7) == (3, 7)
+    for args, message in [
+        ((5, 5, 1000), r"timestep range \[5, 5\) is empty or outside \[0, 1000\)"),
+        ((900, 1001, 1000), r"\[900, 1001\) is empty or outside"),
+        ((-1, 5), r"\[-1, 5\) is empty or starts below 0"),
+        ((0.5, 5), r"\(0.5, 5\) must be two integer timesteps"),
+        ((True, 5), "must be two integer timesteps"),
+    ]:
+        with pytest.raises(PPAPError, match=message):
+            check_timestep_range(*args)

@@ -10,13 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .bank_format import save_bank
+    from .banks import AdapterConfig, ExpertBank, FullExperts, LoRAExperts, load_bank
     from .config import TrainConfig
     from .diffusion import Conditioning, Diffusion, NoiseSchedule, Prediction
     from .errors import PPAPError
-    from .experts import AdapterConfig, ExpertBank, FullExperts, LoRAExperts, TimestepRouter, load_bank, save_bank
     from .guidance import GuidanceSpec, GuidanceTerm, NoisyInputGuidance, PredictedX0Guidance, SumGuidance, build_guidance
     from .guide_model import GuideModel
     from .pipeline import PPAPPipeline
+    from .router import TimestepRouter
     from .samplers import sample_ddim, sample_ddpm
     from .schedulers import sample_scheduler
     from .tasks import Classification, DenseRegression, Segmentation
@@ -25,19 +27,19 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
 # The public API is loaded on first use (PEP 562): `import ppap` and the command line stay fast,
 # and a name's module (torch, diffusers, peft) is imported only when the name is.
 _LAZY = {
-    "AdapterConfig": "experts",
+    "AdapterConfig": "banks",
     "build_guidance": "guidance",
     "Classification": "tasks",
     "Conditioning": "diffusion",
     "DenseRegression": "tasks",
     "Diffusion": "diffusion",
-    "ExpertBank": "experts",
-    "FullExperts": "experts",
+    "ExpertBank": "banks",
+    "FullExperts": "banks",
     "GuidanceTerm": "guidance",
     "GuideModel": "guide_model",
     "GuidanceSpec": "guidance",
-    "load_bank": "experts",
-    "LoRAExperts": "experts",
+    "load_bank": "banks",
+    "LoRAExperts": "banks",
     "NoiseSchedule": "diffusion",
     "NoisyInputGuidance": "guidance",
     "PPAPError": "errors",
@@ -47,10 +49,10 @@ _LAZY = {
     "sample_ddim": "samplers",
     "sample_ddpm": "samplers",
     "sample_scheduler": "schedulers",
-    "save_bank": "experts",
+    "save_bank": "bank_format",
     "Segmentation": "tasks",
     "SumGuidance": "guidance",
-    "TimestepRouter": "experts",
+    "TimestepRouter": "router",
     "train_experts": "train",
     "TrainConfig": "config",
 }

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .errors import PPAPError
 
 if TYPE_CHECKING:
-    from .experts import AdapterConfig
+    from .banks import AdapterConfig
 
 EXPERT_METHODS = ("ppap", "noise-aware", "multi-expert-supervised")  # the methods that call an expert bank
 PARTICLE_METHODS = ("best-of-n", "fk", "tds", "ppap-smc")  # K particles per image (ppap.particles); scale = the exponent lambda
@@ -102,6 +102,6 @@ class TrainConfig:
             raise PPAPError(f"warmup must be >= 0, got {self.warmup}")
 
     def adapter_config(self) -> AdapterConfig:
-        from .experts import AdapterConfig  # here: this module stays free of torch
+        from .banks import AdapterConfig  # here: this module stays free of torch
 
         return AdapterConfig(kind=self.adapter, rank=self.rank, alpha=self.alpha, per_expert_norm=self.per_expert_norm)

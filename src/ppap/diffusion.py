@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .frozen import frozen
 from .io import PPAPError, give_usual_permissions, read_json
+from .router import check_timesteps
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -126,9 +127,7 @@ class NoiseSchedule:
         return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind].from_config(self.config)
 
     def check_t(self, t: Tensor) -> None:
-        if t.numel() and (float(t.min()) < 0 or float(t.max()) > self.num_train_timesteps - 1):
-            bad = float(t.min()) if float(t.min()) < 0 else float(t.max())
-            raise PPAPError(f"timestep {bad:g} is outside [0, {self.num_train_timesteps})")
+        check_timesteps(t, self.num_train_timesteps)
 
     def abar_at(self, t: Tensor) -> Tensor:
         """abar_t [B] float64 on the CPU at training timesteps t [B] (computed on the CPU: MPS has no

@@ -33,9 +33,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from .banks import ExpertBank
 from .diffusion import Prediction
-from .experts import ExpertBank
 from .io import PPAPError
+from .router import check_timestep_range
 from .samplers import DenoiserFn, NonFiniteError
 from .tasks import Classification, Task
 
@@ -364,9 +365,7 @@ class GuidanceTerm:
         if not math.isfinite(self.scale):
             raise PPAPError(f"guidance scale must be a finite number, got {self.scale}")
         if self.interval is not None:
-            lo, hi = self.interval
-            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
-                raise PPAPError(f"guidance interval must be integers 0 <= lo < hi, got {self.interval}")
+            check_timestep_range(*self.interval, what="guidance interval")
         needs = {
             "naive": "net",
             "x0": "net",

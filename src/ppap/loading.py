@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import zoo
+from .banks import ExpertBank
 from .diffusion import Diffusion
-from .experts import ExpertBank
 from .guide_model import GuideModel
 from .io import PPAPError, load_weights_into, read_json, resolve_factory
 from .pipeline import PPAPPipeline

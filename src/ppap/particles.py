@@ -36,8 +36,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from .banks import ExpertBank
 from .diffusion import NoiseSchedule, Prediction, SamplingGrid
-from .experts import ExpertBank
 from .io import PPAPError
 from .samplers import DenoiserFn, Generator, NonFiniteError, Progress, _check_finite, _clip_range, _ddpm_std_and_var, _scalars, _steps
 from .schedulers import OWN_LOOPS

@@ -26,9 +26,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+from .banks import ExpertBank, as_guide_model, load_bank
 from .config import EXPERT_METHODS, PARTICLE_METHODS, default_scale
 from .diffusion import Conditioning, Diffusion, NoiseSchedule
-from .experts import ExpertBank, as_guide_model, load_bank
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
 from .particles import SMCResult, sample_particle_term

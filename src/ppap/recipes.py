@@ -361,7 +361,7 @@ def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int) -> Path:
 def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> dict:
     """Corpus + experts in ``work_dir`` (resumable); the finished experts are swapped into ``out_dir``.
     The corpus lives beside the zoo work folder (``runs/corpus``), shared with other recipes."""
-    from .experts import load_manifest
+    from .bank_format import load_manifest
     from .loading import load_guide, load_pipeline
     from .train import data_free_experts
 

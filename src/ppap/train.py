@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .bank_format import BANK_MANIFEST, bank_manifest, expert_name, record_expert
+from .banks import ExpertBank
 from .config import TrainConfig
 from .diffusion import NoiseSchedule
 from .distributed import main_decides
-from .experts import MANIFEST, ExpertBank, bank_manifest, expert_name, record_expert
 from .io import PPAPError, atomic_torch_save, atomic_write_json, check_same_settings, exclusive_lock, load_resume_state, read_json
 from .tasks import Task
 
@@ -189,9 +190,9 @@ def train_experts(
                     )
 
             def write_manifest() -> bool:  # written only once the inputs passed every check
-                if (out_dir / MANIFEST).exists():
+                if (out_dir / BANK_MANIFEST).exists():
                     return False
-                atomic_write_json(out_dir / MANIFEST, manifest)
+                atomic_write_json(out_dir / BANK_MANIFEST, manifest)
                 return True
 
             created = dist.decide(write_manifest)
@@ -200,7 +201,7 @@ def train_experts(
         if dist.main and (not existed or (created and not manifest["trained"])):  # nothing learnt: leave the folder as found
             shutil.rmtree(out_dir / ".resume", ignore_errors=True)
             if created or not existed:
-                (out_dir / MANIFEST).unlink(missing_ok=True)
+                (out_dir / BANK_MANIFEST).unlink(missing_ok=True)
             if not existed:
                 (out_dir / RUN_LOCK).unlink(missing_ok=True)
                 if out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -217,7 +218,7 @@ def _train_all(bank, task, schedule, images, targets, cfg, out_dir, dist, manife
         stats[expert_name(i)] = _train_one(bank, i, task, schedule, images, targets, cfg, out_dir, dist, progress)
 
         def record(i: int = i) -> None:
-            atomic_write_json(out_dir / MANIFEST, record_expert(manifest, bank, i, out_dir, stats[expert_name(i)]))
+            atomic_write_json(out_dir / BANK_MANIFEST, record_expert(manifest, bank, i, out_dir, stats[expert_name(i)]))
             (out_dir / ".resume" / f"{expert_name(i)}.pt").unlink(missing_ok=True)
 
         dist.decide(record)
@@ -229,7 +230,7 @@ def _open_manifest(out_dir: Path, bank, task, schedule, cfg, identity) -> dict:
     want = bank_manifest(bank, task, schedule, train=asdict(cfg))
     if identity:
         want["guide"] = want["guide"] | identity
-    path = out_dir / MANIFEST
+    path = out_dir / BANK_MANIFEST
     if path.exists():
         have = read_json(path, "expert manifest")
         check_same_settings(
@@ -360,9 +361,10 @@ def data_free_experts(
     (``guide``, whose net receives the adapters) into noise-range experts. Resumable at every
     stage. Returns (bank, stats); experts are saved in ``work_dir/experts``, the corpus in
     ``corpus_dir`` (default ``work_dir/corpus``)."""
+    from .banks import make_bank
     from .batch_sampling import generate_corpus
     from .corpus import corpus_spec, load_corpus, open_corpus
-    from .experts import TimestepRouter, make_bank
+    from .router import TimestepRouter
     from .tasks import task_for
 
     work_dir = Path(work_dir)

@@ -33,15 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bank_format import BANK_MANIFEST, load_manifest, parameter_report
+from ..banks import ExpertBank, load_bank, make_bank
 from ..batch_sampling import generate_corpus
 from ..corpus import corpus_spec, load_corpus, open_corpus, reuse_shards
-from ..experts import MANIFEST, ExpertBank, TimestepRouter, load_bank, load_manifest, make_bank, parameter_report
 from ..fashion_mnist import load_fashion_mnist
 from ..guidance import Calibration, GuidanceTerm
 from ..images import to_hwc_uint8
 from ..io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
 from ..loading import load_guide
 from ..metrics import accuracy_under_noise, features, fid, kid, precision_recall
+from ..router import TimestepRouter
 from ..tasks import task_for
 from ..train import TrainConfig, train_experts
 from .common import Bench, _savefig, exit_with_parent, guided_step_memory, in_order, machine, machine_in_order, pyplot, time_steps
@@ -319,7 +321,7 @@ QUICK = BenchConfig(
 
 def _finished(directory: Path, train: TrainConfig) -> bool:
     """Whether ``directory`` holds a finished bank trained with ``train``."""
-    if not (directory / MANIFEST).exists():
+    if not (directory / BANK_MANIFEST).exists():
         return False
     m = load_manifest(directory)
     same = m.get("train") == json.loads(json.dumps(dataclasses.asdict(train)))  # == so that alpha 8 is 8.0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..experts import ExpertBank
+from ..banks import ExpertBank
 from ..guidance import GuidanceTerm
 from ..images import labelled_grid, png_bytes, to_hwc_uint8
 from ..io import atomic_write_bytes, atomic_write_json

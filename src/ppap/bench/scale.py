@@ -357,8 +357,10 @@ def _memory_of(loaded: _Loaded, steps: int, method: str) -> dict:
 def build_bank(diffusion_dir: str, guide_dir: str, bank_dir: str, experts: str) -> dict:
     """A bank of the default recipe (TrainConfig: LoRA rank 32, per-expert norms), saved as
     ``ppap train`` saves one, and its size on disk against N full copies of its guide."""
-    from ..experts import TimestepRouter, make_bank, save_bank
+    from ..bank_format import save_bank
+    from ..banks import make_bank
     from ..loading import load_diffusion, load_guide
+    from ..router import TimestepRouter
     from ..tasks import task_for
     from ..train import TrainConfig
 
@@ -384,8 +386,9 @@ def measure_train_step(diffusion_dir: str, guide_dir: str, device: str, dtype: s
     """One expert's training steps through ``train_experts`` (``repeats`` + 1 steps, the first a
     warm-up in the mean) on a random corpus of ``batch`` images: seconds per step and peak memory
     (``micro_batch``: TrainConfig's, samples per forward and backward)."""
-    from ..experts import TimestepRouter, make_bank
+    from ..banks import make_bank
     from ..loading import load_diffusion, load_guide, resolve_device
+    from ..router import TimestepRouter
     from ..tasks import task_for
     from ..train import TrainConfig, train_experts
 

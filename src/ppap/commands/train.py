@@ -23,9 +23,11 @@ def _load_training_data(args, task_name: str):
 
 
 def cmd_train(args) -> int:
+    from ..bank_format import parameter_report
+    from ..banks import make_bank
     from ..config import TrainConfig
-    from ..experts import TimestepRouter, make_bank, parameter_report
     from ..loading import load_diffusion, load_guide, resolve_device
+    from ..router import TimestepRouter
     from ..tasks import task_for
     from ..train import train_experts
 
