@@ -123,8 +123,9 @@ def _pipeline(args):
     return load_pipeline(args.diffusion, device=args.device, dtype=args.dtype, revision=args.revision)
 
 
-def _conditioning(args, num: int):
+def _conditioning(args, num: int, pipe=None):
     """The UNet's conditions from ``--class-label`` / ``--negative-class-label`` /
+    ``--prompt`` / ``--negative-prompt`` (encoded by ``pipe``'s text encoder) /
     ``--prompt-embeds`` / ``--cfg-scale``."""
     import torch
 
@@ -152,9 +153,16 @@ def _conditioning(args, num: int):
         if negative is not None:
             negative = (negative[None] if negative.ndim == 2 else negative).float()
             negative = negative[torch.arange(num) % negative.shape[0]]
+    if args.prompt is not None:
+        if args.prompt_embeds:
+            raise PPAPError("give --prompt or --prompt-embeds, not both")
+        embeds, negative = pipe.encode_prompt(args.prompt, args.negative_prompt, args.cfg_scale > 1)
+        embeds, negative = embeds.expand(num, -1, -1), None if negative is None else negative.expand(num, -1, -1)
+    elif args.negative_prompt is not None:
+        raise PPAPError("--negative-prompt needs --prompt")
     if labels is None and embeds is None:
         if args.cfg_scale != 1.0:
-            raise PPAPError("--cfg-scale needs a conditional model's --class-label or --prompt-embeds")
+            raise PPAPError("--cfg-scale needs a conditional model's --class-label, --prompt or --prompt-embeds")
         return None
     null = args.negative_class_label
     if null is not None and labels is None:
@@ -178,7 +186,7 @@ def cmd_generate(args) -> int:
     if args.device is None:
         args.device = str(acc.device)
     pipe = _pipeline(args)
-    cond = _conditioning(args, args.num) if args.num >= 1 else None
+    cond = _conditioning(args, args.num, pipe) if args.num >= 1 else None
     spec = corpus_spec(
         pipe,
         args.diffusion,
@@ -400,7 +408,7 @@ def cmd_sample(args) -> int:
         args.device = str(acc.device)  # under `accelerate launch`: each process on its own device
     pipe = _pipeline(args)
     sampling_scheduler(pipe.scheduler, args.sampler, args.steps)  # one-line errors before loading guides
-    cond = _conditioning(args, args.num)
+    cond = _conditioning(args, args.num, pipe)
     fit = zoo.ZOO[args.diffusion].reference_fit if zoo.is_zoo_name(args.diffusion) else "resize"
     terms = []
     if args.guide:
@@ -563,6 +571,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu | cuda | cuda:N | mps (default: cuda when available)")
     group.add_argument("--dtype", help="UNet dtype: float32 | float16 | bfloat16 (guidance stays float32)")
     group.add_argument("--class-label", help="class-conditional UNet: class label(s), e.g. '3' or '0,1,2' (cycled)")
+    group.add_argument("--prompt", help="text-conditional pipeline with a text encoder: the prompt of every image, e.g. 'a red garment'")
+    group.add_argument("--negative-prompt", help="with --prompt and --cfg-scale > 1: the unconditional branch's prompt (default: empty)")
     group.add_argument(
         "--prompt-embeds",
         help="text-conditional UNet: safetensors file with 'prompt_embeds' [N, L, D] or [L, D] "

@@ -97,6 +97,9 @@ class PPAPPipeline(DiffusionPipeline):
             variance): ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
             ``UniPCMultistepScheduler``, ``EulerDiscreteScheduler``,
             ``EulerAncestralDiscreteScheduler`` or ``HeunDiscreteScheduler``.
+        text_encoder, tokenizer: optional, for a text-conditional UNet: a transformers text model
+            whose last hidden states are the UNet's ``encoder_hidden_states``, and its tokenizer
+            (``prompt=`` is encoded with them, see ``encode_prompt``).
 
     Devices: the pipeline samples on its execution device (``pipe.to(device)``, or the
     accelerator that ``enable_model_cpu_offload`` and accelerate's offload hooks name). The guide
@@ -127,12 +130,13 @@ class PPAPPipeline(DiffusionPipeline):
         ```
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "text_encoder->unet"
+    _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "x0", "guidance"]  # what ``callback_on_step_end`` can be given
 
-    def __init__(self, unet: nn.Module, scheduler: SchedulerMixin):
+    def __init__(self, unet: nn.Module, scheduler: SchedulerMixin, text_encoder: nn.Module | None = None, tokenizer: Any = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
     @property
     def diffusion(self) -> Diffusion:
@@ -163,6 +167,27 @@ class PPAPPipeline(DiffusionPipeline):
         give_usual_permissions(Path(save_directory), written_since=start)
 
     # ---- guidance and conditions, resolved for a whole run -------------------------------------
+
+    def encode_prompt(
+        self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, do_classifier_free_guidance: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(prompt_embeds [P, L, D], negative_prompt_embeds [P, L, D] or None)`` of P prompts,
+        by the pipeline's ``text_encoder`` on ``tokenizer``'s ids (as diffusers' pipelines encode
+        them); the negative ones only with classifier-free guidance, of ``negative_prompt``, else
+        of the empty prompt."""
+        from .text import encode_prompts
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise PPAPError("a prompt needs the pipeline's text_encoder and tokenizer, and this pipeline has none: pass prompt_embeds")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        if not do_classifier_free_guidance:
+            return embeds, None
+        negative = "" if negative_prompt is None else negative_prompt
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negatives) != len(prompts):
+            raise PPAPError(f"{len(negatives)} negative prompts for {len(prompts)} prompts (give one, or one per prompt)")
+        return embeds, encode_prompts(self.tokenizer, self.text_encoder, negatives)
 
     def guidance_term(
         self,
@@ -337,6 +362,8 @@ class PPAPPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         sampler: str | None = None,
         progress: bool = True,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Sample ``batch_size`` images, guided by an off-the-shelf model when ``guide`` is given.
 
@@ -365,6 +392,9 @@ class PPAPPipeline(DiffusionPipeline):
             class_labels, prompt_embeds, negative_prompt_embeds, negative_class_labels,
                 guidance_scale: conditions of a conditional UNet and classifier-free guidance
                 (diffusers' meaning: 1 = off).
+            prompt, negative_prompt: text (one, or one per image) encoded by the pipeline's text
+                encoder (``encode_prompt``) instead of ``prompt_embeds``; with guidance_scale > 1
+                the unconditional branch is ``negative_prompt``, else the empty prompt.
             sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
                 euler-a, heun), built from the scheduler's config; default: the registered
                 scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
@@ -396,6 +426,13 @@ class PPAPPipeline(DiffusionPipeline):
             raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
         scheduler.set_timesteps(num_inference_steps)  # a fresh copy: its length is the number of UNet calls (Heun: 2S - 1)
         self._num_timesteps = len(scheduler.timesteps)
+        if prompt is not None:
+            if prompt_embeds is not None:
+                raise PPAPError("give prompt or prompt_embeds, not both")
+            prompt_embeds, encoded = self.encode_prompt(prompt, negative_prompt, guidance_scale > 1)
+            negative_prompt_embeds = encoded if negative_prompt_embeds is None else negative_prompt_embeds
+        elif negative_prompt is not None:
+            raise PPAPError("negative_prompt needs a prompt (with prompt_embeds, pass negative_prompt_embeds)")
         cond = self.conditioning(
             batch_size,
             class_labels=class_labels,

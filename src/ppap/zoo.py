@@ -53,6 +53,13 @@ ZOO: dict[str, ZooEntry] = {
             reference_fit="pad",
         ),
         ZooEntry(
+            "fashion-rgb-ddpm",
+            "diffusion",
+            "text-conditional DDPM on colour Fashion-MNIST: diffusers UNet2DConditionModel 3x32x32 + CLIP text encoder (prompts name the colour)",
+            "fashion-rgb-ddpm",
+            reference_fit="pad",
+        ),
+        ZooEntry(
             "fashion-classifier",
             "guide",
             "off-the-shelf ResNet classifier trained on clean images only",

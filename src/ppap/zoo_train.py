@@ -25,6 +25,10 @@ def train_zoo_model(name: str, work_root: Path, data_dir=None, out_root: Path | 
     out = entry.location if out_root is None else Path(out_root) / entry.path
     if name == "fashion-ddpm":
         card = recipes.train_ddpm(out, work, data_dir=data_dir)
+    elif name == "fashion-rgb-ddpm":
+        from .recipes_rgb import train_rgb_ddpm
+
+        card = train_rgb_ddpm(out, work, data_dir=data_dir)
     elif name in recipes.CLASSIFIER_RECIPES:
         card = recipes.train_classifier(name, out, work, data_dir=data_dir)
     elif name in recipes.EXPERT_RECIPES:
