@@ -74,3 +74,41 @@ def test_a_resume_state_of_another_recipe_is_refused(tmp_path):
         train_rgb_ddpm(tmp_path / "out" / "m", tmp_path / "work", replace(r, text_width=8), stop_after=1)
     more = train_rgb_ddpm(tmp_path / "out" / "m", tmp_path / "work", replace(r, iterations=2), stop_after=1)  # a longer run goes on
     assert more["done"] and more["iterations"] == 2
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["fashion-rgb-classifier", "fashion-rgb-segmenter", "fashion-rgb-evaluator"])
+def test_tiny_rgb_guide_recipes_resume_exactly_and_save_transformers_guides(tmp_path, name):
+    from transformers import AutoImageProcessor
+    from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from ppap.fashion_rgb import load_fashion_rgb
+    from ppap.io import load_resume_state
+    from ppap.loading import load_guide
+    from ppap.recipes_rgb import TINY_RGB_GUIDE_RECIPES, train_rgb_guide
+
+    r = TINY_RGB_GUIDE_RECIPES[name]
+    straight = train_rgb_guide(name, tmp_path / "a" / name, tmp_path / "wa", r)
+    assert straight["done"] and straight["iterations"] == 2
+    assert train_rgb_guide(name, tmp_path / "b" / name, tmp_path / "wb", r, stop_after=1) == {"step": 1, "done": False}
+    assert train_rgb_guide(name, tmp_path / "b" / name, tmp_path / "wb", r)["done"]
+    a, b = load_resume_state(tmp_path / "wa" / "resume.pt")["model"], load_resume_state(tmp_path / "wb" / "resume.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # saved with save_pretrained + its image processor; loaded as any user's transformers guide
+    folder = tmp_path / "b" / name
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert processor.size == {"height": r.input_size, "width": r.input_size}
+    assert list(processor.image_mean) == list(IMAGENET_DEFAULT_MEAN) and list(processor.image_std) == list(IMAGENET_DEFAULT_STD)
+    guide = load_guide(str(folder))
+    assert guide.input_size == (r.input_size, r.input_size)
+    assert all(torch.equal(v, b[k]) for k, v in guide.net.state_dict().items())
+    x = load_fashion_rgb("test").images(slice(0, 3))
+    out = guide(x)
+    if name == "fashion-rgb-segmenter":
+        assert guide.task == "segmentation" and len(guide.classes) == 11 and guide.classes[0] == "background"
+        assert out.shape == (3, 11, 32, 32)
+        assert guide.net(guide.preprocess(x)).logits.shape[-1] == r.input_size // 4  # logits at 1/4 of the input
+    else:
+        assert guide.task == "classification" and len(guide.classes) == 10 and out.shape == (3, 10)
+    card = json.loads((folder / "ppap_card.json").read_text())
+    assert ("test_miou" if name == "fashion-rgb-segmenter" else "test_accuracy") in card

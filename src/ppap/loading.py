@@ -144,6 +144,8 @@ def load_guide(
         return load_transformers_guide(ref, task=task, revision=revision, subfolder=subfolder)
     if zoo.is_zoo_name(ref):
         entry = zoo.get(ref, "guide")
+        if entry.factory is None:  # saved in transformers' format, with its image processor
+            return _load_transformers_guide(entry.location, task or entry.task, ref)
         net = resolve_factory(entry.factory)().eval().requires_grad_(False)  # built here: a fixed evaluator
         load_weights_into(net, weights or entry.location)
         return GuideModel(net, task=task or entry.task, classes=entry.classes or None, ref=ref)

@@ -289,45 +289,17 @@ def train_classifier(
     from .io import resolve_factory
 
     r = r or CLASSIFIER_RECIPES[name]
-    work_dir = Path(work_dir)
     torch.manual_seed(r.seed)
     net = resolve_factory(r.factory)()
     x_train, y_train = load_fashion_mnist("train", data_dir)
-    batches = InfiniteBatches(x_train, y_train, batch_size=r.batch_size, seed=r.seed)
-    total = int(r.epochs * len(x_train)) // r.batch_size
-    opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    ckpt = work_dir / "resume.pt"
-    step, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = load_resume_state(ckpt)
-        _same_recipe(state["recipe"], r, ckpt)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-    end = total if stop_after is None else min(total, step + stop_after)
-    t_start = time.time() - elapsed
-    net.train()
-    bar = tqdm(total=total, initial=step, desc=name, unit="it")
-    while step < end:
-        x, y = batches.batch(step)
+
+    def step_loss(batch: tuple[Tensor, ...], step: int) -> Tensor:
+        x, y = batch
         if r.augment:
             x = augment_batch(x, step_generator(r.seed, step))
-        for group in opt.param_groups:
-            group["lr"] = r.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-        loss = _loss(r, net(x), _supervision(r, x, y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % r.checkpoint_every == 0 or step == end:
-            elapsed = time.time() - t_start
-            atomic_torch_save(
-                ckpt, {"recipe": asdict(r), "model": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
-            )
-    bar.close()
+        return _loss(r, net(x), _supervision(r, x, y))
+
+    step, total, elapsed = train_supervised(name, net, (x_train, y_train), step_loss, r, work_dir, stop_after)
     if step < total:
         return {"step": step, "done": False}
     x_test, y_test = load_fashion_mnist("test", data_dir)
@@ -342,6 +314,55 @@ def train_classifier(
     }
     atomic_write_json(Path(out_file).with_suffix(".json"), card)
     return card | {"done": True}
+
+
+def train_supervised(
+    name: str,
+    net: nn.Module,
+    data: tuple[Tensor, ...],
+    step_loss: Callable[[tuple[Tensor, ...], int], Tensor],
+    r,
+    work_dir: str | Path,
+    stop_after: int | None = None,
+) -> tuple[int, int, float]:
+    """The supervised loop of a recipe with ``ClassifierRecipe``'s training fields: ``r.epochs``
+    passes over ``data`` (seeded batches), AdamW with a cosine-decayed lr, ``step_loss(batch,
+    step)``; checkpoints to ``work_dir/resume.pt`` and resumes exactly. ``net`` is built by the
+    caller (seeded). Returns (steps done, steps in all, seconds)."""
+    work_dir = Path(work_dir)
+    batches = InfiniteBatches(*data, batch_size=r.batch_size, seed=r.seed)
+    total = int(r.epochs * len(data[0])) // r.batch_size
+    opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    ckpt = work_dir / "resume.pt"
+    step, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = load_resume_state(ckpt)
+        _same_recipe(state["recipe"], r, ckpt)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+    end = total if stop_after is None else min(total, step + stop_after)
+    t_start = time.time() - elapsed
+    net.train()
+    bar = tqdm(total=total, initial=step, desc=name, unit="it")
+    while step < end:
+        for group in opt.param_groups:
+            group["lr"] = r.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = step_loss(batches.batch(step), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % r.checkpoint_every == 0 or step == end:
+            elapsed = time.time() - t_start
+            atomic_torch_save(
+                ckpt, {"recipe": asdict(r), "model": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
+            )
+    bar.close()
+    return step, total, elapsed
 
 
 # --------------------------------------------------------------------------------------------

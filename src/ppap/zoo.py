@@ -74,6 +74,26 @@ ZOO: dict[str, ZooEntry] = {
             factory="ppap.models:fashion_evaluator",
         ),
         ZooEntry(
+            "fashion-rgb-classifier",
+            "guide",
+            "off-the-shelf transformers ResNetForImageClassification on clean colour images, with its image processor (32 -> 64, ImageNet mean/std)",
+            "fashion-rgb-classifier",
+        ),
+        ZooEntry(
+            "fashion-rgb-segmenter",
+            "guide",
+            "off-the-shelf transformers SegformerForSemanticSegmentation on clean colour images: background + 10 classes per pixel",
+            "fashion-rgb-segmenter",
+            task="segmentation",
+            classes=SEGMENTER_CLASSES,
+        ),
+        ZooEntry(
+            "fashion-rgb-evaluator",
+            "guide",
+            "independent judge of colour images (transformers ConvNextForImageClassification, augmented); never guides",
+            "fashion-rgb-evaluator",
+        ),
+        ZooEntry(
             "fashion-ppap5",
             "experts",
             "5 data-free LoRA experts (rank 32, warm-started) of fashion-classifier on fashion-ddpm samples",

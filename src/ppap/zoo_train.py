@@ -29,6 +29,10 @@ def train_zoo_model(name: str, work_root: Path, data_dir=None, out_root: Path | 
         from .recipes_rgb import train_rgb_ddpm
 
         card = train_rgb_ddpm(out, work, data_dir=data_dir)
+    elif name in ("fashion-rgb-classifier", "fashion-rgb-segmenter", "fashion-rgb-evaluator"):
+        from .recipes_rgb import train_rgb_guide
+
+        card = train_rgb_guide(name, out, work, data_dir=data_dir)
     elif name in recipes.CLASSIFIER_RECIPES:
         card = recipes.train_classifier(name, out, work, data_dir=data_dir)
     elif name in recipes.EXPERT_RECIPES:
