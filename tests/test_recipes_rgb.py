@@ -78,7 +78,7 @@ def test_a_resume_state_of_another_recipe_is_refused(tmp_path):
 
 @needs_data
 @pytest.mark.parametrize("name", ["fashion-rgb-classifier", "fashion-rgb-segmenter", "fashion-rgb-evaluator"])
-def test_tiny_rgb_guide_recipes_resume_exactly_and_save_transformers_guides(tmp_path, name):
+def test_tiny_rgb_guide_recipes_resume_exactly_and_save_transformers_guides(tmp_path, monkeypatch, name):
     from transformers import AutoImageProcessor
     from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -112,3 +112,27 @@ def test_tiny_rgb_guide_recipes_resume_exactly_and_save_transformers_guides(tmp_
         assert guide.task == "classification" and len(guide.classes) == 10 and out.shape == (3, 10)
     card = json.loads((folder / "ppap_card.json").read_text())
     assert ("test_miou" if name == "fashion-rgb-segmenter" else "test_accuracy") in card
+    # in the zoo's layout, the zoo name loads it the same way
+    from ppap import zoo
+
+    monkeypatch.setattr(zoo, "weights_dir", lambda: tmp_path / "b")
+    by_name = load_guide(name)
+    assert by_name.ref == name and by_name.task == guide.task and torch.equal(by_name(x), out)
+
+
+def test_zoo_train_runs_the_colour_recipes_into_the_zoo_layout(tmp_path, monkeypatch):
+    """`ppap zoo train NAME` for the colour models: the recipe's output at --out/NAME (a folder), checkpoints in --work-dir/NAME."""
+    from pathlib import Path
+
+    from ppap import recipes_rgb
+    from ppap.cli import main
+
+    calls = []
+    monkeypatch.setattr(recipes_rgb, "train_rgb_ddpm", lambda out, work, data_dir=None: calls.append(("ddpm", Path(out), Path(work))) or {})
+    monkeypatch.setattr(
+        recipes_rgb, "train_rgb_guide", lambda name, out, work, data_dir=None: calls.append((name, Path(out), Path(work))) or {}
+    )
+    names = ["fashion-rgb-ddpm", "fashion-rgb-classifier", "fashion-rgb-segmenter", "fashion-rgb-evaluator"]
+    for name in names:
+        assert main(["zoo", "train", name, "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")]) == 0
+    assert calls == [(kind, tmp_path / "m" / name, tmp_path / "w" / name) for kind, name in zip(["ddpm"] + names[1:], names)]

@@ -212,7 +212,7 @@ class Conditioning:
     guidance (diffusers' meaning: ``guidance_scale`` 1 = off, eps = eps_u + w (eps_c - eps_u)).
 
     With ``guidance_scale > 1`` the unconditional branch uses ``negative_prompt_embeds`` (zeros
-    when not given: ppap has no text encoder to encode "") and ``negative_class_labels`` (the
+    when not given; ``PPAPPipeline`` with a text encoder gives the empty prompt's) and ``negative_class_labels`` (the
     model's null class, required when the only condition is a class label)."""
 
     class_labels: Tensor | None = None  # [B]
