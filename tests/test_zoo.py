@@ -126,10 +126,13 @@ def test_a_recipe_checkpoint_resumes_only_under_its_own_recipe(tmp_path):
     r, ckpt = DDPMRecipe(), tmp_path / "work" / "ckpt.pt"
     atomic_torch_save(ckpt, {"recipe": dataclasses.asdict(r)})
     saved = load_resume_state(ckpt)["recipe"]
-    _same_recipe(saved, r, ckpt)
-    _same_recipe(saved, dataclasses.replace(r, iterations=2 * r.iterations, checkpoint_every=10), ckpt)
+    ddpm_free = ("iterations", "checkpoint_every")  # what train_denoiser lets a DDPM's resume change
+    _same_recipe(saved, r, ckpt, free=ddpm_free)
+    _same_recipe(saved, dataclasses.replace(r, iterations=2 * r.iterations, checkpoint_every=10), ckpt, free=ddpm_free)
+    with pytest.raises(PPAPError, match="iterations: 4000 there, 8000 here"):  # a guide's recipe may not
+        _same_recipe(saved, dataclasses.replace(r, iterations=2 * r.iterations), ckpt)
     with pytest.raises(PPAPError) as e:
-        _same_recipe(saved, dataclasses.replace(r, block_out_channels=(32, 64)), ckpt)
+        _same_recipe(saved, dataclasses.replace(r, block_out_channels=(32, 64)), ckpt, free=ddpm_free)
     assert (
         str(e.value)
         == f"{ckpt} was made with another recipe (block_out_channels: [32, 64, 128] there, [32, 64] here); delete {ckpt.parent} to start over"

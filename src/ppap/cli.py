@@ -127,6 +127,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu | cuda | cuda:N | mps (default: cuda when available)")
     group.add_argument("--dtype", help="UNet dtype: float32 | float16 | bfloat16 (guidance stays float32)")
     group.add_argument("--class-label", help="class-conditional UNet: class label(s), e.g. '3' or '0,1,2' (cycled)")
+    group.add_argument("--prompt", help="text-conditional pipeline with a text encoder: the prompt of every image, e.g. 'a red garment'")
+    group.add_argument("--negative-prompt", help="with --prompt and --cfg-scale > 1: the unconditional branch's prompt (default: empty)")
     group.add_argument(
         "--prompt-embeds",
         help="text-conditional UNet: safetensors file with 'prompt_embeds' [N, L, D] or [L, D] "

@@ -211,7 +211,7 @@ class Conditioning:
     guidance (diffusers' meaning: ``guidance_scale`` 1 = off, eps = eps_u + w (eps_c - eps_u)).
 
     With ``guidance_scale > 1`` the unconditional branch uses ``negative_prompt_embeds`` (zeros
-    when not given: ppap has no text encoder to encode "") and ``negative_class_labels`` (the
+    when not given; ``PPAPPipeline`` with a text encoder gives the empty prompt's) and ``negative_class_labels`` (the
     model's null class, required when the only condition is a class label)."""
 
     class_labels: Tensor | None = None  # [B]
@@ -405,3 +405,47 @@ def load_unet(directory: Path, torch_dtype: torch.dtype | None = None, variant: 
         return getattr(diffusers, name).from_pretrained(directory, use_safetensors=True, torch_dtype=torch_dtype, variant=variant)
     except Exception as e:  # corrupt weights
         raise PPAPError(f"cannot load the UNet in {directory} ({str(e).splitlines()[0][:200]})") from None
+
+
+def build_conditioning(
+    num: int,
+    num_classes: int | None,
+    *,
+    class_labels=None,
+    prompt_embeds: Tensor | None = None,
+    negative_prompt_embeds: Tensor | None = None,
+    negative_class_labels=None,
+    guidance_scale: float = 1.0,
+) -> Conditioning | None:
+    """The conditions of ``num`` samples (labels cycled, a single prompt embedding repeated), or
+    None when nothing conditions; ``num_classes``: the UNet's class embeddings, for the range check."""
+
+    def per_sample(v, name: str, dtype):
+        if v is None:
+            return None
+        v = torch.as_tensor(v, dtype=dtype) if not isinstance(v, Tensor) else v
+        v = v.reshape(1) if v.ndim == 0 else v
+        if v.shape[0] not in (1, num) and name.endswith("labels"):
+            return v[torch.arange(num) % v.shape[0]]
+        if v.shape[0] == 1:
+            return v.expand((num,) + tuple(v.shape[1:]))
+        if v.shape[0] != num:
+            raise PPAPError(f"{name} has {v.shape[0]} entries for {num} images (give 1 or {num})")
+        return v
+
+    labels = per_sample(class_labels, "class_labels", torch.long)
+    neg_labels = per_sample(negative_class_labels, "negative_class_labels", torch.long)
+    embeds = per_sample(prompt_embeds, "prompt_embeds", torch.float32)
+    negative = per_sample(negative_prompt_embeds, "negative_prompt_embeds", torch.float32)
+    for name, lab in (("class_labels", labels), ("negative_class_labels", neg_labels)):
+        if lab is not None and num_classes is not None and bool(((lab < 0) | (lab >= num_classes)).any()):
+            bad = int(lab[(lab < 0) | (lab >= num_classes)][0])
+            raise PPAPError(f"{name} {bad} is out of range: the UNet has {num_classes} class embeddings (0..{num_classes - 1})")
+    if embeds is not None and negative is not None and negative.shape != embeds.shape:
+        raise PPAPError(f"negative_prompt_embeds {list(negative.shape)} and prompt_embeds {list(embeds.shape)} differ in shape")
+    cond = Conditioning(labels, embeds, negative, neg_labels, guidance_scale)
+    if cond.is_empty:
+        if guidance_scale > 1:
+            raise PPAPError("guidance_scale > 1 (classifier-free guidance) needs class_labels or prompt_embeds")
+        return None
+    return cond

@@ -8,11 +8,14 @@ puts back every module's ``training`` flag and every parameter's ``requires_grad
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from .errors import PPAPError
 
 
 @contextmanager
@@ -37,3 +40,37 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             m.training = True
         for p in trainable:
             p.requires_grad_(True)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device (an index left out is the first one)."""
+    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
+
+
+def check_device(module: nn.Module, device: torch.device, what: str) -> None:
+    """A module given at call time runs where the sample is; ppap does not move it (diffusers
+    never moves what the caller passes to ``__call__``)."""
+    first: Tensor | None = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    if first is not None and not same_device(first.device, device):
+        raise PPAPError(f"the {what} is on {first.device} but the pipeline samples on {device}: move it there first (.to({str(device)!r}))")
+
+
+def snapshot_modes(*modules: Any) -> Callable[[], None]:
+    """A function that hands the caller's ``modules`` back as they came: the train/eval mode of
+    every submodule and ``requires_grad`` of every parameter (guidance runs them frozen, in
+    eval mode, and wrapping a plain net in a ``GuideModel`` freezes it)."""
+    given = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
+    modes = [(sub, sub.training) for m, _ in given for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m, _ in given for p in m.parameters()]
+
+    def restore() -> None:
+        for m, mode in given:
+            m.train(mode)  # a module's own train() (an expert bank unmerges its adapters), then every flag exactly
+        for sub, mode in modes:
+            sub.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return restore

@@ -24,6 +24,7 @@ from .diffusion import Diffusion
 from .guide_model import GuideModel
 from .io import PPAPError, load_weights_into, read_json, resolve_factory
 from .pipeline import PPAPPipeline
+from .text import load_text_components
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -100,8 +101,16 @@ def load_pipeline(
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     diffusion = load_diffusion(ref, revision=revision, subfolder=subfolder, torch_dtype=dtype, variant=variant)
+    # a local pipeline folder's text encoder and tokenizer (a text-conditional model's prompts)
+    location = diffusion_location(ref)
+    text_encoder, tokenizer = load_text_components(location) if isinstance(location, Path) and subfolder is None else (None, None)
     # its scheduler of the class the folder saved, as diffusers' from_pretrained does
-    pipe = PPAPPipeline(unet=diffusion.unet, scheduler=load_scheduler(diffusion.scheduler_config or diffusion.schedule.config, ref))
+    pipe = PPAPPipeline(
+        unet=diffusion.unet,
+        scheduler=load_scheduler(diffusion.scheduler_config or diffusion.schedule.config, ref),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
     pipe.register_to_config(_name_or_path=ref)
     pipe.to(device)
     if pipe.unet.dtype != dtype:
@@ -135,6 +144,8 @@ def load_guide(
         return load_transformers_guide(ref, task=task, revision=revision, subfolder=subfolder)
     if zoo.is_zoo_name(ref):
         entry = zoo.get(ref, "guide")
+        if entry.factory is None:  # saved in transformers' format, with its image processor
+            return _load_transformers_guide(entry.location, task or entry.task, ref)
         net = resolve_factory(entry.factory)().eval().requires_grad_(False)  # built here: a fixed evaluator
         load_weights_into(net, weights or entry.location)
         return GuideModel(net, task=task or entry.task, classes=entry.classes or None, ref=ref)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .banks import ExpertBank, as_guide_model, load_bank
 from .config import EXPERT_METHODS, PARTICLE_METHODS, default_scale
-from .diffusion import Conditioning, Diffusion, NoiseSchedule
+from .diffusion import Conditioning, Diffusion, NoiseSchedule, build_conditioning
+from .frozen import check_device, snapshot_modes
 from .guidance import Calibration, GuidanceTerm, compose
 from .io import PPAPError, give_usual_permissions
 from .particles import SMCResult, sample_particle_term
@@ -46,40 +47,6 @@ class ParticlePipelineOutput(ImagePipelineOutput):
     diagnostics: SMCResult | None = None
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` are one device (an index left out is the first one)."""
-    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
-
-
-def _check_device(module: nn.Module, device: torch.device, what: str) -> None:
-    """A module given at call time runs where the sample is; ppap does not move it (diffusers
-    never moves what the caller passes to ``__call__``)."""
-    first: Tensor | None = next(iter(module.parameters()), None)
-    if first is None:
-        first = next(iter(module.buffers()), None)
-    if first is not None and not _same_device(first.device, device):
-        raise PPAPError(f"the {what} is on {first.device} but the pipeline samples on {device}: move it there first (.to({str(device)!r}))")
-
-
-def _snapshot(*modules: Any) -> Callable[[], None]:
-    """A function that hands the caller's ``modules`` back as they came: the train/eval mode of
-    every submodule and ``requires_grad`` of every parameter (guidance runs them frozen, in
-    eval mode, and wrapping a plain net in a ``GuideModel`` freezes it)."""
-    given = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
-    modes = [(sub, sub.training) for m, _ in given for sub in m.modules()]
-    flags = [(p, p.requires_grad) for m, _ in given for p in m.parameters()]
-
-    def restore() -> None:
-        for m, mode in given:
-            m.train(mode)  # a module's own train() (an expert bank unmerges its adapters), then every flag exactly
-        for sub, mode in modes:
-            sub.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-    return restore
-
-
 class PPAPPipeline(DiffusionPipeline):
     r"""Guided sampling of a pixel-space diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``).
 
@@ -91,6 +58,9 @@ class PPAPPipeline(DiffusionPipeline):
             variance): ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
             ``UniPCMultistepScheduler``, ``EulerDiscreteScheduler``,
             ``EulerAncestralDiscreteScheduler`` or ``HeunDiscreteScheduler``.
+        text_encoder, tokenizer: optional, for a text-conditional UNet: a transformers text model
+            whose last hidden states are the UNet's ``encoder_hidden_states``, and its tokenizer
+            (``prompt=`` is encoded with them, see ``encode_prompt``).
 
     Devices: the pipeline samples on its execution device (``pipe.to(device)``, or the
     accelerator that ``enable_model_cpu_offload`` and accelerate's offload hooks name). The guide
@@ -122,12 +92,13 @@ class PPAPPipeline(DiffusionPipeline):
         ```
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "text_encoder->unet"
+    _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "x0", "guidance"]  # what ``callback_on_step_end`` can be given
 
-    def __init__(self, unet: nn.Module, scheduler: SchedulerMixin):
+    def __init__(self, unet: nn.Module, scheduler: SchedulerMixin, text_encoder: nn.Module | None = None, tokenizer: Any = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
     @property
     def diffusion(self) -> Diffusion:
@@ -158,6 +129,27 @@ class PPAPPipeline(DiffusionPipeline):
         give_usual_permissions(Path(save_directory), written_since=start)
 
     # ---- guidance and conditions, resolved for a whole run -------------------------------------
+
+    def encode_prompt(
+        self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, do_classifier_free_guidance: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(prompt_embeds [P, L, D], negative_prompt_embeds [P, L, D] or None)`` of P prompts,
+        by the pipeline's ``text_encoder`` on ``tokenizer``'s ids (as diffusers' pipelines encode
+        them); the negative ones only with classifier-free guidance, of ``negative_prompt``, else
+        of the empty prompt."""
+        from .text import encode_prompts
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise PPAPError("a prompt needs the pipeline's text_encoder and tokenizer, and this pipeline has none: pass prompt_embeds")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        if not do_classifier_free_guidance:
+            return embeds, None
+        negative = "" if negative_prompt is None else negative_prompt
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negatives) != len(prompts):
+            raise PPAPError(f"{len(negatives)} negative prompts for {len(prompts)} prompts (give one, or one per prompt)")
+        return embeds, encode_prompts(self.tokenizer, self.text_encoder, negatives)
 
     def guidance_term(
         self,
@@ -250,37 +242,15 @@ class PPAPPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
     ) -> Conditioning | None:
         """The UNet's conditions for ``num`` samples: labels cycled, a single prompt embedding repeated."""
-
-        def per_sample(v, name: str, dtype):
-            if v is None:
-                return None
-            v = torch.as_tensor(v, dtype=dtype) if not isinstance(v, Tensor) else v
-            v = v.reshape(1) if v.ndim == 0 else v
-            if v.shape[0] not in (1, num) and name.endswith("labels"):
-                return v[torch.arange(num) % v.shape[0]]
-            if v.shape[0] == 1:
-                return v.expand((num,) + tuple(v.shape[1:]))
-            if v.shape[0] != num:
-                raise PPAPError(f"{name} has {v.shape[0]} entries for {num} images (give 1 or {num})")
-            return v
-
-        labels = per_sample(class_labels, "class_labels", torch.long)
-        neg_labels = per_sample(negative_class_labels, "negative_class_labels", torch.long)
-        embeds = per_sample(prompt_embeds, "prompt_embeds", torch.float32)
-        negative = per_sample(negative_prompt_embeds, "negative_prompt_embeds", torch.float32)
-        num_classes = getattr(self.unet.config, "num_class_embeds", None)
-        for name, lab in (("class_labels", labels), ("negative_class_labels", neg_labels)):
-            if lab is not None and num_classes is not None and bool(((lab < 0) | (lab >= num_classes)).any()):
-                bad = int(lab[(lab < 0) | (lab >= num_classes)][0])
-                raise PPAPError(f"{name} {bad} is out of range: the UNet has {num_classes} class embeddings (0..{num_classes - 1})")
-        if embeds is not None and negative is not None and negative.shape != embeds.shape:
-            raise PPAPError(f"negative_prompt_embeds {list(negative.shape)} and prompt_embeds {list(embeds.shape)} differ in shape")
-        cond = Conditioning(labels, embeds, negative, neg_labels, guidance_scale)
-        if cond.is_empty:
-            if guidance_scale > 1:
-                raise PPAPError("guidance_scale > 1 (classifier-free guidance) needs class_labels or prompt_embeds")
-            return None
-        return cond
+        return build_conditioning(
+            num,
+            getattr(self.unet.config, "num_class_embeds", None),
+            class_labels=class_labels,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_class_labels=negative_class_labels,
+            guidance_scale=guidance_scale,
+        )
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -335,6 +305,8 @@ class PPAPPipeline(DiffusionPipeline):
         sampler: str | None = None,
         particles: int | None = None,
         progress: bool = True,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Sample ``batch_size`` images, guided by an off-the-shelf model when ``guide`` is given.
 
@@ -363,6 +335,9 @@ class PPAPPipeline(DiffusionPipeline):
             class_labels, prompt_embeds, negative_prompt_embeds, negative_class_labels,
                 guidance_scale: conditions of a conditional UNet and classifier-free guidance
                 (diffusers' meaning: 1 = off).
+            prompt, negative_prompt: text (one, or one per image) encoded by the pipeline's text
+                encoder (``encode_prompt``) instead of ``prompt_embeds``; with guidance_scale > 1
+                the unconditional branch is ``negative_prompt``, else the empty prompt.
             sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
                 euler-a, heun), built from the scheduler's config; default: the registered
                 scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
@@ -398,6 +373,13 @@ class PPAPPipeline(DiffusionPipeline):
             raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
         scheduler.set_timesteps(num_inference_steps)  # a fresh copy: its length is the number of UNet calls (Heun: 2S - 1)
         self._num_timesteps = len(scheduler.timesteps)
+        if prompt is not None:
+            if prompt_embeds is not None:
+                raise PPAPError("give prompt or prompt_embeds, not both")
+            prompt_embeds, encoded = self.encode_prompt(prompt, negative_prompt, guidance_scale > 1)
+            negative_prompt_embeds = encoded if negative_prompt_embeds is None else negative_prompt_embeds
+        elif negative_prompt is not None:
+            raise PPAPError("negative_prompt needs a prompt (with prompt_embeds, pass negative_prompt_embeds)")
         cond = self.conditioning(
             batch_size,
             class_labels=class_labels,
@@ -408,7 +390,7 @@ class PPAPPipeline(DiffusionPipeline):
         )
         if cond is not None:
             cond = cond.to(device)
-        restore_given = _snapshot(guide, experts, *(m for t in terms for m in (t.net, t.experts)))
+        restore_given = snapshot_modes(guide, experts, *(m for t in terms for m in (t.net, t.experts)))
         try:
             first = self.guidance_term(
                 batch_size,
@@ -426,9 +408,9 @@ class PPAPPipeline(DiffusionPipeline):
                 if len(term.targets) != batch_size:
                     raise PPAPError(f"a guidance term has {len(term.targets)} targets for a batch of {batch_size} images")
                 if term.net is not None:
-                    _check_device(term.net, device, "guide")
+                    check_device(term.net, device, "guide")
                 if term.experts is not None:
-                    _check_device(term.experts, device, "expert bank")
+                    check_device(term.experts, device, "expert bank")
             denoiser = diffusion.bind(cond)
             run = None
             if particles is not None or any(term.method in PARTICLE_METHODS for term in all_terms):

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .diffusion import Diffusion, NoiseSchedule
@@ -28,9 +30,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _same_recipe(saved: dict, recipe, ckpt: Path) -> None:
+def _same_recipe(saved: dict, recipe, ckpt: Path, free: tuple[str, ...] = ("checkpoint_every",)) -> None:
+    """Refuse a checkpoint made with another recipe; the ``free`` fields may differ."""
     now = asdict(recipe)
-    free = ("iterations", "checkpoint_every") if isinstance(recipe, DDPMRecipe) else ("checkpoint_every",)
     check_same_settings(saved, now, f"{ckpt} was made with another recipe", f"delete {ckpt.parent} to start over", keys=now, ignore=free)
 
 
@@ -86,12 +88,33 @@ def train_ddpm(
 
     ``stop_after`` ends this call after that many steps (checkpointed), for time-sliced runs.
     """
+    x_all, _ = load_fashion_mnist("train", data_dir)
+    spec = DenoiserTraining("fashion-ddpm", lambda: build_fashion_unet(r), (x_all,), lambda batch, g: (batch[0], ()), export_ddpm)
+    return train_denoiser(spec, r, out_dir, work_dir, stop_after=stop_after)
+
+
+@dataclass(frozen=True)
+class DenoiserTraining:
+    """What ``train_denoiser`` trains, besides the recipe's numbers."""
+
+    name: str  # the progress bar's label
+    build: Callable[[], nn.Module]  # the trained model, from the global RNG: (x_t, t, *inputs) -> eps (or an output with .sample)
+    data: tuple[Tensor, ...]  # per-image tensors [N, ...], batched together
+    inputs: Callable[[tuple[Tensor, ...], torch.Generator], tuple[Tensor, tuple]]  # a batch, the step's generator -> (x0, inputs)
+    export: Callable[[nn.Module, Any, Path], None]  # (EMA model, DDPMScheduler, out_dir): write the pipeline
+
+
+def train_denoiser(spec: DenoiserTraining, r, out_dir: str | Path, work_dir: str | Path, stop_after: int | None = None) -> dict:
+    """The DDPM loop (epsilon loss at uniform t, AdamW with linear warm-up, EMA) of a recipe with
+    ``DDPMRecipe``'s training fields; checkpoints to ``work_dir/resume.pt`` and resumes exactly
+    (batch s, its t, noise and ``spec.inputs`` draws are functions of (seed, s)); exports the EMA
+    model with ``spec.export`` and writes its card when all ``r.iterations`` are done."""
     from diffusers import DDPMScheduler
 
     work_dir = Path(work_dir)
     torch.manual_seed(r.seed)  # only the initial weights draw from the global RNG, and only here
-    unet = build_fashion_unet(r)
-    ema = build_fashion_unet(r)
+    unet = spec.build()
+    ema = spec.build()
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=r.num_train_timesteps, beta_schedule=r.beta_schedule, prediction_type="epsilon")
@@ -101,13 +124,12 @@ def train_ddpm(
     step, elapsed, losses = 0, 0.0, []
     if ckpt.exists():
         state = load_resume_state(ckpt)
-        _same_recipe(state["recipe"], r, ckpt)  # the DDPM's lr is constant after warm-up: its length may change
+        _same_recipe(state["recipe"], r, ckpt, free=("iterations", "checkpoint_every"))  # the lr is constant after warm-up
         unet.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
-    x_all, _ = load_fashion_mnist("train", data_dir)
-    batches = InfiniteBatches(x_all, batch_size=r.batch_size, seed=r.seed)
+    batches = InfiniteBatches(*spec.data, batch_size=r.batch_size, seed=r.seed)
 
     def save():
         atomic_torch_save(
@@ -125,15 +147,16 @@ def train_ddpm(
 
     end = r.iterations if stop_after is None else min(r.iterations, step + stop_after)
     unet.train()
-    bar = tqdm(total=r.iterations, initial=step, desc="fashion-ddpm", unit="it")
+    bar = tqdm(total=r.iterations, initial=step, desc=spec.name, unit="it")
     t_start = time.time() - elapsed
     run_loss = 0.0
     while step < end:
-        (x0,) = batches.batch(step)
         g = step_generator(r.seed, step)
+        x0, inputs = spec.inputs(batches.batch(step), g)
         t = torch.randint(0, r.num_train_timesteps, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(unet(schedule.q_sample(x0, t, noise), t).sample, noise)
+        out = unet(schedule.q_sample(x0, t, noise), t, *inputs)
+        loss = F.mse_loss(getattr(out, "sample", out), noise)
         for group in opt.param_groups:
             group["lr"] = r.lr * min(1.0, (step + 1) / r.warmup)
         opt.zero_grad(set_to_none=True)
@@ -153,7 +176,7 @@ def train_ddpm(
     bar.close()
     if step < r.iterations:
         return {"step": step, "done": False}
-    export_ddpm(ema, sched, out_dir)
+    spec.export(ema, sched, Path(out_dir))
     card = {
         "recipe": asdict(r),
         "iterations": step,
@@ -167,10 +190,15 @@ def train_ddpm(
 
 def export_ddpm(ema: nn.Module, scheduler, out_dir: str | Path) -> None:
     """Write the pipeline directory next to ``out_dir`` and swap it in (no half-written model)."""
+    swap_in_dir(out_dir, Diffusion(ema, NoiseSchedule.from_diffusers(scheduler)).save_pretrained)
+
+
+def swap_in_dir(out_dir: str | Path, write: Callable[[Path], None]) -> None:
+    """``write`` a folder next to ``out_dir``, then swap it in (no half-written model)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    Diffusion(ema, NoiseSchedule.from_diffusers(scheduler)).save_pretrained(tmp)
+    write(tmp)
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         out_dir.rename(old)
@@ -258,45 +286,17 @@ def train_classifier(
     from .io import resolve_factory
 
     r = r or CLASSIFIER_RECIPES[name]
-    work_dir = Path(work_dir)
     torch.manual_seed(r.seed)
     net = resolve_factory(r.factory)()
     x_train, y_train = load_fashion_mnist("train", data_dir)
-    batches = InfiniteBatches(x_train, y_train, batch_size=r.batch_size, seed=r.seed)
-    total = int(r.epochs * len(x_train)) // r.batch_size
-    opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    ckpt = work_dir / "resume.pt"
-    step, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = load_resume_state(ckpt)
-        _same_recipe(state["recipe"], r, ckpt)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-    end = total if stop_after is None else min(total, step + stop_after)
-    t_start = time.time() - elapsed
-    net.train()
-    bar = tqdm(total=total, initial=step, desc=name, unit="it")
-    while step < end:
-        x, y = batches.batch(step)
+
+    def step_loss(batch: tuple[Tensor, ...], step: int) -> Tensor:
+        x, y = batch
         if r.augment:
             x = augment_batch(x, step_generator(r.seed, step))
-        for group in opt.param_groups:
-            group["lr"] = r.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-        loss = _loss(r, net(x), _supervision(r, x, y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % r.checkpoint_every == 0 or step == end:
-            elapsed = time.time() - t_start
-            atomic_torch_save(
-                ckpt, {"recipe": asdict(r), "model": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
-            )
-    bar.close()
+        return _loss(r, net(x), _supervision(r, x, y))
+
+    step, total, elapsed = train_supervised(name, net, (x_train, y_train), step_loss, r, work_dir, stop_after)
     if step < total:
         return {"step": step, "done": False}
     x_test, y_test = load_fashion_mnist("test", data_dir)
@@ -311,6 +311,55 @@ def train_classifier(
     }
     atomic_write_json(Path(out_file).with_suffix(".json"), card)
     return card | {"done": True}
+
+
+def train_supervised(
+    name: str,
+    net: nn.Module,
+    data: tuple[Tensor, ...],
+    step_loss: Callable[[tuple[Tensor, ...], int], Tensor],
+    r,
+    work_dir: str | Path,
+    stop_after: int | None = None,
+) -> tuple[int, int, float]:
+    """The supervised loop of a recipe with ``ClassifierRecipe``'s training fields: ``r.epochs``
+    passes over ``data`` (seeded batches), AdamW with a cosine-decayed lr, ``step_loss(batch,
+    step)``; checkpoints to ``work_dir/resume.pt`` and resumes exactly. ``net`` is built by the
+    caller (seeded). Returns (steps done, steps in all, seconds)."""
+    work_dir = Path(work_dir)
+    batches = InfiniteBatches(*data, batch_size=r.batch_size, seed=r.seed)
+    total = int(r.epochs * len(data[0])) // r.batch_size
+    opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    ckpt = work_dir / "resume.pt"
+    step, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = load_resume_state(ckpt)
+        _same_recipe(state["recipe"], r, ckpt)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+    end = total if stop_after is None else min(total, step + stop_after)
+    t_start = time.time() - elapsed
+    net.train()
+    bar = tqdm(total=total, initial=step, desc=name, unit="it")
+    while step < end:
+        for group in opt.param_groups:
+            group["lr"] = r.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = step_loss(batches.batch(step), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % r.checkpoint_every == 0 or step == end:
+            elapsed = time.time() - t_start
+            atomic_torch_save(
+                ckpt, {"recipe": asdict(r), "model": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
+            )
+    bar.close()
+    return step, total, elapsed
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,6 +53,13 @@ ZOO: dict[str, ZooEntry] = {
             reference_fit="pad",
         ),
         ZooEntry(
+            "fashion-rgb-ddpm",
+            "diffusion",
+            "text-conditional DDPM on colour Fashion-MNIST: diffusers UNet2DConditionModel 3x32x32 + CLIP text encoder (prompts name the colour)",
+            "fashion-rgb-ddpm",
+            reference_fit="pad",
+        ),
+        ZooEntry(
             "fashion-classifier",
             "guide",
             "off-the-shelf ResNet classifier trained on clean images only",
@@ -65,6 +72,26 @@ ZOO: dict[str, ZooEntry] = {
             "independent judge (VGG/GroupNorm, augmented); FID features; never guides",
             "fashion-evaluator.safetensors",
             factory="ppap.models:fashion_evaluator",
+        ),
+        ZooEntry(
+            "fashion-rgb-classifier",
+            "guide",
+            "off-the-shelf transformers ResNetForImageClassification on clean colour images, with its image processor (32 -> 64, ImageNet mean/std)",
+            "fashion-rgb-classifier",
+        ),
+        ZooEntry(
+            "fashion-rgb-segmenter",
+            "guide",
+            "off-the-shelf transformers SegformerForSemanticSegmentation on clean colour images: background + 10 classes per pixel",
+            "fashion-rgb-segmenter",
+            task="segmentation",
+            classes=SEGMENTER_CLASSES,
+        ),
+        ZooEntry(
+            "fashion-rgb-evaluator",
+            "guide",
+            "independent judge of colour images (transformers ConvNextForImageClassification, augmented); never guides",
+            "fashion-rgb-evaluator",
         ),
         ZooEntry(
             "fashion-ppap5",

@@ -16,7 +16,7 @@ def train_zoo_model(name: str, work_root: Path, data_dir=None, out_root: Path | 
     runs/zoo-models/fashion-ddpm`` loads it). ``out_root=None`` replaces the model shipped inside
     the package (a maintainer's step). Recipes that build on other zoo models (the experts) read
     those from the package."""
-    from . import recipes
+    from . import recipes, recipes_rgb
 
     if name not in zoo.ZOO:
         raise PPAPError(f"unknown zoo model {name!r}; valid: {', '.join(zoo.ZOO)}")
@@ -25,6 +25,10 @@ def train_zoo_model(name: str, work_root: Path, data_dir=None, out_root: Path | 
     out = entry.location if out_root is None else Path(out_root) / entry.path
     if name == "fashion-ddpm":
         card = recipes.train_ddpm(out, work, data_dir=data_dir)
+    elif name == "fashion-rgb-ddpm":
+        card = recipes_rgb.train_rgb_ddpm(out, work, data_dir=data_dir)
+    elif name in recipes_rgb.RGB_GUIDE_RECIPES:
+        card = recipes_rgb.train_rgb_guide(name, out, work, data_dir=data_dir)
     elif name in recipes.CLASSIFIER_RECIPES:
         card = recipes.train_classifier(name, out, work, data_dir=data_dir)
     elif name in recipes.EXPERT_RECIPES:

@@ -27,8 +27,9 @@ def pipeline_from_flags(args):
     return load_pipeline(args.diffusion, device=args.device, dtype=args.dtype, revision=args.revision)
 
 
-def conditioning_from_flags(args, num: int):
+def conditioning_from_flags(args, num: int, pipe=None):
     """The UNet's conditions from ``--class-label`` / ``--negative-class-label`` /
+    ``--prompt`` / ``--negative-prompt`` (encoded by ``pipe``'s text encoder) /
     ``--prompt-embeds`` / ``--cfg-scale``."""
     import torch
 
@@ -56,9 +57,16 @@ def conditioning_from_flags(args, num: int):
         if negative is not None:
             negative = (negative[None] if negative.ndim == 2 else negative).float()
             negative = negative[torch.arange(num) % negative.shape[0]]
+    if args.prompt is not None:
+        if args.prompt_embeds:
+            raise PPAPError("give --prompt or --prompt-embeds, not both")
+        embeds, negative = pipe.encode_prompt(args.prompt, args.negative_prompt, args.cfg_scale > 1)
+        embeds, negative = embeds.expand(num, -1, -1), None if negative is None else negative.expand(num, -1, -1)
+    elif args.negative_prompt is not None:
+        raise PPAPError("--negative-prompt needs --prompt")
     if labels is None and embeds is None:
         if args.cfg_scale != 1.0:
-            raise PPAPError("--cfg-scale needs a conditional model's --class-label or --prompt-embeds")
+            raise PPAPError("--cfg-scale needs a conditional model's --class-label, --prompt or --prompt-embeds")
         return None
     null = args.negative_class_label
     if null is not None and labels is None:

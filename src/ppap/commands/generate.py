@@ -20,7 +20,7 @@ def cmd_generate(args) -> int:
     if args.device is None:
         args.device = str(acc.device)
     pipe = pipeline_from_flags(args)
-    cond = conditioning_from_flags(args, args.num) if args.num >= 1 else None
+    cond = conditioning_from_flags(args, args.num, pipe) if args.num >= 1 else None
     spec = corpus_spec(
         pipe,
         args.diffusion,

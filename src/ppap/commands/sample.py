@@ -63,7 +63,7 @@ def cmd_sample(args) -> int:
         args.device = str(acc.device)  # under `accelerate launch`: each process on its own device
     pipe = pipeline_from_flags(args)
     sampling_scheduler(pipe.scheduler, args.sampler, args.steps)  # one-line errors before loading guides
-    cond = conditioning_from_flags(args, args.num)
+    cond = conditioning_from_flags(args, args.num, pipe)
     fit = zoo.ZOO[args.diffusion].reference_fit if zoo.is_zoo_name(args.diffusion) else "resize"
     terms = []
     if args.guide:
