@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ppap.bench.classifier import BenchConfig, ClassifierBench, _ablations
+from ppap.bench.classifier import ClassifierBench
+from ppap.bench.classifier_tables import BenchConfig, _ablations
 from ppap.metrics import accuracy_under_noise
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ppap.bench.classifier import ROWS, BenchConfig, ClassifierBench, Row, _ablations
+from ppap.bench.classifier import ClassifierBench
+from ppap.bench.classifier_tables import ROWS, BenchConfig, Row, _ablations
 from ppap.io import atomic_write_json
 
 

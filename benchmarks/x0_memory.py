@@ -12,7 +12,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ppap.bench.scale import _load, _memory_of, in_fresh_process
+from ppap.bench.common import in_fresh_process
+from ppap.bench.scale_measurements import _load, _memory_of
 
 
 def x0_memory(diffusion_dir: str, guide_dir: str, batch: int, max_batch: int) -> dict:

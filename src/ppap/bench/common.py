@@ -1,6 +1,7 @@
-"""What both benches share: stage files and the configuration check, the models and real test set
-every bench loads, the timed stage runner, the job runner (a pool of worker processes), guided
-sampling, step timing and step memory, the machine description, report order and figure saving."""
+"""What every bench shares: stage files and the configuration check, the models and real test set
+the zoo benches load, the timed stage runner, the job runner (a pool of worker processes), a
+measurement in a fresh process, guided sampling, step timing and step memory, the results files,
+the machine description, report order and figure saving."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +82,19 @@ class Bench:
     evaluator features. A subclass writes ``_run`` (its stages, then results and report)."""
 
     def __init__(self, cfg: Any, out: Path, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.stage = _Stage(self.out)
-        self.stage.check_config(dataclasses.asdict(cfg))
+        self._open(cfg, out, progress)
         self.pipe = load_pipeline(cfg.diffusion, device="cpu")
         self.diffusion: Diffusion = self.pipe.diffusion
         self.evaluator = load_guide(cfg.evaluator).net
         self.x_test, self.y_test = load_fashion_mnist("test")
         self.real_features = features(self.evaluator, self.x_test)
+
+    def _open(self, cfg: Any, out: Path, progress: bool) -> None:
+        """The results folder of ``cfg`` (its stages, checked against the configuration) and the
+        stage bookkeeping: what every bench needs, models or not."""
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.stage = _Stage(self.out)
+        self.stage.check_config(dataclasses.asdict(cfg))
         self.timings: dict[str, float] = {}
         self._recorded: dict[str, float] = {}  # stages/seconds.json: every stage's seconds when it was computed
         self._pool: ProcessPoolExecutor | None = None
@@ -146,6 +153,11 @@ class Bench:
         ):
             out[futures[f]] = f.result()
         return {name: out[name] for name in jobs}
+
+    def save_results(self, results: dict, report: str) -> None:
+        """``results.json`` and ``report.md`` in the results folder."""
+        atomic_write_json(self.out / "results.json", results)
+        atomic_write_bytes(self.out / "report.md", report.encode())
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -210,6 +222,24 @@ def _run_job(bench: Bench | None, stage_name: str | None, method: str, args: tup
     bench = bench or _WORKER
     compute = lambda: getattr(bench, method)(*args)  # noqa: E731
     return bench.stage.get(stage_name, compute) if stage_name else compute()
+
+
+def _init_fresh(threads: int) -> None:
+    exit_with_parent()
+    torch.set_num_threads(threads)
+
+
+def in_fresh_process(fn: Callable, *args) -> Any:
+    """``fn(*args)`` in a new interpreter (spawned, so nothing is inherited), with as many torch
+    threads as this process has; its result is returned, its exceptions re-raised here, and its
+    death (killed for memory) is an error, not a hang. A measurement's memory is then that of
+    its own process alone."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_fresh, initargs=(torch.get_num_threads(),)) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:  # a worker killed from outside: on Linux, most often the kernel's out-of-memory killer
+            raise PPAPError("the measuring process was killed (out of memory?)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,6 +361,11 @@ def machine() -> dict:
 def machine_in_order(r: dict) -> dict:
     """A results dict's machine description, its keys in ``machine()``'s order (for the report)."""
     return in_order(r["machine"], ("cpu", "cores", "torch_threads", "torch", "cuda"))
+
+
+def stage_times(seconds: dict) -> str:
+    """The report's last line: every stage's seconds."""
+    return "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())
 
 
 def in_order(d: dict, keys) -> dict:

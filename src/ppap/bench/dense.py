@@ -27,11 +27,10 @@ from torch import nn
 
 from ..experts import ExpertBank
 from ..guidance import GuidanceTerm
-from ..io import atomic_write_bytes, atomic_write_json
 from ..loading import load_experts, load_guide
 from ..metrics import features, fid, predict
 from ..models import FOREGROUND_THRESHOLD, sobel_magnitude
-from .common import Bench, _savefig, in_order, machine, machine_in_order, pyplot, time_steps
+from .common import Bench, _savefig, in_order, machine, machine_in_order, pyplot, stage_times, time_steps
 
 TASKS = {"segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"), "dense": ("fashion-edges", "fashion-edges-ppap5")}
 METHODS = ("naive", "x0", "ppap")
@@ -250,8 +249,7 @@ class DenseBench(Bench):
             "stage_seconds": self.timings,
             "seconds_this_call": round(time.time() - t0, 1),
         }
-        atomic_write_json(self.out / "results.json", results)
-        atomic_write_bytes(self.out / "report.md", dense_report(results).encode())
+        self.save_results(results, dense_report(results))
         self.figure(self.out / "bench_dense_grid.png")
         return results
 
@@ -299,7 +297,7 @@ def dense_report(r: dict) -> str:
         f"PPAP vs naive: IoU {seg['ppap']['iou']:.3f} vs {seg['naive']['iou']:.3f} ({seg['ppap']['iou'] - seg['naive']['iou']:+.3f}); "
         f"Sobel L1 {dense['ppap']['l1']:.4f} vs {dense['naive']['l1']:.4f} ({(dense['ppap']['l1'] / dense['naive']['l1'] - 1):+.1%}).",
         "",
-        "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in stage_seconds.items()),
+        stage_times(stage_seconds),
     ]
     return "\n".join(lines) + "\n"
 
