@@ -430,23 +430,20 @@ class ClassifierBench(Bench):
         # banks, sweep and main: every job is a stage file of its own, so that a row added to the
         # table computes only its own jobs; cost and noise are one computation over every row, so
         # a saved one that lacks a row is computed again
-        def jobs_stage(name: str, compute, files: list[str]):
-            done = [self.stage.exists(f) for f in files]
-            return timed(name, compute, cached=all(done), save=False, partly=any(done))
-
         rows = [row.name for row in self.rows]
-        banks = jobs_stage("banks", self.banks_stage, [f"bank-{k}" for k in self.bank_keys])
+        banks = self.timed_parts("banks", self.banks_stage, [f"bank-{k}" for k in self.bank_keys])
         self._drop_if_lacking("cost", rows)
         cost = timed("cost", self.cost_stage)
-        sweep = jobs_stage("sweep", self.sweep_stage, [f"sweep-{n}" for n in rows[1:]])
-        main = jobs_stage("main", lambda: self.main_stage(sweep), [f"main-{n}" for n in rows])
+        sweep = self.timed_parts("sweep", self.sweep_stage, [f"sweep-{n}" for n in rows[1:]])
+        main = self.timed_parts("main", lambda: self.main_stage(sweep), [f"main-{n}" for n in rows])
         self._drop_if_lacking("noise", list(self.noise_models), part="routed")
         noise = timed("noise", self.noise_stage)
         names, scales = ablation_names(cfg.ablations), (main["ppap-5"]["scale"], main["noise-aware"]["scale"])
         ablations = {}
         if names:  # each row is its own stage file, so that another choice of rows reads back those it shares
-            cached = all(self.stage.exists(f) for f in _ablation_stages(names, *scales).values())
-            ablations = timed("ablations", lambda: self.ablation_stage(*scales, names), cached=cached, save=False)
+            ablations = self.timed_parts(
+                "ablations", lambda: self.ablation_stage(*scales, names), list(_ablation_stages(names, *scales).values())
+            )
         results = _in_order(
             {
                 "config": dataclasses.asdict(cfg),

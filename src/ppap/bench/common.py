@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gc
 import json
 import multiprocessing
 import os
@@ -135,6 +136,12 @@ class Bench:
             self.timings[name] = self._recorded[name] = round(before + time.time() - t, 1)
             atomic_write_json(self.stage.dir / "seconds.json", self._recorded)
         return value
+
+    def timed_parts(self, name: str, compute: Callable[[], Any], parts: list[str]) -> Any:
+        """``timed`` for stage ``name`` made of the stage files ``parts`` (a file per job): read
+        back when every part is; when some are, this call's time adds to the recorded one."""
+        done = [self.stage.exists(part) for part in parts]
+        return self.timed(name, compute, cached=all(done), save=False, partly=any(done))
 
     def jobs(self, desc: str, jobs: dict[str, tuple[str, tuple]], cache: bool = True) -> dict:
         """Run ``{stage name: (method, args)}`` (``getattr(self, method)(*args)``), each result
@@ -279,19 +286,50 @@ def round_robin_median(calls: dict[str, Callable[[], object]], repeats: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class PeakMemory:
+    """The peak memory of what runs inside ``with``: CUDA's allocator peak on a GPU, else the
+    peak resident set (Linux: reset through ``clear_refs``). ``mib``: the peak; ``above_mib``:
+    above what was held before (the loaded models); None where it cannot be measured."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.mib: float | None = None
+        self.above_mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()  # what an earlier measurement in this process left unreferenced
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.before = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.mib = _proc_status_mib("VmHWM")
+        if self.mib is not None and self.before is not None:
+            self.above_mib = round(self.mib - self.before, 1)
+            self.mib = round(self.mib, 1)
+
+
 def step_memory(diffusion: Diffusion, x: Tensor, step: SamplingGrid, guidance: Guidance | None) -> dict:
     """The peak RSS of two guided steps above the RSS just before them (``step_memory_mib``; the
     load-time peak would hide everything but x0), and the process's peak RSS. Meant for a fresh
     process; Linux only for the step memory (None elsewhere)."""
     load_peak = _proc_status_mib("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
-    before = _reset_peak_rss()
-    for _ in range(2):
-        sample_ddim(diffusion, x, step, guidance=guidance)
-    if before is None or load_peak is None:
+    with PeakMemory(torch.device("cpu")) as peak:
+        for _ in range(2):
+            sample_ddim(diffusion, x, step, guidance=guidance)
+    if peak.mib is None or peak.above_mib is None or load_peak is None:
         scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
         return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "step_memory_mib": None}
-    step_peak = _proc_status_mib("VmHWM")
-    return {"peak_rss_mib": round(max(load_peak, step_peak), 1), "step_memory_mib": round(step_peak - before, 1)}
+    return {"peak_rss_mib": round(max(load_peak, peak.mib), 1), "step_memory_mib": peak.above_mib}
 
 
 def guided_step_memory(

@@ -239,7 +239,7 @@ class DenseBench(Bench):
         t0 = time.time()
         cost = self.timed("cost", self.cost_stage)
         sweep = self.timed("sweep", self.sweep_stage)
-        main = self.timed("main", lambda: self.main_stage(sweep), cached=all(map(self.stage.exists, self.main_parts())), save=False)
+        main = self.timed_parts("main", lambda: self.main_stage(sweep), self.main_parts())
         results = {
             "config": dataclasses.asdict(self.cfg),
             "machine": machine(),

@@ -215,12 +215,10 @@ class ScaleBench(Bench):
     def _run(self) -> dict:
         t0 = time.time()
         pairs = {}
-        done = lambda names: all(map(self.stage.exists, names))  # noqa: E731
         for d, g in self.cfg.pairs:
             key = pair_name(d, g)
-            pairs[key] = self.timed(key, lambda d=d, g=g: self.pair_stage(d, g), cached=done(self.pair_stages(key)), save=False)
-        thr_names = [f"{d}-throughput" for d in self.throughput_models()]
-        throughput = self.timed("throughput", self.throughput_stage, cached=done(thr_names), save=False)
+            pairs[key] = self.timed_parts(key, lambda d=d, g=g: self.pair_stage(d, g), self.pair_stages(key))
+        throughput = self.timed_parts("throughput", self.throughput_stage, [f"{d}-throughput" for d in self.throughput_models()])
         names = sorted({n for p in self.cfg.pairs for n in p})
         results = {
             "config": dataclasses.asdict(self.cfg),

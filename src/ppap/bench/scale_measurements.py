@@ -21,42 +21,10 @@ from typing import Any
 
 import torch
 
-from .common import _proc_status_mib, _reset_peak_rss, mid_step, round_robin_median
+from .common import PeakMemory, mid_step, round_robin_median
 
 METHODS = ("unguided", "naive", "ppap", "x0")
 PROMPT_SHAPE = (77, 4096)  # T5-XXL-like prompt embeddings for the text-conditional UNet
-
-
-class _PeakMemory:
-    """The peak memory of what runs inside ``with``: CUDA's allocator peak on a GPU, else the
-    peak resident set (Linux: reset through ``clear_refs``). ``mib``: the peak; ``above_mib``:
-    above what was held before (the loaded models)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.mib: float | None = None
-        self.above_mib: float | None = None
-
-    def __enter__(self) -> _PeakMemory:
-        gc.collect()  # what an earlier measurement in this process left unreferenced
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.before = _reset_peak_rss()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.mib = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.mib = _proc_status_mib("VmHWM")
-        if self.mib is not None and self.before is not None:
-            self.above_mib = round(self.mib - self.before, 1)
-            self.mib = round(self.mib, 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -232,7 +200,7 @@ def measure_x0_memory(diffusion_dir: str, guide_dir: str, device: str, dtype: st
 
 def _memory_of(loaded: _Loaded, steps: int, method: str) -> dict:
     call = _mid_step_call(loaded, steps, loaded.guidance(method))
-    with _PeakMemory(loaded.device) as peak:
+    with PeakMemory(loaded.device) as peak:
         for _ in range(2):
             call()
     loaded_mib = peak.before  # the models and inputs, held before the steps
@@ -284,7 +252,7 @@ def measure_train_step(diffusion_dir: str, guide_dir: str, device: str, dtype: s
     if dtype != "float32":
         bank.to(getattr(torch, dtype))
     images = torch.rand((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    with tempfile.TemporaryDirectory() as tmp, _PeakMemory(dev) as peak:
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(dev) as peak:
         stats = train_experts(bank, task, diffusion.schedule, images, cfg, tmp, only=[0], progress=False)
     return {
         "batch": batch,
