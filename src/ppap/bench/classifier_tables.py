@@ -17,7 +17,7 @@ from ..train import TrainConfig
 class Row:
     name: str  # the table's row label
     method: str  # guidance.METHODS key
-    bank: str | None = None  # key into BenchConfig.banks
+    bank: str | None = None  # key into ``_banks``
     calibration: Calibration = field(default_factory=Calibration)
     # a row ``make bench`` leaves out unless asked (``BenchConfig.extra_rows``): it carries no
     # claim the default rows do not (its figures are in docs/findings.md), and its cost is what
