@@ -102,8 +102,8 @@ def zoo_throughput(root: Path, device: str, smoke: bool) -> dict:
 
 
 def zoo_guided_step(device: str, smoke: bool) -> dict:
-    """One mid-noise DDIM-25 step at batch 64 per method and its parts (ppap.bench.scale)."""
-    from ppap.bench.scale import measure_times
+    """One mid-noise DDIM-25 step at batch 64 per method and its parts (ppap.bench.scale_measurements)."""
+    from ppap.bench.scale_measurements import measure_times
 
     batch, repeats = (2, 1) if smoke else (64, 10)
     seconds = measure_times(*ZOO, device, "float32", batch, 25, repeats)

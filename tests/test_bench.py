@@ -26,7 +26,8 @@ def needs(*names):
 @needs_data
 @needs("fashion-ddpm", "fashion-classifier", "fashion-evaluator")
 def test_classifier_bench_quick_runs_and_resumes(tmp_path):
-    from ppap.bench.classifier import NORMALIZED_SCALES, ROWS, run_classifier_bench
+    from ppap.bench.classifier import run_classifier_bench
+    from ppap.bench.classifier_tables import NORMALIZED_SCALES, ROWS
 
     out = tmp_path / "bench"
     r = run_classifier_bench(out, quick=True, progress=False)
@@ -78,7 +79,7 @@ def test_classifier_bench_quick_runs_and_resumes(tmp_path):
     assert again["stage_seconds"] == r["stage_seconds"]  # a stage read back keeps the time it took when computed
     import dataclasses
 
-    from ppap.bench.classifier import QUICK
+    from ppap.bench.classifier_tables import QUICK
 
     some = ("rank 32", "PPAP-5 (base)", "default recipe (the winners together)")
     winners = run_classifier_bench(out, cfg=dataclasses.replace(QUICK, ablations=some, extra_rows=()), progress=False)
@@ -168,7 +169,7 @@ def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
     """Resuming with other settings would silently mix two experiments in one table."""
     import dataclasses
 
-    from ppap.bench.classifier import QUICK
+    from ppap.bench.classifier_tables import QUICK
     from ppap.bench.common import _Stage
     from ppap.io import PPAPError
 
@@ -183,7 +184,7 @@ def test_a_results_folder_refuses_stages_of_another_configuration(tmp_path):
 
 
 def test_ablation_choice_is_checked_and_kept_in_table_order():
-    from ppap.bench.classifier import BenchConfig, _ablations, ablation_names
+    from ppap.bench.classifier_tables import BenchConfig, _ablations, ablation_names
     from ppap.io import PPAPError
 
     table = list(_ablations(800))
@@ -196,7 +197,7 @@ def test_ablation_choice_is_checked_and_kept_in_table_order():
 
 
 def test_the_main_tables_rows_are_the_default_ones_and_the_extra_rows_asked_for():
-    from ppap.bench.classifier import ROWS, BenchConfig, table_rows
+    from ppap.bench.classifier_tables import ROWS, BenchConfig, table_rows
     from ppap.io import PPAPError
 
     names = [row.name for row in table_rows(BenchConfig().extra_rows)]  # make bench

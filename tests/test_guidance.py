@@ -1,6 +1,8 @@
 """Guidance methods beyond naive / ppap: x0-shortcut and its EluCD-style calibration, supervised
 banks under their own names, and composed guidance over several tasks."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -194,3 +196,43 @@ def test_guidance_interval_and_normalisation_of_a_term():
     for bad in ((50, 10), (-1, 5), (3, 3)):
         with pytest.raises(PPAPError, match="guidance interval"):
             GuidanceTerm("naive", Classification(10), y, 2.0, net=net, interval=bad)
+
+
+def test_a_terms_blend_guides_as_a_blending_bank_and_leaves_the_shared_bank_unchanged():
+    """Soft routing as a field of the term: its gradient is the one a bank with ``blend`` set
+    gives, and the bank other terms share is never changed, also when the call fails."""
+    from ppap.guidance import GuidanceTerm
+
+    torch.manual_seed(0)
+    bank = make_bank(tiny_classifier(), TimestepRouter.uniform(3, 100), TrainConfig(rank=4, alpha=4).adapter_config())
+    with torch.no_grad():  # experts that differ, so that blending them changes the gradient
+        for i in range(3):
+            for p in bank.trainable_parameters(i):
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+    bank.eval()
+    y, x = torch.tensor([1, 2, 3]), torch.randn(3, 1, 8, 8)
+    t = torch.tensor([32, 35, 50])  # two near the boundary at 33, one far from it
+
+    def seen(b):  # what every user of the bank sees: its routing width, mode and tensors
+        return b.blend, b.training, {k: v.clone() for k, v in b.state_dict().items()}
+
+    def same(a, b):
+        return a[:2] == b[:2] and a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+    blending = copy.deepcopy(bank)
+    blending.blend = 10  # the bank-wide setting the term's field stands for
+    want = GuidanceTerm("ppap", Classification(10), y, 2.0, experts=blending).build()(x, t, None)
+    before = seen(bank)
+    g = GuidanceTerm("ppap", Classification(10), y, 2.0, experts=bank, blend=10).build()(x, t, None)
+    plain = GuidanceTerm("ppap", Classification(10), y, 2.0, experts=bank).build()(x, t, None)
+    assert torch.allclose(g, want, atol=1e-6)
+    assert torch.allclose(g[2], plain[2], atol=1e-6) and not torch.allclose(g[:2], plain[:2], atol=1e-4)  # far from a boundary: one expert
+    assert same(seen(bank), before)
+    with pytest.raises(RuntimeError):  # 3 channels into a 1-channel net: fails inside the blended call
+        GuidanceTerm("ppap", Classification(10), y, 2.0, experts=bank, blend=10).build()(x.repeat(1, 3, 1, 1), t, None)
+    assert same(seen(bank), before)
+    for bad in (-1, 2.5):
+        with pytest.raises(PPAPError, match="guidance blend must be an integer"):
+            GuidanceTerm("ppap", Classification(10), y, 2.0, experts=bank, blend=bad)
+    with pytest.raises(PPAPError, match="method 'naive' has none"):
+        GuidanceTerm("naive", Classification(10), y, 2.0, net=tiny_classifier(), blend=10)

@@ -140,7 +140,7 @@ def test_bench_scale_quick_runs_and_resumes(tmp_path, capsys):
 def test_measurements_run_in_a_new_process_and_a_killed_one_is_an_error():
     import os
 
-    from ppap.bench.scale import in_fresh_process
+    from ppap.bench.common import in_fresh_process
 
     assert in_fresh_process(os.getpid) != os.getpid()
     with pytest.raises(PPAPError, match="killed"):  # not a hang (multiprocessing.Pool would wait forever)
@@ -148,7 +148,7 @@ def test_measurements_run_in_a_new_process_and_a_killed_one_is_an_error():
 
 
 def test_a_step_that_runs_out_of_memory_is_left_out_not_fatal():
-    from ppap.bench.scale import _fits
+    from ppap.bench.scale_measurements import _fits
 
     def out_of_memory():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")

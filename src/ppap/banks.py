@@ -85,13 +85,16 @@ class ExpertBank(nn.Module):
     def frozen_modules(self) -> list[nn.Module]:
         return []
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x [B, C, H, W] in [-1, 1], t [B] training timesteps."""
+    def forward(self, x: Tensor, t: Tensor, *, blend: int | None = None) -> Tensor:
+        """x [B, C, H, W] in [-1, 1], t [B] training timesteps. ``blend``: the soft-routing width
+        of this call (None: the bank's own ``blend``), so that a caller routes softly without
+        changing a bank others share."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        if self.blend > 0:
-            return self._blended(x, t)
+        blend = self.blend if blend is None else blend
+        if blend > 0:
+            return self._blended(x, t, blend)
         ids = self.router(t)
         experts = ids.unique().tolist()
         if len(experts) == 1:  # the sampling case: all samples share t
@@ -106,10 +109,10 @@ class ExpertBank(nn.Module):
         assert out is not None  # at least one expert ran
         return out
 
-    def _blended(self, x: Tensor, t: Tensor) -> Tensor:
+    def _blended(self, x: Tensor, t: Tensor, blend: int) -> Tensor:
         """Soft routing: within ``blend / 2`` timesteps of a boundary the output is the linear
         blend of the two neighbouring experts' outputs (their weights 1/2 each at the boundary)."""
-        half = self.blend / 2
+        half = blend / 2
         out = None
         levels = t.unique().tolist()
         for tv in levels:

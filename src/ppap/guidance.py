@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .banks import ExpertBank
+from .config import EXPERT_METHODS
 from .diffusion import Prediction
 from .io import PPAPError
 from .router import check_timestep_range
@@ -275,6 +277,7 @@ class GuidanceSpec:
     diffusion: DenoiserFn | None = None  # the (conditioned) diffusion model, for the x0 methods
     calibration: Calibration = field(default_factory=Calibration)  # x0-shortcut only
     max_batch: int | None = None  # x0 only: samples per UNet forward + backward (None: the whole batch)
+    blend: int | None = None  # expert methods only: soft-routing width of the bank's calls (None: the bank's own)
 
 
 def _need(spec: GuidanceSpec, attr: str, method: str):
@@ -296,7 +299,8 @@ def _naive(spec: GuidanceSpec) -> Guidance:
 
 def _experts(spec: GuidanceSpec) -> Guidance:
     bank = _need(spec, "experts", "ppap").eval()
-    return NoisyInputGuidance(bank, spec.task, spec.target, spec.scale)
+    model = bank if spec.blend is None else functools.partial(bank, blend=spec.blend)  # the bank itself unchanged
+    return NoisyInputGuidance(model, spec.task, spec.target, spec.scale)
 
 
 def _x0(spec: GuidanceSpec) -> Guidance:
@@ -357,6 +361,9 @@ class GuidanceTerm:
     interval: tuple[int, int] | None = None  # guide only for training timesteps lo <= t < hi
     max_batch: int | None = None  # x0: samples per UNet forward + backward, to cap the backward's memory (exact)
     normalize: bool = False  # per-sample unit-RMS gradient times ``scale`` (``NormalizedGuidance``)
+    # expert methods: soft routing of this term's bank calls, the width (timesteps) of the blend of
+    # neighbouring experts at each boundary (``ExpertBank.forward``'s ``blend``); None: the bank's own
+    blend: int | None = None
     description: str = ""
 
     def __post_init__(self):
@@ -366,6 +373,11 @@ class GuidanceTerm:
             raise PPAPError(f"guidance scale must be a finite number, got {self.scale}")
         if self.interval is not None:
             check_timestep_range(*self.interval, what="guidance interval")
+        if self.blend is not None:
+            if not isinstance(self.blend, int) or isinstance(self.blend, bool) or self.blend < 0:
+                raise PPAPError(f"guidance blend must be an integer >= 0 (timesteps), got {self.blend!r}")
+            if self.method not in EXPERT_METHODS:
+                raise PPAPError(f"guidance blend routes an expert bank; method {self.method!r} has none")
         needs = {
             "naive": "net",
             "x0": "net",
@@ -394,6 +406,7 @@ class GuidanceTerm:
             diffusion=denoiser,
             calibration=self.calibration,
             max_batch=self.max_batch,
+            blend=self.blend,
         )
         guidance = build_guidance(self.method, spec)
         if guidance is None:

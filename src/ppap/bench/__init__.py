@@ -3,7 +3,9 @@
 published architectures at their real sizes, ``ppap.bench.scale``), on one shared stage / worker
 / report layer (``common``). Every stage is saved under the results folder, so a re-run resumes."""
 
-from .classifier import QUICK, BenchConfig, classifier_report, run_classifier_bench
+from .classifier import run_classifier_bench
+from .classifier_report import classifier_report
+from .classifier_tables import QUICK, BenchConfig
 from .dense import QUICK as DENSE_QUICK
 from .dense import DenseBenchConfig, dense_report, run_dense_bench
 

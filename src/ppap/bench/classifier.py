@@ -16,7 +16,9 @@ Stages (each saved under ``out/`` and skipped when re-run, so a killed bench res
               frozen model at low t, soft routing, interval, normalisation) and the diagnosis
               (the noise-aware model guiding one expert's range); only with ``--ablations``
               (``BenchConfig.ablations``: "all" or some rows)
-Then ``results.json``, ``report.md`` and the two plots.
+Then ``results.json``, ``report.md`` and the two plots. This module runs the stages; the rows,
+banks, ablations and configuration are ``bench.classifier_tables``, the report and the plots
+``bench.classifier_report``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,194 +39,29 @@ from ..corpus import corpus_spec, load_corpus, open_corpus, reuse_shards
 from ..fashion_mnist import load_fashion_mnist
 from ..guidance import Calibration, GuidanceTerm
 from ..images import to_hwc_uint8
-from ..io import PPAPError, atomic_write_bytes, atomic_write_json, read_json
+from ..io import atomic_write_bytes, read_json
 from ..loading import load_guide
 from ..metrics import accuracy_under_noise, features, fid, kid, precision_recall
 from ..router import TimestepRouter
 from ..tasks import task_for
 from ..train import TrainConfig, train_experts
-from .common import Bench, _savefig, exit_with_parent, guided_step_memory, in_order, machine, machine_in_order, pyplot, time_steps
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str  # the table's row label
-    method: str  # guidance.METHODS key
-    bank: str | None = None  # key into BenchConfig.banks
-    calibration: Calibration = field(default_factory=Calibration)
-    # a row ``make bench`` leaves out unless asked (``BenchConfig.extra_rows``): it carries no
-    # claim the default rows do not (its figures are in docs/findings.md), and its cost is what
-    # keeps ``make bench`` within 90 min on 2 CPU cores
-    extra: bool = False
-
-
-@dataclass(frozen=True)
-class BankSpec:
-    train: TrainConfig
-    # "corpus" (data-free), "labelled" (real training images with labels) or "real" (real training
-    # images without labels, distilled like the corpus: a diagnosis of what the corpus costs)
-    data: str
-    corpus_size: int | None = None  # use the first n images (ablation)
-    # "corpus" data: a corpus this many times the bench's own, drawn alike (its first samples are
-    # the bench's corpus, so only the new ones are drawn): what more generated images buy
-    corpus_multiple: int = 1
-
-
-CALIBRATED = Calibration(norm_temperature=2.0, softplus_beta=3.0, scale_schedule="sigma")
-# the calibrated row is swept over these as well as over the scale (its best pair is used)
-CALIBRATION_GRID = (
-    Calibration(softplus_beta=3.0),
-    Calibration(norm_temperature=2.0, softplus_beta=3.0),
-    CALIBRATED,
+from .classifier_report import _in_order, classifier_report, plot_noise, plot_sweep
+from .classifier_tables import (
+    CALIBRATION_GRID,
+    NOISE_MODELS,
+    NORMALIZED_SCALES,
+    QUICK,
+    BankSpec,
+    BenchConfig,
+    Row,
+    _ablations,
+    _banks,
+    _row_cost,
+    _training_steps,
+    ablation_names,
+    table_rows,
 )
-
-
-# the paper's plain PPAP recipe (the official code's teacher sharpened to tau 0.25), pinned against
-# TrainConfig's defaults (``ppap train``'s recipe, the "ppap-5 (default recipe)" row), so that
-# changing those never changes these banks
-PLAIN = dict(adapter="lora", rank=8, alpha=8, lr=1e-3, batch_size=64, warm_start=False, balance_classes=False, tau=0.25)
-# the baselines' full copies (noise-aware, multi-expert-supervised) and the diagnosis rows in their form
-FULL_COPY = dict(PLAIN, adapter="full", lr=5e-4)
-
-
-def _banks(its: int) -> dict[str, BankSpec]:
-    lora = PLAIN
-    full = dict(FULL_COPY, objective="supervised", tau=None)  # labels: no teacher
-    return {
-        # ADM practice: one classifier over all t; same total optimiser steps as the 5 experts
-        "noise-aware": BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "labelled"),
-        "mes5": BankSpec(TrainConfig(experts="5", iterations=its, **full), "labelled"),
-        "ppap1": BankSpec(TrainConfig(experts="1", iterations=its, **lora), "corpus"),
-        "ppap5": BankSpec(TrainConfig(experts="5", iterations=its, **lora), "corpus"),
-        "ppap10": BankSpec(TrainConfig(experts="10", iterations=its, **lora), "corpus"),
-        "ppap5-recipe": BankSpec(TrainConfig(experts="5", iterations=its), "corpus"),
-        # PPAP's data-free distillation in the noise-aware model's form (one full copy over every t,
-        # its steps) toward the teacher's own softmax (tau 1): the FID-first choice
-        "ppap1-full-tau1": BankSpec(TrainConfig(experts="1", iterations=5 * its, **dict(FULL_COPY, tau=1.0)), "corpus"),
-    }
-
-
-ROWS = (
-    Row("unguided", "unguided"),
-    Row("naive", "naive"),
-    Row("noise-aware", "noise-aware", "noise-aware"),
-    Row("multi-expert-supervised-5", "multi-expert-supervised", "mes5"),
-    Row("ppap-1", "ppap", "ppap1"),
-    Row("ppap-5", "ppap", "ppap5"),
-    Row("ppap-10", "ppap", "ppap10", extra=True),
-    Row("ppap-5 (default recipe)", "ppap", "ppap5-recipe"),
-    Row("ppap-1 (full copy, tau 1)", "ppap", "ppap1-full-tau1"),
-    Row("x0", "x0"),
-    Row("x0-shortcut", "x0-shortcut", extra=True),
-    Row("x0-shortcut-calibrated", "x0-shortcut", calibration=CALIBRATED, extra=True),
-)
-
-
-STAGES = ("banks", "cost", "sweep", "main", "noise", "ablations")  # in the order they run
-# the noise-vs-accuracy models: the off-the-shelf net (no bank) and the routed banks
-NOISE_MODELS = {
-    "off-the-shelf": None,
-    "noise-aware": "noise-aware",
-    "multi-expert-supervised-5": "mes5",
-    "ppap-5": "ppap5",
-    "ppap-10": "ppap10",
-    "ppap-5 (default recipe)": "ppap5-recipe",
-    "ppap-1 (full copy, tau 1)": "ppap1-full-tau1",
-}
-
-
-@dataclass(frozen=True)
-class Ablation:
-    """One change to PPAP-5: a bank of its own (a training lever), the main table's PPAP-5 bank
-    guiding differently (an inference lever, or the diagnosis: the noise-aware model guiding one
-    expert's range), or the main table's default-recipe bank."""
-
-    factor: str
-    bank: BankSpec | str = "ppap5"  # a bank of its own, or the key of a main-table bank
-    blend: int = 0  # soft routing width (``ExpertBank.blend``)
-    interval: tuple[int, int] | None = None  # guide only for lo <= t < hi
-    frozen_below: int = 0  # the off-the-shelf model guides t < this, the experts the rest
-    normalize: bool = False  # unit-RMS gradients (its scale is swept on its own)
-    noise_aware_range: int | None = None  # the noise-aware model guides expert i's range instead
-
-
-NORMALIZED_SCALES = (0.03, 0.1, 0.3, 1.0)  # the normalised row's own sweep (unit-RMS gradients)
-
-
-def _ablations(its: int) -> dict[str, Ablation]:
-    """name -> ablation, at ``its`` steps per expert (the main table's budget)."""
-    base = TrainConfig(experts="5", iterations=its, **PLAIN)
-    r = dataclasses.replace
-    levers = {
-        "PPAP-5 (base)": Ablation("base"),
-        "default recipe (the winners together)": Ablation("recipe", "ppap5-recipe"),
-        "warm start": Ablation("training", BankSpec(r(base, warm_start=True), "corpus")),
-        "rank 16": Ablation("training", BankSpec(r(base, rank=16, alpha=16), "corpus")),
-        "rank 32": Ablation("training", BankSpec(r(base, rank=32, alpha=32), "corpus")),
-        "class-balanced corpus": Ablation("training", BankSpec(r(base, balance_classes=True), "corpus")),
-        "frozen model for t < 40": Ablation("guidance", frozen_below=40),
-        "soft routing (100 steps)": Ablation("guidance", blend=100),
-        "no guidance at t >= 800": Ablation("guidance", interval=(0, 800)),
-        "gradient normalisation": Ablation("guidance", normalize=True),
-        # the default recipe toward the official code's x4 sharpened teacher instead of its own softmax
-        "sharpened teacher (tau 0.25)": Ablation("training", BankSpec(TrainConfig(experts="5", iterations=its, tau=0.25), "corpus")),
-    }
-    diagnosis = {f"noise-aware in expert {i}'s range": Ablation("diagnosis", noise_aware_range=i) for i in range(5)}
-    # the default recipe distilled from real images instead of the DDPM's (still no label): what
-    # learning from generated images costs
-    diagnosis["default recipe on real images (no labels)"] = Ablation(
-        "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "real")
-    )
-    # ... and from all 60,000 (the noise-aware model's images): what the corpus's size costs
-    diagnosis["default recipe on 60000 real images (no labels)"] = Ablation(
-        "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "real", corpus_size=60000)
-    )
-    # ... and from 3x as many generated images (the first third is the corpus): still data-free
-    diagnosis["default recipe on a 3x corpus (no labels)"] = Ablation(
-        "diagnosis", BankSpec(TrainConfig(experts="5", iterations=its), "corpus", corpus_multiple=3)
-    )
-    # the noise-aware model's own form (one full copy over every t, 5x the steps) trained data-free
-    # like the experts: what the multi-expert LoRA form costs or gains at the same data and steps
-    full = FULL_COPY
-    diagnosis["one full model distilled (no labels)"] = Ablation(
-        "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "corpus")
-    )
-    # ... on 3x as many generated images: what more of them buy the full copy
-    diagnosis["one full model distilled on a 3x corpus (no labels)"] = Ablation(
-        "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "corpus", corpus_multiple=3)
-    )
-    # ... toward the teacher's own softmax (tau 1): whether the sharpened target costs diversity
-    diagnosis["one full model distilled at tau 1 (no labels)"] = Ablation("diagnosis", "ppap1-full-tau1")  # a main-table row's bank
-    # ... on as many real images as the corpus holds: the images' source apart from their count
-    diagnosis["one full model distilled on real images (no labels)"] = Ablation(
-        "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "real")
-    )
-    # ... and on the noise-aware model's own 60,000 images: only the targets differ (teacher, not labels)
-    diagnosis["one full model distilled on 60000 real images (no labels)"] = Ablation(
-        "diagnosis", BankSpec(TrainConfig(experts="1", iterations=5 * its, **full), "real", corpus_size=60000)
-    )
-    return levers | diagnosis
-
-
-def ablation_names(which: tuple[str, ...] | str) -> list[str]:
-    """The ablations ``which`` names ("all", or a tuple of names), in the table's order."""
-    table = _ablations(1)
-    if which == "all":
-        return list(table)
-    unknown = [n for n in which if n not in table]
-    if unknown:
-        raise PPAPError(f"unknown ablation {unknown[0]!r}; choose from: {', '.join(table)}")
-    return [n for n in table if n in which]
-
-
-def table_rows(extra: tuple[str, ...] | str) -> tuple[Row, ...]:
-    """The main table's rows: the default ones and the extra rows ``extra`` names ("all", or a
-    tuple of names), in the table's order."""
-    extras = [row.name for row in ROWS if row.extra]
-    unknown = [n for n in extra if n not in extras] if extra != "all" else []
-    if unknown:
-        raise PPAPError(f"unknown extra row {unknown[0]!r}; choose from: {', '.join(extras)}")
-    return tuple(row for row in ROWS if not row.extra or extra == "all" or row.name in extra)
+from .common import Bench, guided_step_memory, in_fresh_process, machine, time_steps
 
 
 def _slug(name: str) -> str:
@@ -237,86 +71,6 @@ def _slug(name: str) -> str:
 def _ablation_stages(names: list[str], scale: float, noise_aware_scale: float) -> dict[str, str]:
     """name -> the stage file of its row at these scales."""
     return {n: f"ablation-{_slug(n)}-s{scale:g}-na{noise_aware_scale:g}" for n in names}
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    diffusion: str = "fashion-ddpm"
-    guide: str = "fashion-classifier"
-    evaluator: str = "fashion-evaluator"
-    corpus_size: int = 4000  # data-free corpus (the zoo's fashion-ppap5 corpus)
-    corpus_dir: str = "runs/corpus/fashion-ddpm-4000"  # shared with `ppap zoo train` ("" = inside out/)
-    corpus_steps: int = 25  # DDIM steps of the corpus samples
-    expert_iterations: int = 800  # optimiser steps per expert (noise-aware: 5x, one model)
-    steps: int = 25  # DDIM steps
-    per_class: int = 100  # main table: 10 x per_class samples per row
-    sweep_per_class: int = 5  # scale sweep: samples per class and scale (separate seed)
-    sweep_scales: dict = field(
-        default_factory=lambda: {
-            "naive": (3.0, 10.0, 30.0, 100.0),
-            "noise-aware": (3.0, 10.0, 30.0, 100.0),
-            "multi-expert-supervised": (3.0, 10.0, 30.0, 100.0),
-            "ppap": (3.0, 10.0, 30.0, 100.0),
-            "x0": (1.0, 3.0, 10.0, 30.0),
-            "x0-shortcut": (1.0, 3.0, 10.0, 30.0),
-        }
-    )
-    noise_images: int = 2000  # real test images for the noise-vs-accuracy analysis
-    noise_timesteps: tuple[int, ...] = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
-    ablation_per_class: int = 30  # guided samples per class for each ablation
-    # at most this many real images for the unlabelled "real" diagnosis banks (None: as each asks,
-    # up to all 60,000); the teacher labels every image once, which dominates a quick bench
-    real_images_limit: int | None = None
-    cost_batch: int = 64
-    cost_repeats: int = 10
-    cost_in_fresh_process: bool = True  # per-method peak memory needs a process of its own
-    batch_size: int = 100  # sampling batch
-    seed: int = 3000  # main table noises
-    sweep_seed: int = 2000  # sweep noises (disjoint from the main table's)
-    # the ablation rows to run: "all" (issue #13's levers and diagnosis: 4 more banks, 15 rows) or
-    # a tuple of names. None by default: the main table already holds PPAP-5 against the default
-    # recipe, and the levers would take ``make bench`` past 90 min on 2 CPU cores. Every row is a
-    # stage of its own, so any choice reads back the rows it shares with an earlier one.
-    ablations: tuple[str, ...] | str = ()
-    # the main table's extra rows to run as well (``Row.extra``: PPAP-10, the x0 shortcuts): "all"
-    # or a tuple of names. Like the ablations, a choice of rows, not a configuration: a folder
-    # keeps every row it computed and adds those asked for later.
-    extra_rows: tuple[str, ...] | str = ()
-    # independent jobs (corpus shards, banks, sweep / main rows, ablations) run in this many
-    # processes, the cores split between them. On 2 CPU cores two single-threaded workers trained
-    # the banks 1.7x faster than one two-threaded process and sampled 1.0-1.14x (docs/reproducing.md);
-    # 1 = everything in this process (e.g. on a GPU).
-    workers: int = 2
-
-
-QUICK = BenchConfig(
-    corpus_size=32,
-    corpus_dir="",
-    corpus_steps=2,
-    expert_iterations=4,
-    steps=3,
-    per_class=2,
-    sweep_per_class=1,
-    sweep_scales={
-        "naive": (10.0, 30.0),
-        "noise-aware": (10.0, 30.0),
-        "multi-expert-supervised": (10.0, 30.0),
-        "ppap": (10.0, 30.0),
-        "x0": (3.0, 10.0),
-        "x0-shortcut": (3.0, 10.0),
-    },
-    noise_images=100,
-    noise_timesteps=(0, 500, 999),
-    ablation_per_class=1,
-    real_images_limit=320,
-    ablations="all",
-    extra_rows="all",
-    cost_batch=4,
-    cost_repeats=3,  # a median: one transient spike on a busy machine must not reorder the methods
-    cost_in_fresh_process=False,
-    batch_size=20,
-    workers=1,  # at these sizes two spawned workers cost more to start (import, test-set features) than they save
-)
 
 
 def _finished(directory: Path, train: TrainConfig) -> bool:
@@ -337,17 +91,6 @@ def _choose(points: list[dict]) -> dict:
     """Highest evaluator accuracy; among points within 2 points of it, the lowest FID."""
     best = max(p["accuracy"] for p in points)
     return min((p for p in points if p["accuracy"] >= best - 0.02), key=lambda p: p["fid"])
-
-
-def _training_steps(train: TrainConfig) -> int:
-    """Optimiser steps of a bank in all (``experts`` is "N", "logsnr:N" or explicit boundaries)."""
-    spec = train.experts.split(":")[-1]
-    return train.iterations * (int(spec) if spec.isdigit() else len(spec.split(",")))
-
-
-def _row_cost(row: Row) -> float:
-    """Relative sampling cost, to start the longest jobs first (x0 back-propagates through the UNet)."""
-    return 3.0 if row.method == "x0" else 0.5 if row.method == "unguided" else 1.0
 
 
 class ClassifierBench(Bench):
@@ -521,11 +264,7 @@ class ClassifierBench(Bench):
                 self.cfg.cost_batch,
                 self.cfg.steps,
             )
-            if self.cfg.cost_in_fresh_process:
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent) as pool:
-                    memory = pool.submit(guided_step_memory, *args).result()
-            else:
-                memory = guided_step_memory(*args)
+            memory = in_fresh_process(guided_step_memory, *args) if self.cfg.cost_in_fresh_process else guided_step_memory(*args)
             rows[row.name] = {
                 "seconds_per_step": round(seconds[row.name], 4),
                 "batch": self.cfg.cost_batch,
@@ -605,10 +344,9 @@ class ClassifierBench(Bench):
         """The guidance of ablation ``name``: PPAP-5 at ``scale`` with the ablation's change."""
         a = _ablations(self.cfg.expert_iterations)[name]
         _, bank = self.ablation_bank(name)
-        bank.blend = a.blend
         term = self.term(Row(name, "ppap", None), scale, targets, experts=bank)
         assert term is not None
-        term = dataclasses.replace(term, interval=a.interval, normalize=a.normalize)
+        term = dataclasses.replace(term, interval=a.interval, normalize=a.normalize, blend=a.blend)  # the bank itself stays as it is
         T = self.diffusion.schedule.num_train_timesteps
         if a.frozen_below:
             naive = self.term(Row("naive", "naive"), scale, targets)
@@ -638,7 +376,6 @@ class ClassifierBench(Bench):
             ]
             scale = _choose(points)["scale"]
         guided = self.ablation_row(name, scale, noise_aware_scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
-        bank.blend = 0
         if isinstance(a.bank, BankSpec):
             self._banks.pop(key)
         spec = a.bank if isinstance(a.bank, BankSpec) else _banks(self.cfg.expert_iterations)[a.bank]
@@ -697,23 +434,20 @@ class ClassifierBench(Bench):
         # banks, sweep and main: every job is a stage file of its own, so that a row added to the
         # table computes only its own jobs; cost and noise are one computation over every row, so
         # a saved one that lacks a row is computed again
-        def jobs_stage(name: str, compute, files: list[str]):
-            done = [self.stage.exists(f) for f in files]
-            return timed(name, compute, cached=all(done), save=False, partly=any(done))
-
         rows = [row.name for row in self.rows]
-        banks = jobs_stage("banks", self.banks_stage, [f"bank-{k}" for k in self.bank_keys])
+        banks = self.timed_parts("banks", self.banks_stage, [f"bank-{k}" for k in self.bank_keys])
         self._drop_if_lacking("cost", rows)
         cost = timed("cost", self.cost_stage)
-        sweep = jobs_stage("sweep", self.sweep_stage, [f"sweep-{n}" for n in rows[1:]])
-        main = jobs_stage("main", lambda: self.main_stage(sweep), [f"main-{n}" for n in rows])
+        sweep = self.timed_parts("sweep", self.sweep_stage, [f"sweep-{n}" for n in rows[1:]])
+        main = self.timed_parts("main", lambda: self.main_stage(sweep), [f"main-{n}" for n in rows])
         self._drop_if_lacking("noise", list(self.noise_models), part="routed")
         noise = timed("noise", self.noise_stage)
         names, scales = ablation_names(cfg.ablations), (main["ppap-5"]["scale"], main["noise-aware"]["scale"])
         ablations = {}
         if names:  # each row is its own stage file, so that another choice of rows reads back those it shares
-            cached = all(self.stage.exists(f) for f in _ablation_stages(names, *scales).values())
-            ablations = timed("ablations", lambda: self.ablation_stage(*scales, names), cached=cached, save=False)
+            ablations = self.timed_parts(
+                "ablations", lambda: self.ablation_stage(*scales, names), list(_ablation_stages(names, *scales).values())
+            )
         results = _in_order(
             {
                 "config": dataclasses.asdict(cfg),
@@ -729,155 +463,10 @@ class ClassifierBench(Bench):
                 "real_reference": self.stage.get("real", self.real_reference),
             }
         )
-        atomic_write_json(self.out / "results.json", results)
-        atomic_write_bytes(self.out / "report.md", classifier_report(results).encode())
+        self.save_results(results, classifier_report(results))
         plot_sweep(results, self.out / "bench_sweep.png")
         plot_noise(results, self.out / "bench_noise_accuracy.png")
         return results
-
-
-# --------------------------------------------------------------------------------------------
-# report and plots
-# --------------------------------------------------------------------------------------------
-
-
-def _in_order(r: dict) -> dict:
-    """``r`` with its tables in the bench's order (rows, noise models, ablations, stages): stages
-    read back from their files (and results.json) hold them sorted by name, and a resumed report
-    or figure must read as the first one did."""
-    rows = [row.name for row in ROWS]
-    return r | {
-        "main": in_order(r["main"], rows),
-        "sweep": in_order(r["sweep"], rows),
-        "ablations": in_order(r["ablations"], _ablations(1)),
-        "stage_seconds": in_order(r["stage_seconds"], STAGES),
-        "noise": r["noise"] | {"routed": in_order(r["noise"]["routed"], NOISE_MODELS)},
-    }
-
-
-def classifier_report(r: dict) -> str:
-    r = _in_order(r)
-    cfg, main, banks, cost = r["config"], r["main"], r["banks"], r["cost"]
-    bank_of = {row.name: row.bank for row in ROWS}
-    lines = [
-        f"Machine: {machine_in_order(r)}. DDIM-{cfg['steps']}, {10 * cfg['per_class']} samples per row (balanced over the 10 classes), "
-        f"same initial noises for every row; scale chosen per method on a separate seed set.",
-        "",
-        "| method | scale | accuracy | FID | KID | precision | recall | trainable params | labelled images | train time (s) | step cost (x unguided) | memory: step / peak (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in main.items():
-        b = banks.get(bank_of.get(name) or "", {})
-        lines.append(
-            f"| {name} | {m['scale']:g} | {m['accuracy']:.1%} | {m['fid']:.2f} | {m['kid']:.3f} | {m['precision']:.2f} | "
-            f"{m['recall']:.2f} | {b.get('trainable_parameters', 0):,} | {b.get('labelled_images', 0):,} | "
-            f"{b.get('train_seconds', 0):.0f} | {cost[name]['ratio_to_unguided']:.2f} | {_memory(cost[name])} |"
-        )
-    real = r["real_reference"]
-    lines.append(
-        f"| *real training images* | | {real['accuracy']:.1%} | {real['fid']:.2f} | {real['kid']:.3f} | {real['precision']:.2f} | {real['recall']:.2f} | | | | | |"
-    )
-    cal = main.get("x0-shortcut-calibrated", {}).get("calibration")
-    if cal:
-        lines.append(f"\nx0-shortcut-calibrated uses {_short(cal)} (best of {len(CALIBRATION_GRID)} calibrations x scales in the sweep).")
-    p5, mes, nv = main["ppap-5"]["accuracy"], main["multi-expert-supervised-5"]["accuracy"], main["naive"]["accuracy"]
-    lines += [
-        "",
-        f"PPAP-5 accuracy / multi-expert-supervised-5: {p5 / max(mes, 1e-9):.2f}; PPAP-5 / naive: {p5 / max(nv, 1e-9):.2f}; "
-        f"trainable parameters PPAP-5 / multi-expert-supervised-5: "
-        f"{banks['ppap5']['trainable_parameters'] / banks['mes5']['trainable_parameters']:.3f}.",
-        "",
-    ]
-    # issue #13's criterion: data-free accuracy >= 0.97x and FID <= 1.3x the labelled model's
-    aware = main["noise-aware"]
-    for name in ("ppap-5 (default recipe)", "ppap-1 (full copy, tau 1)"):
-        if name in main:
-            m = main[name]
-            lines += [
-                f"{name} / noise-aware: accuracy {m['accuracy'] / max(aware['accuracy'], 1e-9):.3f}, "
-                f"FID {m['fid'] / max(aware['fid'], 1e-9):.2f}.",
-                "",
-            ]
-    lines += [
-        "Noise vs accuracy (real test images noised to t):",
-        "",
-        "| model | " + " | ".join(f"t={t}" for t in r["noise"]["timesteps"]) + " |",
-        "|---" * (len(r["noise"]["timesteps"]) + 1) + "|",
-    ]
-    for name, acc in r["noise"]["routed"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{acc[str(t)] if str(t) in acc else acc[t]:.1%}" for t in r["noise"]["timesteps"]) + " |")
-    if r["ablations"]:
-        lines += [
-            "",
-            f"Ablations (PPAP-5, {cfg['expert_iterations']} steps per expert; noisy accuracy = mean over t=100/300/500/700 on "
-            f"{cfg['noise_images']} test images, for banks of their own; guided = {10 * cfg['ablation_per_class']} samples "
-            f"(seed {cfg['sweep_seed'] + 1}) at the PPAP-5 scale, the normalised row at its own, the diagnosis rows' noise-aware "
-            "model at the noise-aware row's (PPAP / noise-aware):",
-            "",
-            "| factor | variant | scale | noisy acc. | guided acc. | worst class | guided FID | trainable / expert | train time (s) |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, a in r["ablations"].items():
-            g, noisy = a["guided"], a["noisy_accuracy_mean"]
-            scale = f"{g['scale']:g}" + (f" / {a['noise_aware_scale']:g}" if a.get("noise_aware_scale") is not None else "")
-            lines.append(
-                f"| {a['factor']} | {name} | {scale} | {'-' if noisy is None else f'{noisy:.1%}'} | {g['accuracy']:.1%} | "
-                f"{g['per_class_min']:.0%} | {g['fid']:.1f} | {a['trainable_per_expert']:,} | {a['train_seconds']:.0f} |"
-            )
-    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
-    return "\n".join(lines) + "\n"
-
-
-def _memory(c: dict) -> str:
-    """'step / peak': memory of the guided steps above the RSS before them, and the process peak."""
-    step = "n/a" if c.get("step_memory_mib") is None else f"{c['step_memory_mib']:.0f}"
-    return f"{step} / {c['peak_rss_mib']:.0f}"
-
-
-def _short(cal: dict) -> str:
-    default = dataclasses.asdict(Calibration())
-    return "(" + ", ".join(f"{k.split('_')[0]}={v}" for k, v in cal.items() if v != default[k]) + ")"
-
-
-def plot_sweep(r: dict, path: Path) -> None:
-    r, plt = _in_order(r), pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])  # 20 distinct series
-    for name, points in r["sweep"].items():
-        for cal in sorted({json.dumps(p["calibration"], sort_keys=True) for p in points}):
-            series = [p for p in points if json.dumps(p["calibration"], sort_keys=True) == cal]
-            label = name if len(series) == len(points) else f"{name} {_short(series[0]['calibration'])}"
-            ax.plot([p["fid"] for p in series], [p["accuracy"] for p in series], "o-", label=label, color=next(colors))
-            for p in series:
-                ax.annotate(f"{p['scale']:g}", (p["fid"], p["accuracy"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel("FID (evaluator features, vs test set)")
-    ax.set_ylabel("evaluator accuracy on the target class")
-    ax.set_title(f"Guidance-scale sweep ({10 * r['config']['sweep_per_class']} samples per point; labels = scale)")
-    ax.legend(fontsize=7)
-    _savefig(fig, path)
-
-
-def plot_noise(r: dict, path: Path) -> None:
-    r, plt = _in_order(r), pyplot()
-    ts = r["noise"]["timesteps"]
-
-    def series(acc):
-        return [acc[str(t)] if str(t) in acc else acc[t] for t in ts]
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, acc in r["noise"]["routed"].items():
-        axes[0].plot(ts, series(acc), "o-", label=name)
-    axes[0].set_title("routed models on noised real test images")
-    for e in r["noise"]["per_expert"]["ppap-5"]:
-        (line,) = axes[1].plot(ts, series(e["accuracy"]), "-", label=f"expert [{e['range'][0]},{e['range'][1]})")
-        axes[1].axvspan(e["range"][0], e["range"][1], alpha=0.06, color=line.get_color())
-    axes[1].set_title("each PPAP-5 expert, inside and outside its range")
-    for ax in axes:
-        ax.set_xlabel("timestep t")
-        ax.set_ylabel("accuracy")
-        ax.axhline(0.1, color="gray", lw=0.5, ls="--")
-        ax.legend(fontsize=7)
-    _savefig(fig, path)
 
 
 def run_classifier_bench(out: Path, quick: bool = False, cfg: BenchConfig | None = None, progress: bool = True) -> dict:

@@ -1,12 +1,14 @@
-"""What both benches share: stage files and the configuration check, the models and real test set
-every bench loads, the timed stage runner, the job runner (a pool of worker processes), guided
-sampling, step timing and step memory, the machine description, report order and figure saving."""
+"""What every bench shares: stage files and the configuration check, the models and real test set
+the zoo benches load, the timed stage runner, the job runner (a pool of worker processes), a
+measurement in a fresh process, guided sampling, step timing and step memory, the results files,
+the machine description, report order and figure saving."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
+import gc
 import multiprocessing
 import os
 import resource
@@ -16,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from ..batch_sampling import sample_images
 from ..diffusion import Diffusion, SamplingGrid
 from ..fashion_mnist import load_fashion_mnist
 from ..guidance import Calibration, Guidance, GuidanceTerm
-from ..io import atomic_write_bytes, atomic_write_json, check_same_settings, read_json
+from ..io import PPAPError, atomic_write_bytes, atomic_write_json, check_same_settings, read_json
 from ..loading import load_experts, load_guide, load_pipeline
 from ..metrics import features, predict
 from ..samplers import sample_ddim
@@ -78,15 +81,20 @@ class Bench:
     evaluator features. A subclass writes ``_run`` (its stages, then results and report)."""
 
     def __init__(self, cfg: Any, out: Path, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.stage = _Stage(self.out)
-        self.stage.check_config(dataclasses.asdict(cfg))
+        self._open(cfg, out, progress)
         self.pipe = load_pipeline(cfg.diffusion, device="cpu")
         self.diffusion: Diffusion = self.pipe.diffusion
         self.evaluator = load_guide(cfg.evaluator).net
         self.x_test, self.y_test = load_fashion_mnist("test")
         real = getattr(cfg, "real_images", None)  # a bench may compare against the first N test images only (its quick version)
         self.real_features = features(self.evaluator, self.x_test[:real])
+
+    def _open(self, cfg: Any, out: Path, progress: bool) -> None:
+        """The results folder of ``cfg`` (its stages, checked against the configuration) and the
+        stage bookkeeping: what every bench needs, models or not."""
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.stage = _Stage(self.out)
+        self.stage.check_config(dataclasses.asdict(cfg))
         self.timings: dict[str, float] = {}
         self._recorded: dict[str, float] = {}  # stages/seconds.json: every stage's seconds when it was computed
         self._pool: ProcessPoolExecutor | None = None
@@ -128,6 +136,12 @@ class Bench:
             atomic_write_json(self.stage.dir / "seconds.json", self._recorded)
         return value
 
+    def timed_parts(self, name: str, compute: Callable[[], Any], parts: list[str]) -> Any:
+        """``timed`` for stage ``name`` made of the stage files ``parts`` (a file per job): read
+        back when every part is; when some are, this call's time adds to the recorded one."""
+        done = [self.stage.exists(part) for part in parts]
+        return self.timed(name, compute, cached=all(done), save=False, partly=any(done))
+
     def jobs(self, desc: str, jobs: dict[str, tuple[str, tuple]], cache: bool = True) -> dict:
         """Run ``{stage name: (method, args)}`` (``getattr(self, method)(*args)``), each result
         saved as its own stage file (``cache``) so that a killed bench resumes; with
@@ -145,6 +159,11 @@ class Bench:
         ):
             out[futures[f]] = f.result()
         return {name: out[name] for name in jobs}
+
+    def save_results(self, results: dict, report: str) -> None:
+        """``results.json`` and ``report.md`` in the results folder."""
+        atomic_write_json(self.out / "results.json", results)
+        atomic_write_bytes(self.out / "report.md", report.encode())
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -211,6 +230,24 @@ def _run_job(bench: Bench | None, stage_name: str | None, method: str, args: tup
     return bench.stage.get(stage_name, compute) if stage_name else compute()
 
 
+def _init_fresh(threads: int) -> None:
+    exit_with_parent()
+    torch.set_num_threads(threads)
+
+
+def in_fresh_process(fn: Callable, *args) -> Any:
+    """``fn(*args)`` in a new interpreter (spawned, so nothing is inherited), with as many torch
+    threads as this process has; its result is returned, its exceptions re-raised here, and its
+    death (killed for memory) is an error, not a hang. A measurement's memory is then that of
+    its own process alone."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_fresh, initargs=(torch.get_num_threads(),)) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:  # a worker killed from outside: on Linux, most often the kernel's out-of-memory killer
+            raise PPAPError("the measuring process was killed (out of memory?)") from None
+
+
 # --------------------------------------------------------------------------------------------
 # step time and step memory
 # --------------------------------------------------------------------------------------------
@@ -248,19 +285,50 @@ def round_robin_median(calls: dict[str, Callable[[], object]], repeats: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class PeakMemory:
+    """The peak memory of what runs inside ``with``: CUDA's allocator peak on a GPU, else the
+    peak resident set (Linux: reset through ``clear_refs``). ``mib``: the peak; ``above_mib``:
+    above what was held before (the loaded models); None where it cannot be measured."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.mib: float | None = None
+        self.above_mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()  # what an earlier measurement in this process left unreferenced
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.before = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.mib = _proc_status_mib("VmHWM")
+        if self.mib is not None and self.before is not None:
+            self.above_mib = round(self.mib - self.before, 1)
+            self.mib = round(self.mib, 1)
+
+
 def step_memory(diffusion: Diffusion, x: Tensor, step: SamplingGrid, guidance: Guidance | None) -> dict:
     """The peak RSS of two guided steps above the RSS just before them (``step_memory_mib``; the
     load-time peak would hide everything but x0), and the process's peak RSS. Meant for a fresh
     process; Linux only for the step memory (None elsewhere)."""
     load_peak = _proc_status_mib("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
-    before = _reset_peak_rss()
-    for _ in range(2):
-        sample_ddim(diffusion, x, step, guidance=guidance)
-    if before is None or load_peak is None:
+    with PeakMemory(torch.device("cpu")) as peak:
+        for _ in range(2):
+            sample_ddim(diffusion, x, step, guidance=guidance)
+    if peak.mib is None or peak.above_mib is None or load_peak is None:
         scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss is KiB on Linux, bytes on macOS
         return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "step_memory_mib": None}
-    step_peak = _proc_status_mib("VmHWM")
-    return {"peak_rss_mib": round(max(load_peak, step_peak), 1), "step_memory_mib": round(step_peak - before, 1)}
+    return {"peak_rss_mib": round(max(load_peak, peak.mib), 1), "step_memory_mib": peak.above_mib}
 
 
 def guided_step_memory(
@@ -330,6 +398,11 @@ def machine() -> dict:
 def machine_in_order(r: dict) -> dict:
     """A results dict's machine description, its keys in ``machine()``'s order (for the report)."""
     return in_order(r["machine"], ("cpu", "cores", "torch_threads", "torch", "cuda"))
+
+
+def stage_times(seconds: dict) -> str:
+    """The report's last line: every stage's seconds."""
+    return "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())
 
 
 def in_order(d: dict, keys) -> dict:

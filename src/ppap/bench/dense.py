@@ -28,11 +28,11 @@ from torch import nn
 from ..banks import ExpertBank
 from ..guidance import GuidanceTerm
 from ..images import labelled_grid, png_bytes, to_hwc_uint8
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes
 from ..loading import load_experts, load_guide
 from ..metrics import features, fid, predict
 from ..models import FOREGROUND_THRESHOLD, sobel_magnitude
-from .common import Bench, in_order, machine, machine_in_order, time_steps
+from .common import Bench, in_order, machine, machine_in_order, stage_times, time_steps
 
 DENSE_MODELS = {  # task -> (the zoo's guide, its experts)
     "segmentation": ("fashion-segmenter", "fashion-segmenter-ppap5"),
@@ -241,7 +241,7 @@ class DenseBench(Bench):
         t0 = time.time()
         cost = self.timed("cost", self.cost_stage)
         sweep = self.timed("sweep", self.sweep_stage)
-        main = self.timed("main", lambda: self.main_stage(sweep), cached=all(map(self.stage.exists, self.main_parts())), save=False)
+        main = self.timed_parts("main", lambda: self.main_stage(sweep), self.main_parts())
         results = {
             "config": dataclasses.asdict(self.cfg),
             "machine": machine(),
@@ -251,8 +251,7 @@ class DenseBench(Bench):
             "stage_seconds": self.timings,
             "seconds_this_call": round(time.time() - t0, 1),
         }
-        atomic_write_json(self.out / "results.json", results)
-        atomic_write_bytes(self.out / "report.md", dense_report(results).encode())
+        self.save_results(results, dense_report(results))
         self.figure(self.out / "bench_dense_grid.png")
         return results
 
@@ -305,7 +304,7 @@ def dense_report(r: dict) -> str:
         f"PPAP vs naive: IoU {seg['ppap']['iou']:.3f} vs {seg['naive']['iou']:.3f} ({seg['ppap']['iou'] - seg['naive']['iou']:+.3f}); "
         f"Sobel L1 {dense['ppap']['l1']:.4f} vs {dense['naive']['l1']:.4f} ({(dense['ppap']['l1'] / dense['naive']['l1'] - 1):+.1%}).",
         "",
-        "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in stage_seconds.items()),
+        stage_times(stage_seconds),
     ]
     return "\n".join(lines) + "\n"
 

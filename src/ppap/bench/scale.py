@@ -17,19 +17,15 @@ ppap's own loaders, as a user's models are. Per (diffusion, guide) pair and batc
 
 Weights are random: times and memory do not depend on them (accuracy is not measured here).
 Every measurement is a stage file under ``out/stages``, so an interrupted run resumes.
+The measurements themselves are ``bench.scale_measurements``; this module runs them (each a stage)
+and writes the report and the figure.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import gc
-import multiprocessing
-import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,22 +33,18 @@ from typing import Any
 import torch
 
 from ..configs import ARCHITECTURES, build_model_folder, count_parameters
-from ..io import PPAPError, atomic_write_bytes, atomic_write_json
-from .common import (
-    Bench,
-    _proc_status_mib,
-    _reset_peak_rss,
-    _savefig,
-    _Stage,
-    exit_with_parent,
-    machine,
-    machine_in_order,
-    mid_step,
-    pyplot,
-    round_robin_median,
+from ..io import PPAPError
+from .common import Bench, _savefig, in_fresh_process, machine, machine_in_order, pyplot, stage_times
+from .scale_measurements import (
+    METHODS,
+    build_bank,
+    measure_memory,
+    measure_throughput,
+    measure_times,
+    measure_train_step,
+    measure_x0_memory,
 )
 
-METHODS = ("unguided", "naive", "ppap", "x0")
 # every diffusion model and every guide at least once; the guide's task decides the target kind
 PAIRS = (
     ("ddpm-cifar10-32", "resnet-50"),
@@ -64,7 +56,6 @@ PAIRS = (
 # the expert-training step in micro-batches of this many samples (TrainConfig.micro_batch): a
 # ViT-L backbone at 384x384 keeps the activations of 8 samples for the backward, over 23 GiB
 TRAIN_MICRO_BATCH = {"dpt-large": 2}
-PROMPT_SHAPE = (77, 4096)  # T5-XXL-like prompt embeddings for the text-conditional UNet
 
 
 @dataclass(frozen=True)
@@ -120,342 +111,6 @@ def pair_name(diffusion: str, guide: str) -> str:
     return f"{diffusion}+{guide}"
 
 
-# --------------------------------------------------------------------------------------------
-# fresh worker processes: a measurement's memory is that of its own process alone
-# --------------------------------------------------------------------------------------------
-
-
-def _init_fresh(threads: int) -> None:
-    exit_with_parent()
-    torch.set_num_threads(threads)
-
-
-def in_fresh_process(fn: Callable, *args) -> Any:
-    """``fn(*args)`` in a new interpreter (spawned, so nothing is inherited), with as many torch
-    threads as this process has; its result is returned, its exceptions re-raised here, and its
-    death (killed for memory) is an error, not a hang."""
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_fresh, initargs=(torch.get_num_threads(),)) as pool:
-        try:
-            return pool.submit(fn, *args).result()
-        except BrokenProcessPool:  # a worker killed from outside: on Linux, most often the kernel's out-of-memory killer
-            raise PPAPError("the measuring process was killed (out of memory?)") from None
-
-
-class _PeakMemory:
-    """The peak memory of what runs inside ``with``: CUDA's allocator peak on a GPU, else the
-    peak resident set (Linux: reset through ``clear_refs``). ``mib``: the peak; ``above_mib``:
-    above what was held before (the loaded models)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.mib: float | None = None
-        self.above_mib: float | None = None
-
-    def __enter__(self) -> _PeakMemory:
-        gc.collect()  # what an earlier measurement in this process left unreferenced
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.before = _reset_peak_rss()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.mib = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.mib = _proc_status_mib("VmHWM")
-        if self.mib is not None and self.before is not None:
-            self.above_mib = round(self.mib - self.before, 1)
-            self.mib = round(self.mib, 1)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-# --------------------------------------------------------------------------------------------
-# one pair loaded as a user would load it
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Loaded:
-    pipe: Any
-    denoiser: Any  # the diffusion model with its condition bound (class labels, prompt embeddings)
-    guide: Any
-    bank: Any
-    device: torch.device
-    batch: int
-
-    def term(self, method: str):
-        """``method``'s guidance term toward class 0 (a classifier) or toward the clean guide's
-        output on a random reference image (segmentation, depth)."""
-        if method == "unguided":
-            return None
-        shape = self.pipe.image_shape
-        dense = self.guide.task in ("segmentation", "dense")
-        image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1 if dense else None
-        return self.pipe.guidance_term(
-            self.batch,
-            guide=self.guide,
-            experts=self.bank if method == "ppap" else None,
-            target=None if dense else 0,
-            target_image=image,
-            method=method,
-            classifier_scale=1.0,
-        )
-
-    def guidance(self, method: str):
-        term = self.term(method)
-        return None if term is None else term.build(self.denoiser)
-
-    def noise(self):
-        shape = (self.batch,) + self.pipe.image_shape
-        return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-
-
-def _load(
-    diffusion_dir: str, guide_dir: str | None, bank_dir: str | None, device: str, dtype: str, batch: int, guide_copy: bool = True
-) -> _Loaded:
-    """The pipeline and (when given) the guide and its bank, on ``device`` in ``dtype``. The bank
-    sits on a copy of the guide when ``guide_copy`` (so naive and PPAP can run side by side)."""
-    from ..diffusion import Conditioning
-    from ..loading import load_experts, load_guide, load_pipeline, resolve_device, resolve_dtype
-
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    pipe = load_pipeline(diffusion_dir, device=dev, dtype=dt)
-    diffusion = pipe.diffusion
-    config = pipe.unet.config
-    labels = torch.zeros(batch, dtype=torch.long, device=dev) if getattr(config, "num_class_embeds", None) else None
-    embeds = torch.randn((batch,) + PROMPT_SHAPE, generator=torch.Generator().manual_seed(2)).to(dev) if diffusion.takes_prompt else None
-    cond = None if labels is None and embeds is None else Conditioning(labels, embeds)
-    guide = bank = None
-    if guide_dir is not None:
-        guide = load_guide(guide_dir)
-        if bank_dir is not None:  # loaded in float32: the experts check the backbone's weights as saved
-            bank = load_experts(bank_dir, copy.deepcopy(guide) if guide_copy else guide, diffusion).to(dev).to(dt)
-        guide = guide.to(dev).to(dt)
-    return _Loaded(pipe, diffusion.bind(cond), guide, bank, dev, batch)
-
-
-def _mid_step_call(loaded: _Loaded, steps: int, guidance) -> Callable[[], object]:
-    from ..samplers import sample_ddim
-
-    x, step = loaded.noise(), mid_step(loaded.pipe.diffusion, steps)
-    return lambda: (sample_ddim(loaded.denoiser, x, step, guidance=guidance), _sync(loaded.device))
-
-
-# --------------------------------------------------------------------------------------------
-# the measurements (each run in a fresh process)
-# --------------------------------------------------------------------------------------------
-
-
-def measure_times(diffusion_dir: str, guide_dir: str, bank_dir: str, device: str, dtype: str, batch: int, steps: int, repeats: int) -> dict:
-    """Median seconds of one mid-noise step per method and of its parts, timed round-robin. A
-    call that runs out of memory (x0 at a large batch, say) is None, and the others are still timed."""
-    loaded = _load(diffusion_dir, guide_dir, bank_dir, device, dtype, batch)
-    calls = {m: _mid_step_call(loaded, steps, loaded.guidance(m)) for m in METHODS}
-    calls |= _part_calls(loaded, steps)
-    out_of_memory = [name for name, call in calls.items() if not _fits(call, loaded.device)]
-    seconds: dict[str, float | None] = dict(round_robin_median({k: c for k, c in calls.items() if k not in out_of_memory}, repeats))
-    if seconds.get("expert_switch") is not None:
-        seconds["expert_switch"] /= 2  # type: ignore[operator]
-    return {k: None if k in out_of_memory else round(seconds[k], 5) for k in calls}  # type: ignore[arg-type]
-
-
-def _fits(call: Callable[[], object], device: torch.device) -> bool:
-    """Whether ``call`` runs without running out of memory (it is then warm, too)."""
-    try:
-        call()
-        return True
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return False
-
-
-def _part_calls(loaded: _Loaded, steps: int) -> dict[str, Callable[[], object]]:
-    """The pieces a guided step is made of, each alone."""
-    guide, denoiser, bank, dev = loaded.guide, loaded.denoiser, loaded.bank, loaded.device
-    x = loaded.noise()
-    t = torch.full((loaded.batch,), int(mid_step(loaded.pipe.diffusion, steps).timesteps[0]), device=dev)
-    term = loaded.term("naive")
-    targets = term.targets.to(dev)
-    net_input = guide.preprocess(x.to(next(guide.parameters()).dtype)).detach()
-
-    def unet_forward():
-        with torch.no_grad():
-            denoiser(x, t)
-        _sync(dev)
-
-    def unet_forward_backward():
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            torch.autograd.grad(denoiser(xg, t).x0.sum(), xg)
-        _sync(dev)
-
-    def guide_forward_backward():  # at the guide's own input size: no resizing in it
-        with torch.enable_grad():
-            xi = net_input.detach().requires_grad_(True)
-            out = guide.postprocess(guide.net(xi), x).float()
-            torch.autograd.grad(term.task.log_likelihood(out, term.task.check_target(targets, tuple(out.shape))).sum(), xi)
-        _sync(dev)
-
-    def resize_forward_backward():
-        with torch.enable_grad():
-            xg = x.detach().to(net_input.dtype).requires_grad_(True)
-            torch.autograd.grad(guide.preprocess(xg).float().square().sum(), xg)
-        _sync(dev)
-
-    here = int(bank.router(t[:1].cpu())[0])  # the mid step's expert, which the PPAP step keeps merged
-    there = (here + 1) % bank.router.num_experts
-
-    def expert_switch():  # to a neighbouring expert and back (two switches: halved by measure_times)
-        bank.activate(there)
-        bank.activate(here)
-        _sync(dev)
-
-    return {
-        "unet_forward": unet_forward,
-        "unet_forward_backward": unet_forward_backward,
-        "guide_forward_backward": guide_forward_backward,
-        "resize_forward_backward": resize_forward_backward,
-        "expert_switch": expert_switch,
-    }
-
-
-def measure_memory(
-    diffusion_dir: str, guide_dir: str | None, bank_dir: str | None, device: str, dtype: str, batch: int, steps: int
-) -> dict:
-    """Peak memory of two mid-noise steps of one method, with only what it needs loaded (the
-    bank on the guide itself, no second copy)."""
-    loaded = _load(diffusion_dir, guide_dir, bank_dir, device, dtype, batch, guide_copy=False)
-    method = "unguided" if guide_dir is None else "ppap" if bank_dir else "naive"
-    return _memory_of(loaded, steps, method)
-
-
-def measure_x0_memory(diffusion_dir: str, guide_dir: str, device: str, dtype: str, batch: int, steps: int) -> dict:
-    return _memory_of(_load(diffusion_dir, guide_dir, None, device, dtype, batch), steps, "x0")
-
-
-def _memory_of(loaded: _Loaded, steps: int, method: str) -> dict:
-    call = _mid_step_call(loaded, steps, loaded.guidance(method))
-    with _PeakMemory(loaded.device) as peak:
-        for _ in range(2):
-            call()
-    loaded_mib = peak.before  # the models and inputs, held before the steps
-    return {"peak_mib": peak.mib, "step_mib": peak.above_mib, "loaded_mib": None if loaded_mib is None else round(loaded_mib, 1)}
-
-
-def build_bank(diffusion_dir: str, guide_dir: str, bank_dir: str, experts: str) -> dict:
-    """A bank of the default recipe (TrainConfig: LoRA rank 32, per-expert norms), saved as
-    ``ppap train`` saves one, and its size on disk against N full copies of its guide."""
-    from ..bank_format import save_bank
-    from ..banks import make_bank
-    from ..loading import load_diffusion, load_guide
-    from ..router import TimestepRouter
-    from ..tasks import task_for
-    from ..train import TrainConfig
-
-    diffusion, guide = load_diffusion(diffusion_dir), load_guide(guide_dir)
-    cfg = TrainConfig(experts=experts)
-    task = task_for(guide, diffusion.image_shape, guide.task or "classification", tau=cfg.tau)
-    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
-    bank = make_bank(guide, router, cfg.adapter_config(), seed=cfg.seed)
-    save_bank(bank, bank_dir, task, diffusion.schedule)
-    bank_bytes = sum(f.stat().st_size for f in Path(bank_dir).rglob("*") if f.is_file())
-    guide_bytes = sum(f.stat().st_size for f in Path(guide_dir).glob("*.safetensors"))
-    return {
-        "experts": router.num_experts,
-        "rank": cfg.rank,
-        "bank_mib": round(bank_bytes / 2**20, 2),
-        "guide_mib": round(guide_bytes / 2**20, 2),
-        "full_copies_mib": round(router.num_experts * guide_bytes / 2**20, 2),
-        "bank_over_guide": round(bank_bytes / guide_bytes, 3),
-    }
-
-
-def measure_train_step(diffusion_dir: str, guide_dir: str, device: str, dtype: str, batch: int, repeats: int, micro_batch: int = 0) -> dict:
-    """One expert's training steps through ``train_experts`` (``repeats`` + 1 steps, the first a
-    warm-up in the mean) on a random corpus of ``batch`` images: seconds per step and peak memory
-    (``micro_batch``: TrainConfig's, samples per forward and backward)."""
-    from ..banks import make_bank
-    from ..loading import load_diffusion, load_guide, resolve_device
-    from ..router import TimestepRouter
-    from ..tasks import task_for
-    from ..train import TrainConfig, train_experts
-
-    dev = resolve_device(device)
-    diffusion, guide = load_diffusion(diffusion_dir), load_guide(guide_dir)
-    steps = repeats + 1
-    cfg = TrainConfig(batch_size=batch, iterations=steps, warmup=1, checkpoint_every=10**6, micro_batch=micro_batch)
-    task = task_for(guide, diffusion.image_shape, guide.task or "classification", tau=cfg.tau)
-    router = TimestepRouter.parse(cfg.experts, diffusion.schedule.num_train_timesteps, diffusion.schedule.alphas_cumprod)
-    bank = make_bank(guide.to(dev), router, cfg.adapter_config(), seed=cfg.seed)
-    if dtype != "float32":
-        bank.to(getattr(torch, dtype))
-    images = torch.rand((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    with tempfile.TemporaryDirectory() as tmp, _PeakMemory(dev) as peak:
-        stats = train_experts(bank, task, diffusion.schedule, images, cfg, tmp, only=[0], progress=False)
-    return {
-        "batch": batch,
-        "micro_batch": micro_batch,
-        "seconds_per_step": round(stats["expert_0"]["seconds"] / steps, 4),
-        "peak_mib": peak.mib,
-        "step_mib": peak.above_mib,
-    }
-
-
-def _train_batch(train: dict) -> str:
-    micro = train.get("micro_batch") or 0
-    return f"{train.get('batch', '')}, micro-batches of {micro}" if micro else str(train.get("batch", ""))
-
-
-def measure_throughput(diffusion_dir: str, device: str, dtype: str, num: int, steps: int, repeats: int) -> dict:
-    """Images per second of ppap's ``generate`` (unguided DDIM, as ``ppap generate`` draws a
-    corpus) and of diffusers' ``DDIMPipeline`` on the same UNet, batch and steps."""
-    from diffusers import DDIMPipeline, DDIMScheduler
-
-    from ..batch_sampling import sample_images
-    from ..loading import load_pipeline, resolve_device, resolve_dtype
-
-    dev = resolve_device(device)
-    pipe = load_pipeline(diffusion_dir, device=dev, dtype=resolve_dtype(dtype))
-    reference = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
-    reference.set_progress_bar_config(disable=True)
-    calls = {
-        "ppap": lambda: (
-            sample_images(pipe, num, seed=0, batch_size=num, progress=False, num_inference_steps=steps, sampler="ddim"),
-            _sync(dev),
-        ),
-        "diffusers": lambda: (
-            reference(batch_size=num, num_inference_steps=steps, eta=0.0, output_type="np", generator=torch.Generator().manual_seed(0)),
-            _sync(dev),
-        ),
-    }
-    seconds = round_robin_median(calls, repeats)
-    ips = {k: round(num / s, 3) for k, s in seconds.items()}
-    return {
-        "num": num,
-        "steps": steps,
-        "ppap_images_per_s": ips["ppap"],
-        "diffusers_images_per_s": ips["diffusers"],
-        "ratio": round(ips["ppap"] / ips["diffusers"], 3),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# the bench
-# --------------------------------------------------------------------------------------------
-
-
 class ScaleBench(Bench):
     """Bench's stage / timing layer without its zoo models: this bench loads only the folders it
     builds under ``out/models``."""
@@ -472,10 +127,7 @@ class ScaleBench(Bench):
         resolve_device(cfg.device), resolve_dtype(cfg.dtype)  # one-line errors (no CUDA here, a bad name) before anything runs
         if any(not isinstance(b, int) or b < 1 for b in batch_sizes(cfg)):
             raise PPAPError(f"batch sizes must be integers >= 1, got {list(cfg.batch_sizes)}")
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.stage = _Stage(self.out)
-        self.stage.check_config(dataclasses.asdict(cfg))
-        self.timings, self._recorded, self._pool = {}, {}, None
+        self._open(cfg, out, progress)
         self.errors: dict[str, str] = {}
         # the CPU's peak resident set cannot be reset below what a process ever held, so each
         # measurement runs in a new process there; CUDA's allocator peak is reset per measurement
@@ -563,12 +215,10 @@ class ScaleBench(Bench):
     def _run(self) -> dict:
         t0 = time.time()
         pairs = {}
-        done = lambda names: all(map(self.stage.exists, names))  # noqa: E731
         for d, g in self.cfg.pairs:
             key = pair_name(d, g)
-            pairs[key] = self.timed(key, lambda d=d, g=g: self.pair_stage(d, g), cached=done(self.pair_stages(key)), save=False)
-        thr_names = [f"{d}-throughput" for d in self.throughput_models()]
-        throughput = self.timed("throughput", self.throughput_stage, cached=done(thr_names), save=False)
+            pairs[key] = self.timed_parts(key, lambda d=d, g=g: self.pair_stage(d, g), self.pair_stages(key))
+        throughput = self.timed_parts("throughput", self.throughput_stage, [f"{d}-throughput" for d in self.throughput_models()])
         names = sorted({n for p in self.cfg.pairs for n in p})
         results = {
             "config": dataclasses.asdict(self.cfg),
@@ -582,8 +232,7 @@ class ScaleBench(Bench):
             "seconds_this_call": round(time.time() - t0, 1),
         }
         results["targets"] = targets(results)
-        atomic_write_json(self.out / "results.json", results)
-        atomic_write_bytes(self.out / "report.md", scale_report(results).encode())
+        self.save_results(results, scale_report(results))
         figure(results, self.out / "bench_scale.png")
         return results
 
@@ -635,6 +284,11 @@ def targets(r: dict) -> dict:
         "throughput_ge_0.95x": None if out["throughput_over_diffusers_min"] is None else out["throughput_over_diffusers_min"] >= 0.95,
     }
     return out
+
+
+def _train_batch(train: dict) -> str:
+    micro = train.get("micro_batch") or 0
+    return f"{train.get('batch', '')}, micro-batches of {micro}" if micro else str(train.get("batch", ""))
 
 
 def _f(v, fmt: str = ".3f") -> str:
@@ -717,7 +371,7 @@ def scale_report(r: dict) -> str:
     ]
     if r["errors"]:
         lines += ["", "Failed measurements (re-run to retry): " + "; ".join(f"{k}: {v}" for k, v in r["errors"].items())]
-    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())]
+    lines += ["", stage_times(r["stage_seconds"])]
     return "\n".join(lines) + "\n"
 
 
