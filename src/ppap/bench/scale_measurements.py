@@ -272,7 +272,7 @@ def measure_throughput(diffusion_dir: str, device: str, dtype: str, num: int, st
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from ..loading import load_pipeline, resolve_device, resolve_dtype
-    from ..pipeline import sample_images
+    from ..batch_sampling import sample_images
 
     dev = resolve_device(device)
     pipe = load_pipeline(diffusion_dir, device=dev, dtype=resolve_dtype(dtype))
