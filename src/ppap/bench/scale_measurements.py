@@ -271,8 +271,8 @@ def measure_throughput(diffusion_dir: str, device: str, dtype: str, num: int, st
     corpus) and of diffusers' ``DDIMPipeline`` on the same UNet, batch and steps."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from ..loading import load_pipeline, resolve_device, resolve_dtype
     from ..batch_sampling import sample_images
+    from ..loading import load_pipeline, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     pipe = load_pipeline(diffusion_dir, device=dev, dtype=resolve_dtype(dtype))
