@@ -2,9 +2,7 @@
 
 ``LoRAExperts`` is PPAP proper: ONE frozen off-the-shelf network with N named peft LoRA adapters
 (``expert_0`` ... ``expert_{N-1}``), switched with ``set_adapter``. ``FullExperts`` holds N full
-copies; it exists only for the supervised baselines the paper compares against. Which expert
-serves a timestep is the router's business (``ppap.router``); how a bank is written to and read
-from disk, the format's (``ppap.bank_format``).
+copies, for the supervised baselines. Routing: ``ppap.router``; the disk format: ``ppap.bank_format``.
 
 BatchNorm: the off-the-shelf statistics were measured on clean images, and the activations of
 x_t at high noise have a very different mean and variance. A LoRA delta cannot undo that, so by
