@@ -282,14 +282,8 @@ class RGBBench(Bench):
 
     def _segmentation_scores(self, x: Tensor, targets: Tensor, colours: Tensor) -> dict:
         per = segmentation_scores(x, targets, self.evaluator, foreground=garment_mask)
-        return (
-            {k: float(np.mean(v)) for k, v in per.items()}
-            | _colour_scores(x, colours)
-            | {
-                "fid": fid(features(self.evaluator, x), self.real_features),
-                "n": len(x),
-            }
-        )
+        out = {k: float(np.mean(v)) for k, v in per.items()} | _colour_scores(x, colours)
+        return out | {"fid": fid(features(self.evaluator, x), self.real_features), "n": len(x)}
 
     def _save_samples(self, name: str, x: Tensor, targets: Tensor, colours: Tensor) -> None:
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
@@ -430,6 +424,8 @@ def _check(cfg: RGBBenchConfig) -> None:
     for name in ("per_pair", "sweep_per_pair", "steps", "seg_targets", "seg_sweep_targets", "batch_size", "cost_batch"):
         if getattr(cfg, name) < 1:
             raise PPAPError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.pairs * cfg.per_pair < 4:  # precision / recall compare each sample's 3 nearest neighbours
+        raise PPAPError(f"the main table needs at least 4 samples per row (pairs x per-pair), got {cfg.pairs * cfg.per_pair}")
     if not (np.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 1):
         raise PPAPError(f"cfg-scale must be a finite number >= 1 (1 = off), got {cfg.cfg_scale}")
 
