@@ -117,6 +117,10 @@ def test_rgb_bench_quick_reports_every_row_and_metric_and_resumes(tiny_rgb_model
     for kind, rows in r["sweep"].items():  # every guided row was swept; its main-table scale is one of the swept
         assert set(rows) == {row for row in r["main"][kind] if row != "unguided"}
         assert all(r["main"][kind][row]["scale"] in [p["scale"] for p in points] for row, points in rows.items())
+    s = r["summary"]
+    assert s["ppap5_accuracy"] == cls["ppap-5"]["accuracy"] and s["segmentation_ppap5_iou"] == seg["ppap-5"]["iou"]
+    assert s["ppap5_over_noise_aware_accuracy"] == pytest.approx(cls["ppap-5"]["accuracy"] / max(cls["noise-aware"]["accuracy"], 1e-9))
+    assert s["lowest_colour_fidelity"] == min(m["colour_fidelity"] for m in [*cls.values(), *seg.values()])
     assert r["real_reference"]["colour_fidelity"] == 1.0  # real tinted images are the colour they were tinted
     assert r["cost"]["unguided"]["ratio_to_unguided"] == 1.0
     assert {f"classification/{row}" for row in CLASSIFICATION_ROWS if row != "unguided"} <= set(r["cost"])

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="the paper's comparison on the zoo; cost at real sizes; particle methods at matched compute (search) (resumable; see docs/reproducing.md, docs/SCALE.md)",
+        help="the paper's comparison on the zoo; the colour text-conditional models with CFG (rgb); cost at real sizes; particle methods at matched compute (search) (resumable; see docs/reproducing.md, docs/SCALE.md)",
     )
     b.add_argument("suite", choices=("classifier", "dense", "scale", "search", "rgb"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")

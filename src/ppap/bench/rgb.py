@@ -358,7 +358,7 @@ class RGBBench(Bench):
         atomic_write_bytes(self.results_dir / "bench_rgb_grid.png", png_bytes(grid))
         refs, colours = self.references(sweep=False)
         refs, colours = refs[:k], colours[:k]
-        cols = [f"{COLOUR_NAMES[int(c)]} like #{i}" for i, c in enumerate(colours)]
+        cols = [f"{COLOUR_NAMES[int(c)]}, layout #{i}" for i, c in enumerate(colours)]
         tiles = [to_hwc_uint8(refs)] + [self._load_samples(f"segmentation-{row}")[:k] for row in SEGMENTATION_ROWS]
         grid = labelled_grid(np.concatenate(tiles), ["reference"] + list(SEGMENTATION_ROWS), cols)
         atomic_write_bytes(self.results_dir / "bench_rgb_segmentation_grid.png", png_bytes(grid))
@@ -387,6 +387,7 @@ class RGBBench(Bench):
             "cost": cost,
             "real_reference": real,
             "reference_images": self.stage.get("references", real_refs),
+            "summary": summary(main),
             "stage_seconds": self.timings,
             "seconds_this_call": round(time.time() - t0, 1),
         }
@@ -395,6 +396,20 @@ class RGBBench(Bench):
         self.save_results(results, rgb_report(results), self.results_dir)
         self.grids()
         return results
+
+
+def summary(main: dict) -> dict:
+    """The table's headline figures: PPAP-5's accuracy, its ratio to the labelled noise-aware
+    model's and to naive guidance's, the lowest colour fidelity of any row, PPAP-5's IoU."""
+    cls, seg = main["classification"], main["segmentation"]
+    p5 = cls["ppap-5"]["accuracy"]
+    return {
+        "ppap5_accuracy": p5,
+        "ppap5_over_noise_aware_accuracy": p5 / max(cls["noise-aware"]["accuracy"], 1e-9),
+        "ppap5_over_naive_accuracy": p5 / max(cls["naive"]["accuracy"], 1e-9),
+        "lowest_colour_fidelity": min(m["colour_fidelity"] for rows in (cls, seg) for m in rows.values()),
+        "segmentation_ppap5_iou": seg["ppap-5"]["iou"],
+    }
 
 
 def chosen_point(kind: str, points: list[dict]) -> dict:

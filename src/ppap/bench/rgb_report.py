@@ -40,10 +40,11 @@ def rgb_report(r: dict) -> str:
         f"| *real training images* | | {real['accuracy']:.1%} | {_worst(real)} | {real['colour_fidelity']:.1%} | {real['fid']:.2f} | "
         f"{real['precision']:.2f} | {real['recall']:.2f} | | |"
     )
-    p5, aware, naive = cls["ppap-5"]["accuracy"], cls["noise-aware"]["accuracy"], cls["naive"]["accuracy"]
+    s = r["summary"]
     lines += [
         "",
-        f"ppap-5 accuracy / noise-aware: {p5 / max(aware, 1e-9):.3f}; ppap-5 / naive: {p5 / max(naive, 1e-9):.2f}. The noise-aware "
+        f"ppap-5 accuracy / noise-aware: {s['ppap5_over_noise_aware_accuracy']:.3f}; ppap-5 / naive: {s['ppap5_over_naive_accuracy']:.2f}. "
+        "The noise-aware "
         f"model is a full copy of the classifier fine-tuned with labels on {na['labelled_images']:,} noised colour training images "
         f"({na['train']['iterations']} steps, {na['train_seconds']:.0f} s, {na['trainable_parameters']:,} trainable parameters); "
         "ppap-5 used none.",

@@ -1,4 +1,4 @@
-"""``ppap bench``: the comparison on the zoo (classifier, dense) and the cost at real sizes (scale)."""
+"""``ppap bench``: the comparison on the zoo (classifier, dense), the colour text-conditional models (rgb) and the cost at real sizes (scale)."""
 
 from __future__ import annotations
 
