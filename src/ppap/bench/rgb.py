@@ -59,6 +59,7 @@ CLASSIFICATION_ROWS = {
     "noise-aware": "noise-aware",
 }  # row -> method
 SEGMENTATION_ROWS = {"unguided": "unguided", "naive": "naive", "ppap-5": "ppap", "x0": "x0"}
+KINDS = ("classification", "segmentation")
 NUM_CLASSES = len(FASHION_MNIST_CLASSES)
 
 
@@ -77,10 +78,15 @@ class RGBBenchConfig:
     per_pair: int = 10  # samples per pair in the main table
     sweep_pairs: int = 40  # scale sweep: the first N pairs, ``sweep_per_pair`` samples each, another seed
     sweep_per_pair: int = 1
+    # the classifier bench's grids (method -> scales); segmentation: the dense bench's
     sweep_scales: dict = field(
-        default_factory=lambda: {"naive": (3.0, 10.0, 30.0, 100.0), "ppap": (3.0, 10.0, 30.0, 100.0), "x0": (1.0, 3.0, 10.0, 30.0),
-                                 "noise-aware": (3.0, 10.0, 30.0, 100.0)}
-    )  # fmt: skip
+        default_factory=lambda: {
+            "naive": (3.0, 10.0, 30.0, 100.0),
+            "ppap": (3.0, 10.0, 30.0, 100.0),
+            "x0": (1.0, 3.0, 10.0, 30.0),
+            "noise-aware": (3.0, 10.0, 30.0, 100.0),
+        }
+    )
     seg_targets: int = 200  # reference images for the segmentation rows (the first N colour test images)
     seg_sweep_targets: int = 24  # the next N, for the segmentation sweep
     seg_sweep_scales: dict = field(
@@ -302,18 +308,18 @@ class RGBBench(Bench):
     # ---- stages ------------------------------------------------------------------------------
 
     def sweep_stage(self) -> dict:
-        jobs = {f"sweep-{kind}-{row}": ("sweep_row", (kind, row)) for kind in ("classification", "segmentation") for row in _guided(kind)}
+        jobs = {f"sweep-{kind}-{row}": ("sweep_row", (kind, row)) for kind in KINDS for row in _guided(kind)}
         done = self.jobs("sweep", jobs)
-        return {kind: {row: done[f"sweep-{kind}-{row}"] for row in _guided(kind)} for kind in ("classification", "segmentation")}
+        return {kind: {row: done[f"sweep-{kind}-{row}"] for row in _guided(kind)} for kind in KINDS}
 
     def main_stage(self, sweep: dict) -> dict:
         jobs = {}
-        for kind in ("classification", "segmentation"):
+        for kind in KINDS:
             for row in _rows(kind):
                 scale = 0.0 if row == "unguided" else chosen_point(kind, sweep[kind][row])["scale"]
                 jobs[f"main-{kind}-{row}"] = ("main_row", (kind, row, scale))
         done = self.jobs("main", jobs)
-        return {kind: {row: done[f"main-{kind}-{row}"] for row in _rows(kind)} for kind in ("classification", "segmentation")}
+        return {kind: {row: done[f"main-{kind}-{row}"] for row in _rows(kind)} for kind in KINDS}
 
     def cost_stage(self) -> dict:
         """Median seconds of one mid-noise DDIM step (with CFG) per row at ``cost_batch``, timed
@@ -324,7 +330,7 @@ class RGBBench(Bench):
         denoiser = self.diffusion.bind(cond)
         seg_targets = self.seg_targets(self.test.images(slice(0, n)))
         guides = {}
-        for kind in ("classification", "segmentation"):
+        for kind in KINDS:
             for row in _guided(kind):
                 term = (
                     self.classification_term(row, 1.0, targets)
@@ -342,9 +348,15 @@ class RGBBench(Bench):
     def real_reference(self) -> dict:
         """The table's measures for real colour training images: the floor a generator can reach."""
         train = load_fashion_rgb("train", seed=self.cfg.colour_seed)
-        n = max(len(pair_order(self.cfg.pairs)) * self.cfg.per_pair, 4)  # at least k + 1 for precision / recall
+        n = self.cfg.pairs * self.cfg.per_pair  # as many as a row's samples
         x, y, colours = train.images(slice(0, n)), train.labels[:n], train.colours[:n]
         return class_scores(self.evaluator, x, y, NUM_CLASSES, self.real_features, full=True) | _colour_scores(x, colours)
+
+    def reference_scores(self) -> dict:
+        """The segmentation measures for the reference images themselves (colour fidelity to
+        their own colours): the ceiling of the IoU the garment mask and the segmenter allow."""
+        refs = self.references(sweep=False)[0]
+        return self._segmentation_scores(refs, self.seg_targets(refs), self.test.colours[: len(refs)])
 
     def grids(self) -> None:
         """The classification grid (a row per method, a column per pair: the first sample of the
@@ -370,14 +382,12 @@ class RGBBench(Bench):
     def _run(self) -> dict:
         t0 = time.time()
         noise_aware = self.timed("noise-aware", self.noise_aware_info)
-        parts = [f"{kind}-{row}" for kind in ("classification", "segmentation") for row in _guided(kind)]
+        parts = [f"{kind}-{row}" for kind in KINDS for row in _guided(kind)]
         sweep = self.timed_parts("sweep", self.sweep_stage, [f"sweep-{p}" for p in parts])
-        mains = [f"main-{kind}-{row}" for kind in ("classification", "segmentation") for row in _rows(kind)]
+        mains = [f"main-{kind}-{row}" for kind in KINDS for row in _rows(kind)]
         main = self.timed_parts("main", lambda: self.main_stage(sweep), mains)
         cost = self.timed("cost", self.cost_stage)
         real = self.timed("real", self.real_reference)
-        refs = self.references(sweep=False)[0]
-        real_refs = lambda: self._segmentation_scores(refs, self.seg_targets(refs), self.test.colours[: len(refs)])  # noqa: E731  # their own colours
         results = {
             "config": dataclasses.asdict(self.cfg),
             "machine": machine() | {"device": str(self.device)},
@@ -386,7 +396,7 @@ class RGBBench(Bench):
             "main": main,
             "cost": cost,
             "real_reference": real,
-            "reference_images": self.stage.get("references", real_refs),
+            "reference_images": self.stage.get("references", self.reference_scores),
             "summary": summary(main),
             "stage_seconds": self.timings,
             "seconds_this_call": round(time.time() - t0, 1),
