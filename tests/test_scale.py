@@ -85,7 +85,7 @@ def test_unknown_architecture_is_one_line():
         (["bench", "scale", "--quick", "--batch-sizes", "1,x"], "bad --batch-sizes '1,x'"),
         (["bench", "scale", "--quick", "--batch-sizes", "0"], "every size must be >= 1"),
         (["bench", "scale", "--quick", "--dtype", "float64"], "unknown dtype 'float64'"),
-        (["bench", "dense", "--quick", "--device", "cpu"], "apply to `ppap bench scale` only"),
+        (["bench", "dense", "--quick", "--device", "cpu"], "--device applies to `ppap bench scale` and `ppap bench rgb` only"),
     ],
 )
 def test_bench_scale_bad_options_are_one_line(argv, message, tmp_path, capsys):

@@ -252,10 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="the paper's comparison on the zoo; cost at real sizes; particle methods at matched compute (search) (resumable; see docs/reproducing.md, docs/SCALE.md)",
+        help="the paper's comparison on the zoo; the colour text-conditional models with CFG (rgb); cost at real sizes; particle methods at matched compute (search) (resumable; see docs/reproducing.md, docs/SCALE.md)",
     )
-    b.add_argument("suite", choices=("classifier", "dense", "scale", "search"))
+    b.add_argument("suite", choices=("classifier", "dense", "scale", "search", "rgb"))
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
+    b.add_argument("--work-dir", help="rgb suite: the stages, samples and the noise-aware model (default: --out)")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
     b.add_argument(
         "--workers",
@@ -270,12 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--extra-rows",
         help='classifier suite: also the main table\'s extra rows, "all" (ppap-10, x0-shortcut, x0-shortcut-calibrated) or a comma list (default: none)',
     )
-    b.add_argument("--device", help="scale suite: cpu | cuda | cuda:N (default cpu)")
+    b.add_argument("--device", help="scale and rgb suites: cpu | cuda | cuda:N (default cpu)")
     b.add_argument("--dtype", help="scale suite: float32 | float16 | bfloat16 for the UNet and the guide (default float32)")
     b.add_argument("--batch-sizes", help="scale suite: comma list (default 1,8 on the CPU, 1,16,64 on a GPU)")
     b.add_argument(
         "--report-only", action="store_true", help="scale suite: the report of the stages finished so far; measures nothing, lists the rest"
     )
+    rgb = b.add_argument_group("rgb suite (the colour text-conditional models; defaults: the zoo's fashion-rgb-* models)")
+    rgb.add_argument("--per-pair", type=int, help="samples per (colour, garment) pair in the main table (default 10; --quick 1)")
+    rgb.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 3)")
+    for flag, what in (
+        ("diffusion", "the text-conditional pipeline"),
+        ("guide", "the classifier"),
+        ("experts", "the classifier's experts"),
+        ("segmenter", "the segmenter"),
+        ("segmenter-experts", "the segmenter's experts"),
+        ("evaluator", "the evaluator"),
+    ):
+        rgb.add_argument(f"--{flag}", help=f"{what}: a folder or zoo name")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -97,6 +97,43 @@ def untint(rgb: Tensor, colours: Tensor) -> Tensor:
     return picked * 255 / table.max(1).values[:, None, None, None]
 
 
+# --------------------------------------------------------------------------------------------
+# colour fidelity: is a garment the colour its prompt names?
+# --------------------------------------------------------------------------------------------
+
+# a garment pixel's brightest channel exceeds 0.1 of full intensity: the grey world's foreground
+# rule (``ppap.models.FOREGROUND_THRESHOLD``, which labels the segmenters' training masks) on the
+# brightest channel, so that a dark colour's garment is not taken for background
+GARMENT_THRESHOLD = -0.8  # in [-1, 1] units
+
+
+def garment_mask(x: Tensor) -> Tensor:
+    """[N, 3, H, W] in [-1, 1] -> [N, H, W] bool: the pixels whose brightest channel exceeds
+    ``GARMENT_THRESHOLD`` (the black background and faint noise on it are left out)."""
+    return x.amax(1) > GARMENT_THRESHOLD
+
+
+def nearest_colour(x: Tensor) -> Tensor:
+    """[N] index into ``COLOUR_NAMES`` of the colour nearest to the mean colour of each image's
+    garment pixels (``garment_mask``), -1 for an image without any. Nearest by angle (cosine of
+    the RGB vectors in 0..255): a tinted pixel is its colour times its grey level, so the mean is
+    the colour times the mean brightness, whose direction alone names the colour (by Euclidean
+    distance a mid-grey white garment would be nearer magenta than white)."""
+    mask = garment_mask(x)
+    rgb = (x.float() + 1) * 127.5
+    count = mask.flatten(1).sum(1)
+    mean = (rgb * mask[:, None]).flatten(2).sum(2) / count.clamp_min(1)[:, None]  # [N, 3]
+    cosine = torch.nn.functional.normalize(mean, dim=1) @ torch.nn.functional.normalize(COLOUR_TABLE, dim=1).T  # [N, 8]
+    return torch.where(count > 0, cosine.argmax(1), -1)
+
+
+def colour_fidelity(x: Tensor, colours: Tensor) -> float:
+    """The share of images x [N, 3, H, W] in [-1, 1] whose garment's mean colour is nearest
+    (``nearest_colour``) to the prompt's colour ``colours`` [N] (indices into ``COLOUR_NAMES``);
+    an image with no garment pixel counts as a miss."""
+    return (nearest_colour(x) == colours.to(x.device)).float().mean().item()
+
+
 def to_unit(rgb: Tensor) -> Tensor:
     """0..255 -> [-1, 1] (the diffusion models' range)."""
     return rgb / 127.5 - 1

@@ -1,5 +1,6 @@
 """The benches behind ``ppap bench``: ``classifier`` (the paper's comparison on the zoo),
-``dense`` (layout guidance with the zoo's dense models) and ``scale`` (cost and memory of
+``dense`` (layout guidance with the zoo's dense models), ``rgb`` (the colour text-conditional
+models with classifier-free guidance, ``ppap.bench.rgb``) and ``scale`` (cost and memory of
 published architectures at their real sizes, ``ppap.bench.scale``), on one shared stage / worker
 / report layer (``common``). Every stage is saved under the results folder, so a re-run resumes."""
 

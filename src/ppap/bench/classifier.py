@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..bank_format import BANK_MANIFEST, load_manifest, parameter_report
-from ..banks import ExpertBank, load_bank, make_bank
+from ..bank_format import load_manifest, parameter_report
+from ..banks import ExpertBank
 from ..batch_sampling import generate_corpus
 from ..corpus import corpus_spec, load_corpus, open_corpus, reuse_shards
 from ..fashion_mnist import load_fashion_mnist
@@ -42,9 +41,7 @@ from ..images import to_hwc_uint8
 from ..io import atomic_write_bytes, read_json
 from ..loading import load_guide
 from ..metrics import accuracy_under_noise, features, fid, kid, precision_recall
-from ..router import TimestepRouter
 from ..tasks import task_for
-from ..train import TrainConfig, train_experts
 from .classifier_report import _in_order, classifier_report, plot_noise, plot_sweep
 from .classifier_tables import (
     CALIBRATION_GRID,
@@ -61,7 +58,7 @@ from .classifier_tables import (
     ablation_names,
     table_rows,
 )
-from .common import Bench, guided_step_memory, in_fresh_process, machine, time_steps
+from .common import Bench, choose_scale, class_scores, guided_step_memory, in_fresh_process, machine, time_steps, train_or_load_bank
 
 
 def _slug(name: str) -> str:
@@ -73,24 +70,9 @@ def _ablation_stages(names: list[str], scale: float, noise_aware_scale: float) -
     return {n: f"ablation-{_slug(n)}-s{scale:g}-na{noise_aware_scale:g}" for n in names}
 
 
-def _finished(directory: Path, train: TrainConfig) -> bool:
-    """Whether ``directory`` holds a finished bank trained with ``train``."""
-    if not (directory / BANK_MANIFEST).exists():
-        return False
-    m = load_manifest(directory)
-    same = m.get("train") == json.loads(json.dumps(dataclasses.asdict(train)))  # == so that alpha 8 is 8.0
-    return same and len(m["trained"]) == len(m["boundaries"]) - 1
-
-
 def _bank_seconds(directory: Path) -> float:
     m = load_manifest(directory)
     return round(sum(s["seconds"] for s in m["stats"].values()), 1)
-
-
-def _choose(points: list[dict]) -> dict:
-    """Highest evaluator accuracy; among points within 2 points of it, the lowest FID."""
-    best = max(p["accuracy"] for p in points)
-    return min((p for p in points if p["accuracy"] >= best - 0.02), key=lambda p: p["fid"])
 
 
 class ClassifierBench(Bench):
@@ -152,26 +134,17 @@ class ClassifierBench(Bench):
 
     def train_bank(self, key: str, spec: BankSpec) -> ExpertBank:
         """Train (or resume, or just load) a bank with the one training loop."""
-        guide = load_guide(self.cfg.guide)  # a fresh net per bank: LoRA is injected into it
-        if _finished(self.bank_dir(key), spec.train):  # read-only: two workers may load it at once
-            return load_bank(guide, self.bank_dir(key), schedule=self.diffusion.schedule).eval()
-        task = task_for(guide, self.pipe.image_shape, "classification", tau=spec.train.tau)
-        sched = self.diffusion.schedule
-        router = TimestepRouter.parse(spec.train.experts, sched.num_train_timesteps, sched.alphas_cumprod)
-        bank = make_bank(guide, router, spec.train.adapter_config(), seed=spec.train.seed)
-        labels = None
-        if spec.data == "labelled":
-            images, labels = load_fashion_mnist("train")
-        elif spec.data == "real":  # as many real images as the corpus holds, their labels unused
-            n = spec.corpus_size or self.cfg.corpus_size
-            images = load_fashion_mnist("train")[0][: min(n, self.cfg.real_images_limit or n)]
-        else:
-            images = self.corpus(spec.corpus_multiple * self.cfg.corpus_size)[: spec.corpus_size]
-        train_experts(
-            bank, task, sched, images, spec.train, self.bank_dir(key), labels=labels, identity=guide.identity, progress=self.progress
-        )
-        bank.task = task  # as load_bank sets it: the guidance term reads the task off the bank
-        return bank.eval()
+
+        def data() -> tuple[torch.Tensor, torch.Tensor | None]:
+            if spec.data == "labelled":
+                return load_fashion_mnist("train")
+            if spec.data == "real":  # as many real images as the corpus holds, their labels unused
+                n = spec.corpus_size or self.cfg.corpus_size
+                return load_fashion_mnist("train")[0][: min(n, self.cfg.real_images_limit or n)], None
+            return self.corpus(spec.corpus_multiple * self.cfg.corpus_size)[: spec.corpus_size], None
+
+        # a fresh net per bank: LoRA is injected into it
+        return train_or_load_bank(load_guide(self.cfg.guide), self.diffusion, spec.train, self.bank_dir(key), data, self.progress)
 
     def bank(self, key: str) -> ExpertBank:
         if key not in self._banks:
@@ -201,21 +174,9 @@ class ClassifierBench(Bench):
         targets = torch.arange(self.task.num_classes).repeat_interleave(per_class)
         guidance = terms if terms is not None else self.term(row, scale, targets)
         x, seconds = self.sample(len(targets), guidance, seed, desc=f"{row.name} s={scale:g}")
-        pred = self.evaluator_classes(x)
-        feats = features(self.evaluator, x)
-        per_class_acc = (pred == targets).float().view(self.task.num_classes, -1).mean(1)
-        out = {
-            "scale": scale,
-            "n": len(x),
-            "accuracy": (pred == targets).float().mean().item(),
-            "per_class_accuracy": per_class_acc.tolist(),
-            "per_class_min": per_class_acc.min().item(),
-            "fid": fid(feats, self.real_features),
-            "seconds": round(seconds, 1),
-        }
+        out = {"scale": scale} | class_scores(self.evaluator, x, targets, self.task.num_classes, self.real_features, full=save is not None)
+        out["seconds"] = round(seconds, 1)
         if save is not None:
-            prec, rec = precision_recall(self.real_features[: len(x)], feats)
-            out |= {"kid": kid(feats, self.real_features), "precision": prec, "recall": rec}
             buf = io.BytesIO()
             np.savez_compressed(buf, images=to_hwc_uint8(x), targets=targets.numpy())
             atomic_write_bytes(save, buf.getvalue())
@@ -297,7 +258,7 @@ class ClassifierBench(Bench):
         for row in sorted(self.rows, key=_row_cost, reverse=True):
             scale, chosen = 0.0, row
             if row.method != "unguided":
-                point = _choose(sweep[row.name])
+                point = choose_scale(sweep[row.name])
                 scale, chosen = point["scale"], dataclasses.replace(row, calibration=Calibration(**point["calibration"]))
             jobs[f"main-{row.name}"] = ("main_row", (chosen, scale))
         done = self.jobs("main", jobs)
@@ -374,7 +335,7 @@ class ClassifierBench(Bench):
             points = [
                 self.ablation_row(name, s, noise_aware_scale, self.cfg.sweep_per_class, self.cfg.sweep_seed) for s in NORMALIZED_SCALES
             ]
-            scale = _choose(points)["scale"]
+            scale = choose_scale(points)["scale"]
         guided = self.ablation_row(name, scale, noise_aware_scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
         if isinstance(a.bank, BankSpec):
             self._banks.pop(key)

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import json
 import multiprocessing
 import os
 import resource
@@ -23,17 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..bank_format import BANK_MANIFEST, load_manifest
+from ..banks import ExpertBank, load_bank, make_bank
 from ..batch_sampling import sample_images
-from ..diffusion import Diffusion, SamplingGrid
+from ..diffusion import Conditioning, Diffusion, SamplingGrid
 from ..fashion_mnist import load_fashion_mnist
 from ..guidance import Calibration, Guidance, GuidanceTerm
+from ..guide_model import GuideModel
 from ..io import PPAPError, atomic_write_bytes, atomic_write_json, check_same_settings, read_json
 from ..loading import load_experts, load_guide, load_pipeline
-from ..metrics import features, predict
+from ..metrics import features, fid, kid, precision_recall, predict
+from ..router import TimestepRouter
 from ..samplers import sample_ddim
+from ..tasks import task_for
+from ..train import TrainConfig, train_experts
 
 
 class _Stage:
@@ -57,10 +64,10 @@ class _Stage:
         atomic_write_json(path, value)
         return value
 
-    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers", "ablations", "extra_rows")) -> None:
+    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers", "device", "ablations", "extra_rows")) -> None:
         """A results folder belongs to one configuration: refuse to mix the stages of two. How
-        it runs (``workers``) and which cached rows it adds (``ablations``, ``extra_rows``) are
-        not configuration."""
+        it runs (``workers``, ``device``) and which cached rows it adds (``ablations``,
+        ``extra_rows``) are not configuration."""
         path = self.dir / "config.json"
         if not path.exists():
             atomic_write_json(path, config)
@@ -160,10 +167,12 @@ class Bench:
             out[futures[f]] = f.result()
         return {name: out[name] for name in jobs}
 
-    def save_results(self, results: dict, report: str) -> None:
-        """``results.json`` and ``report.md`` in the results folder."""
-        atomic_write_json(self.out / "results.json", results)
-        atomic_write_bytes(self.out / "report.md", report.encode())
+    def save_results(self, results: dict, report: str, folder: Path | None = None) -> None:
+        """``results.json`` and ``report.md`` in the results folder (or ``folder``)."""
+        folder = folder or self.out
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "results.json", results)
+        atomic_write_bytes(folder / "report.md", report.encode())
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -178,15 +187,19 @@ class Bench:
 
     # ---- sampling and scoring --------------------------------------------------------------
 
-    def sample(self, num: int, term: GuidanceTerm | list[GuidanceTerm] | None, seed: int, desc: str) -> tuple[Tensor, float]:
-        """``num`` DDIM samples guided by ``term`` (None: unguided; a list: their sum) and the
-        seconds they took."""
+    def sample(
+        self, num: int, term: GuidanceTerm | list[GuidanceTerm] | None, seed: int, desc: str, conditioning: Conditioning | None = None
+    ) -> tuple[Tensor, float]:
+        """``num`` DDIM samples guided by ``term`` (None: unguided; a list: their sum), with the
+        UNet's per-sample ``conditioning`` (prompts, classifier-free guidance), and the seconds
+        they took."""
         t0 = time.time()
         x = sample_images(
             self.pipe,
             num,
             seed=seed,
             terms=term if isinstance(term, list) else [term] if term is not None else [],
+            conditioning=conditioning,
             batch_size=self.cfg.batch_size,
             progress=self.progress,
             desc=desc,
@@ -197,7 +210,81 @@ class Bench:
 
     def evaluator_classes(self, x: Tensor) -> Tensor:
         """The evaluator's predicted class of every image."""
-        return predict(self.evaluator, x).argmax(-1)
+        return evaluator_classes(self.evaluator, x)
+
+
+def choose_scale(points: list[dict]) -> dict:
+    """The sweep point a row runs at: highest evaluator accuracy; among points within 2 points
+    of it, the lowest FID."""
+    best = max(p["accuracy"] for p in points)
+    return min((p for p in points if p["accuracy"] >= best - 0.02), key=lambda p: p["fid"])
+
+
+def class_scores(evaluator: nn.Module, x: Tensor, targets: Tensor, num_classes: int, real_features: Tensor, full: bool = False) -> dict:
+    """The evaluator's judgement of images x [N, C, H, W] guided toward classes ``targets`` [N]:
+    accuracy, per-class accuracy (None for a class no sample asked for) and its minimum, FID
+    against ``real_features``; ``full``: also KID, precision and recall."""
+    hit = (evaluator_classes(evaluator, x) == targets).float()
+    feats = features(evaluator, x)
+    per_class = group_means(hit, targets, num_classes)
+    out = {
+        "n": len(x),
+        "accuracy": hit.mean().item(),
+        "per_class_accuracy": per_class,
+        "per_class_min": min(v for v in per_class if v is not None),
+        "fid": fid(feats, real_features),
+    }
+    if full:
+        prec, rec = precision_recall(real_features[: len(x)], feats)
+        out |= {"kid": kid(feats, real_features), "precision": prec, "recall": rec}
+    return out
+
+
+def group_means(values: Tensor, groups: Tensor, num_groups: int) -> list[float | None]:
+    """The mean of ``values`` [N] over the samples of each group 0..num_groups-1 (``groups`` [N]),
+    None for a group without samples (JSON has no NaN)."""
+    sums = torch.zeros(num_groups).index_add_(0, groups, values.float())
+    counts = torch.bincount(groups, minlength=num_groups)
+    return [(s / c).item() if c else None for s, c in zip(sums, counts.tolist())]
+
+
+def evaluator_classes(evaluator: nn.Module, x: Tensor) -> Tensor:
+    """The evaluator's predicted class of every image."""
+    return predict(evaluator, x).argmax(-1)
+
+
+def finished_bank(directory: Path, train: TrainConfig) -> bool:
+    """Whether ``directory`` holds a finished bank trained with ``train``."""
+    if not (directory / BANK_MANIFEST).exists():
+        return False
+    m = load_manifest(directory)
+    same = m.get("train") == json.loads(json.dumps(dataclasses.asdict(train)))  # == so that alpha 8 is 8.0
+    return same and len(m["trained"]) == len(m["boundaries"]) - 1
+
+
+def train_or_load_bank(
+    guide: GuideModel,
+    diffusion: Diffusion,
+    train: TrainConfig,
+    directory: Path,
+    data: Callable[[], tuple[Tensor, Tensor | None]],
+    progress: bool = True,
+) -> ExpertBank:
+    """A classifier's bank trained with ``train`` by the one training loop into ``directory`` on
+    ``data()`` (images [N, C, H, W] in [-1, 1], and their labels or None; called only when
+    something is left to train), resumed where it stopped, or just loaded when finished
+    (read-only: two workers may load it at once). ``guide``'s net receives the adapters, and
+    the bank trains where ``guide`` is."""
+    if finished_bank(directory, train):
+        return load_bank(guide, directory, schedule=diffusion.schedule).eval()
+    sched = diffusion.schedule
+    task = task_for(guide, diffusion.image_shape, "classification", tau=train.tau)
+    router = TimestepRouter.parse(train.experts, sched.num_train_timesteps, sched.alphas_cumprod)
+    bank = make_bank(guide, router, train.adapter_config(), seed=train.seed)
+    images, labels = data()
+    train_experts(bank, task, sched, images, train, directory, labels=labels, identity=guide.identity, progress=progress)
+    bank.task = task  # as load_bank sets it: the guidance term reads the task off the bank
+    return bank.eval()
 
 
 _WORKER: Bench | None = None  # a pool worker's own bench, made once by _init_worker
@@ -260,16 +347,35 @@ def mid_step(diffusion: Diffusion, steps: int) -> SamplingGrid:
 
 
 def time_steps(
-    diffusion: Diffusion, guidances: dict[str, Guidance | None], batch: int, steps: int, repeats: int, whole: bool = False
+    diffusion: Diffusion,
+    guidances: dict[str, Guidance | None],
+    batch: int,
+    steps: int,
+    repeats: int,
+    whole: bool = False,
+    cond: Conditioning | None = None,
 ) -> dict[str, float]:
     """Median seconds of one mid-noise DDIM step (of a ``steps``-step schedule) at ``batch`` for
     each method's guidance (None = unguided), timed round-robin so that a transient load on the machine hits
     every method alike. Round 0 warms up and is dropped. ``whole``: the whole ``steps``-step
-    trajectory instead (so a bank's expert switches are in the time), divided by ``steps``."""
-    x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0))
+    trajectory instead (so a bank's expert switches are in the time), divided by ``steps``.
+    ``cond``: the UNet's conditions of the ``batch`` samples (the guidances built on
+    ``diffusion.bind(cond)``), on the UNet's device."""
+    device = next(iter(diffusion.parameters())).device
+    x = torch.randn((batch,) + diffusion.image_shape, generator=torch.Generator().manual_seed(0)).to(device)
     step = diffusion.schedule.grid(steps, "ddim") if whole else mid_step(diffusion, steps)
-    calls = {name: functools.partial(sample_ddim, diffusion, x, step, guidance=guidance) for name, guidance in guidances.items()}
+    denoiser = diffusion if cond is None else diffusion.bind(cond)
+    calls = {
+        name: _synced(functools.partial(sample_ddim, denoiser, x, step, guidance=guidance), device) for name, guidance in guidances.items()
+    }
     return {name: seconds / len(step) for name, seconds in round_robin_median(calls, repeats).items()}
+
+
+def _synced(call: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``call``, waiting for a GPU's queued kernels so that its time is the work's, not the launch's."""
+    if device.type != "cuda":
+        return call
+    return lambda: (call(), torch.cuda.synchronize(device))
 
 
 def round_robin_median(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,10 +87,13 @@ def _foreground(x: torch.Tensor) -> torch.Tensor:
     return x[:, 0] > FOREGROUND_THRESHOLD
 
 
-def segmentation_scores(x: torch.Tensor, target: torch.Tensor, evaluator: nn.Module) -> dict:
-    """Per-sample foreground IoU with the target mask, and whether the evaluator sees the class
-    the mask implies (its most frequent non-background label)."""
-    fg, want = _foreground(x), target != 0
+def segmentation_scores(
+    x: torch.Tensor, target: torch.Tensor, evaluator: nn.Module, foreground: Callable[[torch.Tensor], torch.Tensor] = _foreground
+) -> dict:
+    """Per-sample foreground IoU with the target mask (``foreground``: images -> [N, H, W]
+    garment masks), and whether the evaluator sees the class the mask implies (its most
+    frequent non-background label)."""
+    fg, want = foreground(x), target != 0
     union = (fg | want).flatten(1).sum(1).clamp_min(1)
     iou = (fg & want).flatten(1).sum(1) / union
     implied = torch.tensor([int(torch.mode(m[m != 0]).values) - 1 if (m != 0).any() else -1 for m in target])

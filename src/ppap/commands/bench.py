@@ -1,4 +1,4 @@
-"""``ppap bench``: the comparison on the zoo (classifier, dense) and the cost at real sizes (scale)."""
+"""``ppap bench``: the comparison on the zoo (classifier, dense), the colour text-conditional models (rgb) and the cost at real sizes (scale)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,23 @@ def _row_choice(text: str, check) -> tuple[str, ...] | str:
     return choice
 
 
+RGB_FLAGS = ("work_dir", "per_pair", "cfg_scale", "diffusion", "guide", "experts", "segmenter", "segmenter_experts", "evaluator")
+
+
 def cmd_bench(args) -> int:
     out = Path(args.out or f"runs/bench-{args.suite}{'-quick' if args.quick else ''}")
-    if args.suite != "scale" and ((args.device, args.dtype, args.batch_sizes) != (None, None, None) or args.report_only):
-        raise PPAPError("--device, --dtype, --batch-sizes and --report-only apply to `ppap bench scale` only")
-    if args.suite == "classifier":
+    if args.suite not in ("scale", "rgb") and args.device is not None:
+        raise PPAPError("--device applies to `ppap bench scale` and `ppap bench rgb` only")
+    if args.suite != "scale" and ((args.dtype, args.batch_sizes) != (None, None) or args.report_only):
+        raise PPAPError("--dtype, --batch-sizes and --report-only apply to `ppap bench scale` only")
+    given = [f"--{name.replace('_', '-')}" for name in RGB_FLAGS if getattr(args, name, None) is not None]
+    if args.suite != "rgb" and given:
+        raise PPAPError(f"{given[0]} applies to `ppap bench rgb` only")
+    if args.suite == "rgb":
+        if args.workers is not None or args.ablations is not None or args.extra_rows is not None:
+            raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
+        results = _run_rgb(args, out)
+    elif args.suite == "classifier":
         import dataclasses
 
         from ..bench import QUICK, BenchConfig, classifier_report, run_classifier_bench
@@ -59,3 +71,17 @@ def cmd_bench(args) -> int:
         print(dense_report(results))
     print(f"results in {out}/ (results.json, report.md, figures); re-run to resume")
     return 0
+
+
+def _run_rgb(args, out: Path) -> dict:
+    import dataclasses
+
+    from ..bench.rgb import QUICK, RGBBenchConfig, run_rgb_bench
+    from ..bench.rgb_report import rgb_report
+
+    cfg = QUICK if args.quick else RGBBenchConfig()
+    given = {name: getattr(args, name) for name in RGB_FLAGS[1:] if getattr(args, name) is not None}
+    cfg = dataclasses.replace(cfg, **given, **({"device": args.device} if args.device else {}))
+    results = run_rgb_bench(out, cfg=cfg, work_dir=Path(args.work_dir) if args.work_dir else None, progress=not args.quiet)
+    print(rgb_report(results))
+    return results
