@@ -28,7 +28,7 @@ def tiny_weights(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rgb")
     train_rgb_ddpm(root / "weights" / "fashion-rgb-ddpm", root / "work-ddpm", TINY_RGB_DDPM_RECIPE)
-    for name in ("fashion-rgb-classifier", "fashion-rgb-segmenter"):
+    for name in ("fashion-rgb-classifier", "fashion-rgb-segmenter", "fashion-rgb-evaluator"):
         train_rgb_guide(name, root / "weights" / name, root / f"work-{name}", TINY_RGB_GUIDE_RECIPES[name])
     return root / "weights"
 
@@ -47,7 +47,8 @@ def _tiny(name: str, corpus_size: int = 10):
 
 @pytest.fixture(scope="module")
 def tiny_banks(tiny_weights):
-    """Both colour banks by their recipes (tiny sizes) on the tiny models: ``out/NAME``, work in ``runs/zoo/NAME``."""
+    """Both colour banks by their recipes (tiny sizes) on the tiny models, into the zoo's layout
+    (``weights/NAME``), work in ``runs/zoo/NAME``."""
     from ppap.recipes import train_zoo_experts
 
     root = tiny_weights.parent
@@ -55,7 +56,7 @@ def tiny_banks(tiny_weights):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(zoo, "weights_dir", lambda: tiny_weights)
         for name in ("fashion-rgb-ppap5", "fashion-rgb-segmenter-ppap5"):
-            cards[name] = train_zoo_experts(name, root / "out" / name, root / "runs" / "zoo" / name, _tiny(name))
+            cards[name] = train_zoo_experts(name, tiny_weights / name, root / "runs" / "zoo" / name, _tiny(name))
     return {"root": root, "cards": cards}
 
 
@@ -84,7 +85,7 @@ def test_a_prompted_corpus_is_the_pipelines_own_samples_resumes_and_refuses_othe
     from ppap.train import data_free_experts
 
     r, root = _tiny("fashion-rgb-ppap5"), tiny_banks["root"]
-    card, out, work = tiny_banks["cards"]["fashion-rgb-ppap5"], root / "out" / "fashion-rgb-ppap5", root / "runs" / "zoo"
+    card, out, work = tiny_banks["cards"]["fashion-rgb-ppap5"], root / "weights" / "fashion-rgb-ppap5", root / "runs" / "zoo"
     assert card["recipe"]["prompts"] == list(r.prompts) and card["recipe"]["cfg_scale"] == 3.0
     assert json.loads((out / "ppap_experts.json").read_text())["trained"] == ["expert_0", "expert_1"]
     # the corpus: beside the zoo work folder, not where an unprompted corpus of the model goes
@@ -136,7 +137,7 @@ def test_cli_red_sneakers_a_prompt_a_transformers_classifier_and_its_experts(tin
     from ppap.images import to_hwc_uint8
     from ppap.loading import load_experts, load_guide, load_pipeline
 
-    weights, bank = tiny_banks["root"] / "weights", tiny_banks["root"] / "out" / "fashion-rgb-ppap5"
+    weights, bank = tiny_banks["root"] / "weights", tiny_banks["root"] / "weights" / "fashion-rgb-ppap5"
     ddpm, clf = str(weights / "fashion-rgb-ddpm"), str(weights / "fashion-rgb-classifier")
     common = ["sample", "--diffusion", ddpm, "--prompt", "a red garment", "--cfg-scale", "3", "--num", "2", "--steps", "3", "--quiet"]
     guided = ["--guide", clf, "--experts", str(bank), "--target", "sneaker"]
@@ -173,7 +174,7 @@ def test_cli_blue_garments_in_a_reference_layout_with_the_segmenters_experts(tin
     from ppap.images import load_reference_image
     from ppap.loading import load_guide
 
-    weights, bank = tiny_banks["root"] / "weights", tiny_banks["root"] / "out" / "fashion-rgb-segmenter-ppap5"
+    weights, bank = tiny_banks["root"] / "weights", tiny_banks["root"] / "weights" / "fashion-rgb-segmenter-ppap5"
     seg = str(weights / "fashion-rgb-segmenter")
     grey, _ = load_fashion_mnist("test")
     silhouette = tmp_path / "silhouette.png"  # a grey garment, 32 x 32: its segmentation is the layout
@@ -187,3 +188,24 @@ def test_cli_blue_garments_in_a_reference_layout_with_the_segmenters_experts(tin
         layout = load_guide(seg)(reference).argmax(1)[0]  # [32, 32] labels: background + class per pixel
     assert out["images"].shape == (2, 32, 32, 3) and out["targets"].shape == (2, 32, 32)
     assert all(np.array_equal(t, layout.numpy()) for t in out["targets"])
+
+
+@needs_data
+def test_the_demos_colour_row_samples_red_sneakers_and_blue_garments_in_a_reference_layout(tiny_banks, tiny_zoo, capsys):
+    from ppap.demo import COLOUR_CFG, colour_row
+
+    figures, grid = colour_row(2, 3)
+    assert "[colour] red sneakers and blue garments in a reference layout: 2 each, DDIM-3, CFG 3" in capsys.readouterr().out
+    assert figures["cfg_scale"] == COLOUR_CFG and figures["per_row"] == 2
+    for key in ("sneaker_accuracy_by_evaluator", "layout_iou_by_segmenter"):
+        assert figures[key].keys() == {"unguided (CFG)", "ppap"} and all(0 <= v <= 1 for v in figures[key].values())
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[0] >= 2 * 64
+
+
+def test_the_demos_colour_row_is_one_line_when_the_colour_models_are_not_built(tmp_path, monkeypatch, capsys):
+    from ppap.demo import colour_row
+
+    monkeypatch.setattr(zoo, "weights_dir", lambda: tmp_path)
+    assert colour_row(2, 3) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("[colour] skipped: the colour zoo models are not built") and "fashion-rgb-ddpm" in out[0]
