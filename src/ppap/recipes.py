@@ -7,6 +7,7 @@ point and restarted ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -435,8 +436,6 @@ def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int, prompts:
     drawn with prompts has their (and the CFG scale's) hash in its name."""
     name = f"{diffusion}-{size}"
     if prompts:
-        import hashlib
-
         name += "-p" + hashlib.sha256(json.dumps([list(prompts), float(cfg_scale)]).encode()).hexdigest()[:8]
     return Path(work_root).parent / "corpus" / name
 
