@@ -30,5 +30,7 @@ def test_demo_writes_grid_summary_and_table(tmp_path, capsys):
     manifest = json.loads((tmp_path / "work" / "experts" / "ppap_experts.json").read_text())
     assert manifest["trained"] == [f"expert_{i}" for i in range(5)]
     assert json.loads((tmp_path / "work" / "corpus" / "manifest.json").read_text())["num_samples"] == 16
+    # the colour row: its figures when the colour zoo models are built, else a note that it was skipped
+    assert saved["colour"] == summary["colour"] and ("skipped" in saved["colour"] or "layout_iou_by_segmenter" in saved["colour"])
     # the demo's rows differ: guidance changed the samples
     assert len({json.dumps(r["per_class"]) for r in saved["methods"].values()}) >= 1 and summary["seed"] == 0

@@ -52,6 +52,23 @@ def save_classifier(folder: Path, seed: int) -> None:
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
 
 
+def save_text_pipeline(folder: Path, seed: int):
+    """A text-conditional PPAPPipeline (UNet2DConditionModel, CLIP text encoder, word tokenizer)."""
+    from diffusers import DDIMScheduler
+
+    from ppap import PPAPPipeline
+    from ppap.text import build_text_encoder, build_word_tokenizer
+
+    from conftest import tiny_cond_unet
+
+    tokenizer = build_word_tokenizer(["a", "red", "blue", "garment"], max_length=4)
+    torch.manual_seed(seed)
+    text_encoder = build_text_encoder(len(tokenizer), 4, width=8, layers=1, heads=2).eval()
+    pipe = PPAPPipeline(tiny_cond_unet(seed), DDIMScheduler(num_train_timesteps=100), text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 def random_bank(guide: GuideModel, seed: int) -> LoRAExperts:
     """Two LoRA experts with random weights (peft starts B at zero: the experts would equal the teacher)."""
     bank = LoRAExperts(copy.deepcopy(guide), TimestepRouter.uniform(2, 100), AdapterConfig(rank=2, alpha=2))
@@ -90,7 +107,9 @@ def hub(tmp_path_factory):
     (pickled / "diffusion_pytorch_model.safetensors").rename(pickled / "diffusion_pytorch_model.bin")  # never read: refused by name
     shutil.copy(src / "ddpm" / "v2" / "scheduler" / "scheduler_config.json", pickled)
     put(cache, "org/pickled", MAIN, pickled, ("main",))
-    return {"cache": cache, "src": src, "banks": banks, "guides": guides, "schedule": diffusion.schedule}
+    text_pipe = save_text_pipeline(src / "text" / "main", seed=4)
+    put(cache, "org/text", MAIN, src / "text" / "main", ("main",))
+    return {"cache": cache, "src": src, "banks": banks, "guides": guides, "schedule": diffusion.schedule, "text_pipe": text_pipe}
 
 
 @pytest.fixture
@@ -281,7 +300,7 @@ def online(hub, tmp_path, monkeypatch):
     from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, filter_repo_objects
 
     remotes, cache, calls = {}, tmp_path / "cache", []
-    for name in ("ddpm", "clf"):
+    for name in ("ddpm", "clf", "text"):
         shutil.copytree(hub["src"] / name / "main", remotes.setdefault(f"org/{name}", tmp_path / "remote" / name))
     for pickle in ("ddpm/unet/diffusion_pytorch_model.bin", "ddpm/vae/diffusion_pytorch_model.safetensors", "clf/pytorch_model.bin"):
         (tmp_path / "remote" / pickle).parent.mkdir(exist_ok=True)
@@ -340,3 +359,22 @@ def test_online_errors_are_one_line(online):
         load_guide("org/ddpm@v9")
     with pytest.raises(PPAPError, match="cannot reach the Hugging Face Hub for org/unreachable, and it is not in the cache"):
         load_experts("org/unreachable", GuideModel(torch.nn.Identity()), load_diffusion("org/ddpm"))
+
+
+def _same_text_pipeline(pipe, saved) -> None:
+    from transformers import CLIPTextModel
+
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and same_weights(pipe.text_encoder, saved.text_encoder)
+    assert same_weights(pipe.unet, saved.unet) and pipe.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
+    assert torch.equal(pipe.encode_prompt("a red garment")[0], saved.encode_prompt("a red garment")[0])
+
+
+def test_a_text_pipelines_hub_id_brings_its_text_encoder_and_tokenizer(offline):
+    _same_text_pipeline(load_pipeline("org/text"), offline["text_pipe"])
+
+
+def test_online_a_text_pipeline_fetches_its_text_encoder_and_tokenizer_but_no_code(online, hub):
+    _same_text_pipeline(load_pipeline("org/text"), hub["text_pipe"])
+    files = fetched(online["cache"], "org/text")
+    assert {"text_encoder/model.safetensors", "tokenizer/tokenizer.json", "unet/diffusion_pytorch_model.safetensors"} <= files
+    assert (hub["src"] / "text" / "main" / "ppap_pipeline.py").exists() and not [f for f in files if f.endswith(".py")]

@@ -82,6 +82,34 @@ def test_a_saved_text_pipeline_reloads_with_diffusers_from_pretrained(tmp_path):
     assert PPAPPipeline.from_pretrained(tmp_path / "plain").text_encoder is None
 
 
+def test_diffusers_own_from_pretrained_loads_a_saved_folder_with_the_users_consent(tmp_path, monkeypatch):
+    """diffusers' custom-pipeline convention: the folder's ppap_pipeline.py (one import of the
+    installed ppap) names the class; diffusers runs it only with trust_remote_code=True."""
+    import diffusers
+    from diffusers.utils import dynamic_modules_utils
+
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where diffusers copies the module
+    pipe = _text_pipe()
+    pipe.save_pretrained(tmp_path / "p")
+    code = (tmp_path / "p" / "ppap_pipeline.py").read_text()
+    assert [line for line in code.splitlines() if line.startswith(("import", "from"))] == ["from ppap.pipeline import PPAPPipeline"]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # no code runs without the user's consent
+        diffusers.DiffusionPipeline.from_pretrained(tmp_path / "p", custom_pipeline="ppap_pipeline")
+    again = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "p", custom_pipeline="ppap_pipeline", trust_remote_code=True)
+    assert type(again) is PPAPPipeline
+    for name in ("unet", "text_encoder"):
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    settings = [{k: v for k, v in s.config.items() if not k.startswith("_")} for s in (again.scheduler, pipe.scheduler)]
+    assert type(again.scheduler) is type(pipe.scheduler) and settings[0] == settings[1]
+    assert again.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    assert again.tokenizer.model_max_length == pipe.tokenizer.model_max_length
+    assert torch.equal(again.encode_prompt("a red garment")[0], pipe.encode_prompt("a red garment")[0])
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    call = dict(prompt="a red garment", guidance_scale=3.0, latents=x_T, num_inference_steps=3, output_type="latent", progress=False)
+    assert torch.equal(again(**call).images, pipe(**call).images)
+
+
 @pytest.mark.parametrize("negative_prompt", [None, "blue"])
 def test_cfg_on_prompts_equals_diffusers_reference_loop(negative_prompt):
     pipe = _text_pipe()

@@ -318,9 +318,11 @@ def corpus_spec(
     batch_size: int = 64,
     sampler: str = "ddim",
     conditioning=None,
+    prompts=None,
 ) -> CorpusSpec:
     """The identity of a corpus of ``num`` samples of ``pipe`` (a ``PPAPPipeline``); a conditional
-    model's ``conditioning`` (for all ``num`` samples) is part of it."""
+    model's ``conditioning`` (for all ``num`` samples) is part of it, and the ``prompts`` (cycled
+    over the samples) that its embeddings encode, for the record."""
     for name, value in (("corpus size", num), ("shard size", shard_size), ("batch size", batch_size), ("steps", steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PPAPError(f"{name} must be >= 1, got {value!r}")
@@ -338,7 +340,7 @@ def corpus_spec(
                 }
             )[:16],
             "guidance_scale": conditioning.guidance_scale,
-        }
+        } | ({} if prompts is None else {"prompts": list(prompts)})
     spec = CorpusSpec(
         model=f"{ref}@{fingerprint(pipe.unet.state_dict())[:16]}",
         num_samples=num,

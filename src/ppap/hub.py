@@ -154,12 +154,27 @@ def diffusers_layout(root: Path, subfolder: str | None = None, name: str | None 
     return base, next((c for c in candidates if c.is_file()), candidates[0])
 
 
+TEXT_FILES = ["text_encoder/" + p for p in weight_patterns("model")] + ["tokenizer/*.txt"]  # besides the JSON configs
+
+
 def download_diffusion(ref: str, *, revision: str | None = None, subfolder: str | None = None, variant: str | None = None) -> Path:
     """A diffusers model's snapshot: every JSON config first (to find the UNet), then the UNet's
-    safetensors weights of ``variant`` only, from the same commit. Returns the snapshot root."""
+    safetensors weights of ``variant`` only, and a pipeline's text encoder weights and tokenizer
+    files when its ``model_index.json`` names a text encoder, from the same commit. Returns the
+    snapshot root."""
     root = download(ref, ["*.json"], revision=revision)
     unet_dir, _ = diffusers_layout(root, subfolder, ref)
     rel = unet_dir.relative_to(root).as_posix()
     prefix = "" if rel == "." else rel + "/"
+    patterns = [prefix + p for p in weight_patterns(UNET_WEIGHTS, variant)]
+    if subfolder is None and _names_text_encoder(root / "model_index.json"):
+        patterns += TEXT_FILES
     # the snapshot folder is named by its commit hash: the weights come from that very commit
-    return download(parse_hub_id(ref)[0], [prefix + p for p in weight_patterns(UNET_WEIGHTS, variant)], revision=root.name)  # type: ignore[index]
+    return download(parse_hub_id(ref)[0], patterns, revision=root.name)  # type: ignore[index]
+
+
+def _names_text_encoder(index_file: Path) -> bool:
+    from .io import read_json
+
+    entry = read_json(index_file, "pipeline index").get("text_encoder") if index_file.is_file() else None
+    return isinstance(entry, list) and len(entry) == 2 and bool(entry[1])

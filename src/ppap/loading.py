@@ -100,10 +100,15 @@ def load_pipeline(
     dtype = dtype if dtype is not None else torch_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    diffusion = load_diffusion(ref, revision=revision, subfolder=subfolder, torch_dtype=dtype, variant=variant)
-    # a local pipeline folder's text encoder and tokenizer (a text-conditional model's prompts)
+    from . import hub
+
     location = diffusion_location(ref)
-    text_encoder, tokenizer = load_text_components(location) if isinstance(location, Path) and subfolder is None else (None, None)
+    if not isinstance(location, Path):  # a hub id: its snapshot, with a text encoder's files when the pipeline has one
+        location = hub.download_diffusion(ref, revision=revision, subfolder=subfolder, variant=variant)
+    diffusion = load_diffusion(str(location), subfolder=subfolder, torch_dtype=dtype, variant=variant)
+    diffusion.name = ref
+    # the pipeline folder's text encoder and tokenizer (a text-conditional model's prompts)
+    text_encoder, tokenizer = load_text_components(location) if subfolder is None else (None, None)
     # its scheduler of the class the folder saved, as diffusers' from_pretrained does
     pipe = PPAPPipeline(
         unet=diffusion.unet,

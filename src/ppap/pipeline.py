@@ -38,6 +38,18 @@ from .schedulers import sample, sampling_scheduler
 from .tasks import Classification, class_targets, dense_targets, output_shape, task_for
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# diffusers' custom-pipeline entry point, written into every saved folder: with it,
+# ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="ppap_pipeline", trust_remote_code=True)``
+# gives a PPAPPipeline. It only imports the installed ppap package (diffusers checks that it is there).
+CUSTOM_PIPELINE_FILE = "ppap_pipeline.py"
+CUSTOM_PIPELINE_CODE = '''"""diffusers' custom-pipeline entry point of a ppap pipeline folder: the class is the installed
+ppap package's own (pip install ppap). Load with
+DiffusionPipeline.from_pretrained(folder, custom_pipeline="ppap_pipeline", trust_remote_code=True)."""
+
+from ppap.pipeline import PPAPPipeline
+
+__all__ = ["PPAPPipeline"]
+'''
 
 
 @dataclass
@@ -123,9 +135,11 @@ class PPAPPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """diffusers' ``save_pretrained``, with its weight files readable as any file ``open()``
-        writes (safetensors' ``save_file`` leaves them 0600)."""
+        writes (safetensors' ``save_file`` leaves them 0600), and ``ppap_pipeline.py``, the
+        folder's custom-pipeline entry point for diffusers' own ``DiffusionPipeline.from_pretrained``."""
         start = time.time() - 1.0  # file times may be coarser than time.time()
         super().save_pretrained(save_directory, **kwargs)
+        (Path(save_directory) / CUSTOM_PIPELINE_FILE).write_text(CUSTOM_PIPELINE_CODE)
         give_usual_permissions(Path(save_directory), written_since=start)
 
     # ---- guidance and conditions, resolved for a whole run -------------------------------------

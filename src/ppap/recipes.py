@@ -7,6 +7,8 @@ point and restarted ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -374,9 +376,16 @@ class ExpertRecipe:
     corpus_size: int = 4000  # unlabelled images sampled from the DDPM (DDIM-25)
     train: TrainConfig | None = None  # filled in EXPERT_RECIPES
     task: str = "classification"  # the guide's task (its KD loss)
+    # a text-conditional diffusion model: corpus sample k is drawn with prompts[k mod len(prompts)],
+    # at this classifier-free guidance scale against the empty prompt (the pipeline's own encoding)
+    prompts: tuple[str, ...] = ()
+    cfg_scale: float = 1.0
 
 
 def _expert_recipes() -> dict:
+    from .fashion_rgb import COLOUR_NAMES, colour_prompt
+
+    colour_cycle = tuple(colour_prompt(c) for c in COLOUR_NAMES)  # "a red garment", "a green garment", ...
     return {
         "fashion-ppap5": ExpertRecipe(
             corpus_size=4000,
@@ -396,30 +405,73 @@ def _expert_recipes() -> dict:
             corpus_size=4000,
             train=TrainConfig(experts="5", iterations=800, batch_size=32, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
         ),
+        # the colour world: the text-conditional DDPM's samples, prompts cycled over the 8 colours at
+        # CFG 3 (the scale the colour samples are drawn at), distilled from the transformers guides;
+        # the grey recipes' training settings
+        "fashion-rgb-ppap5": ExpertRecipe(
+            diffusion="fashion-rgb-ddpm",
+            guide="fashion-rgb-classifier",
+            corpus_size=4000,
+            prompts=colour_cycle,
+            cfg_scale=3.0,
+            train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
+        ),
+        "fashion-rgb-segmenter-ppap5": ExpertRecipe(
+            diffusion="fashion-rgb-ddpm",
+            guide="fashion-rgb-segmenter",
+            task="segmentation",
+            corpus_size=4000,
+            prompts=colour_cycle,
+            cfg_scale=3.0,
+            train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
+        ),
     }
 
 
 EXPERT_RECIPES = _expert_recipes()
 
 
-def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int) -> Path:
-    """Corpora are shared by every recipe (and the bench) that draws the same images."""
-    return Path(work_root).parent / "corpus" / f"{diffusion}-{size}"
+def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int, prompts: tuple[str, ...] = (), cfg_scale: float = 1.0) -> Path:
+    """Corpora are shared by every recipe (and the bench) that draws the same images; a corpus
+    drawn with prompts has their (and the CFG scale's) hash in its name."""
+    name = f"{diffusion}-{size}"
+    if prompts:
+        name += "-p" + hashlib.sha256(json.dumps([list(prompts), float(cfg_scale)]).encode()).hexdigest()[:8]
+    return Path(work_root).parent / "corpus" / name
 
 
-def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> dict:
+def cycled_prompt_conditioning(pipe, prompts: tuple[str, ...], num: int, cfg_scale: float):
+    """The ``Conditioning`` of ``num`` samples, sample k prompted with ``prompts[k mod P]`` and
+    encoded as ``pipe(prompt=[...])`` encodes a list of prompts (the empty prompt for CFG): a
+    batch of it is the pipeline's own sample of those prompts."""
+    cycle = [prompts[k % len(prompts)] for k in range(num)]
+    embeds, negative = pipe.encode_prompt(cycle, do_classifier_free_guidance=cfg_scale > 1)
+    return pipe.conditioning(num, prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=cfg_scale)
+
+
+def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path, r: ExpertRecipe | None = None) -> dict:
     """Corpus + experts in ``work_dir`` (resumable); the finished experts are swapped into ``out_dir``.
     The corpus lives beside the zoo work folder (``runs/corpus``), shared with other recipes."""
     from .bank_format import load_manifest
     from .loading import load_guide, load_pipeline
     from .train import data_free_experts
 
-    r = EXPERT_RECIPES[name]
+    r = r or EXPERT_RECIPES[name]
     t0 = time.time()
     pipe = load_pipeline(r.diffusion, device="cpu")
-    corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size)
+    corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale)
+    cond = cycled_prompt_conditioning(pipe, r.prompts, r.corpus_size, r.cfg_scale) if r.prompts else None
     data_free_experts(
-        pipe, r.diffusion, load_guide(r.guide), work_dir, corpus_size=r.corpus_size, cfg=r.train, task_name=r.task, corpus_dir=corpus
+        pipe,
+        r.diffusion,
+        load_guide(r.guide),
+        work_dir,
+        corpus_size=r.corpus_size,
+        cfg=r.train,
+        task_name=r.task,
+        corpus_dir=corpus,
+        conditioning=cond,
+        prompts=r.prompts or None,
     )
     out_dir, tmp = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -427,7 +479,8 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path) -> d
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     card = {
-        "recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)},
+        "recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)}
+        | ({"prompts": list(r.prompts), "cfg_scale": r.cfg_scale} if r.prompts else {}),
         "seconds_this_call": round(time.time() - t0, 1),
         # every expert's, also those a resumed call read back (the call itself returns only its own)
         "stats": load_manifest(out_dir)["stats"],

@@ -139,6 +139,26 @@ ZOO: dict[str, ZooEntry] = {
             guide="fashion-edges",
             scale=10000.0,
         ),
+        ZooEntry(
+            "fashion-rgb-ppap5",
+            "experts",
+            "5 data-free LoRA experts (rank 32, warm-started) of fashion-rgb-classifier on fashion-rgb-ddpm samples "
+            "(prompts cycled over the 8 colours, CFG 3)",
+            "fashion-rgb-ppap5",
+            guide="fashion-rgb-classifier",
+            scale=30.0,  # the grey bank's (DEFAULT_SCALES), until the colour bench sweeps its own
+        ),
+        ZooEntry(
+            "fashion-rgb-segmenter-ppap5",
+            "experts",
+            "5 data-free LoRA experts (rank 32, warm-started) of fashion-rgb-segmenter on fashion-rgb-ddpm samples "
+            "(prompts cycled over the 8 colours, CFG 3)",
+            "fashion-rgb-segmenter-ppap5",
+            task="segmentation",
+            classes=SEGMENTER_CLASSES,
+            guide="fashion-rgb-segmenter",
+            scale=1000.0,  # the grey bank's (DEFAULT_SCALES), until the colour bench sweeps its own
+        ),
     ]
 }
 
