@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -42,3 +44,25 @@ def test_accuracy_under_noise_routes_t_and_degrades_with_noise():
     acc = accuracy_under_noise(model, schedule, x, y, [0, 999])
     assert acc[0] == 1.0 and acc[999] < 0.8
     assert seen == [0, 999]
+
+
+def test_predict_and_features_run_in_eval_mode_and_hand_the_net_back_in_its_mode():
+    from torch import nn
+
+    from ppap.metrics import features, predict
+
+    class Net(nn.Sequential):
+        def features(self, x):
+            return self(x)
+
+    torch.manual_seed(0)
+    net = Net(nn.Flatten(), nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8))
+    net.train()
+    net[1].eval()  # a mixed mode: each submodule must come back as it was
+    x = torch.randn(6, 1, 2, 2)
+    with torch.no_grad():
+        expected = copy.deepcopy(net).eval()(x)
+    assert torch.equal(predict(net, x), expected)  # dropout off, running statistics used
+    assert torch.equal(features(net, x), expected.double())
+    assert [m.training for m in net.modules()] == [True, True, False, True, True]
+    assert int(net[3].num_batches_tracked) == 0  # eval mode: the running statistics were not updated

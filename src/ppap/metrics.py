@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -10,9 +11,9 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def predict(net: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    """Logits of ``net`` (eval mode) over x [N, C, H, W] in batches."""
-    net.eval()
-    return torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    """Logits of ``net`` in eval mode over x [N, C, H, W] in batches; ``net`` keeps its own mode."""
+    with eval_mode(net):
+        return torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
@@ -21,9 +22,22 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> flo
 
 @torch.no_grad()
 def features(evaluator: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    """Evaluator embeddings [N, D] (float64) for FID / KID / precision-recall."""
-    evaluator.eval()
-    return torch.cat([evaluator.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).double()
+    """Evaluator embeddings [N, D] (float64) for FID / KID / precision-recall, in eval mode;
+    ``evaluator`` keeps its own mode."""
+    with eval_mode(evaluator):
+        return torch.cat([evaluator.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).double()
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode for the block, then every submodule back in the mode it came in."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _sqrtm_psd(m: Tensor) -> Tensor:
