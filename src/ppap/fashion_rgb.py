@@ -123,7 +123,7 @@ def nearest_colour(x: Tensor) -> Tensor:
     rgb = (x.float() + 1) * 127.5
     count = mask.flatten(1).sum(1)
     mean = (rgb * mask[:, None]).flatten(2).sum(2) / count.clamp_min(1)[:, None]  # [N, 3]
-    cosine = torch.nn.functional.normalize(mean, dim=1) @ torch.nn.functional.normalize(COLOUR_TABLE, dim=1).T  # [N, 8]
+    cosine = torch.nn.functional.normalize(mean, dim=1) @ torch.nn.functional.normalize(COLOUR_TABLE.to(mean), dim=1).T  # [N, 8]
     return torch.where(count > 0, cosine.argmax(1), -1)
 
 
