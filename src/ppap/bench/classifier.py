@@ -52,13 +52,23 @@ from .classifier_tables import (
     BenchConfig,
     Row,
     _ablations,
-    _banks,
     _row_cost,
     _training_steps,
     ablation_names,
+    bank_specs,
     table_rows,
 )
-from .common import Bench, choose_scale, class_scores, guided_step_memory, in_fresh_process, machine, time_steps, train_or_load_bank
+from .common import (
+    Bench,
+    bank_train_seconds,
+    choose_scale,
+    class_scores,
+    guided_step_memory,
+    in_fresh_process,
+    machine,
+    time_steps,
+    train_or_load_bank,
+)
 
 
 def _slug(name: str) -> str:
@@ -70,11 +80,6 @@ def _ablation_stages(names: list[str], scale: float, noise_aware_scale: float) -
     return {n: f"ablation-{_slug(n)}-s{scale:g}-na{noise_aware_scale:g}" for n in names}
 
 
-def _bank_seconds(directory: Path) -> float:
-    m = load_manifest(directory)
-    return round(sum(s["seconds"] for s in m["stats"].values()), 1)
-
-
 class ClassifierBench(Bench):
     def __init__(self, cfg: BenchConfig, out: Path, progress: bool = True):
         super().__init__(cfg, out, progress)
@@ -84,7 +89,7 @@ class ClassifierBench(Bench):
         self._corpus: torch.Tensor | None = None
         self.rows = table_rows(cfg.extra_rows)
         used = {row.bank for row in self.rows}
-        self.bank_keys = [k for k in _banks(1) if k in used]  # the banks the table's rows guide with
+        self.bank_keys = [k for k in bank_specs(1) if k in used]  # the banks the table's rows guide with
         self.noise_models = {name: key for name, key in NOISE_MODELS.items() if key is None or key in used}
 
     # ---- data ------------------------------------------------------------------------------
@@ -148,7 +153,7 @@ class ClassifierBench(Bench):
 
     def bank(self, key: str) -> ExpertBank:
         if key not in self._banks:
-            self._banks[key] = self.train_bank(key, _banks(self.cfg.expert_iterations)[key])
+            self._banks[key] = self.train_bank(key, bank_specs(self.cfg.expert_iterations)[key])
         return self._banks[key]
 
     # ---- sampling ----------------------------------------------------------------------------
@@ -186,12 +191,12 @@ class ClassifierBench(Bench):
 
     def bank_info(self, key: str) -> dict:
         """Train (or load) one bank of the main table and describe it."""
-        spec = _banks(self.cfg.expert_iterations)[key]
+        spec = bank_specs(self.cfg.expert_iterations)[key]
         rep = parameter_report(self.bank(key))
         return {
             "train": dataclasses.asdict(spec.train),
             "data": spec.data,
-            "train_seconds": _bank_seconds(self.bank_dir(key)),
+            "train_seconds": bank_train_seconds(self.bank_dir(key)),
             "trainable_parameters": int(rep["trainable_per_expert"] * rep["num_experts"]),
             "backbone_parameters": int(rep["backbone_parameters"]),
             "labelled_images": 60000 if spec.data == "labelled" else 0,
@@ -201,7 +206,7 @@ class ClassifierBench(Bench):
     def banks_stage(self) -> dict:
         self.corpus_stage()
         # longest first, so that two workers finish together
-        keys = sorted(self.bank_keys, key=lambda k: -_training_steps(_banks(1)[k].train))
+        keys = sorted(self.bank_keys, key=lambda k: -_training_steps(bank_specs(1)[k].train))
         done = self.jobs("banks", {f"bank-{k}": ("bank_info", (k,)) for k in keys})
         return {k: done[f"bank-{k}"] for k in self.bank_keys}
 
@@ -339,14 +344,14 @@ class ClassifierBench(Bench):
         guided = self.ablation_row(name, scale, noise_aware_scale, self.cfg.ablation_per_class, self.cfg.sweep_seed + 1)
         if isinstance(a.bank, BankSpec):
             self._banks.pop(key)
-        spec = a.bank if isinstance(a.bank, BankSpec) else _banks(self.cfg.expert_iterations)[a.bank]
+        spec = a.bank if isinstance(a.bank, BankSpec) else bank_specs(self.cfg.expert_iterations)[a.bank]
         return {
             "factor": a.factor,
             "data": spec.data,
             "train": load_manifest(self.bank_dir(key))["train"],
             "boundaries": list(bank.router.boundaries),
             "trainable_per_expert": int(parameter_report(bank)["trainable_per_expert"]),
-            "train_seconds": _bank_seconds(self.bank_dir(key)),
+            "train_seconds": bank_train_seconds(self.bank_dir(key)),
             "noisy_accuracy": noisy,
             "noisy_accuracy_mean": None if noisy is None else sum(noisy.values()) / len(noisy),
             "guided": guided,

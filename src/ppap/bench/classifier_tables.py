@@ -1,5 +1,5 @@
 """The classifier bench's tables: its rows (``Row``, ``ROWS``), the banks they guide with
-(``BankSpec``, ``_banks``), the ablations of PPAP-5 (``Ablation``, ``_ablations``) and the
+(``BankSpec``, ``bank_specs``), the ablations of PPAP-5 (``Ablation``, ``_ablations``) and the
 configuration (``BenchConfig``, ``QUICK``). What the bench compares, not how it runs it
 (``bench.classifier``) or reports it (``bench.classifier_report``)."""
 
@@ -17,7 +17,7 @@ from ..train import TrainConfig
 class Row:
     name: str  # the table's row label
     method: str  # guidance.METHODS key
-    bank: str | None = None  # key into ``_banks``
+    bank: str | None = None  # key into ``bank_specs``
     calibration: Calibration = field(default_factory=Calibration)
     # a row ``make bench`` leaves out unless asked (``BenchConfig.extra_rows``): it carries no
     # claim the default rows do not (its figures are in docs/findings.md), and its cost is what
@@ -54,7 +54,7 @@ PLAIN = dict(adapter="lora", rank=8, alpha=8, lr=1e-3, batch_size=64, warm_start
 FULL_COPY = dict(PLAIN, adapter="full", lr=5e-4)
 
 
-def _banks(its: int) -> dict[str, BankSpec]:
+def bank_specs(its: int) -> dict[str, BankSpec]:
     lora = PLAIN
     full = dict(FULL_COPY, objective="supervised", tau=None)  # labels: no teacher
     return {

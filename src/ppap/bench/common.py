@@ -535,3 +535,10 @@ def _savefig(fig, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
     pyplot().close(fig)
+
+
+def bank_train_seconds(directory: Path) -> float:
+    """The summed training seconds of every expert of the bank saved in ``directory``."""
+    from ..bank_format import load_manifest
+
+    return round(sum(s["seconds"] for s in load_manifest(directory)["stats"].values()), 1)

@@ -46,9 +46,8 @@ from ..images import labelled_grid, png_bytes, to_hwc_uint8
 from ..io import PPAPError, atomic_write_bytes
 from ..loading import load_experts, load_guide, load_pipeline, resolve_device
 from ..metrics import features, fid
-from .classifier import _bank_seconds
-from .classifier_tables import _banks
-from .common import Bench, choose_scale, class_scores, group_means, machine, time_steps, train_or_load_bank
+from .classifier_tables import bank_specs
+from .common import Bench, bank_train_seconds, choose_scale, class_scores, group_means, machine, time_steps, train_or_load_bank
 from .dense import segmentation_scores
 
 CLASSIFICATION_ROWS = {
@@ -195,17 +194,17 @@ class RGBBench(Bench):
                 return train.images(slice(0, n)), train.labels[:n]
 
             guide = load_guide(self.cfg.guide).to(self.device)  # a fresh net: the copy it fine-tunes
-            spec = _banks(self.cfg.expert_iterations)["noise-aware"]
+            spec = bank_specs(self.cfg.expert_iterations)["noise-aware"]
             self._noise_aware = train_or_load_bank(
                 guide, self.diffusion, spec.train, self.out / "banks" / "noise-aware", data, self.progress
             )
         return self._noise_aware
 
     def noise_aware_info(self) -> dict:
-        spec, rep = _banks(self.cfg.expert_iterations)["noise-aware"], parameter_report(self.noise_aware())
+        spec, rep = bank_specs(self.cfg.expert_iterations)["noise-aware"], parameter_report(self.noise_aware())
         return {
             "train": dataclasses.asdict(spec.train),
-            "train_seconds": _bank_seconds(self.out / "banks" / "noise-aware"),
+            "train_seconds": bank_train_seconds(self.out / "banks" / "noise-aware"),
             "trainable_parameters": int(rep["trainable_per_expert"] * rep["num_experts"]),
             "labelled_images": self.cfg.labelled_images or 60000,
         }
