@@ -152,7 +152,8 @@ def _bank():
 def test_ppap_guidance_raises_the_target_on_conditional_unets(kind):
     """The paper's GLIDE / IF setting in miniature: a conditional UNet (class labels; or text
     embeddings with classifier-free guidance), guided by a PPAP expert bank. The final samples'
-    target log-probability under the guide rises against the same latents unguided."""
+    target log-probability under the guide rises against the same latents unguided (both steps
+    from the clipped model output, as guided DDIM steps are)."""
     if kind == "class_labels":
         pipe, cond = _pipe(tiny_unet(num_class_embeds=3)), {"class_labels": [0, 1, 2, 0]}
     else:
@@ -162,7 +163,7 @@ def test_ppap_guidance_raises_the_target_on_conditional_unets(kind):
     bank = _bank().eval()
     bank.task = Classification(10)
     latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    common = dict(latents=latents, num_inference_steps=6, output_type="latent", progress=False, **cond)
+    common = dict(latents=latents, num_inference_steps=6, output_type="latent", progress=False, use_clipped_model_output=True, **cond)
     plain = pipe(**common).images
     guided = pipe(guide=bank.guide, experts=bank, target=7, classifier_scale=20.0, **common).images
     assert not torch.equal(plain, guided)

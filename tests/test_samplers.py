@@ -190,8 +190,9 @@ def _log_prob(net, x, y):
 )
 @pytest.mark.parametrize("sampler", [sample_ddim, sample_ddpm])
 def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0, prediction_type):
-    """One step from the same x_t with and without guidance: the guided x_{t-1} is more likely
-    to be the target class under the guiding model, for every sample and every prediction type.
+    """One step from the same x_t with the guidance gradient and with a zero one: the guided
+    x_{t-1} is more likely to be the target class under the guiding model, for every sample and
+    every prediction type.
     With x0 clipping at high noise this caught guidance acting in reverse (the clip cancelled the
     x0 part of eps_hat)."""
     kind = "ddim" if sampler is sample_ddim else "ddpm"
@@ -215,9 +216,38 @@ def test_guided_step_raises_target_log_probability(sampler, steps, clip_x0, pred
             callback=lambda d: after_first.setdefault(key, d["x"]),
         )
 
-    run(None, "plain")
+    run(lambda x, _t, _pred: torch.zeros_like(x), "plain")  # the same guided step, with a zero gradient
     run(guidance, "guided")
     assert (_log_prob(net, after_first["guided"], y) > _log_prob(net, after_first["plain"], y)).all()
+
+
+def test_guided_ddim_with_clipping_steps_from_the_clipped_x0():
+    """With x0 clipping, a guided DDIM step is guided-diffusion's ddim_sample + condition_score
+    (the official PPAP code's DDIM): eps re-derived from the clipped x0, eps_hat = eps -
+    sqrt(1 - abar_t) g, x0 recomputed from eps_hat, then the DDIM update. Stepping from the raw
+    eps instead washed a text prompt's colour out of guided samples."""
+    diffusion = Diffusion(tiny_unet(), NoiseSchedule.from_diffusers(DDPMScheduler(**BASE)))
+    torch.manual_seed(0)
+    net = tiny_classifier().eval()
+    y = torch.tensor([0, 3, 5, 9])
+    x_t = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))  # far off the data: its x0 is clipped
+    grid = diffusion.schedule.grid(10, "ddim")[3:5]
+    seen = {}
+    guidance = NoisyInputGuidance(lambda x, _t: net(x), Classification(10), y, scale=2.0)
+    ours = sample_ddim(diffusion, x_t, grid, guidance=guidance, clip_x0=True, callback=lambda d: seen.setdefault("first", d))
+    a_t, a_prev = grid.abar[0].float(), grid.abar_prev[0].float()
+    with torch.no_grad():
+        pred = diffusion(x_t, torch.full((4,), int(grid.timesteps[0])))
+    assert (pred.x0.abs() > 1).float().mean() > 0.05  # the clip matters here
+    x0 = pred.x0.clamp(-1, 1)
+    eps = (x_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+    g = seen["first"]["guidance"]
+    assert g.abs().sum() > 0
+    eps_hat = eps - (1 - a_t) ** 0.5 * g
+    x0_hat = (x_t - (1 - a_t) ** 0.5 * eps_hat) / a_t**0.5
+    expected = a_prev**0.5 * x0_hat + (1 - a_prev) ** 0.5 * eps_hat
+    assert torch.allclose(seen["first"]["x"], expected, atol=1e-5)
+    assert torch.isfinite(ours).all()
 
 
 def test_ddpm_guidance_is_variance_times_gradient(tiny_diffusion):

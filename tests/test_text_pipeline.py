@@ -148,6 +148,27 @@ def test_cfg_on_prompts_equals_diffusers_reference_loop(negative_prompt):
     assert torch.equal(ours, again)
 
 
+def test_a_prompt_list_sets_the_batch_and_num_images_per_prompt_groups_each_prompts_images():
+    """diffusers' convention: P prompts give P images, or P * n with num_images_per_prompt=n,
+    each prompt's images together (the same images as spelling every image's prompt out)."""
+    pipe = _text_pipe()
+    common = dict(num_inference_steps=3, guidance_scale=2.0, output_type="latent", progress=False)
+
+    def gens(n):
+        return [torch.Generator().manual_seed(k) for k in range(n)]
+
+    assert pipe(prompt=["a red garment", "blue"], **common).images.shape[0] == 2
+    grouped = pipe(prompt=["a red garment", "blue"], num_images_per_prompt=2, generator=gens(4), **common).images
+    spelled = pipe(prompt=["a red garment", "a red garment", "blue", "blue"], generator=gens(4), **common).images
+    assert grouped.shape[0] == 4 and torch.equal(grouped, spelled)
+    embeds = pipe.encode_prompt(["red", "blue", "a garment"])[0]
+    assert pipe(prompt_embeds=embeds, num_inference_steps=2, output_type="latent", progress=False).images.shape[0] == 3
+    with pytest.raises(PPAPError, match="batch_size 3 disagrees with the 2 latents"):
+        pipe(prompt="red", batch_size=3, latents=torch.randn(2, 1, 8, 8), num_inference_steps=2, progress=False)
+    with pytest.raises(PPAPError, match="num_images_per_prompt must be >= 1, got 0"):
+        pipe(prompt="red", num_images_per_prompt=0, num_inference_steps=2, progress=False)
+
+
 def test_prompt_errors_are_one_line():
     pipe = _text_pipe()
     plain = PPAPPipeline(unet=pipe.unet, scheduler=pipe.scheduler)

@@ -43,7 +43,7 @@ def sample_images(
     seed: int,
     batch_size: int = 64,
     start: int = 0,
-    terms: Sequence[GuidanceTerm] = (),
+    terms: Sequence[GuidanceTerm] | None = (),
     conditioning: Conditioning | None = None,
     progress: bool = True,
     desc: str = "sampling",
@@ -51,7 +51,8 @@ def sample_images(
 ) -> Tensor:
     """``num`` images as float [N, C, H, W] in [-1, 1] (CPU), sample k seeded by ``sample_seed(seed,
     start + k)``. ``terms`` and ``conditioning`` hold per-sample targets / conditions for all
-    ``num``; each batch takes its slice. ``call_kwargs`` go to every ``pipe(...)`` call."""
+    ``num``; each batch takes its slice (None: no terms). ``call_kwargs`` go to every ``pipe(...)`` call."""
+    terms = terms or ()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PPAPError(f"batch size must be >= 1, got {batch_size!r}")
     out = []

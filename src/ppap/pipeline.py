@@ -290,7 +290,7 @@ class PPAPPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         num_inference_steps: int = 50,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -321,13 +321,21 @@ class PPAPPipeline(DiffusionPipeline):
         progress: bool = True,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        use_clipped_model_output: bool | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Sample ``batch_size`` images, guided by an off-the-shelf model when ``guide`` is given.
 
         Args:
-            batch_size: number of images (taken from ``latents`` when given).
+            batch_size: number of images; by default that of ``latents``, else one per prompt of a
+                ``prompt`` list (or per row of ``prompt_embeds``) times ``num_images_per_prompt``,
+                else 1.
             num_inference_steps: S, the sampler's steps on the scheduler's timestep spacing.
             eta: DDIM eta (0 = deterministic DDIM; ignored by DDPM).
+            use_clipped_model_output: DDIM with the scheduler's ``clip_sample``: step with eps
+                re-derived from the clipped x0 (diffusers' ``DDIMPipeline`` option). None: in
+                guided steps (as the official PPAP code's DDIM), not in unguided ones (diffusers'
+                default, so that unguided sampling is diffusers' own).
             generator: a generator or one per image (diffusers' habit: CPU generators give the same
                 noise on every device).
             latents: x_T [B, C, H, W] given by the caller (else drawn from ``generator``).
@@ -352,6 +360,8 @@ class PPAPPipeline(DiffusionPipeline):
             prompt, negative_prompt: text (one, or one per image) encoded by the pipeline's text
                 encoder (``encode_prompt``) instead of ``prompt_embeds``; with guidance_scale > 1
                 the unconditional branch is ``negative_prompt``, else the empty prompt.
+            num_images_per_prompt: images of each prompt (diffusers' meaning: a list of P prompts
+                gives P * num_images_per_prompt images, each prompt's together).
             sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
                 euler-a, heun), built from the scheduler's config; default: the registered
                 scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
@@ -377,12 +387,18 @@ class PPAPPipeline(DiffusionPipeline):
         diffusion = self.diffusion
         device = self._execution_device  # with CPU offload: the accelerator, not where the weights rest
         shape = diffusion.image_shape
-        if latents is not None:
-            if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
-                raise PPAPError(f"latents have shape {list(latents.shape)}; this UNet takes [B, {', '.join(map(str, shape))}]")
-            batch_size = latents.shape[0]
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise PPAPError(f"batch_size must be >= 1, got {batch_size!r}")
+        if latents is not None and (latents.ndim != 4 or tuple(latents.shape[1:]) != shape):
+            raise PPAPError(f"latents have shape {list(latents.shape)}; this UNet takes [B, {', '.join(map(str, shape))}]")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise PPAPError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt!r}")
+        if num_images_per_prompt > 1:  # each prompt's images together, as diffusers' pipelines order them
+            prompt = [p for p in ([prompt] if isinstance(prompt, str) else prompt or []) for _ in range(num_images_per_prompt)] or None
+            prompt_embeds = None if prompt_embeds is None else prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
+            if isinstance(negative_prompt, list):
+                negative_prompt = [p for p in negative_prompt for _ in range(num_images_per_prompt)]
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
+        batch_size = _batch_size(batch_size, latents, prompt, prompt_embeds)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise PPAPError(f"{len(generator)} generators for a batch of {batch_size} images (give one, or one per image)")
         scheduler.set_timesteps(num_inference_steps)  # a fresh copy: its length is the number of UNet calls (Heun: 2S - 1)
@@ -453,6 +469,7 @@ class PPAPPipeline(DiffusionPipeline):
                     scheduler,
                     num_inference_steps,
                     eta,
+                    use_clipped_model_output,
                     generator,
                     latents,
                     batch_size,
@@ -475,7 +492,19 @@ class PPAPPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image) if run is None else ParticlePipelineOutput(images=image, diagnostics=run)
 
     def _sample_gradient(
-        self, all_terms, denoiser, scheduler, num_inference_steps, eta, generator, latents, batch_size, progress, callback, tensor_inputs
+        self,
+        all_terms,
+        denoiser,
+        scheduler,
+        num_inference_steps,
+        eta,
+        use_clipped_model_output,
+        generator,
+        latents,
+        batch_size,
+        progress,
+        callback,
+        tensor_inputs,
     ) -> Tensor:
         """x_0 [B, C, H, W] of the scheduler's loop with the terms' summed gradient guidance."""
         guidance = compose(all_terms, denoiser)
@@ -496,5 +525,32 @@ class PPAPPipeline(DiffusionPipeline):
 
         with self._step_progress(progress, self._num_timesteps) as bar:
             return sample(
-                denoiser, x, scheduler, num_inference_steps, guidance=guidance, eta=eta, generator=generator, callback=on_step, progress=bar
+                denoiser,
+                x,
+                scheduler,
+                num_inference_steps,
+                guidance=guidance,
+                eta=eta,
+                use_clipped_model_output=use_clipped_model_output,
+                generator=generator,
+                callback=on_step,
+                progress=bar,
             )
+
+
+def _batch_size(batch_size: int | None, latents: Tensor | None, prompt, prompt_embeds: Tensor | None) -> int:
+    """The call's number of images: ``batch_size`` when given (it must agree with ``latents``),
+    else that of ``latents``, of a prompt list, of ``prompt_embeds``' rows, or 1."""
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise PPAPError(f"batch_size must be >= 1, got {batch_size!r}")
+    if latents is not None:
+        if batch_size is not None and batch_size != latents.shape[0]:
+            raise PPAPError(f"batch_size {batch_size} disagrees with the {latents.shape[0]} latents given")
+        return int(latents.shape[0])
+    if batch_size is not None:
+        return batch_size
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return len(prompt)
+    if prompt is None and prompt_embeds is not None:
+        return int(prompt_embeds.shape[0])
+    return 1

@@ -108,12 +108,16 @@ def sample_ddim(
     guidance: GuidanceFn | None = None,
     eta: float = 0.0,
     clip_x0: bool | None = None,
+    use_clipped_model_output: bool | None = None,
     generator: Generator = None,
     callback: Callback | None = None,
     progress: Progress = False,
 ) -> Tensor:
     """DDIM (Song et al., 2021, eq. 12). x_T [B, C, H, W] ~ N(0, I); ``grid`` from
     ``schedule.grid(S, "ddim")``. ``clip_x0`` None follows the scheduler's ``clip_sample``.
+    ``use_clipped_model_output`` (diffusers' ``DDIMScheduler.step`` option): with clipping, step
+    with eps re-derived from the clipped x0; None: in guided steps (as guided-diffusion's DDIM,
+    which the official PPAP code guides), not in unguided ones (diffusers' default).
     Returns x_0 [B, C, H, W] (unclipped)."""
     clip = _clip_range(denoiser.schedule, clip_x0)
     x = x_T
@@ -123,11 +127,15 @@ def sample_ddim(
         eps, x0 = pred.eps, pred.x0
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
+            if (g is not None if use_clipped_model_output is None else use_clipped_model_output) and a_t < 1:
+                eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
         if g is not None:
             # Dhariwal & Nichol eq. 14: eps_hat = eps - sqrt(1 - abar_t) g, and x0 recomputed from
-            # eps_hat, i.e. x0 += (1 - abar_t) / sqrt(abar_t) g. Both are applied *after* the x0
-            # clip: clipping the guided x0 (but not eps_hat) would cancel the x0 term at high noise
-            # and leave only -sqrt(1 - abar_prev) sqrt(1 - abar_t) g, guidance in reverse.
+            # eps_hat, i.e. x0 += (1 - abar_t) / sqrt(abar_t) g, from the clipped model output (a
+            # raw eps keeps the clipped-off part of x0: stepping the guided pair from it washed out
+            # a text prompt's colour). Both are applied *after* the x0 clip: clipping the guided x0
+            # would cancel the x0 term at high noise and leave only
+            # -sqrt(1 - abar_prev) sqrt(1 - abar_t) g, guidance in reverse.
             # At abar_t = 0 (zero terminal SNR) x0 carries no information about x_t: eps only.
             eps = eps - (1 - a_t) ** 0.5 * g
             if a_t > 0:

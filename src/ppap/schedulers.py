@@ -18,7 +18,7 @@ takes the scheduler's float t as it is; ``Diffusion`` interpolates abar_t linear
 for its (eps, x0) and the guides; an expert bank routes t to the range that contains it.
 
 DDIM and DDPM run ppap's own loops (``ppap.samplers``, equal to diffusers' schedulers), whose x0
-clipping comes before the guidance correction. A learned variance is not passed on: none of the
+clipping comes before the guidance correction (a guided DDIM step takes the clipped model output). A learned variance is not passed on: none of the
 schedulers here reads it (DPMSolverMultistepScheduler would slice it off itself, assuming 3
 image channels; ppap builds it with ``variance_type=None`` instead).
 """
@@ -139,12 +139,14 @@ def sample(
     *,
     guidance: GuidanceFn | None = None,
     eta: float = 0.0,
+    use_clipped_model_output: bool | None = None,
     generator: Generator = None,
     callback: Callback | None = None,
     progress: Progress = False,
 ) -> Tensor:
     """Sample with any scheduler ``sampling_scheduler`` accepts: DDIMScheduler / DDPMScheduler
-    through ``sample_ddim`` (with ``eta``) / ``sample_ddpm``, the others through ``sample_scheduler``."""
+    through ``sample_ddim`` (with ``eta`` and ``use_clipped_model_output``) / ``sample_ddpm``, the
+    others through ``sample_scheduler``."""
     own = OWN_LOOPS.get(type(scheduler).__name__)
     if own is None:
         return sample_scheduler(
@@ -152,5 +154,15 @@ def sample(
         )
     grid = NoiseSchedule.from_diffusers(scheduler).grid(num_steps, own)
     if own == "ddim":
-        return sample_ddim(denoiser, x_T, grid, guidance=guidance, eta=eta, generator=generator, callback=callback, progress=progress)
+        return sample_ddim(
+            denoiser,
+            x_T,
+            grid,
+            guidance=guidance,
+            eta=eta,
+            use_clipped_model_output=use_clipped_model_output,
+            generator=generator,
+            callback=callback,
+            progress=progress,
+        )
     return sample_ddpm(denoiser, x_T, grid, guidance=guidance, generator=generator, callback=callback, progress=progress)
