@@ -5,6 +5,9 @@ also FID, precision and recall in the evaluator's features against the 10,000 re
     ppap sample --diffusion fashion-ddpm --guide fashion-classifier --experts fashion-ppap5 \\
         --method ppap --target all --num 500 --out runs/zoo-check/ppap5.png
     python examples/judge.py runs/zoo-check/ppap5.npz
+
+Colour images (``fashion-rgb-ddpm``'s) are judged by ``fashion-rgb-evaluator``; ``--colour red``
+also gives the share whose garment is nearest to the prompt's colour (``fashion_rgb.colour_fidelity``).
 """
 
 from __future__ import annotations
@@ -22,31 +25,55 @@ from ppap.metrics import features, fid, precision_recall, predict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("npz")
-    p.add_argument("--evaluator", default="fashion-evaluator")
+    p.add_argument("--evaluator", help="default: fashion-evaluator, or fashion-rgb-evaluator for colour images")
+    p.add_argument("--colour", help="colour images: the prompt's colour (e.g. red), for colour fidelity")
     p.add_argument("--fid", action="store_true", help="also FID / precision / recall vs the real test set (needs Fashion-MNIST)")
     args = p.parse_args()
     data = np.load(args.npz)
     images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 NHWC -> [-1, 1] NCHW
     requested = torch.from_numpy(data["targets"]).long()
-    evaluator = load_guide(args.evaluator).net
+    rgb = images.shape[1] == 3
+    if rgb:
+        from ppap.bench.rgb import load_evaluator
+
+        evaluator = load_evaluator(args.evaluator or "fashion-rgb-evaluator")
+    else:
+        evaluator = load_guide(args.evaluator or "fashion-evaluator").net
     judged = predict(evaluator, images).argmax(-1)
     k = len(FASHION_MNIST_CLASSES)
     confusion = torch.zeros(k, k, dtype=torch.long)  # [requested, judged]
     for r, j in zip(requested.tolist(), judged.tolist()):
         confusion[r, j] += 1
     per_class = confusion.diag().float() / confusion.sum(1).clamp_min(1)
+    asked = confusion.sum(1) > 0  # the classes requested at least once
     print(
-        f"{len(images)} images: {(judged == requested).float().mean().item():.1%} judged the requested class; worst class {per_class.min().item():.0%}"
+        f"{len(images)} images: {(judged == requested).float().mean().item():.1%} judged the requested class; worst class {per_class[asked].min().item():.0%}"
     )
     for c, name in enumerate(FASHION_MNIST_CLASSES):
+        if not asked[c]:
+            continue
         row = confusion[c].clone()
         row[c] = -1
         miss = f"{FASHION_MNIST_CLASSES[int(row.argmax())]} ({int(row.max())})" if row.max() > 0 else "-"
         print(f"| {name} | {per_class[c].item():.0%} | {miss} |")
-    if args.fid:
-        from ppap.fashion_mnist import load_fashion_mnist
+    if rgb:
+        from ppap.fashion_rgb import COLOUR_NAMES, nearest_colour
 
-        real, fake = features(evaluator, load_fashion_mnist("test")[0]), features(evaluator, images)
+        seen = torch.bincount(nearest_colour(images) + 1, minlength=len(COLOUR_NAMES) + 1)[1:]
+        print("nearest colours: " + ", ".join(f"{name} {int(n)}" for name, n in zip(COLOUR_NAMES, seen) if n))
+        if args.colour:
+            share = seen[COLOUR_NAMES.index(args.colour)].item() / len(images)
+            print(f"colour fidelity ({args.colour}): {share:.1%}")
+    if args.fid:
+        if rgb:
+            from ppap.fashion_rgb import load_fashion_rgb
+
+            real_images = load_fashion_rgb("test").images()
+        else:
+            from ppap.fashion_mnist import load_fashion_mnist
+
+            real_images = load_fashion_mnist("test")[0]
+        real, fake = features(evaluator, real_images), features(evaluator, images)
         precision, recall = precision_recall(real[: len(fake)], fake)  # as the bench: equal set sizes
         print(
             f"FID {fid(fake, real):.2f}, precision {precision:.2f}, recall {recall:.2f} (FID vs the 10,000 test images, biased up at small n; precision / recall vs as many)"
