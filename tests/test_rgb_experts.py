@@ -199,6 +199,8 @@ def test_the_demos_colour_row_samples_red_sneakers_and_blue_garments_in_a_refere
     assert figures["cfg_scale"] == COLOUR_CFG and figures["per_row"] == 2
     for key in ("sneaker_accuracy_by_evaluator", "layout_iou_by_segmenter"):
         assert figures[key].keys() == {"unguided (CFG)", "ppap"} and all(0 <= v <= 1 for v in figures[key].values())
+    fidelity = figures["colour_fidelity"]
+    assert len(fidelity) == 2 and all(v.keys() == {"unguided (CFG)", "ppap"} for v in fidelity.values())
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[0] >= 2 * 64
 
 

@@ -23,6 +23,7 @@ import torch
 
 from . import zoo
 from .batch_sampling import sample_images
+from .fashion_rgb import COLOUR_NAMES, colour_fidelity
 from .images import image_grid, labelled_grid, png_bytes, to_hwc_uint8
 from .io import atomic_write_bytes, atomic_write_json
 from .loading import load_experts, load_guide, load_pipeline
@@ -144,7 +145,8 @@ def colour_row(num: int, steps: int, seed: int = 0) -> tuple[dict, np.ndarray] |
     unguided (CFG only) and with PPAP: (figures, their labelled grid); None, after one line
     saying so, when the colour zoo models are not built. The reference is the model's own
     unguided sample of "a white garment" (no data needed); the layout match is the foreground IoU
-    that the segmenter finds (the guide's own view: not an independent judge)."""
+    that the segmenter finds (the guide's own view: not an independent judge); colour fidelity is
+    the share of garments nearest to the prompt's colour (``fashion_rgb.colour_fidelity``)."""
     missing = [n for n in COLOUR_MODELS if not zoo.ZOO[n].available]
     if missing:
         print(f"[colour] skipped: the colour zoo models are not built in this install ({', '.join(missing)}; `ppap zoo train NAME`)")
@@ -176,6 +178,10 @@ def colour_row(num: int, steps: int, seed: int = 0) -> tuple[dict, np.ndarray] |
             figures["sneaker_accuracy_by_evaluator"] = {
                 m: (judge(x).argmax(-1) == sneaker).float().mean().item() for m, x in samples[red].items()
             }
+        colours = {red: COLOUR_NAMES.index("red"), blue: COLOUR_NAMES.index("blue")}
+        figures["colour_fidelity"] = {
+            row: {m: colour_fidelity(x, torch.full((len(x),), colours[row])) for m, x in samples[row].items()} for row in rows
+        }
         layout = segmenter(reference).argmax(1) > 0
         figures["layout_iou_by_segmenter"] = {m: _iou(segmenter(x).argmax(1) > 0, layout) for m, x in samples[blue].items()}
     figures["seconds"] = round(time.time() - t0, 1)
