@@ -137,9 +137,10 @@ def train_rgb_ddpm(
 
 @dataclass(frozen=True)
 class RGBGuideRecipe:
-    architecture: str  # "resnet" (ResNetForImageClassification) | "segformer" | "convnext"
+    architecture: str  # "resnet" (ResNetForImageClassification) | "segformer" | "regnet"
     hidden_sizes: tuple[int, ...] = (32, 64, 128)
     depths: tuple[int, ...] = (1, 1, 1)
+    groups_width: int = 16  # regnet: channels per group of its grouped 3x3 convolutions
     epochs: float = 5  # passes over the 60k training images
     batch_size: int = 128
     lr: float = 2e-3  # AdamW peak, cosine-decayed to 0 over the run
@@ -157,11 +158,13 @@ RGB_GUIDE_RECIPES = {
     # background + 10 garment classes per pixel, logits at 1/4 of the input (16 x 16)
     "fashion-rgb-segmenter": RGBGuideRecipe("segformer", hidden_sizes=(32, 64), depths=(1, 1), epochs=3, seed=2),
     # another architecture, trained separately with augmentation; never guides
-    "fashion-rgb-evaluator": RGBGuideRecipe("convnext", epochs=8, augment=True, label_smoothing=0.1, seed=1),
+    "fashion-rgb-evaluator": RGBGuideRecipe(
+        "regnet", hidden_sizes=(48, 96, 192), depths=(1, 2, 2), epochs=8, augment=True, label_smoothing=0.1, seed=1
+    ),
 }
 # seconds-scale versions for the tests
 TINY_RGB_GUIDE_RECIPES = {
-    name: replace(r, hidden_sizes=(8, 16), depths=(1, 1), epochs=10 / 60_000, batch_size=4, input_size=16)  # 2 steps
+    name: replace(r, hidden_sizes=(8, 16), depths=(1, 1), groups_width=8, epochs=10 / 60_000, batch_size=4, input_size=16)  # 2 steps
     for name, r in RGB_GUIDE_RECIPES.items()
 }
 
@@ -181,9 +184,9 @@ def build_rgb_guide(r: RGBGuideRecipe) -> tuple[Any, Any]:
     if r.architecture == "resnet":
         config = transformers.ResNetConfig(embedding_size=sizes[0], hidden_sizes=sizes, depths=depths, layer_type="basic", **labels)
         model = transformers.ResNetForImageClassification(config)
-    elif r.architecture == "convnext":
-        config = transformers.ConvNextConfig(num_stages=len(sizes), patch_size=2, hidden_sizes=sizes, depths=depths, **labels)
-        model = transformers.ConvNextForImageClassification(config)
+    elif r.architecture == "regnet":  # RegNetY: grouped bottlenecks with squeeze-and-excitation
+        config = transformers.RegNetConfig(embedding_size=32, hidden_sizes=sizes, depths=depths, groups_width=r.groups_width, **labels)
+        model = transformers.RegNetForImageClassification(config)
     elif r.architecture == "segformer":
         n = len(sizes)
         config = transformers.SegformerConfig(
@@ -202,7 +205,7 @@ def build_rgb_guide(r: RGBGuideRecipe) -> tuple[Any, Any]:
         )
         model = transformers.SegformerForSemanticSegmentation(config)
     else:
-        raise PPAPError(f"unknown architecture {r.architecture!r}; valid: resnet, convnext, segformer")
+        raise PPAPError(f"unknown architecture {r.architecture!r}; valid: resnet, regnet, segformer")
     processor = transformers.ViTImageProcessor(
         do_resize=True,
         size={"height": r.input_size, "width": r.input_size},

@@ -90,7 +90,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "fashion-rgb-evaluator",
             "guide",
-            "independent judge of colour images (transformers ConvNextForImageClassification, augmented); never guides",
+            "independent judge of colour images (transformers RegNetForImageClassification, augmented); never guides",
             "fashion-rgb-evaluator",
         ),
         ZooEntry(
