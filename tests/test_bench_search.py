@@ -42,3 +42,24 @@ def test_search_bench_quick_runs_and_resumes(tmp_path, capsys):
     assert main(["--threads", "1", "bench", "search", "--quick", "--quiet", "--out", str(out)]) == 0
     assert {f: f.stat().st_mtime_ns for f in (out / "stages").iterdir()} == kept  # every stage read back
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_search_bench_config_file_overrides_the_defaults_and_refuses_unknown_fields(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from ppap.bench.search import SearchBenchConfig
+    from ppap.cli import main
+    from ppap.commands.bench import _search_config
+
+    good = tmp_path / "small.json"
+    good.write_text(json.dumps({"num": 200, "budgets": [1, 4, 16], "scales": [1.0]}))
+    cfg = _search_config(SimpleNamespace(quick=False, config=str(good)))
+    assert (cfg.num, cfg.budgets, cfg.scales) == (200, (1, 4, 16), (1.0,))
+    assert cfg.steps == SearchBenchConfig().steps  # the rest stays the default
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"particles": 4}))
+    assert main(["bench", "search", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown field 'particles'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["bench", "dense", "--config", str(good), "--out", str(tmp_path / "o")]) == 2
+    assert "--config applies to `ppap bench search` only" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()

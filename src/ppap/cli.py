@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="results folder (default runs/bench-SUITE); re-run to resume")
     b.add_argument("--work-dir", help="rgb suite: the stages, samples and the noise-aware model (default: --out)")
     b.add_argument("--quick", action="store_true", help="a seconds-scale version (the test suite runs it)")
+    b.add_argument("--config", help='search suite: a JSON file of SearchBenchConfig fields over the defaults, e.g. {"num": 200}')
     b.add_argument(
         "--workers",
         type=int,

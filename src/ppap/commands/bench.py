@@ -29,6 +29,8 @@ def cmd_bench(args) -> int:
     given = [f"--{name.replace('_', '-')}" for name in RGB_FLAGS if getattr(args, name, None) is not None]
     if args.suite != "rgb" and given:
         raise PPAPError(f"{given[0]} applies to `ppap bench rgb` only")
+    if args.suite != "search" and getattr(args, "config", None) is not None:
+        raise PPAPError("--config applies to `ppap bench search` only")
     if args.suite == "rgb":
         if args.workers is not None or args.ablations is not None or args.extra_rows is not None:
             raise PPAPError("--workers, --ablations and --extra-rows apply to `ppap bench classifier` only")
@@ -56,7 +58,7 @@ def cmd_bench(args) -> int:
     elif args.suite == "search":
         from ..bench.search import run_search_bench, search_report
 
-        results = run_search_bench(out, quick=args.quick, progress=not args.quiet)
+        results = run_search_bench(out, cfg=_search_config(args), progress=not args.quiet)
         print(search_report(results))
     elif args.suite == "scale":
         from ..bench.scale import run_scale_bench, scale_config, scale_report
@@ -85,3 +87,26 @@ def _run_rgb(args, out: Path) -> dict:
     results = run_rgb_bench(out, cfg=cfg, work_dir=Path(args.work_dir) if args.work_dir else None, progress=not args.quiet)
     print(rgb_report(results))
     return results
+
+
+def _search_config(args):
+    """The search bench's configuration: the defaults (or --quick's), with a --config JSON file's
+    fields on top (``SearchBenchConfig``'s names, e.g. {"num": 200, "budgets": [1, 4, 16]})."""
+    import dataclasses
+
+    from ..bench.search import QUICK, SearchBenchConfig
+    from ..io import read_json
+
+    cfg = QUICK if args.quick else SearchBenchConfig()
+    if args.config is None:
+        return cfg
+    values = read_json(args.config, "search bench config")
+    if not isinstance(values, dict):
+        raise PPAPError(f"{args.config} must hold a JSON object of SearchBenchConfig fields, not a {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(SearchBenchConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise PPAPError(f"{args.config}: unknown field {unknown[0]!r}; valid: {', '.join(fields)}")
+    # JSON lists become the tuples the defaults are (the stages' configuration check compares them)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return dataclasses.replace(cfg, **values)
