@@ -33,6 +33,9 @@ def main() -> None:
     images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 NHWC -> [-1, 1] NCHW
     requested = torch.from_numpy(data["targets"]).long()
     rgb = images.shape[1] == 3
+    if requested.ndim == 3:  # a segmentation run: [N, H, W] label maps as targets
+        judge_layouts(images, requested, args, rgb)
+        return
     if rgb:
         from ppap.bench.rgb import load_evaluator
 
@@ -56,14 +59,7 @@ def main() -> None:
         row[c] = -1
         miss = f"{FASHION_MNIST_CLASSES[int(row.argmax())]} ({int(row.max())})" if row.max() > 0 else "-"
         print(f"| {name} | {per_class[c].item():.0%} | {miss} |")
-    if rgb:
-        from ppap.fashion_rgb import COLOUR_NAMES, nearest_colour
-
-        seen = torch.bincount(nearest_colour(images) + 1, minlength=len(COLOUR_NAMES) + 1)[1:]
-        print("nearest colours: " + ", ".join(f"{name} {int(n)}" for name, n in zip(COLOUR_NAMES, seen) if n))
-        if args.colour:
-            share = seen[COLOUR_NAMES.index(args.colour)].item() / len(images)
-            print(f"colour fidelity ({args.colour}): {share:.1%}")
+    report_colours(images, args, rgb)
     if args.fid:
         if rgb:
             from ppap.fashion_rgb import load_fashion_rgb
@@ -78,6 +74,40 @@ def main() -> None:
         print(
             f"FID {fid(fake, real):.2f}, precision {precision:.2f}, recall {recall:.2f} (FID vs the 10,000 test images, biased up at small n; precision / recall vs as many)"
         )
+
+
+def report_colours(images: torch.Tensor, args, rgb: bool) -> None:
+    """Colour images: how many garments are nearest each colour, and the share in ``--colour``."""
+    if not rgb:
+        return
+    from ppap.fashion_rgb import COLOUR_NAMES, nearest_colour
+
+    seen = torch.bincount(nearest_colour(images) + 1, minlength=len(COLOUR_NAMES) + 1)[1:]
+    print("nearest colours: " + ", ".join(f"{name} {int(n)}" for name, n in zip(COLOUR_NAMES, seen) if n))
+    if args.colour:
+        print(f"colour fidelity ({args.colour}): {seen[COLOUR_NAMES.index(args.colour)].item() / len(images):.1%}")
+
+
+def judge_layouts(images: torch.Tensor, maps: torch.Tensor, args, rgb: bool) -> None:
+    """A segmentation-guided run: the foreground IoU of each sample's garment pixels with its
+    target map's foreground, and whether the evaluator sees the class the map implies."""
+    from ppap.bench.dense import segmentation_scores
+    from ppap.fashion_rgb import garment_mask
+
+    if rgb:
+        from ppap.bench.rgb import load_evaluator
+
+        evaluator = load_evaluator(args.evaluator or "fashion-rgb-evaluator")
+        scores = segmentation_scores(images, maps, evaluator, foreground=garment_mask)
+    else:
+        evaluator = load_guide(args.evaluator or "fashion-evaluator").net
+        scores = segmentation_scores(images, maps, evaluator)
+    iou = torch.tensor(scores["iou"])
+    print(
+        f"{len(images)} images: foreground IoU with the target map {iou.mean():.3f} (min {iou.min():.2f}); "
+        f"the evaluator sees the map's class in {torch.tensor(scores['class_hit']).mean():.1%}"
+    )
+    report_colours(images, args, rgb)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ ZOO: dict[str, ZooEntry] = {
             "(prompts cycled over the 8 colours, CFG 3)",
             "fashion-rgb-ppap5",
             guide="fashion-rgb-classifier",
-            scale=30.0,  # the grey bank's (DEFAULT_SCALES), until the colour bench sweeps its own
+            scale=100.0,  # `ppap bench rgb`'s sweep (docs/results.md)
         ),
         ZooEntry(
             "fashion-rgb-segmenter-ppap5",
@@ -157,7 +157,7 @@ ZOO: dict[str, ZooEntry] = {
             task="segmentation",
             classes=SEGMENTER_CLASSES,
             guide="fashion-rgb-segmenter",
-            scale=1000.0,  # the grey bank's (DEFAULT_SCALES), until the colour bench sweeps its own
+            scale=100.0,  # `ppap bench rgb`'s sweep (docs/results.md)
         ),
     ]
 }

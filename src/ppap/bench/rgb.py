@@ -75,24 +75,24 @@ class RGBBenchConfig:
     steps: int = 25  # DDIM steps
     pairs: int = 80  # (colour, garment) pairs: the first N of ``pair_order`` (80 = all)
     per_pair: int = 10  # samples per pair in the main table
-    sweep_pairs: int = 40  # scale sweep: the first N pairs, ``sweep_per_pair`` samples each, another seed
+    sweep_pairs: int = 80  # scale sweep: the first N pairs, ``sweep_per_pair`` samples each, another seed
     sweep_per_pair: int = 1
-    # the classifier bench's grids (method -> scales); segmentation: the dense bench's
+    # method -> scales, each grid wide enough that its best point is inside it
     sweep_scales: dict = field(
         default_factory=lambda: {
-            "naive": (3.0, 10.0, 30.0, 100.0),
-            "ppap": (3.0, 10.0, 30.0, 100.0),
-            "x0": (1.0, 3.0, 10.0, 30.0),
+            "naive": (1.0, 3.0, 10.0, 30.0, 100.0),
+            "ppap": (10.0, 30.0, 100.0, 300.0, 1000.0),
+            "x0": (0.3, 1.0, 3.0, 10.0),
             "noise-aware": (3.0, 10.0, 30.0, 100.0),
         }
     )
     seg_targets: int = 200  # reference images for the segmentation rows (the first N colour test images)
-    seg_sweep_targets: int = 24  # the next N, for the segmentation sweep
+    seg_sweep_targets: int = 48  # the next N, for the segmentation sweep
     seg_sweep_scales: dict = field(
         default_factory=lambda: {
-            "naive": (100.0, 300.0, 1000.0),
-            "ppap": (100.0, 300.0, 1000.0, 3000.0),
-            "x0": (30.0, 100.0, 300.0, 1000.0),
+            "naive": (30.0, 100.0, 300.0, 1000.0),
+            "ppap": (30.0, 100.0, 300.0, 1000.0),
+            "x0": (3.0, 10.0, 30.0, 100.0),
         }
     )
     expert_iterations: int = 800  # the noise-aware model: the classifier bench's bank at this budget (5x as many steps, one model)
