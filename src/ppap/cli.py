@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--particles",
         type=int,
         help="K trajectories per image for a particle method (one returned; --scale is the exponent lambda of p(y|x)^lambda, "
-        "default 1; classifiers only; --sampler ddpm, or ddim with --eta > 0)",
+        "1 = the exact conditional; classifiers only; --sampler ddpm, or ddim with --eta > 0)",
     )
     s.add_argument("--calibration", default="", help="x0-shortcut options, e.g. 'norm_temperature=2,softplus_beta=3,scale_schedule=sigma'")
     s.add_argument("--task", help="task of a --guide without experts (default: the zoo entry's, else classification)")
