@@ -63,3 +63,15 @@ def test_search_bench_config_file_overrides_the_defaults_and_refuses_unknown_fie
     assert main(["bench", "dense", "--config", str(good), "--out", str(tmp_path / "o")]) == 2
     assert "--config applies to `ppap bench search` only" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_best_of_n_runs_at_one_lambda_the_twisted_methods_at_each():
+    """Lambda does not change which particle best-of-N keeps: its budget rows run once."""
+    from types import SimpleNamespace
+
+    from ppap.bench.search import SearchBench, SearchBenchConfig
+
+    cfg = SearchBenchConfig(budgets=(1, 4), scales=(1.0, 3.0), gradient_rows=(), noise_aware="/nonexistent")
+    jobs = SearchBench.row_jobs(SimpleNamespace(cfg=cfg), {"guide": 0.04, "expert": 0.04})
+    assert sorted(j for j in jobs if j.startswith("best-of-n")) == ["best-of-n-K1-lambda1", "best-of-n-K4-lambda1"]
+    assert {"fk-K4-lambda1", "fk-K4-lambda3", "ppap-smc-K4-lambda1", "ppap-smc-K4-lambda3"} <= set(jobs)

@@ -1,7 +1,8 @@
 """``ppap bench search``: the particle methods against the gradient methods at matched compute.
 
 Rows: best-of-n, FK, TDS and ppap-smc (``ppap.particles``) at budgets of 1, 2, 4, 8 and 16x the
-compute of one unguided DDIM-S run, and the gradient rows (naive, PPAP, noise-aware, x0) at
+compute of one unguided DDIM-S run (each at every lambda of ``scales``; best-of-n at the first
+only, since lambda does not change which particle it keeps), and the gradient rows (naive, PPAP, noise-aware, x0) at
 their own single-run cost, with the unguided model on both chains (DDIM eta 0, and the DDPM
 chain the particle methods run). Compute is counted per *returned* sample, in UNet forwards: a
 UNet forward = 1, a backward = 2 forwards, the guide's and the experts' forward measured here (a
@@ -212,7 +213,9 @@ class SearchBench(Bench):
         for method in self.cfg.methods:
             for budget in self.cfg.budgets:
                 k = particles_at(method, budget, cost, self.cfg.steps)
-                for scale in self.cfg.scales if k >= 1 else ():
+                # best-of-N keeps the particle the classifier scores highest: lambda does not change it
+                scales = self.cfg.scales[:1] if method == "best-of-n" else self.cfg.scales
+                for scale in scales if k >= 1 else ():
                     jobs[f"{method}-K{k}-lambda{scale:g}"] = ("particle_row", (method, k, scale))
         rows = ("unguided", "unguided-ddpm") + tuple(self.cfg.gradient_rows)
         for m in rows:
