@@ -250,6 +250,22 @@ def test_guided_ddim_with_clipping_steps_from_the_clipped_x0():
     assert torch.isfinite(ours).all()
 
 
+def test_use_clipped_model_output_is_diffusers_option_unguided():
+    """Unguided, ``use_clipped_model_output=True`` is DDIMScheduler.step's option of that name,
+    step for step; the default (None) is its default step."""
+    unet = tiny_unet()
+    config = dict(BASE, clip_sample=True)
+    diffusion = Diffusion(unet, NoiseSchedule.from_diffusers(DDIMScheduler(**config)))
+    x_T = 3 * torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))  # off the data: its x0 is clipped
+    grid = diffusion.schedule.grid(6, "ddim")
+    for option in (True, None):
+        ref = _reference_loop(unet, DDIMScheduler(**config), x_T, 6, None, 1, use_clipped_model_output=bool(option))
+        ours = sample_ddim(diffusion, x_T, grid, use_clipped_model_output=option)
+        assert (ours - ref).abs().max().item() < 1e-5, option
+    plain = sample_ddim(diffusion, x_T, grid)
+    assert (sample_ddim(diffusion, x_T, grid, use_clipped_model_output=True) - plain).abs().max() > 1e-3  # the option matters here
+
+
 def test_ddpm_guidance_is_variance_times_gradient(tiny_diffusion):
     """Dhariwal & Nichol Algorithm 1: the guided mean is mu + Sigma * s * grad."""
     torch.manual_seed(0)
