@@ -27,7 +27,10 @@ from pathlib import Path
 
 import torch
 
+from ppap.io import atomic_write_json
+
 TEST_SELECTION = "device or dtype or float16 or bfloat16 or cuda or offload"
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 ZOO = ("fashion-ddpm", "fashion-classifier", "fashion-ppap5")
 
 
@@ -41,7 +44,7 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[int, float, str]:
 
 
 def device_tests(smoke: bool) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", TEST_SELECTION, "tests"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", TEST_SELECTION, str(TESTS)]
     if smoke:
         cmd.append("--collect-only")  # the selection only: the tests themselves run in make test
     code, seconds, tail = run(cmd, env={"PPAP_TEST_DEVICE": "cpu" if smoke else "cuda"})
@@ -53,38 +56,36 @@ def device_tests(smoke: bool) -> dict:
     }
 
 
-def scale_runs(root: Path, device: str, smoke: bool) -> dict:
-    out = {}
+def scale_run(root: Path, device: str, dtype: str, smoke: bool) -> dict:
+    """``ppap bench scale`` in one dtype; the model folders are shared by the dtypes' runs."""
     models = root / "models"
-    for dtype in ("float32",) if smoke else ("float32", "float16", "bfloat16"):
-        folder = root / f"scale-{dtype}"
-        folder.mkdir(parents=True, exist_ok=True)
-        models.mkdir(parents=True, exist_ok=True)
-        if not (folder / "models").exists():
-            (folder / "models").symlink_to(models.resolve(), target_is_directory=True)
-        cmd = [sys.executable, "-m", "ppap", "bench", "scale", "--device", device, "--dtype", dtype, "--out", str(folder), "--quiet"]
-        cmd += ["--quick"] if smoke else ["--batch-sizes", "1,16,64"]
-        code, seconds, tail = run(cmd)
-        entry: dict = {"command": " ".join(cmd[1:]), "exit_status": code, "seconds": seconds}
-        results = folder / "results.json"
-        if code == 0 and results.exists():
-            r = json.loads(results.read_text())
-            entry |= {"targets": r["targets"], "errors": r["errors"], "report": str(folder / "report.md")}
-            entry["steps"] = {
-                pair: {f"b{b}": (p.get(f"b{b}") or {}).get("seconds") for b in r["batch_sizes"]} for pair, p in r["pairs"].items()
+    folder = root / f"scale-{dtype}"
+    folder.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+    if not (folder / "models").exists():
+        (folder / "models").symlink_to(models.resolve(), target_is_directory=True)
+    cmd = [sys.executable, "-m", "ppap", "bench", "scale", "--device", device, "--dtype", dtype, "--out", str(folder), "--quiet"]
+    cmd += ["--quick"] if smoke else ["--batch-sizes", "1,16,64"]
+    code, seconds, tail = run(cmd)
+    entry: dict = {"command": " ".join(cmd[1:]), "exit_status": code, "seconds": seconds}
+    results = folder / "results.json"
+    if code == 0 and results.exists():
+        r = json.loads(results.read_text())
+        entry |= {"targets": r["targets"], "errors": r["errors"], "report": str(folder / "report.md")}
+        entry["steps"] = {
+            pair: {f"b{b}": (p.get(f"b{b}") or {}).get("seconds") for b in r["batch_sizes"]} for pair, p in r["pairs"].items()
+        }
+        entry["peak_mib"] = {
+            pair: {
+                f"b{b}": {m: (v or {}).get("peak_mib") for m, v in ((p.get(f"b{b}") or {}).get("memory") or {}).items()}
+                for b in r["batch_sizes"]
             }
-            entry["peak_mib"] = {
-                pair: {
-                    f"b{b}": {m: (v or {}).get("peak_mib") for m, v in ((p.get(f"b{b}") or {}).get("memory") or {}).items()}
-                    for b in r["batch_sizes"]
-                }
-                for pair, p in r["pairs"].items()
-            }
-            entry["throughput"] = r["throughput"]
-        else:
-            entry["output"] = tail
-        out[dtype] = entry
-    return out
+            for pair, p in r["pairs"].items()
+        }
+        entry["throughput"] = r["throughput"]
+    else:
+        entry["output"] = tail
+    return entry
 
 
 def zoo_throughput(root: Path, device: str, smoke: bool) -> dict:
@@ -135,13 +136,19 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    figures["tests"] = device_tests(args.cpu_smoke)
-    figures["scale"] = scale_runs(root, device, args.cpu_smoke)
-    figures["zoo_sampling"] = zoo_throughput(root, device, args.cpu_smoke)
-    figures["zoo_guided_step"] = zoo_guided_step(device, args.cpu_smoke)
-    figures["seconds"] = round(time.time() - t0, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    out = Path(args.out)
+    dtypes = ("float32",) if args.cpu_smoke else ("float32", "float16", "bfloat16")
+    parts = [
+        (("tests",), lambda: device_tests(args.cpu_smoke)),
+        (("zoo_sampling",), lambda: zoo_throughput(root, device, args.cpu_smoke)),
+        (("zoo_guided_step",), lambda: zoo_guided_step(device, args.cpu_smoke)),
+    ] + [(("scale", d), lambda d=d: scale_run(root, device, d, args.cpu_smoke)) for d in dtypes]
+    figures["scale"] = {}
+    for i, (key, part) in enumerate(parts):  # the figures so far are on disk after each part: a run cut short keeps them
+        (figures if len(key) == 1 else figures["scale"])[key[-1]] = part()
+        figures["seconds"] = round(time.time() - t0, 1)
+        figures["complete"] = i == len(parts) - 1
+        atomic_write_json(out, figures)
     print(f"gpu-check: figures in {args.out} ({figures['seconds']} s)")
     failed = [k for k in ("tests", "zoo_sampling") if figures[k]["exit_status"] != 0]
     failed += [f"scale {d}" for d, e in figures["scale"].items() if e["exit_status"] != 0]

@@ -62,6 +62,42 @@ def test_tiny_rgb_ddpm_trains_resumes_exactly_and_exports_a_text_pipeline(tmp_pa
 
 
 @needs_data
+def test_tiny_rgb_ddpm_resumes_on_another_device(tmp_path):
+    """Half the run on the CPU, the rest on the test device (CUDA under `make gpu-check`): the
+    draws stay on the CPU, so on the CPU the split run is the straight run bit for bit, and on a
+    GPU it follows it to float tolerance; the exported model is on the CPU either way."""
+    from ppap.io import load_resume_state
+    from ppap.recipes_rgb import TINY_RGB_DDPM_RECIPE, train_rgb_ddpm
+
+    from conftest import TEST_DEVICE
+
+    r = TINY_RGB_DDPM_RECIPE
+    train_rgb_ddpm(tmp_path / "out-a" / "m", tmp_path / "work-a", r)
+    assert train_rgb_ddpm(tmp_path / "out-b" / "m", tmp_path / "work-b", r, stop_after=r.iterations // 2)["step"] == r.iterations // 2
+    card = train_rgb_ddpm(tmp_path / "out-b" / "m", tmp_path / "work-b", r, device=TEST_DEVICE)
+    assert card["done"] and card["device"] == (torch.cuda.get_device_name(TEST_DEVICE) if TEST_DEVICE.type == "cuda" else TEST_DEVICE.type)
+    a, b = load_resume_state(tmp_path / "work-a" / "resume.pt"), load_resume_state(tmp_path / "work-b" / "resume.pt")
+    assert b["step"] == r.iterations and all(v.device.type == "cpu" for v in b["ema"].values())
+    exact = TEST_DEVICE.type == "cpu"
+    assert a["losses"] == b["losses"] if exact else torch.allclose(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-3)
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]) if exact else torch.allclose(a["ema"][k], b["ema"][k], atol=1e-4)
+
+
+def test_zoo_train_device_and_stop_after_are_checked_in_one_line(tmp_path, capsys):
+    from ppap.cli import main
+
+    work = ["--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")]
+    assert main(["zoo", "train", "fashion-rgb-classifier", "--device", "cuda", *work]) == 2
+    assert "apply to fashion-ddpm and fashion-rgb-ddpm only, not 'fashion-rgb-classifier'" in capsys.readouterr().err
+    assert main(["zoo", "train", "fashion-rgb-ddpm", "--stop-after", "0", *work]) == 2
+    assert "--stop-after must be a positive number of steps, got 0" in capsys.readouterr().err
+    assert main(["zoo", "train", "fashion-rgb-ddpm", "--device", "tpu", *work]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
+
+
+@needs_data
 def test_a_resume_state_of_another_recipe_is_refused(tmp_path):
     from dataclasses import replace
 
@@ -128,7 +164,9 @@ def test_zoo_train_runs_the_colour_recipes_into_the_zoo_layout(tmp_path, monkeyp
     from ppap.cli import main
 
     calls = []
-    monkeypatch.setattr(recipes_rgb, "train_rgb_ddpm", lambda out, work, data_dir=None: calls.append(("ddpm", Path(out), Path(work))) or {})
+    monkeypatch.setattr(
+        recipes_rgb, "train_rgb_ddpm", lambda out, work, data_dir=None, **kw: calls.append(("ddpm", Path(out), Path(work))) or {}
+    )
     monkeypatch.setattr(
         recipes_rgb, "train_rgb_guide", lambda name, out, work, data_dir=None: calls.append((name, Path(out), Path(work))) or {}
     )

@@ -245,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("name")
     zt.add_argument("--work-dir", default="runs/zoo", help="checkpoints for resuming")
     zt.add_argument("--data-dir", help="Fashion-MNIST folder")
+    zt.add_argument(
+        "--device",
+        default="cpu",
+        help="where the diffusion models train (cpu, cuda, cuda:N, mps); the draws stay on the CPU, so a checkpoint resumes anywhere (default: %(default)s)",
+    )
+    zt.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEPS",
+        help="end this run after STEPS optimiser steps, checkpointed (diffusion models; time-sliced runs)",
+    )
     where = zt.add_mutually_exclusive_group()
     where.add_argument("--out", default="runs/zoo-models", help="folder for the trained model, laid out as the zoo (default: %(default)s)")
     where.add_argument("--into-package", action="store_true", help="replace the model shipped inside the installed package (maintainers)")

@@ -84,7 +84,12 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def train_ddpm(
-    out_dir: str | Path, work_dir: str | Path, r: DDPMRecipe = DDPMRecipe(), data_dir=None, stop_after: int | None = None
+    out_dir: str | Path,
+    work_dir: str | Path,
+    r: DDPMRecipe = DDPMRecipe(),
+    data_dir=None,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train the unconditional Fashion-MNIST DDPM; export EMA weights as a diffusers pipeline dir.
 
@@ -92,7 +97,7 @@ def train_ddpm(
     """
     x_all, _ = load_fashion_mnist("train", data_dir)
     spec = DenoiserTraining("fashion-ddpm", lambda: build_fashion_unet(r), (x_all,), lambda batch, g: (batch[0], ()), export_ddpm)
-    return train_denoiser(spec, r, out_dir, work_dir, stop_after=stop_after)
+    return train_denoiser(spec, r, out_dir, work_dir, stop_after=stop_after, device=device)
 
 
 @dataclass(frozen=True)
@@ -106,19 +111,33 @@ class DenoiserTraining:
     export: Callable[[nn.Module, Any, Path], None]  # (EMA model, DDPMScheduler, out_dir): write the pipeline
 
 
-def train_denoiser(spec: DenoiserTraining, r, out_dir: str | Path, work_dir: str | Path, stop_after: int | None = None) -> dict:
+def train_denoiser(
+    spec: DenoiserTraining,
+    r,
+    out_dir: str | Path,
+    work_dir: str | Path,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
     """The DDPM loop (epsilon loss at uniform t, AdamW with linear warm-up, EMA) of a recipe with
     ``DDPMRecipe``'s training fields; checkpoints to ``work_dir/resume.pt`` and resumes exactly
     (batch s, its t, noise and ``spec.inputs`` draws are functions of (seed, s)); exports the EMA
-    model with ``spec.export`` and writes its card when all ``r.iterations`` are done."""
+    model with ``spec.export`` and writes its card when all ``r.iterations`` are done.
+
+    On another ``device`` the initial weights and every draw are still made on the CPU (the same
+    numbers on every machine) and moved; only the arithmetic runs there. A checkpoint written on
+    one device resumes on any other."""
     from diffusers import DDPMScheduler
 
+    device = torch.device(device)
     work_dir = Path(work_dir)
     torch.manual_seed(r.seed)  # only the initial weights draw from the global RNG, and only here
     unet = spec.build()
     ema = spec.build()
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
+    unet.to(device)
+    ema.to(device)
     sched = DDPMScheduler(num_train_timesteps=r.num_train_timesteps, beta_schedule=r.beta_schedule, prediction_type="epsilon")
     schedule = NoiseSchedule.from_diffusers(sched)
     opt = torch.optim.AdamW(unet.parameters(), lr=r.lr, weight_decay=0.0)
@@ -157,6 +176,8 @@ def train_denoiser(spec: DenoiserTraining, r, out_dir: str | Path, work_dir: str
         x0, inputs = spec.inputs(batches.batch(step), g)
         t = torch.randint(0, r.num_train_timesteps, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+        inputs = tuple(i.to(device) for i in inputs)
         out = unet(schedule.q_sample(x0, t, noise), t, *inputs)
         loss = F.mse_loss(getattr(out, "sample", out), noise)
         for group in opt.param_groups:
@@ -178,11 +199,12 @@ def train_denoiser(spec: DenoiserTraining, r, out_dir: str | Path, work_dir: str
     bar.close()
     if step < r.iterations:
         return {"step": step, "done": False}
-    spec.export(ema, sched, Path(out_dir))
+    spec.export(ema.to("cpu"), sched, Path(out_dir))
     card = {
         "recipe": asdict(r),
         "iterations": step,
         "train_seconds": round(elapsed, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,  # of the last run
         "final_loss_ema50": losses[-1] if losses else math.nan,
         "parameters": sum(p.numel() for p in ema.parameters()),
     }

@@ -35,7 +35,7 @@ class TextDDPMRecipe:
     colour_seed: int = 0  # colour Fashion-MNIST's colour draw
     num_train_timesteps: int = 1000  # T
     beta_schedule: str = "linear"  # DDPM's linear betas 1e-4..0.02
-    iterations: int = 4000  # optimiser steps (the grey DDPM's budget)
+    iterations: int = 7000  # optimiser steps
     batch_size: int = 64
     lr: float = 5e-4  # AdamW, after a linear warm-up
     warmup: int = 200
@@ -102,7 +102,12 @@ def prompt_ids(tokenizer) -> tuple[Tensor, Tensor]:
 
 
 def train_rgb_ddpm(
-    out_dir: str | Path, work_dir: str | Path, r: TextDDPMRecipe = RGB_DDPM_RECIPE, data_dir=None, stop_after: int | None = None
+    out_dir: str | Path,
+    work_dir: str | Path,
+    r: TextDDPMRecipe = RGB_DDPM_RECIPE,
+    data_dir=None,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train ``fashion-rgb-ddpm``; export the EMA UNet + text encoder as a ``PPAPPipeline`` folder."""
     data = load_fashion_rgb("train", data_dir, seed=r.colour_seed)
@@ -125,7 +130,7 @@ def train_rgb_ddpm(
     spec = DenoiserTraining(
         "fashion-rgb-ddpm", lambda: build_text_conditioned_unet(r, len(tokenizer)), (data.grey, data.colours), inputs, export
     )
-    return train_denoiser(spec, r, out_dir, work_dir, stop_after=stop_after)
+    return train_denoiser(spec, r, out_dir, work_dir, stop_after=stop_after, device=device)
 
 
 # --------------------------------------------------------------------------------------------

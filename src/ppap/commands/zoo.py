@@ -15,6 +15,11 @@ def cmd_zoo(args) -> int:
     from ..zoo_train import train_zoo_model
 
     train_zoo_model(
-        args.name, work_root=Path(args.work_dir), data_dir=args.data_dir, out_root=None if args.into_package else Path(args.out)
+        args.name,
+        work_root=Path(args.work_dir),
+        data_dir=args.data_dir,
+        out_root=None if args.into_package else Path(args.out),
+        device=args.device,
+        stop_after=args.stop_after,
     )
     return 0
