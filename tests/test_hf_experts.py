@@ -131,3 +131,36 @@ def test_transformers_folder_as_cli_guide(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "s.npz").exists()
+
+
+def test_quiet_silences_the_libraries_loading_bars_for_the_command_only(tmp_path, capsys):
+    """``--quiet``: no transformers "Loading weights" bar on stderr; the libraries' bars are on again after."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from transformers import ViTImageProcessor
+    from transformers.utils import logging as tf_logging
+
+    from ppap.cli import main
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "ddpm")
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    args = ["sample", "--diffusion", str(tmp_path / "ddpm"), "--guide", str(tmp_path / "vit"), "--method", "naive"]
+    args += ["--target", "2", "--num", "1", "--steps", "2", "--out", str(tmp_path / "s.png")]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "Loading weights" in capsys.readouterr().err  # the bar this test looks for is there without --quiet
+    assert main([*args, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err
+    assert tf_logging.is_progress_bar_enabled()
+
+
+def test_experts_on_a_transformers_model_raise_no_deprecation_warning_of_peft():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model; a
+    user building a bank sees no FutureWarning for it."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoRAExperts(_guide("resnet"), TimestepRouter.uniform(2, 100), CFG.adapter_config())
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

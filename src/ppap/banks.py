@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,9 @@ class LoRAExperts(ExpertBank):
         )
         # LoRA A matrices are drawn from torch's global RNG: fix it (and only here), so that every
         # process of a data-parallel run, and every re-run, starts from the same experts
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: its warning is not ours to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(seed)
             self.model = get_peft_model(net, config, adapter_name=expert_name(0))
             for i in range(1, router.num_experts):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -328,6 +329,29 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+@contextlib.contextmanager
+def _library_progress_bars_off():
+    """``--quiet``: the hub's, transformers' and diffusers' own bars (downloads, "Loading weights")
+    off for the command, and as they were after it."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled():  # the user's own setting (HF_HUB_DISABLE_PROGRESS_BARS): nothing to do
+        yield
+        return
+    disable_progress_bars()  # transformers reads this when it is imported
+    libraries = ("transformers.utils.logging", "diffusers.utils.logging")
+    for name in libraries:  # the ones imported already (diffusers always keeps its own switch)
+        if name in sys.modules or name.startswith("diffusers"):
+            importlib.import_module(name).disable_progress_bar()
+    try:
+        yield
+    finally:
+        for name in libraries:
+            if name in sys.modules:
+                sys.modules[name].enable_progress_bar()
+        enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted, 1 internal error
     (one line; the traceback only with ``--debug``)."""
@@ -340,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        with _library_progress_bars_off() if getattr(args, "quiet", False) else contextlib.nullcontext():
+            return args.func(args)
     except PPAPError as e:
         _close_progress_bars()
         print(f"ppap: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
