@@ -32,7 +32,7 @@ def test_search_bench_quick_runs_and_resumes(tmp_path, capsys):
             steps = len(row["timesteps"])
             assert steps == QUICK.steps and len(row["ess_over_k"]) == steps and all(0 < e <= 1 + 1e-9 for e in row["ess_over_k"])
             assert row["compute"] == round(row["particles"] * particle_cost(row["method"], QUICK.steps, cost["guide"], cost["expert"]), 2)
-            if row["method"] in ("tds", "ppap-smc"):
+            if row["method"] in ("tds", "ppap-smc", "ppap-fk"):
                 assert set(row["twist_accuracy"]) == {"experts", "classifier-on-x0"}
     assert rows["unguided"]["compute"] == 1.0 and rows["ppap"]["compute"] > rows["unguided"]["compute"]
     report = (out / "report.md").read_text()
@@ -75,3 +75,20 @@ def test_best_of_n_runs_at_one_lambda_the_twisted_methods_at_each():
     jobs = SearchBench.row_jobs(SimpleNamespace(cfg=cfg), {"guide": 0.04, "expert": 0.04})
     assert sorted(j for j in jobs if j.startswith("best-of-n")) == ["best-of-n-K1-lambda1", "best-of-n-K4-lambda1"]
     assert {"fk-K4-lambda1", "fk-K4-lambda3", "ppap-smc-K4-lambda1", "ppap-smc-K4-lambda3"} <= set(jobs)
+
+
+def test_a_search_run_takes_more_rows_later_but_no_other_change(tmp_path):
+    """``methods`` and ``gradient_rows`` only pick which cached rows run: a results folder takes a
+    row added later (ppap-fk beside a finished run); any other field is refused."""
+    from dataclasses import replace
+
+    from ppap import PPAPError
+    from ppap.bench.search import QUICK, SearchBench
+
+    def open_run(cfg):
+        SearchBench.__new__(SearchBench)._open(cfg, tmp_path / "search", progress=False)
+
+    open_run(replace(QUICK, methods=("fk",), gradient_rows=("naive",)))
+    open_run(replace(QUICK, methods=("fk", "ppap-fk"), gradient_rows=("naive", "ppap")))
+    with pytest.raises(PPAPError, match="another bench configuration"):
+        open_run(replace(QUICK, methods=("fk", "ppap-fk"), num=QUICK.num + 1))

@@ -1,4 +1,4 @@
-"""Particle methods (best-of-n, FK, TDS, ppap-smc): the SMC machinery, one step's weight against
+"""Particle methods (best-of-n, FK, TDS, ppap-smc, ppap-fk): the SMC machinery, one step's weight against
 the Gaussian densities, the reduction to the proposal at K = 1, no UNet backward for ppap-smc,
 exactness on an analytic Gaussian-mixture diffusion, and the pipeline / CLI surface."""
 
@@ -13,7 +13,7 @@ from ppap import Diffusion, LoRAExperts, NoiseSchedule, PPAPError, PPAPPipeline,
 from ppap.diffusion import Prediction
 from ppap.guidance import NoisyInputGuidance, PredictedX0Guidance
 from ppap.models import tiny_classifier
-from ppap.particles import CleanReward, X0Twist, particle_noise, sample_particles, smc_step, start
+from ppap.particles import CleanReward, ExpertTwist, X0Twist, particle_noise, sample_particles, smc_step, start
 from ppap.samplers import sample_ddim, sample_ddpm
 from ppap.smc import effective_sample_size, systematic_resample
 from ppap.tasks import Classification
@@ -91,6 +91,38 @@ def test_one_tds_step_weight_is_the_gaussian_density_ratio_and_the_twists():
     assert torch.allclose(increment, final - state.log_twist, atol=1e-4)
 
 
+def test_ppap_fk_weights_are_the_experts_potential_differences_and_need_no_backward():
+    """ppap-fk's step: the base step itself (no shift), and the incremental log-weight lambda (log
+    expert_{t-1}(y | x_{t-1}) - log expert_t(y | x_t)), by the expert owning each t, with no
+    autograd anywhere; the last step's weight is the clean classifier on x_0 over the last expert."""
+    diffusion, net = _tiny()
+    bank = _bank(tiny_classifier().eval())
+    task, lam, target = Classification(10), 2.0, torch.tensor([3, 3, 5])
+    grid = diffusion.schedule.grid(3, "ddpm")
+    twist = ExpertTwist(diffusion, bank, task, target, lam, gradient=False)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    state = start(twist, x, int(grid.timesteps[0]))
+    assert state.grad is None
+    base = start(X0Twist(diffusion, CleanReward(net, task, target, lam)), x, int(grid.timesteps[0]))  # fk's: the same base step
+    reward = CleanReward(net, task, target, lam)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("autograd saved a tensor"), lambda t: t):
+        new, increment = smc_step(diffusion, grid, 0, state, twist, reward, generator=torch.Generator().manual_seed(5))
+    fk_new, _ = smc_step(diffusion, grid, 0, base, X0Twist(diffusion, reward), reward, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(new.x, fk_new.x)
+
+    def by_hand(x_t, t):
+        with torch.no_grad():
+            return lam * bank(x_t, torch.full((3,), t)).log_softmax(-1)[torch.arange(3), target].double()
+
+    t0, t1 = int(grid.timesteps[0]), int(grid.timesteps[1])
+    assert bank.router(torch.tensor([t0])) != bank.router(torch.tensor([t1]))  # a router boundary between the two: both experts count
+    assert torch.allclose(increment, by_hand(new.x, t1) - by_hand(x, t0), atol=1e-5)
+    last_state = start(twist, new.x, int(grid.timesteps[2]))
+    last, increment = smc_step(diffusion, grid, 2, last_state, twist, reward)
+    final = lam * net(last.x.clamp(-1, 1)).log_softmax(-1)[torch.arange(3), target].double()
+    assert torch.allclose(increment, final - by_hand(new.x, int(grid.timesteps[2])), atol=1e-4)
+
+
 def _bank(net):
     torch.manual_seed(2)
     bank = LoRAExperts(net, TimestepRouter.uniform(2, 100)).eval()
@@ -98,10 +130,10 @@ def _bank(net):
     return bank
 
 
-@pytest.mark.parametrize("method", ["best-of-n", "fk", "tds", "ppap-smc"])
+@pytest.mark.parametrize("method", ["best-of-n", "fk", "tds", "ppap-smc", "ppap-fk"])
 def test_one_particle_is_the_proposal(method):
     """K = 1: no resampling, no choice; each method is its proposal's sampler, noise for noise:
-    the base chain (best-of-n, fk), x0 guidance through the UNet (tds), PPAP's guidance (ppap-smc)."""
+    the base chain (best-of-n, fk, ppap-fk), x0 guidance through the UNet (tds), PPAP's guidance (ppap-smc)."""
     diffusion, net = _tiny()
     bank = _bank(tiny_classifier().eval())
     task, target, lam = Classification(10), torch.tensor([1, 7]), 3.0
@@ -259,6 +291,13 @@ def test_pipeline_particle_methods_and_their_errors():
     )
     assert bank.training and all(torch.equal(before[k], v) for k, v in bank.state_dict().items())  # no norm statistics moved
     assert out.images.shape == (2, 1, 8, 8) and out.diagnostics.ess.shape == (2, 2) and out.diagnostics.particles.shape == (4, 1, 8, 8)
+    fk = pipe(
+        batch_size=2, num_inference_steps=2, experts=bank, method="ppap-fk", particles=3, target=[1, 2], output_type="pt", progress=False
+    )
+    assert fk.images.shape == (2, 1, 8, 8) and fk.diagnostics.particles.shape == (6, 1, 8, 8)  # the bank's own guide as the final reward
+    reward = CleanReward(bank.teacher, Classification(10), torch.tensor([1, 2]).repeat_interleave(3), 1.0)
+    best = reward(fk.diagnostics.particles).view(2, 3).argmax(-1)  # the particles as sampled, in [-1, 1]
+    assert torch.equal(fk.diagnostics.chosen, best)  # ppap-fk returns the particle the clean classifier scores best
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     a = pipe(batch_size=2, num_inference_steps=2, guide=net, method="fk", particles=3, generator=gens, output_type="latent", progress=False)
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
@@ -300,6 +339,7 @@ def test_cli_particles(tiny_models, tmp_path, capsys):
         (["--method", "fk", "--particles", "0"], "K >= 1, got 0"),
         (["--method", "naive", "--particles", "2"], "--particles is for the particle methods"),
         (["--method", "best-of-n", "--particles", "2"], "not ddim with eta 0 (--sampler ddpm, or --eta 1)"),
+        (["--method", "ppap-fk", "--particles", "2", "--sampler", "ddpm"], "method 'ppap-fk' needs --experts"),
     ):
         capsys.readouterr()
         assert main(base + extra) == 2

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="ppap",
         help="unguided | naive | ppap | noise-aware | multi-expert-supervised | x0 | x0-shortcut; "
-        "particle methods (with --particles): best-of-n | fk | tds | ppap-smc",
+        "particle methods (with --particles): best-of-n | fk | tds | ppap-smc | ppap-fk",
     )
     s.add_argument(
         "--particles",

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from .banks import AdapterConfig
 
 EXPERT_METHODS = ("ppap", "noise-aware", "multi-expert-supervised")  # the methods that call an expert bank
-PARTICLE_METHODS = ("best-of-n", "fk", "tds", "ppap-smc")  # K particles per image (ppap.particles); scale = the exponent lambda
+PARTICLE_METHODS = ("best-of-n", "fk", "tds", "ppap-smc", "ppap-fk")  # K particles per image (ppap.particles); scale = the exponent lambda
+PARTICLE_EXPERT_METHODS = ("ppap-smc", "ppap-fk")  # the particle methods whose twist is the expert bank
 
 DEFAULT_SCALES: dict[tuple[str, str], float] = {
     # (task, method) -> the guidance scale the zoo benchmarks chose (`make bench`, docs/results.md);
@@ -31,6 +32,7 @@ DEFAULT_SCALES: dict[tuple[str, str], float] = {
     ("classification", "fk"): 3.0,
     ("classification", "tds"): 3.0,
     ("classification", "ppap-smc"): 3.0,
+    ("classification", "ppap-fk"): 3.0,
     ("segmentation", "naive"): 300.0,
     ("segmentation", "ppap"): 1000.0,
     ("segmentation", "x0"): 300.0,

@@ -16,7 +16,7 @@ building its guidance. ``METHODS`` maps the CLI names to builders:
             the same loss, its gradient taken w.r.t. x0_hat only and mapped to x_t with the
             UNet's Jacobian replaced by the identity (MPGD / EluCD style): no UNet backward.
             ``Calibration`` holds EluCD-style options (temperatures, Softplus, scale schedule).
-  best-of-n, fk, tds, ppap-smc
+  best-of-n, fk, tds, ppap-smc, ppap-fk
             particle methods (``ppap.particles``): a term holds their guide, experts, targets
             and lambda; they are sampled with K particles, not by adding a gradient
 """
@@ -320,7 +320,9 @@ def _x0_shortcut(spec: GuidanceSpec) -> Guidance:
 
 
 def _particle_method(spec: GuidanceSpec) -> Guidance | None:
-    raise PPAPError("best-of-n, fk, tds and ppap-smc are particle methods, not a guidance gradient: give particles= (--particles K)")
+    raise PPAPError(
+        "best-of-n, fk, tds, ppap-smc and ppap-fk are particle methods, not a guidance gradient: give particles= (--particles K)"
+    )
 
 
 METHODS: dict[str, Callable[[GuidanceSpec], Guidance | None]] = {
@@ -336,6 +338,7 @@ METHODS: dict[str, Callable[[GuidanceSpec], Guidance | None]] = {
     "fk": _particle_method,
     "tds": _particle_method,
     "ppap-smc": _particle_method,
+    "ppap-fk": _particle_method,
 }
 
 
@@ -389,6 +392,7 @@ class GuidanceTerm:
             "fk": "net",
             "tds": "net",
             "ppap-smc": "experts",
+            "ppap-fk": "experts",
         }.get(self.method)
         if needs is not None:
             _need(GuidanceSpec(self.task, self.targets, self.scale, net=self.net, experts=self.experts), needs, self.method)

@@ -13,6 +13,8 @@ gradient. The methods differ only in the twist, the proposal and the final pick:
              proposal N(mu + sigma_t^2 grad log p~_t, sigma_t^2) (the gradient through the UNet)
   ppap-smc   TDS with the routed PPAP expert as the twist, lambda log expert_t(y | x_t), and its
              gradient w.r.t. x_t as the proposal's shift: no UNet backward
+  ppap-fk    FK steering with the expert as the potential: r_t = log expert_t(y | x_t) on x_t
+             itself (no x0 prediction, no backward anywhere); otherwise as fk
 
 For the twisted methods the incremental log-weight of a step is
     log p(x_{t-1} | x_t) - log q(x_{t-1} | x_t, y) + log p~_{t-1}(y | x_{t-1}) - log p~_t(y | x_t)
@@ -108,17 +110,21 @@ class X0Twist:
 
 @dataclass
 class ExpertTwist:
-    """log p~_t(y | x_t) = lambda log expert_t(y | x_t), the expert owning t applied to x_t, and its
-    gradient w.r.t. x_t through the expert only (the UNet runs without grad)."""
+    """log p~_t(y | x_t) = lambda log expert_t(y | x_t), the expert owning t applied to x_t, and
+    (``gradient``) its gradient w.r.t. x_t through the expert only (the UNet runs without grad)."""
 
     denoiser: DenoiserFn
     bank: ExpertBank | Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> logits of the expert owning t
     task: Task
     target: Tensor  # [N]
     scale: float
+    gradient: bool = True
 
     def __call__(self, x: Tensor, t: Tensor) -> TwistOutput:
         pred = _predict(self.denoiser, x, t)
+        if not self.gradient:
+            with torch.no_grad():
+                return pred, self.scale * _log_likelihood(self.task, self.bank(x, t), self.target), None
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             log_twist = self.scale * _log_likelihood(self.task, self.bank(x, t), self.target)
@@ -131,7 +137,7 @@ Twist = Callable[[Tensor, Tensor], TwistOutput]
 
 @dataclass(frozen=True)
 class ParticleMethod:
-    twist: str  # "none", "x0" (value only), "x0-grad" (value and gradient through the UNet), "experts"
+    twist: str  # "none", "x0" (value only), "x0-grad" (value and gradient through the UNet), "experts" (value only), "experts-grad"
     resample: bool
     pick: str  # "best": the highest final reward; "sample": one particle drawn by the final weights
     needs: str  # what the method needs besides the guide: "" or "experts"
@@ -141,7 +147,8 @@ PARTICLE_SPECS: dict[str, ParticleMethod] = {
     "best-of-n": ParticleMethod("none", resample=False, pick="best", needs=""),
     "fk": ParticleMethod("x0", resample=True, pick="best", needs=""),
     "tds": ParticleMethod("x0-grad", resample=True, pick="sample", needs=""),
-    "ppap-smc": ParticleMethod("experts", resample=True, pick="sample", needs="experts"),
+    "ppap-smc": ParticleMethod("experts-grad", resample=True, pick="sample", needs="experts"),
+    "ppap-fk": ParticleMethod("experts", resample=True, pick="best", needs="experts"),
 }
 
 
@@ -334,7 +341,7 @@ def build_twist(
         return X0Twist(denoiser, reward, gradient=kind == "x0-grad"), reward
     if bank is None:
         raise PPAPError(f"method {method!r} needs --experts")
-    return ExpertTwist(denoiser, bank, task, target, scale), reward
+    return ExpertTwist(denoiser, bank, task, target, scale, gradient=kind == "experts-grad"), reward
 
 
 def sample_particles(

@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from .banks import ExpertBank, as_guide_model, load_bank
-from .config import EXPERT_METHODS, PARTICLE_METHODS, default_scale
+from .config import EXPERT_METHODS, PARTICLE_EXPERT_METHODS, PARTICLE_METHODS, default_scale
 from .diffusion import Conditioning, Diffusion, NoiseSchedule, build_conditioning
 from .frozen import check_device, snapshot_modes
 from .guidance import Calibration, GuidanceTerm, compose
@@ -87,7 +87,7 @@ class PPAPPipeline(DiffusionPipeline):
     first for the expert methods):
 
     * classification: naive 30, ppap 30, noise-aware 30, multi-expert-supervised 10, x0 1, x0-shortcut 1,
-      best-of-n 1, fk 3, tds 3, ppap-smc 3 (for the particle methods, the exponent lambda of p(y|x)^lambda);
+      best-of-n 1, fk 3, tds 3, ppap-smc 3, ppap-fk 3 (for the particle methods, the exponent lambda of p(y|x)^lambda);
     * segmentation: naive 300, ppap 1000, x0 300;
     * dense: naive 3000, ppap 10000, x0 10000;
 
@@ -191,7 +191,7 @@ class PPAPPipeline(DiffusionPipeline):
         method = method or ("ppap" if experts is not None else "naive" if guide is not None else "unguided")
         if method == "unguided":
             return None
-        if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS + ("ppap-smc",):
+        if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS + PARTICLE_EXPERT_METHODS:
             guide = experts.guide  # the bank's own guide: its class names, reference and shapes
         if guide is None:
             raise PPAPError(f"method {method!r} needs a guide (the off-the-shelf model)")
@@ -365,7 +365,7 @@ class PPAPPipeline(DiffusionPipeline):
             sampler: one of ``ppap.schedulers.SAMPLER_NAMES`` (ddim, ddpm, dpm++, unipc, euler,
                 euler-a, heun), built from the scheduler's config; default: the registered
                 scheduler itself (as diffusers samples), e.g. DDPMScheduler -> ddpm.
-            particles: K, for the particle methods (best-of-n, fk, tds, ppap-smc; ``ppap.particles``):
+            particles: K, for the particle methods (best-of-n, fk, tds, ppap-smc, ppap-fk; ``ppap.particles``):
                 K trajectories per image, one returned; their ``classifier_scale`` is the exponent
                 lambda of p(y | x)^lambda. They take a classifier, the ddpm sampler or ddim with
                 eta > 0, and return a ``ParticlePipelineOutput`` (its ``diagnostics``: the run).

@@ -64,7 +64,9 @@ class _Stage:
         atomic_write_json(path, value)
         return value
 
-    def check_config(self, config: dict, ignore: tuple[str, ...] = ("workers", "device", "ablations", "extra_rows")) -> None:
+    NOT_CONFIGURATION = ("workers", "device", "ablations", "extra_rows")
+
+    def check_config(self, config: dict, ignore: tuple[str, ...] = NOT_CONFIGURATION) -> None:
         """A results folder belongs to one configuration: refuse to mix the stages of two. How
         it runs (``workers``, ``device``) and which cached rows it adds (``ablations``,
         ``extra_rows``) are not configuration."""
@@ -87,6 +89,8 @@ class Bench:
     the results folder and its stages, the pipeline, the evaluator, the real test set and its
     evaluator features. A subclass writes ``_run`` (its stages, then results and report)."""
 
+    ROW_FIELDS: tuple[str, ...] = ()  # configuration fields that only pick which cached rows run (each row its own stage)
+
     def __init__(self, cfg: Any, out: Path, progress: bool = True):
         self._open(cfg, out, progress)
         self.pipe = load_pipeline(cfg.diffusion, device="cpu")
@@ -101,7 +105,7 @@ class Bench:
         stage bookkeeping: what every bench needs, models or not."""
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.stage = _Stage(self.out)
-        self.stage.check_config(dataclasses.asdict(cfg))
+        self.stage.check_config(dataclasses.asdict(cfg), ignore=_Stage.NOT_CONFIGURATION + self.ROW_FIELDS)
         self.timings: dict[str, float] = {}
         self._recorded: dict[str, float] = {}  # stages/seconds.json: every stage's seconds when it was computed
         self._pool: ProcessPoolExecutor | None = None

@@ -1,6 +1,6 @@
 """``ppap bench search``: the particle methods against the gradient methods at matched compute.
 
-Rows: best-of-n, FK, TDS and ppap-smc (``ppap.particles``) at budgets of 1, 2, 4, 8 and 16x the
+Rows: best-of-n, FK, TDS, ppap-smc and ppap-fk (``ppap.particles``) at budgets of 1, 2, 4, 8 and 16x the
 compute of one unguided DDIM-S run (each at every lambda of ``scales``; best-of-n at the first
 only, since lambda does not change which particle it keeps), and the gradient rows (naive, PPAP, noise-aware, x0) at
 their own single-run cost, with the unguided model on both chains (DDIM eta 0, and the DDPM
@@ -11,9 +11,10 @@ for its K particles (which share ancestors after resampling, so they are not K s
 
 Scored by the judge (``fashion-evaluator``, never a guide): accuracy toward the target, the
 worst class, FID / precision / recall against the real test set. From the same particle runs:
-the effective sample size over t (TDS, ppap-smc, FK) and the twist's accuracy per noise level,
+the effective sample size over t (TDS, ppap-smc, FK, ppap-fk) and the twist's accuracy per noise level,
 the experts' and the clean classifier-on-x0_hat's class at x_t against the judge's class of the
-particle's final x_0 (followed along resampling). Every row is a stage file: a re-run resumes.
+particle's final x_0 (followed along resampling). Every row is a stage file: a re-run resumes, and
+rows added to ``methods`` or ``gradient_rows`` later are computed beside the cached ones.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..particles import particle_noise, sample_particles
 from ..tasks import Classification
 from .common import Bench, _savefig, in_order, machine, machine_in_order, pyplot, round_robin_median
 
-PARTICLE_ROWS = ("best-of-n", "fk", "tds", "ppap-smc")
+PARTICLE_ROWS = ("best-of-n", "fk", "tds", "ppap-smc", "ppap-fk")
 GRADIENT_ROWS = ("naive", "ppap", "noise-aware", "x0")
 
 
@@ -84,6 +85,7 @@ def particle_cost(method: str, steps: int, guide: float, expert: float) -> float
         "fk": s + (s + 1) * guide,  # the classifier on x0_hat at every step, and on x_0
         "tds": 3 * s + 3 * s * guide + guide,  # UNet and classifier forward + backward at every step
         "ppap-smc": s + 3 * s * expert + guide,  # the expert's forward + backward; no UNet backward
+        "ppap-fk": s + s * expert + guide,  # the expert's forward at every step; no backward at all
     }[method]
     return units / s
 
@@ -107,6 +109,8 @@ def particles_at(method: str, budget: float, cost: dict, steps: int) -> int:
 
 
 class SearchBench(Bench):
+    ROW_FIELDS = ("methods", "gradient_rows")
+
     def __init__(self, cfg: SearchBenchConfig, out: Path, progress: bool = True):
         super().__init__(cfg, out, progress)
         self.guide = load_guide(cfg.guide)
@@ -176,7 +180,7 @@ class SearchBench(Bench):
 
     def particle_row(self, method: str, k: int, scale: float) -> dict:
         """``method`` with K = ``k`` particles per returned sample at lambda = ``scale``, the runs' ESS over t and (TDS,
-        ppap-smc) the twists' accuracy per step against the judge's class of each final particle."""
+        ppap-smc, ppap-fk) the twists' accuracy per step against the judge's class of each final particle."""
         cfg, t0 = self.cfg, time.time()
         xs, ess, resampled, total = [], [], [], 0
         right: dict[str, Tensor] = {}
@@ -187,7 +191,7 @@ class SearchBench(Bench):
             run = sample_particles(
                 method, self.diffusion, x_T, self.grid, particles=k, net=self.guide, task=self.task,
                 target=self.targets[b0 : b0 + n], scale=scale, bank=self.bank, generator=gens,
-                probe=self.probe if method in ("tds", "ppap-smc") else None,
+                probe=self.probe if method in ("tds", "ppap-smc", "ppap-fk") else None,
             )  # fmt: skip
             xs.append(run.images.clamp(-1, 1))
             ess.append(run.ess / k)
@@ -275,7 +279,7 @@ def figure(r: dict, path: Path) -> None:
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     for row in rows.values():
-        if "particles" in row and row["method"] in ("tds", "ppap-smc", "fk"):
+        if "particles" in row and row["method"] in ("tds", "ppap-smc", "fk", "ppap-fk"):
             axes[2].plot(row["timesteps"], row["ess_over_k"], label=f"{row['method']} K={row['particles']} lambda {row['scale']:g}")
         for twist, acc in row.get("twist_accuracy", {}).items():
             axes[3].plot(row["timesteps"], acc, label=f"{twist} ({row['method']} K={row['particles']} lambda {row['scale']:g})")
