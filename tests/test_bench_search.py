@@ -78,8 +78,8 @@ def test_best_of_n_runs_at_one_lambda_the_twisted_methods_at_each():
 
 
 def test_a_search_run_takes_more_rows_later_but_no_other_change(tmp_path):
-    """``methods`` and ``gradient_rows`` only pick which cached rows run: a results folder takes a
-    row added later (ppap-fk beside a finished run); any other field is refused."""
+    """``methods``, ``gradient_rows``, ``scales`` and ``budgets`` only pick which cached rows run: a
+    results folder takes rows added later (ppap-fk, another lambda); any other field is refused."""
     from dataclasses import replace
 
     from ppap import PPAPError
@@ -89,6 +89,6 @@ def test_a_search_run_takes_more_rows_later_but_no_other_change(tmp_path):
         SearchBench.__new__(SearchBench)._open(cfg, tmp_path / "search", progress=False)
 
     open_run(replace(QUICK, methods=("fk",), gradient_rows=("naive",)))
-    open_run(replace(QUICK, methods=("fk", "ppap-fk"), gradient_rows=("naive", "ppap")))
+    open_run(replace(QUICK, methods=("fk", "ppap-fk"), gradient_rows=("naive", "ppap"), scales=(1.0, 10.0), budgets=(1, 4)))
     with pytest.raises(PPAPError, match="another bench configuration"):
         open_run(replace(QUICK, methods=("fk", "ppap-fk"), num=QUICK.num + 1))

@@ -14,7 +14,8 @@ worst class, FID / precision / recall against the real test set. From the same p
 the effective sample size over t (TDS, ppap-smc, FK, ppap-fk) and the twist's accuracy per noise level,
 the experts' and the clean classifier-on-x0_hat's class at x_t against the judge's class of the
 particle's final x_0 (followed along resampling). Every row is a stage file: a re-run resumes, and
-rows added to ``methods`` or ``gradient_rows`` later are computed beside the cached ones.
+rows added later (``methods``, ``gradient_rows``, ``scales``, ``budgets``) are computed beside the
+cached ones.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def particles_at(method: str, budget: float, cost: dict, steps: int) -> int:
 
 
 class SearchBench(Bench):
-    ROW_FIELDS = ("methods", "gradient_rows")
+    ROW_FIELDS = ("methods", "gradient_rows", "scales", "budgets")  # each (method, K, lambda) row is its own stage
 
     def __init__(self, cfg: SearchBenchConfig, out: Path, progress: bool = True):
         super().__init__(cfg, out, progress)
