@@ -321,6 +321,38 @@ def test_a_guide_on_another_device_is_a_one_line_error_and_is_not_moved():
     assert next(guide.parameters()).device.type == "meta"
 
 
+def test_a_guide_may_be_given_by_reference_as_experts_may(tmp_path):
+    """``guide=`` and ``experts=`` take a folder, zoo name or hub id, loaded as ``load_guide`` and
+    ``load_experts`` load them; a guide that is neither a module nor a reference is a one-line error."""
+    from transformers import ViTImageProcessor
+
+    from ppap.loading import load_guide
+
+    from tiny_hf import tiny_vit
+
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    pipe = _pipe()
+    common = dict(batch_size=2, num_inference_steps=2, target=3, classifier_scale=30.0, output_type="latent", progress=False)
+    by_module = pipe(guide=load_guide(str(tmp_path / "vit")), generator=torch.Generator().manual_seed(0), **common).images
+    for ref in (str(tmp_path / "vit"), tmp_path / "vit"):
+        assert torch.equal(pipe(guide=ref, generator=torch.Generator().manual_seed(0), **common).images, by_module)
+    with pytest.raises(PPAPError, match="^guide must be an nn.Module, a folder, a zoo name or a hub id, got int$"):
+        pipe(guide=3, **common)
+    # a zoo name for both, as on the command line: the same images as the loaded models give
+    import copy
+
+    from ppap.loading import load_experts, load_pipeline
+
+    zoo_pipe = load_pipeline("fashion-ddpm")
+    guide = load_guide("fashion-classifier")
+    bank = load_experts("fashion-ppap5", copy.deepcopy(guide), zoo_pipe.diffusion)
+    common = dict(batch_size=2, num_inference_steps=2, target=[7, 8], output_type="latent", progress=False)
+    loaded = zoo_pipe(guide=guide, experts=bank, generator=torch.Generator().manual_seed(0), **common).images
+    named = zoo_pipe(guide="fashion-classifier", experts="fashion-ppap5", generator=torch.Generator().manual_seed(0), **common).images
+    assert torch.equal(named, loaded)
+
+
 def test_a_bank_brings_its_own_guide():
     pipe = _pipe()
     bank = _bank().eval()

@@ -26,7 +26,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .banks import ExpertBank, as_guide_model, load_bank
+from .banks import ExpertBank, as_guide_model
 from .config import EXPERT_METHODS, PARTICLE_EXPERT_METHODS, PARTICLE_METHODS, default_scale
 from .diffusion import Conditioning, Diffusion, NoiseSchedule, build_conditioning
 from .frozen import check_device, snapshot_modes
@@ -169,7 +169,7 @@ class PPAPPipeline(DiffusionPipeline):
         self,
         num: int,
         *,
-        guide: nn.Module | None = None,
+        guide: nn.Module | str | os.PathLike | None = None,
         experts: ExpertBank | str | os.PathLike | None = None,
         target: Any = None,
         target_image: Tensor | None = None,
@@ -180,9 +180,9 @@ class PPAPPipeline(DiffusionPipeline):
     ) -> GuidanceTerm | None:
         """One guidance term with ``num`` per-sample targets (None when nothing guides).
 
-        ``guide`` is the off-the-shelf model (a ``GuideModel``, or an ``nn.Module`` taking the
-        diffusion model's images in [-1, 1]); ``experts`` a bank or its directory (then loaded on a
-        copy of the guide, which stays untouched); a bank given without ``guide`` brings its own
+        ``guide`` is the off-the-shelf model (a ``GuideModel``, an ``nn.Module`` taking the
+        diffusion model's images in [-1, 1], or a reference ``load_guide`` takes); ``experts`` a bank, or
+        its folder, zoo name or hub id (then loaded on a copy of the guide, which stays untouched); a bank given without ``guide`` brings its own
         (``bank.guide``) to the expert methods. ``target`` class index / name / list (cycled),
         ``'all'``, or a label / dense map tensor; ``target_image`` reference images [C, H, W] or
         [N, C, H, W] in [-1, 1] whose clean-model output is the dense target; ``method`` defaults to
@@ -191,6 +191,12 @@ class PPAPPipeline(DiffusionPipeline):
         method = method or ("ppap" if experts is not None else "naive" if guide is not None else "unguided")
         if method == "unguided":
             return None
+        if isinstance(guide, (str, os.PathLike)):  # as ``experts``: a folder, a zoo name or a hub id, loaded here
+            from .loading import load_guide
+
+            guide = load_guide(os.fspath(guide)).to(self._execution_device)
+        elif guide is not None and not isinstance(guide, nn.Module):
+            raise PPAPError(f"guide must be an nn.Module, a folder, a zoo name or a hub id, got {type(guide).__name__}")
         if guide is None and isinstance(experts, ExpertBank) and method in EXPERT_METHODS + PARTICLE_EXPERT_METHODS:
             guide = experts.guide  # the bank's own guide: its class names, reference and shapes
         if guide is None:
@@ -201,7 +207,7 @@ class PPAPPipeline(DiffusionPipeline):
         if isinstance(experts, ExpertBank):
             bank = experts
         elif experts is not None:
-            bank = load_bank(copy.deepcopy(guide), experts, schedule=diffusion.schedule)
+            bank = ExpertBank.from_pretrained(copy.deepcopy(guide), experts, schedule=diffusion.schedule)  # a folder, zoo name or hub id
         if bank is not None:
             if bank.task is None:
                 raise PPAPError("the expert bank has no task: load it with ppap.load_bank or train it with train_experts")
@@ -302,7 +308,7 @@ class PPAPPipeline(DiffusionPipeline):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        guide: nn.Module | None = None,
+        guide: nn.Module | str | os.PathLike | None = None,
         experts: ExpertBank | str | os.PathLike | None = None,
         target: Any = None,
         target_image: Tensor | None = None,
@@ -350,8 +356,9 @@ class PPAPPipeline(DiffusionPipeline):
                 clean-image estimate) and "guidance" (its scaled guidance gradient, None unguided).
             guide, experts, target, target_image, method, classifier_scale, calibration, task: one
                 guidance term (see ``guidance_term``); methods: unguided, naive, ppap, noise-aware,
-                multi-expert-supervised, x0, x0-shortcut. ``guide`` and ``experts`` must be on the
-                pipeline's execution device (they are not moved).
+                multi-expert-supervised, x0, x0-shortcut. ``guide`` and ``experts`` given as modules
+                must be on the pipeline's execution device (they are not moved); given as a folder,
+                zoo name or hub id, they are loaded there.
             terms: further guidance terms (composed guidance: their gradients add), each with
                 ``batch_size`` targets (``guidance_term(batch_size, ...)``).
             class_labels, prompt_embeds, negative_prompt_embeds, negative_class_labels,
