@@ -194,9 +194,9 @@ class Bench:
     def sample(
         self, num: int, term: GuidanceTerm | list[GuidanceTerm] | None, seed: int, desc: str, conditioning: Conditioning | None = None
     ) -> tuple[Tensor, float]:
-        """``num`` DDIM samples guided by ``term`` (None: unguided; a list: their sum), with the
-        UNet's per-sample ``conditioning`` (prompts, classifier-free guidance), and the seconds
-        they took."""
+        """``num`` samples guided by ``term`` (None: unguided; a list: their sum), with the UNet's
+        per-sample ``conditioning`` (prompts, classifier-free guidance), and the seconds they took;
+        by the configuration's ``sampler`` where it has one, else DDIM."""
         t0 = time.time()
         x = sample_images(
             self.pipe,
@@ -208,7 +208,7 @@ class Bench:
             progress=self.progress,
             desc=desc,
             num_inference_steps=self.cfg.steps,
-            sampler="ddim",
+            sampler=getattr(self.cfg, "sampler", "ddim"),
         )
         return x, time.time() - t0
 

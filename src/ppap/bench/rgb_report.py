@@ -15,7 +15,7 @@ def rgb_report(r: dict) -> str:
     seg = in_order(r["main"]["segmentation"], SEGMENTATION_ROWS)
     na = r["noise_aware"]
     lines = [
-        f"Machine: {machine_in_order(r)}; sampling on {r['machine'].get('device', 'cpu')}. DDIM-{cfg['steps']} with classifier-free "
+        f"Machine: {machine_in_order(r)}; sampling on {r['machine'].get('device', 'cpu')}. {cfg.get('sampler', 'ddim').upper()}-{cfg['steps']} with classifier-free "
         f"guidance {cfg['cfg_scale']:g} on the prompt's colour; the same initial noises for every row. Each guided row's scale is "
         "chosen on a sweep with another seed (classification: highest evaluator accuracy, then the lowest FID within 2 points; "
         "segmentation: the highest IoU).",
@@ -23,7 +23,7 @@ def rgb_report(r: dict) -> str:
         f"Classification: {cfg['pairs']} (colour, garment) pairs x {cfg['per_pair']} samples per row (prompt "
         f'"a {{colour}} garment", the garment the target); evaluator accuracy, colour fidelity (the garment\'s mean colour nearest '
         f"the prompt's), FID / precision / recall in the evaluator's features against {cfg['real_images'] or 10000} real colour test "
-        f"images; seconds per DDIM step at batch {cost['batch']} (with CFG).",
+        f"images; seconds per mid-noise sampling step at batch {cost['batch']} (with CFG).",
         "",
         "| method | scale | accuracy | worst class | colour fidelity | FID | precision | recall | s / step | step cost (x unguided) |",
         "|---|---|---|---|---|---|---|---|---|---|",
