@@ -195,7 +195,7 @@ def test_the_demos_colour_row_samples_red_sneakers_and_blue_garments_in_a_refere
     from ppap.demo import COLOUR_CFG, colour_row
 
     figures, grid = colour_row(2, 3)
-    assert "[colour] red sneakers and blue garments in a reference layout: 2 each, DDIM-3, CFG 3" in capsys.readouterr().out
+    assert "[colour] red sneakers and blue garments in a reference layout: 2 each, DDPM-3, CFG 3" in capsys.readouterr().out
     assert figures["cfg_scale"] == COLOUR_CFG and figures["per_row"] == 2
     for key in ("sneaker_accuracy_by_evaluator", "layout_iou_by_segmenter"):
         assert figures[key].keys() == {"unguided (CFG)", "ppap"} and all(0 <= v <= 1 for v in figures[key].values())

@@ -146,7 +146,7 @@ ZOO: dict[str, ZooEntry] = {
             "(prompts cycled over the 8 colours, CFG 3)",
             "fashion-rgb-ppap5",
             guide="fashion-rgb-classifier",
-            scale=100.0,  # `ppap bench rgb`'s sweep (docs/results.md)
+            scale=30.0,  # `ppap bench rgb`'s sweep, DDPM-25 (docs/results.md)
         ),
         ZooEntry(
             "fashion-rgb-segmenter-ppap5",
@@ -157,7 +157,7 @@ ZOO: dict[str, ZooEntry] = {
             task="segmentation",
             classes=SEGMENTER_CLASSES,
             guide="fashion-rgb-segmenter",
-            scale=100.0,  # `ppap bench rgb`'s sweep (docs/results.md)
+            scale=300.0,  # `ppap bench rgb`'s sweep, DDPM-25 (docs/results.md)
         ),
     ]
 }
