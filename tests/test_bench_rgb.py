@@ -145,6 +145,21 @@ def test_rgb_bench_quick_reports_every_row_and_metric_and_resumes(tiny_rgb_model
     again = json.loads((out / "results.json").read_text())
     assert again["main"] == r["main"] and again["sweep"] == r["sweep"] and again["stage_seconds"] == r["stage_seconds"]
 
+    # a main row cached at another scale than the sweep chooses (stages carried over from another
+    # run) is stale: that row alone runs again, at the chosen scale
+    stale = work / "stages" / "main-classification-naive.json"
+    stale.write_text(json.dumps(json.loads(stale.read_text()) | {"scale": 12345.0}))
+    monkeypatch.undo()
+    rows_sampled = []
+    sample = common.Bench.sample
+    monkeypatch.setattr(common.Bench, "sample", lambda self, *a, **k: rows_sampled.append(a[3]) or sample(self, *a, **k))
+    assert main(argv) == 0
+    assert rows_sampled == [f"naive s={r['main']['classification']['naive']['scale']:g}"]
+    redone = json.loads((out / "results.json").read_text())["main"]["classification"]["naive"]
+    assert {k: v for k, v in redone.items() if k != "seconds"} == {
+        k: v for k, v in r["main"]["classification"]["naive"].items() if k != "seconds"
+    }
+
 
 @needs_data
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def test_the_colour_recipes_cycle_the_colour_prompts_at_cfg_3():
         ("fashion-rgb-segmenter-ppap5", "fashion-rgb-segmenter", "segmentation"),
     ]:
         r = EXPERT_RECIPES[name]
-        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale) == ("fashion-rgb-ddpm", guide, task, 4000, 3.0)
+        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale, r.sampler) == ("fashion-rgb-ddpm", guide, task, 4000, 3.0, "ddpm")
         assert r.prompts == tuple(f"a {c} garment" if c != "orange" else "an orange garment" for c in COLOUR_NAMES)
         entry = zoo.ZOO[name]
         assert entry.kind == "experts" and entry.guide == guide and entry.task == task
@@ -89,9 +89,11 @@ def test_a_prompted_corpus_is_the_pipelines_own_samples_resumes_and_refuses_othe
     assert card["recipe"]["prompts"] == list(r.prompts) and card["recipe"]["cfg_scale"] == 3.0
     assert json.loads((out / "ppap_experts.json").read_text())["trained"] == ["expert_0", "expert_1"]
     # the corpus: beside the zoo work folder, not where an unprompted corpus of the model goes
-    corpus = shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale)
+    corpus = shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale, r.sampler)
     assert corpus.parent == root / "runs" / "corpus" and corpus != shared_corpus_dir(work, r.diffusion, r.corpus_size)
-    assert corpus != shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, 2.0)
+    assert corpus != shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, 2.0, r.sampler)
+    assert corpus != shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale, "ddim")
+    assert card["recipe"]["corpus_sampler"] == "ddpm"
     condition = json.loads((corpus / CORPUS_MANIFEST).read_text())["condition"]
     assert condition["prompts"] == list(r.prompts) and condition["guidance_scale"] == 3.0
     assert condition["prompt_embeds"] is not None
@@ -104,7 +106,7 @@ def test_a_prompted_corpus_is_the_pipelines_own_samples_resumes_and_refuses_othe
         batch_size=r.corpus_size,
         generator=sample_generators(0, 0, r.corpus_size),
         num_inference_steps=25,
-        sampler="ddim",
+        sampler="ddpm",
         output_type="latent",
         progress=False,
     ).images
@@ -120,13 +122,18 @@ def test_a_prompted_corpus_is_the_pipelines_own_samples_resumes_and_refuses_othe
     assert [p.name for p in (root / "runs" / "corpus").iterdir()] == [corpus.name]
     # a corpus drawn with other conditions is refused, not mixed in
     guide = load_guide("fashion-rgb-classifier")
-    kw = dict(corpus_size=r.corpus_size, cfg=r.train, corpus_dir=corpus)
+    kw = dict(corpus_size=r.corpus_size, cfg=r.train, corpus_dir=corpus, corpus_sampler=r.sampler)
     for prompts, scale in [(r.prompts, 2.0), (r.prompts[::-1], 3.0)]:
         cond = cycled_prompt_conditioning(pipe, prompts, r.corpus_size, scale)
         with pytest.raises(PPAPError, match="holds a different corpus.*condition"):
             data_free_experts(pipe, r.diffusion, guide, tmp_path / "w2", conditioning=cond, prompts=prompts, **kw)
     with pytest.raises(PPAPError, match="holds a different corpus.*condition"):  # nor an unprompted one
         data_free_experts(pipe, r.diffusion, guide, tmp_path / "w3", **kw)
+    cond = cycled_prompt_conditioning(pipe, r.prompts, r.corpus_size, r.cfg_scale)
+    with pytest.raises(PPAPError, match="holds a different corpus.*sampler"):  # nor DDIM samples of the same prompts
+        data_free_experts(
+            pipe, r.diffusion, guide, tmp_path / "w4", conditioning=cond, prompts=r.prompts, **(kw | {"corpus_sampler": "ddim"})
+        )
     assert shard.read_bytes() == before
 
 

@@ -395,7 +395,8 @@ def train_supervised(
 class ExpertRecipe:
     diffusion: str = "fashion-ddpm"
     guide: str = "fashion-classifier"
-    corpus_size: int = 4000  # unlabelled images sampled from the DDPM (DDIM-25)
+    corpus_size: int = 4000  # unlabelled images sampled from the DDPM, 25 steps of ``sampler``
+    sampler: str = "ddim"  # the corpus' sampler: "ddim" (eta 0) or "ddpm" (the pipeline's ancestral steps)
     train: TrainConfig | None = None  # filled in EXPERT_RECIPES
     task: str = "classification"  # the guide's task (its KD loss)
     # a text-conditional diffusion model: corpus sample k is drawn with prompts[k mod len(prompts)],
@@ -429,11 +430,13 @@ def _expert_recipes() -> dict:
         ),
         # the colour world: the text-conditional DDPM's samples, prompts cycled over the 8 colours at
         # CFG 3 (the scale the colour samples are drawn at), distilled from the transformers guides;
-        # the grey recipes' training settings
+        # the grey recipes' training settings. The corpus samples with DDPM's ancestral steps, as
+        # the colour model is sampled: its DDIM-25 samples are a skewed garment mix (docs/results.md)
         "fashion-rgb-ppap5": ExpertRecipe(
             diffusion="fashion-rgb-ddpm",
             guide="fashion-rgb-classifier",
             corpus_size=4000,
+            sampler="ddpm",
             prompts=colour_cycle,
             cfg_scale=3.0,
             train=TrainConfig(experts="5", iterations=1500, batch_size=64, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
@@ -443,6 +446,7 @@ def _expert_recipes() -> dict:
             guide="fashion-rgb-segmenter",
             task="segmentation",
             corpus_size=4000,
+            sampler="ddpm",
             prompts=colour_cycle,
             cfg_scale=3.0,
             train=TrainConfig(experts="5", iterations=1000, batch_size=64, lr=1e-3, tau=1.0, rank=32, alpha=32, warm_start=True),
@@ -453,10 +457,13 @@ def _expert_recipes() -> dict:
 EXPERT_RECIPES = _expert_recipes()
 
 
-def shared_corpus_dir(work_root: str | Path, diffusion: str, size: int, prompts: tuple[str, ...] = (), cfg_scale: float = 1.0) -> Path:
+def shared_corpus_dir(
+    work_root: str | Path, diffusion: str, size: int, prompts: tuple[str, ...] = (), cfg_scale: float = 1.0, sampler: str = "ddim"
+) -> Path:
     """Corpora are shared by every recipe (and the bench) that draws the same images; a corpus
-    drawn with prompts has their (and the CFG scale's) hash in its name."""
-    name = f"{diffusion}-{size}"
+    drawn with another sampler than DDIM has its name in its own, one drawn with prompts their
+    (and the CFG scale's) hash."""
+    name = f"{diffusion}-{size}" + ("" if sampler == "ddim" else f"-{sampler}")
     if prompts:
         name += "-p" + hashlib.sha256(json.dumps([list(prompts), float(cfg_scale)]).encode()).hexdigest()[:8]
     return Path(work_root).parent / "corpus" / name
@@ -481,7 +488,7 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path, r: E
     r = r or EXPERT_RECIPES[name]
     t0 = time.time()
     pipe = load_pipeline(r.diffusion, device="cpu")
-    corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale)
+    corpus = shared_corpus_dir(Path(work_dir).parent, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale, r.sampler)
     cond = cycled_prompt_conditioning(pipe, r.prompts, r.corpus_size, r.cfg_scale) if r.prompts else None
     data_free_experts(
         pipe,
@@ -489,6 +496,7 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path, r: E
         load_guide(r.guide),
         work_dir,
         corpus_size=r.corpus_size,
+        corpus_sampler=r.sampler,
         cfg=r.train,
         task_name=r.task,
         corpus_dir=corpus,
@@ -501,7 +509,14 @@ def train_zoo_experts(name: str, out_dir: str | Path, work_dir: str | Path, r: E
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     card = {
-        "recipe": {"diffusion": r.diffusion, "guide": r.guide, "task": r.task, "corpus_size": r.corpus_size, "train": asdict(r.train)}
+        "recipe": {
+            "diffusion": r.diffusion,
+            "guide": r.guide,
+            "task": r.task,
+            "corpus_size": r.corpus_size,
+            "corpus_sampler": r.sampler,
+            "train": asdict(r.train),
+        }
         | ({"prompts": list(r.prompts), "cfg_scale": r.cfg_scale} if r.prompts else {}),
         "seconds_this_call": round(time.time() - t0, 1),
         # every expert's, also those a resumed call read back (the call itself returns only its own)

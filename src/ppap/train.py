@@ -351,6 +351,7 @@ def data_free_experts(
     corpus_size: int,
     cfg: TrainConfig,
     corpus_steps: int = 25,
+    corpus_sampler: str = "ddim",
     task_name: str = "classification",
     corpus_dir=None,
     conditioning=None,
@@ -359,7 +360,7 @@ def data_free_experts(
 ):
     """The whole data-free PPAP recipe: sample a corpus from the diffusion model (no labels; a
     conditional model with the given ``conditioning``, which ``prompts``, recorded in the corpus'
-    manifest, say in words), then distill the off-the-shelf model
+    manifest, say in words; ``corpus_steps`` steps of ``corpus_sampler``), then distill the off-the-shelf model
     (``guide``, whose net receives the adapters) into noise-range experts. Resumable at every
     stage. Returns (bank, stats); experts are saved in ``work_dir/experts``, the corpus in
     ``corpus_dir`` (default ``work_dir/corpus``)."""
@@ -371,7 +372,16 @@ def data_free_experts(
 
     work_dir = Path(work_dir)
     schedule = pipe.diffusion.schedule
-    spec = corpus_spec(pipe, diffusion_ref, corpus_size, steps=corpus_steps, seed=cfg.seed, conditioning=conditioning, prompts=prompts)
+    spec = corpus_spec(
+        pipe,
+        diffusion_ref,
+        corpus_size,
+        steps=corpus_steps,
+        sampler=corpus_sampler,
+        seed=cfg.seed,
+        conditioning=conditioning,
+        prompts=prompts,
+    )
     corpus_dir = Path(corpus_dir) if corpus_dir is not None else work_dir / "corpus"
     open_corpus(corpus_dir, spec)
     generate_corpus(pipe, corpus_dir, spec, conditioning=conditioning, progress=progress)

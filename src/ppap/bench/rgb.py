@@ -44,7 +44,7 @@ from ..fashion_rgb import COLOUR_NAMES, colour_fidelity, colour_prompt, garment_
 from ..guidance import GuidanceTerm
 from ..guide_model import GuideModel
 from ..images import labelled_grid, png_bytes, to_hwc_uint8
-from ..io import PPAPError, atomic_write_bytes
+from ..io import PPAPError, atomic_write_bytes, read_json
 from ..loading import load_experts, load_guide, load_pipeline, resolve_device
 from ..metrics import features, fid
 from .classifier_tables import bank_specs
@@ -81,7 +81,7 @@ class RGBBenchConfig:
     pairs: int = 80  # (colour, garment) pairs: the first N of ``pair_order`` (80 = all)
     per_pair: int = 10  # samples per pair in the main table
     sweep_pairs: int = 80  # scale sweep: the first N pairs, ``sweep_per_pair`` samples each, another seed
-    sweep_per_pair: int = 1
+    sweep_per_pair: int = 2  # 160 samples a point: one sample per pair could not tell 97.5% from 98.75%
     # method -> scales, each grid wide enough that its best point is inside it
     sweep_scales: dict = field(
         default_factory=lambda: {
@@ -118,6 +118,7 @@ QUICK = RGBBenchConfig(
     pairs=8,
     per_pair=1,
     sweep_pairs=4,
+    sweep_per_pair=1,
     sweep_scales={"naive": (10.0, 30.0), "ppap": (10.0, 30.0), "x0": (3.0,), "noise-aware": (10.0,)},
     seg_targets=4,
     seg_sweep_targets=2,
@@ -322,8 +323,15 @@ class RGBBench(Bench):
             for row in _rows(kind):
                 scale = 0.0 if row == "unguided" else chosen_point(kind, sweep[kind][row])["scale"]
                 jobs[f"main-{kind}-{row}"] = ("main_row", (kind, row, scale))
+                self._forget_at_another_scale(f"main-{kind}-{row}", scale)
         done = self.jobs("main", jobs)
         return {kind: {row: done[f"main-{kind}-{row}"] for row in _rows(kind)} for kind in KINDS}
+
+    def _forget_at_another_scale(self, name: str, scale: float) -> None:
+        """A main row cached at another scale than the sweep now chooses (a folder whose sweep
+        stages were redone, or stages carried over from another run) is stale: it runs again."""
+        if self.stage.exists(name) and read_json(self.stage.path(name), f"bench stage {name}")["scale"] != scale:
+            self.stage.path(name).unlink()
 
     def cost_stage(self) -> dict:
         """Median seconds of one mid-noise DDIM step (with CFG) per row at ``cost_batch``, timed
