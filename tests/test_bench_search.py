@@ -55,11 +55,20 @@ def test_search_bench_config_file_overrides_the_defaults_and_refuses_unknown_fie
     good.write_text(json.dumps({"num": 200, "budgets": [1, 4, 16], "scales": [1.0]}))
     cfg = _search_config(SimpleNamespace(quick=False, config=str(good)))
     assert (cfg.num, cfg.budgets, cfg.scales) == (200, (1, 4, 16), (1.0,))
+    good.write_text(json.dumps({"scales": {"ppap-smc": [30.0], "fk": [3.0]}}))
+    assert _search_config(SimpleNamespace(quick=False, config=str(good))).scales == {"ppap-smc": [30.0], "fk": [3.0]}
     assert cfg.steps == SearchBenchConfig().steps  # the rest stays the default
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"particles": 4}))
-    assert main(["bench", "search", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "unknown field 'particles'" in capsys.readouterr().err.strip().splitlines()[-1]
+    for values, message in [
+        ({"particles": 4}, "unknown field 'particles'"),
+        ({"methods": ["ppap-smx"]}, "methods: unknown row 'ppap-smx'"),
+        ({"gradient_rows": ["ppap-smc"]}, "gradient_rows: unknown row 'ppap-smc'"),
+        ({"scales": {"ppap-smx": [3.0]}}, "scales: unknown particle method 'ppap-smx'"),
+        ({"scales": [1.0, -3.0]}, "scales: lambda must be a finite number > 0, got -3.0"),
+    ]:
+        bad.write_text(json.dumps(values))
+        assert main(["bench", "search", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(["bench", "dense", "--config", str(good), "--out", str(tmp_path / "o")]) == 2
     assert "--config applies to `ppap bench search` only" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
@@ -75,6 +84,10 @@ def test_best_of_n_runs_at_one_lambda_the_twisted_methods_at_each():
     jobs = SearchBench.row_jobs(SimpleNamespace(cfg=cfg), {"guide": 0.04, "expert": 0.04})
     assert sorted(j for j in jobs if j.startswith("best-of-n")) == ["best-of-n-K1-lambda1", "best-of-n-K4-lambda1"]
     assert {"fk-K4-lambda1", "fk-K4-lambda3", "ppap-smc-K4-lambda1", "ppap-smc-K4-lambda3"} <= set(jobs)
+    # lambdas per method: each method at its own, a method left out at none
+    cfg = SearchBenchConfig(budgets=(4,), scales={"fk": (3.0,), "ppap-smc": (30.0, 1.0)}, gradient_rows=(), noise_aware="/nonexistent")
+    jobs = SearchBench.row_jobs(SimpleNamespace(cfg=cfg), {"guide": 0.04, "expert": 0.04})
+    assert sorted(j for j in jobs if "-K" in j) == ["fk-K4-lambda3", "ppap-smc-K4-lambda1", "ppap-smc-K4-lambda30"]
 
 
 def test_a_search_run_takes_more_rows_later_but_no_other_change(tmp_path):

@@ -306,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the whole data-free PPAP pipeline at small scale, with a report")
-    d.add_argument("--out", default="demo_out")
+    d.add_argument("--out", default="demo_out", help="folder for grid.png, summary.json and the work to resume (default demo_out)")
     d.add_argument("--quick", action="store_true", help="a 2-minute version")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the noises and the fresh experts (default 0)")
     d.set_defaults(func=cmd_demo)
 
     u = sub.add_parser("ui", help="a local web page comparing guidance methods side by side (needs ppap[ui])")

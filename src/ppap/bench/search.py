@@ -1,7 +1,7 @@
 """``ppap bench search``: the particle methods against the gradient methods at matched compute.
 
 Rows: best-of-n, FK, TDS, ppap-smc and ppap-fk (``ppap.particles``) at budgets of 1, 2, 4, 8 and 16x the
-compute of one unguided DDIM-S run (each at every lambda of ``scales``; best-of-n at the first
+compute of one unguided DDIM-S run (each at every lambda of ``scales``, or of its own entry there; best-of-n at the first
 only, since lambda does not change which particle it keeps), and the gradient rows (naive, PPAP, noise-aware, x0) at
 their own single-run cost, with the unguided model on both chains (DDIM eta 0, and the DDPM
 chain the particle methods run). Compute is counted per *returned* sample, in UNet forwards: a
@@ -53,7 +53,9 @@ class SearchBenchConfig:
     evaluator: str = "fashion-evaluator"
     num: int = 1000  # returned samples per row, the classes in turn
     steps: int = 25  # S: every chain's steps
-    scales: tuple = (1.0, 3.0)  # lambdas of the particle methods (p(y|x)^lambda; 1: the exact conditional)
+    # lambdas of the particle methods (p(y|x)^lambda; 1: the exact conditional): one tuple for every
+    # method, or {method: lambdas} (a method left out runs at none)
+    scales: tuple | dict = (1.0, 3.0)
     budgets: tuple = (1, 2, 4, 8, 16)  # x the compute of one unguided DDIM-S run
     methods: tuple = PARTICLE_ROWS
     gradient_rows: tuple = GRADIENT_ROWS
@@ -75,6 +77,26 @@ QUICK = SearchBenchConfig(
     cost_repeats=1,
     real_images=200,
 )
+
+
+def check_config(cfg: SearchBenchConfig) -> None:
+    """A one-line PPAPError for a row the bench does not know, or a lambda that is not a finite
+    number > 0."""
+    import math
+
+    from ..io import PPAPError
+
+    for field_name, known in (("methods", PARTICLE_ROWS), ("gradient_rows", GRADIENT_ROWS)):
+        for name in getattr(cfg, field_name):
+            if name not in known:
+                raise PPAPError(f"{field_name}: unknown row {name!r}; valid: {', '.join(known)}")
+    per_method = cfg.scales if isinstance(cfg.scales, dict) else {m: cfg.scales for m in cfg.methods}
+    for method, lambdas in per_method.items():
+        if method not in PARTICLE_ROWS:
+            raise PPAPError(f"scales: unknown particle method {method!r}; valid: {', '.join(PARTICLE_ROWS)}")
+        for lam in lambdas:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+                raise PPAPError(f"scales: lambda must be a finite number > 0, got {lam!r} for {method}")
 
 
 def particle_cost(method: str, steps: int, guide: float, expert: float) -> float:
@@ -218,8 +240,9 @@ class SearchBench(Bench):
         for method in self.cfg.methods:
             for budget in self.cfg.budgets:
                 k = particles_at(method, budget, cost, self.cfg.steps)
+                scales = tuple(self.cfg.scales.get(method, ())) if isinstance(self.cfg.scales, dict) else self.cfg.scales
                 # best-of-N keeps the particle the classifier scores highest: lambda does not change it
-                scales = self.cfg.scales[:1] if method == "best-of-n" else self.cfg.scales
+                scales = scales[:1] if method == "best-of-n" else scales
                 for scale in scales if k >= 1 else ():
                     jobs[f"{method}-K{k}-lambda{scale:g}"] = ("particle_row", (method, k, scale))
         rows = ("unguided", "unguided-ddpm") + tuple(self.cfg.gradient_rows)

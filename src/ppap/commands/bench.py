@@ -94,7 +94,7 @@ def _search_config(args):
     fields on top (``SearchBenchConfig``'s names, e.g. {"num": 200, "budgets": [1, 4, 16]})."""
     import dataclasses
 
-    from ..bench.search import QUICK, SearchBenchConfig
+    from ..bench.search import QUICK, SearchBenchConfig, check_config
     from ..io import read_json
 
     cfg = QUICK if args.quick else SearchBenchConfig()
@@ -109,4 +109,6 @@ def _search_config(args):
         raise PPAPError(f"{args.config}: unknown field {unknown[0]!r}; valid: {', '.join(fields)}")
     # JSON lists become the tuples the defaults are (the stages' configuration check compares them)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return dataclasses.replace(cfg, **values)
+    cfg = dataclasses.replace(cfg, **values)
+    check_config(cfg)
+    return cfg
