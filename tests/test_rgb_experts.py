@@ -64,12 +64,12 @@ def test_the_colour_recipes_cycle_the_colour_prompts_at_cfg_3():
     from ppap.fashion_rgb import COLOUR_NAMES
     from ppap.recipes import EXPERT_RECIPES
 
-    for name, guide, task in [
-        ("fashion-rgb-ppap5", "fashion-rgb-classifier", "classification"),
-        ("fashion-rgb-segmenter-ppap5", "fashion-rgb-segmenter", "segmentation"),
+    for name, guide, task, sampler in [
+        ("fashion-rgb-ppap5", "fashion-rgb-classifier", "classification", "ddpm"),
+        ("fashion-rgb-segmenter-ppap5", "fashion-rgb-segmenter", "segmentation", "ddim"),
     ]:
         r = EXPERT_RECIPES[name]
-        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale, r.sampler) == ("fashion-rgb-ddpm", guide, task, 4000, 3.0, "ddpm")
+        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale, r.sampler) == ("fashion-rgb-ddpm", guide, task, 4000, 3.0, sampler)
         assert r.prompts == tuple(f"a {c} garment" if c != "orange" else "an orange garment" for c in COLOUR_NAMES)
         entry = zoo.ZOO[name]
         assert entry.kind == "experts" and entry.guide == guide and entry.task == task
@@ -118,8 +118,11 @@ def test_a_prompted_corpus_is_the_pipelines_own_samples_resumes_and_refuses_othe
     shard.unlink()
     again = train_zoo_experts("fashion-rgb-ppap5", out, work / "fashion-rgb-ppap5", r)
     assert shard.read_bytes() == before and again["stats"] == card["stats"]
-    # the segmenter's bank drew from the very same corpus: one corpus folder
-    assert [p.name for p in (root / "runs" / "corpus").iterdir()] == [corpus.name]
+    # the segmenter's bank drew its own corpus, of the same prompts with DDIM steps: a folder each
+    seg = _tiny("fashion-rgb-segmenter-ppap5")
+    seg_corpus = shared_corpus_dir(work, seg.diffusion, seg.corpus_size, seg.prompts, seg.cfg_scale, seg.sampler)
+    assert sorted(p.name for p in (root / "runs" / "corpus").iterdir()) == sorted([corpus.name, seg_corpus.name])
+    assert json.loads((seg_corpus / CORPUS_MANIFEST).read_text())["sampler"] == "ddim"
     # a corpus drawn with other conditions is refused, not mixed in
     guide = load_guide("fashion-rgb-classifier")
     kw = dict(corpus_size=r.corpus_size, cfg=r.train, corpus_dir=corpus, corpus_sampler=r.sampler)
