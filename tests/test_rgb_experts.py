@@ -69,7 +69,14 @@ def test_the_colour_recipes_cycle_the_colour_prompts_at_cfg_3():
         ("fashion-rgb-segmenter-ppap5", "fashion-rgb-segmenter", "segmentation", "ddim"),
     ]:
         r = EXPERT_RECIPES[name]
-        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale, r.sampler) == ("fashion-rgb-ddpm", guide, task, 4000, 3.0, sampler)
+        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale, r.sampler) == (
+            "fashion-rgb-ddpm",
+            guide,
+            task,
+            4000,
+            3.0,
+            sampler,
+        )
         assert r.prompts == tuple(f"a {c} garment" if c != "orange" else "an orange garment" for c in COLOUR_NAMES)
         entry = zoo.ZOO[name]
         assert entry.kind == "experts" and entry.guide == guide and entry.task == task
