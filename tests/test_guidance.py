@@ -236,3 +236,20 @@ def test_a_terms_blend_guides_as_a_blending_bank_and_leaves_the_shared_bank_unch
             GuidanceTerm("ppap", Classification(10), y, 2.0, experts=bank, blend=bad)
     with pytest.raises(PPAPError, match="method 'naive' has none"):
         GuidanceTerm("naive", Classification(10), y, 2.0, net=tiny_classifier(), blend=10)
+
+
+def test_ppap_guidance_runs_a_bank_in_train_mode_in_eval_mode_and_leaves_its_mode():
+    """``build_guidance`` and the guidance it builds run the caller's bank in eval mode for each
+    call only: a bank the caller is training keeps every module's mode."""
+    torch.manual_seed(0)
+    bank = make_bank(tiny_classifier(), TimestepRouter.uniform(2, 100), TrainConfig(rank=4, alpha=4).adapter_config())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in bank.modules())  # train mode would change the output
+    bank.train()
+    modes = [m.training for m in bank.modules()]
+    y, x, t = torch.tensor([1, 2]), torch.randn(2, 1, 8, 8), torch.tensor([10, 90])
+    g = build_guidance("ppap", GuidanceSpec(task=Classification(10), target=y, scale=1.0, experts=bank))(x, t, None)
+    assert [m.training for m in bank.modules()] == modes
+    in_eval = copy.deepcopy(bank).eval()
+    want = build_guidance("ppap", GuidanceSpec(task=Classification(10), target=y, scale=1.0, experts=in_eval))(x, t, None)
+    assert torch.allclose(g, want, atol=1e-6)
+    assert all(p.grad is None for p in bank.parameters())  # no gradient reached the weights

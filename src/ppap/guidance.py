@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from .banks import ExpertBank
 from .config import EXPERT_METHODS
 from .diffusion import Prediction
+from .frozen import frozen
 from .io import PPAPError
 from .router import check_timestep_range
 from .samplers import DenoiserFn, NonFiniteError
@@ -298,8 +298,12 @@ def _naive(spec: GuidanceSpec) -> Guidance:
 
 
 def _experts(spec: GuidanceSpec) -> Guidance:
-    bank = _need(spec, "experts", "ppap").eval()
-    model = bank if spec.blend is None else functools.partial(bank, blend=spec.blend)  # the bank itself unchanged
+    bank = _need(spec, "experts", "ppap")
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        with frozen(bank):  # eval mode for this call only: a bank the caller trains keeps its mode
+            return bank(x, t, blend=spec.blend)  # the term's routing width; the bank itself unchanged
+
     return NoisyInputGuidance(model, spec.task, spec.target, spec.scale)
 
 
