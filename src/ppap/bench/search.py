@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from ..batch_sampling import sample_generators, sample_images
 from ..diffusion import Prediction
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import PPAPError, atomic_write_bytes, atomic_write_json
 from ..loading import load_experts, load_guide
 from ..metrics import features, fid, precision_recall
 from ..particles import particle_noise, sample_particles
@@ -82,10 +83,6 @@ QUICK = SearchBenchConfig(
 def check_config(cfg: SearchBenchConfig) -> None:
     """A one-line PPAPError for a row the bench does not know, or a lambda that is not a finite
     number > 0."""
-    import math
-
-    from ..io import PPAPError
-
     for field_name, known in (("methods", PARTICLE_ROWS), ("gradient_rows", GRADIENT_ROWS)):
         for name in getattr(cfg, field_name):
             if name not in known:
