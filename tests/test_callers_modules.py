@@ -83,3 +83,22 @@ def test_guide_model_and_guidance_leave_the_callers_net_as_it_was():
     assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())  # BatchNorm statistics did not move
     with torch.no_grad():
         assert torch.equal(guide(x), copy.deepcopy(net).eval()(x))  # eval-mode outputs
+
+
+def test_calling_a_lora_bank_leaves_its_parameters_flags_as_they_were():
+    """peft's ``set_adapter`` makes the selected adapter trainable and the others frozen: a bank
+    call that routes to another expert must not change which of the caller's parameters are."""
+    from ppap import AdapterConfig, TimestepRouter
+    from ppap.banks import make_bank
+
+    bank = make_bank(tiny_classifier(), TimestepRouter.uniform(3, 300), AdapterConfig(rank=2, alpha=2))
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    for setting in ("frozen", "mixed"):
+        bank.requires_grad_(False)
+        if setting == "mixed":  # a training loop's choice: expert 2's LoRA trainable, the rest frozen
+            for p in bank.trainable_parameters(2):
+                p.requires_grad_(True)
+        before = _flags(bank)[1]
+        for t in (0, 150, 250, 50):  # experts 0, 1, 2, 0: every switch of the active adapter
+            bank.eval()(x, torch.full((2,), t))
+            assert _flags(bank)[1] == before, (setting, t)

@@ -22,6 +22,9 @@ def test_fresh_experts_equal_the_off_the_shelf_model():
 
 def test_every_adapter_gets_a_gradient_and_only_its_own():
     bank = _bank().train()
+    for i in range(3):  # as the training loop does for the expert it trains: here, every one
+        for p in bank.trainable_parameters(i):
+            p.requires_grad_(True)
     out = bank.run_expert(1, torch.randn(4, 1, 8, 8))
     out.square().sum().backward()
     for i in range(3):

@@ -299,10 +299,15 @@ class LoRAExperts(ExpertBank):
         return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
     def select(self, i: int) -> None:
-        """Make expert ``i`` the active adapter (peft's ``set_adapter``), its LoRA as separate branches."""
+        """Make expert ``i`` the active adapter (peft's ``set_adapter``), its LoRA as separate branches.
+        peft's switch also makes that adapter trainable and the others frozen; every parameter's
+        ``requires_grad`` is put back as it was (a training loop sets its own)."""
         self.unmerge()
         if i != self._active:
+            flags = [(p, p.requires_grad) for p in self.model.parameters()]
             self.model.set_adapter(expert_name(i))
+            for p, flag in flags:
+                p.requires_grad_(flag)
             self._active = i
 
     def merge_expert(self, i: int) -> None:
