@@ -14,8 +14,14 @@ worst class, FID / precision / recall against the real test set. From the same p
 the effective sample size over t (TDS, ppap-smc, FK, ppap-fk) and the twist's accuracy per noise level,
 the experts' and the clean classifier-on-x0_hat's class at x_t against the judge's class of the
 particle's final x_0 (followed along resampling). Every row is a stage file: a re-run resumes, and
-rows added later (``methods``, ``gradient_rows``, ``scales``, ``budgets``) are computed beside the
-cached ones.
+rows added later (``methods``, ``gradient_rows``, ``scales``, ``budgets``, ``exact_pool``,
+``exact_scales``) are computed beside the cached ones.
+
+The ``exact`` rows say what a sampler of the target itself would score: p(x) p(y | x)^lambda, with
+p(x) the DDPM-S chain the particle methods run, by importance resampling of one pool of unguided
+samples (``importance_resample``). Their weights, p(y | x_0)^lambda, are at most 1, so with a pool
+far larger than a class's draws the rows are near exact; the effective sample size per class is
+reported beside them.
 """
 
 from __future__ import annotations
@@ -28,16 +34,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from ..banks import ExpertBank
 from ..batch_sampling import sample_generators, sample_images
 from ..diffusion import Prediction
+from ..fashion_mnist import load_fashion_mnist
 from ..io import PPAPError, atomic_write_bytes, atomic_write_json
 from ..loading import load_experts, load_guide
 from ..metrics import features, fid, precision_recall
 from ..particles import particle_noise, sample_particles
 from ..tasks import Classification
-from .common import Bench, _savefig, in_order, machine, machine_in_order, pyplot, round_robin_median
+from .classifier_tables import bank_specs
+from .common import (
+    Bench,
+    _savefig,
+    bank_train_seconds,
+    choose_scale,
+    in_order,
+    machine,
+    machine_in_order,
+    pyplot,
+    round_robin_median,
+    train_or_load_bank,
+)
 
 PARTICLE_ROWS = ("best-of-n", "fk", "tds", "ppap-smc", "ppap-fk")
 GRADIENT_ROWS = ("naive", "ppap", "noise-aware", "x0")
@@ -48,9 +69,11 @@ class SearchBenchConfig:
     diffusion: str = "fashion-ddpm"
     guide: str = "fashion-classifier"
     experts: str = "fashion-ppap5"
-    noise_aware: str = (
-        "runs/bench-classifier/banks/noise-aware"  # a supervised bank (`ppap bench classifier` trains it); row left out if absent
-    )
+    # the noise-aware row's bank: a trained bank's folder, or None: the classifier bench's labelled
+    # noise-aware recipe (one full copy, 5 x expert_iterations steps) trained in this folder, banks/noise-aware
+    noise_aware: str | None = None
+    expert_iterations: int = 800
+    labelled_images: int | None = None  # real training images (and labels) it learns from (None: all 60,000)
     evaluator: str = "fashion-evaluator"
     num: int = 1000  # returned samples per row, the classes in turn
     steps: int = 25  # S: every chain's steps
@@ -65,6 +88,9 @@ class SearchBenchConfig:
     cost_batch: int = 32
     cost_repeats: int = 5
     real_images: int | None = None  # real test images for FID / precision / recall (None: all)
+    # the exact rows: one pool of unguided DDPM-S samples (0: none), resampled at each lambda
+    exact_pool: int = 10_000
+    exact_scales: tuple = (1.0, 3.0)
 
 
 QUICK = SearchBenchConfig(
@@ -72,11 +98,15 @@ QUICK = SearchBenchConfig(
     steps=3,
     budgets=(1, 2),
     scales=(1.0,),
-    gradient_rows=("naive", "ppap"),
+    gradient_rows=("naive", "ppap", "noise-aware"),
+    expert_iterations=2,
+    labelled_images=256,
     batch_size=4,
     cost_batch=2,
     cost_repeats=1,
     real_images=200,
+    exact_pool=12,
+    exact_scales=(1.0,),
 )
 
 
@@ -92,8 +122,36 @@ def check_config(cfg: SearchBenchConfig) -> None:
         if method not in PARTICLE_ROWS:
             raise PPAPError(f"scales: unknown particle method {method!r}; valid: {', '.join(PARTICLE_ROWS)}")
         for lam in lambdas:
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+            if not _is_lambda(lam):
                 raise PPAPError(f"scales: lambda must be a finite number > 0, got {lam!r} for {method}")
+    for lam in cfg.exact_scales:
+        if not _is_lambda(lam):
+            raise PPAPError(f"exact_scales: lambda must be a finite number > 0, got {lam!r}")
+    if isinstance(cfg.exact_pool, bool) or not isinstance(cfg.exact_pool, int) or not (cfg.exact_pool == 0 or cfg.exact_pool >= cfg.num):
+        raise PPAPError(f"exact_pool: must be 0 (no exact rows) or a whole number >= num ({cfg.num}), got {cfg.exact_pool!r}")
+
+
+def _is_lambda(lam: object) -> bool:
+    return not isinstance(lam, bool) and isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0
+
+
+def importance_resample(log_prob: Tensor, targets: Tensor, scale: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draws from a pool of samples of p(x) toward p(x) p(y | x)^``scale``: ``log_prob`` [P, C] is
+    log p(y | x_i) of every pool sample and class, ``targets`` [N] the class of each draw. Each
+    class's draws are taken without replacement, with probabilities proportional to
+    p(y | x_i)^scale (Gumbel top-k), so no pool sample repeats within a class. Returns the pool
+    indices [N] and each class's effective sample size [C], (sum w)^2 / sum w^2: the draws are near
+    exact where it is far above the class's number of draws."""
+    log_w = scale * log_prob.double()
+    picks = torch.empty(len(targets), dtype=torch.long)
+    ess = torch.zeros(log_prob.shape[1], dtype=torch.float64)
+    for c in range(log_prob.shape[1]):
+        w = log_w[:, c].softmax(0)
+        ess[c] = 1 / w.square().sum()
+        mine = (targets == c).nonzero().squeeze(1)
+        gumbel = -torch.empty(len(w), dtype=torch.float64).exponential_(generator=generator).log()
+        picks[mine] = (log_w[:, c] + gumbel).topk(len(mine)).indices
+    return picks, ess
 
 
 def particle_cost(method: str, steps: int, guide: float, expert: float) -> float:
@@ -129,7 +187,8 @@ def particles_at(method: str, budget: float, cost: dict, steps: int) -> int:
 
 
 class SearchBench(Bench):
-    ROW_FIELDS = ("methods", "gradient_rows", "scales", "budgets")  # each (method, K, lambda) row is its own stage
+    # each (method, K, lambda) row is its own stage, and the exact rows' pool its own file
+    ROW_FIELDS = ("methods", "gradient_rows", "scales", "budgets", "exact_pool", "exact_scales")
 
     def __init__(self, cfg: SearchBenchConfig, out: Path, progress: bool = True):
         super().__init__(cfg, out, progress)
@@ -159,16 +218,20 @@ class SearchBench(Bench):
     # ---- rows ------------------------------------------------------------------------------
 
     def score(self, x: Tensor, seconds: float) -> dict:
-        pred = self.evaluator_classes(x)
+        return self.score_judged(self.evaluator_classes(x), features(self.evaluator, x), seconds)
+
+    def score_judged(self, pred: Tensor, feats: Tensor, seconds: float) -> dict:
+        """The row's scores from the judge's class [N] and features [N, D] of its samples."""
         hit = (pred == self.targets).float()
         per_class = [float(hit[self.targets == c].mean()) for c in range(self.task.num_classes) if bool((self.targets == c).any())]
-        feats = features(self.evaluator, x)
-        prec, rec = precision_recall(self.real_features[: len(x)], feats) if len(x) > 3 else (float("nan"), float("nan"))
+        n = len(pred)
+        prec, rec = precision_recall(self.real_features[:n], feats) if n > 3 else (float("nan"), float("nan"))
         return {
-            "n": len(x),
+            "n": n,
             "accuracy": float(hit.mean()),
+            "per_class": per_class,  # [C]: accuracy per class asked for
             "per_class_min": min(per_class),
-            "fid": fid(feats, self.real_features) if len(x) > 1 else float("nan"),
+            "fid": fid(feats, self.real_features) if n > 1 else float("nan"),
             "precision": prec,
             "recall": rec,
             "seconds": round(seconds, 1),
@@ -188,10 +251,30 @@ class SearchBench(Bench):
         if method != "unguided":
             bank = self.bank if method == "ppap" else None
             if method == "noise-aware":
-                bank = load_experts(self.cfg.noise_aware, copy.deepcopy(self.guide), self.diffusion)
+                bank = self.noise_aware()
             term = self.pipe.guidance_term(self.cfg.num, guide=self.guide, experts=bank, target=self.targets, method=method)
         x, seconds = self.sample(self.cfg.num, term, self.cfg.seed, desc=method)
-        return self.score(x, seconds) | {"scale": None if term is None else term.scale}
+        out = self.score(x, seconds) | {"scale": None if term is None else term.scale}
+        if method == "noise-aware" and self.cfg.noise_aware is None:
+            out["train_seconds"] = bank_train_seconds(self.out / "banks" / "noise-aware")
+        return out
+
+    def noise_aware(self) -> ExpertBank:
+        """The labelled noise-aware classifier: the bank at ``noise_aware``, or the classifier
+        bench's noise-aware bank trained (or resumed, or loaded) in this folder."""
+        if self.cfg.noise_aware is not None:
+            return load_experts(self.cfg.noise_aware, copy.deepcopy(self.guide), self.diffusion)
+        images, labels = load_fashion_mnist("train")
+        n = self.cfg.labelled_images
+        spec = bank_specs(self.cfg.expert_iterations)["noise-aware"]
+        return train_or_load_bank(
+            load_guide(self.cfg.guide),
+            self.diffusion,
+            spec.train,
+            self.out / "banks" / "noise-aware",
+            lambda: (images[:n], labels[:n]),
+            self.progress,
+        )
 
     def probe(self, x_t: Tensor, t: Tensor, pred: Prediction) -> dict[str, Tensor]:
         """The class each twist sees at x_t: the routed expert's, the clean classifier's on x0_hat."""
@@ -232,6 +315,41 @@ class SearchBench(Bench):
             "twist_accuracy": {name: (r / total).tolist() for name, r in right.items()},
         }
 
+    def exact_pool(self) -> dict[str, Tensor]:
+        """``exact_pool`` unguided DDPM-S samples (seeded apart from the rows' noises), kept as the
+        guide's log p(y | x_0) of every class [P, C], the judge's class [P] and features [P, D]."""
+        name = f"exact-pool{self.cfg.exact_pool}"
+        path = self.stage.dir / f"{name}.safetensors"
+        return self.timed(name, lambda: load_file(path) if path.exists() else self._draw_pool(path), cached=path.exists(), save=False)
+
+    def _draw_pool(self, path: Path) -> dict[str, Tensor]:
+        x = sample_images(
+            self.pipe, self.cfg.exact_pool, seed=self.cfg.seed + 1, batch_size=self.cfg.batch_size, progress=self.progress,
+            desc="exact pool", num_inference_steps=self.cfg.steps, sampler="ddpm",
+        )  # fmt: skip
+        with torch.no_grad():
+            logits = torch.cat([self.guide(x[i : i + 500]) for i in range(0, len(x), 500)])
+        pool = {"log_prob": logits.log_softmax(-1), "judge": self.evaluator_classes(x), "features": features(self.evaluator, x)}
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in pool.items()}))
+        return pool
+
+    def exact_row(self, scale: float) -> dict:
+        """p(x) p(y | x)^``scale`` by importance resampling of the pool (``importance_resample``):
+        the judge's scores of the draws, the accuracy the weights give over the whole pool, and
+        each class's effective sample size."""
+        pool = self.exact_pool()
+        t0 = time.time()
+        picks, ess = importance_resample(pool["log_prob"], self.targets, scale, torch.Generator().manual_seed(self.cfg.seed))
+        w = (scale * pool["log_prob"].double()).softmax(0)  # [P, C]: each class's weights over the pool
+        hit = pool["judge"][:, None] == torch.arange(w.shape[1])
+        return self.score_judged(pool["judge"][picks], pool["features"][picks], time.time() - t0) | {
+            "method": "exact",
+            "pool": self.cfg.exact_pool,
+            "scale": scale,
+            "weighted_accuracy": (w * hit).sum(0).tolist(),  # [C]: the target's accuracy per class, without draw noise
+            "ess": ess.tolist(),  # [C]
+        }
+
     def row_jobs(self, cost: dict) -> dict[str, tuple[str, tuple]]:
         jobs: dict[str, tuple[str, tuple]] = {}
         for method in self.cfg.methods:
@@ -242,10 +360,11 @@ class SearchBench(Bench):
                 scales = scales[:1] if method == "best-of-n" else scales
                 for scale in scales if k >= 1 else ():
                     jobs[f"{method}-K{k}-lambda{scale:g}"] = ("particle_row", (method, k, scale))
+        for scale in self.cfg.exact_scales if self.cfg.exact_pool else ():
+            jobs[f"exact-pool{self.cfg.exact_pool}-lambda{scale:g}"] = ("exact_row", (scale,))
         rows = ("unguided", "unguided-ddpm") + tuple(self.cfg.gradient_rows)
         for m in rows:
-            if m != "noise-aware" or Path(self.cfg.noise_aware).is_dir():
-                jobs[m] = ("gradient_row", (m,))
+            jobs[m] = ("gradient_row", (m,))
         return jobs
 
     def _run(self) -> dict:
@@ -254,9 +373,11 @@ class SearchBench(Bench):
         jobs = self.row_jobs(cost)
         rows = self.timed("rows", lambda: self.jobs("rows", jobs), cached=all(map(self.stage.exists, jobs)), save=False)
         for name, row in rows.items():
-            method = row["method"] if "particles" in row else name
+            method = row["method"] if "particles" in row or "pool" in row else name
             if "particles" in row:
                 row["compute"] = round(row["particles"] * particle_cost(method, self.cfg.steps, cost["guide"], cost["expert"]), 2)
+            elif "pool" in row:  # the pool, and the guide on each of its samples, shared by every returned sample
+                row["compute"] = round(row["pool"] / self.cfg.num * particle_cost("best-of-n", self.cfg.steps, cost["guide"], 0.0), 2)
             else:
                 row["compute"] = round(
                     gradient_cost(method.replace("unguided-ddpm", "unguided"), self.cfg.steps, cost["guide"], cost["expert"]), 2
@@ -267,6 +388,7 @@ class SearchBench(Bench):
             "machine": machine(),
             "cost": cost,
             "rows": rows,
+            "chosen_lambda": chosen_lambdas(rows),
             "stage_seconds": self.timings,
             "seconds_this_call": round(time.time() - t0, 1),
         }
@@ -274,6 +396,17 @@ class SearchBench(Bench):
         atomic_write_bytes(self.out / "report.md", search_report(results).encode())
         figure(results, self.out / "bench_search.png")
         return results
+
+
+def chosen_lambdas(rows: dict) -> dict[str, float]:
+    """``{"METHOD-KK": lambda}`` for each particle method and K run at more than one lambda: the
+    lambda the gradient benches' rule picks (``choose_scale``: the highest accuracy, then the
+    lowest FID among points within 2 points of it)."""
+    runs: dict[str, list[dict]] = {}
+    for row in rows.values():
+        if "particles" in row:
+            runs.setdefault(f"{row['method']}-K{row['particles']}", []).append(row)
+    return {key: choose_scale(points)["scale"] for key, points in runs.items() if len(points) > 1}
 
 
 def figure(r: dict, path: Path) -> None:
@@ -342,6 +475,24 @@ def search_report(r: dict) -> str:
             f"{k} " + ", ".join(f"t={row['timesteps'][i]}: {v[i]:.0%}" for i in picks) for k, v in row.get("twist_accuracy", {}).items()
         )
         lines.append(f"- {name}: ESS/K {at}" + (f"; twist accuracy: {twist}" if twist else ""))
+    if r.get("chosen_lambda"):
+        lines += [
+            "",
+            "Lambda chosen per method and K (the highest accuracy, then the lowest FID within 2 points): "
+            + ", ".join(f"{key} {lam:g}" for key, lam in r["chosen_lambda"].items()),
+        ]
+    exact = [(name, row) for name, row in order if "pool" in row]
+    if exact:
+        lines += [
+            "",
+            "Exact rows: the target's accuracy over the whole pool (its weights), and the smallest effective sample size of a class:",
+            "",
+        ]
+    for name, row in exact:
+        lines.append(
+            f"- {name}: weighted accuracy {sum(row['weighted_accuracy']) / len(row['weighted_accuracy']):.1%} "
+            f"(worst class {min(row['weighted_accuracy']):.1%}); ESS min {min(row['ess']):.0f} of a pool of {row['pool']}"
+        )
     stage_seconds = in_order(r["stage_seconds"], ("cost", "rows"))
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in stage_seconds.items())]
     return "\n".join(lines) + "\n"
@@ -352,4 +503,4 @@ def run_search_bench(out: Path, quick: bool = False, cfg: SearchBenchConfig | No
     return SearchBench(cfg, out, progress=progress).run()
 
 
-__all__ = ["QUICK", "SearchBenchConfig", "run_search_bench", "search_report", "particle_cost", "gradient_cost"]
+__all__ = ["QUICK", "SearchBenchConfig", "importance_resample", "run_search_bench", "search_report", "particle_cost", "gradient_cost"]
