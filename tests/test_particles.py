@@ -133,16 +133,19 @@ def _bank(net):
 @pytest.mark.parametrize("method", ["best-of-n", "fk", "tds", "ppap-smc", "ppap-fk"])
 def test_one_particle_is_the_proposal(method):
     """K = 1: no resampling, no choice; each method is its proposal's sampler, noise for noise:
-    the base chain (best-of-n, fk, ppap-fk), x0 guidance through the UNet (tds), PPAP's guidance (ppap-smc)."""
+    the base chain (best-of-n, fk, ppap-fk), x0 guidance through the UNet (tds), PPAP's guidance
+    at the annealed scale 1 + (lambda - 1) abar_t (ppap-smc)."""
     diffusion, net = _tiny()
     bank = _bank(tiny_classifier().eval())
     task, target, lam = Classification(10), torch.tensor([1, 7]), 3.0
     grid = diffusion.schedule.grid(3, "ddpm")
     x = particle_noise(2, 1, (1, 8, 8), [torch.Generator().manual_seed(s) for s in (0, 1)], "cpu")
-    guidance = {
-        "tds": PredictedX0Guidance(diffusion, net, task, target, lam),
-        "ppap-smc": NoisyInputGuidance(bank, task, target, lam),
-    }.get(method)
+
+    def annealed_ppap(x_t, t, pred):
+        gamma = 1 + (lam - 1) * diffusion.schedule.alphas_cumprod[t].float()
+        return gamma.view(-1, 1, 1, 1) * NoisyInputGuidance(bank, task, target, 1.0)(x_t, t, pred)
+
+    guidance = {"tds": PredictedX0Guidance(diffusion, net, task, target, lam), "ppap-smc": annealed_ppap}.get(method)
     want = sample_ddpm(diffusion, x, grid, guidance=guidance, generator=[torch.Generator().manual_seed(s) for s in (10, 11)])
     got = sample_particles(
         method,
@@ -233,6 +236,27 @@ def _conditional() -> tuple[float, float]:
     w = sum(torch.exp(-((x - m) ** 2) / (2 * STD**2)) for m in MEANS) * torch.sigmoid(SLOPE * x.clamp(-1, 1))
     w = w / w.sum()
     return float((w * (x > 0)).sum()), float((w * x).sum())
+
+
+def test_the_expert_twists_exponent_is_annealed_from_one_to_lambda():
+    """ppap-smc's twist: gamma_t log expert_t(y | x_t), gamma_t = 1 + (lambda - 1) abar_t, lambda
+    on clean images and 1 at pure noise; without ``alphas_cumprod`` (ppap-fk) gamma_t = lambda."""
+    diffusion, _ = _tiny()
+    bank = _bank(tiny_classifier().eval())
+    task, target, lam = Classification(10), torch.tensor([1, 7, 7]), 5.0
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 50, 99])
+    abar = diffusion.schedule.alphas_cumprod
+    plain = ExpertTwist(diffusion, bank, task, target, 1.0)(x, t)[1]
+    annealed = ExpertTwist(diffusion, bank, task, target, lam, alphas_cumprod=abar)
+    gamma = annealed.exponent(t)
+    assert torch.allclose(gamma.double(), 1 + (lam - 1) * abar[t]) and gamma[0] > 4.99 and 1 < gamma[2] < gamma[1] < gamma[0]
+    _, log_twist, grad = annealed(x, t)
+    assert torch.allclose(log_twist, gamma * plain)
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        want = torch.autograd.grad((gamma * task.log_likelihood(bank(xg, t), target)).sum(), xg)[0]
+    assert torch.allclose(grad, want, atol=1e-6)
+    assert torch.equal(ExpertTwist(diffusion, bank, task, target, lam).exponent(t), torch.full((3,), lam))
 
 
 def test_twisted_smc_samples_the_exact_conditional_where_gradient_guidance_does_not():

@@ -11,8 +11,12 @@ gradient. The methods differ only in the twist, the proposal and the final pick:
              the base step; resampling when ESS < K/2; final: the best particle by log p(y | x_0)
   tds        the Twisted Diffusion Sampler (Wu et al. 2023): twist lambda log p(y | x0_hat(x_t)),
              proposal N(mu + sigma_t^2 grad log p~_t, sigma_t^2) (the gradient through the UNet)
-  ppap-smc   TDS with the routed PPAP expert as the twist, lambda log expert_t(y | x_t), and its
-             gradient w.r.t. x_t as the proposal's shift: no UNet backward
+  ppap-smc   TDS with the routed PPAP expert as the twist, gamma_t log expert_t(y | x_t), and its
+             gradient w.r.t. x_t as the proposal's shift: no UNet backward. The exponent is
+             annealed, gamma_t = 1 + (lambda - 1) abar_t: lambda on clean images, 1 at high noise,
+             since the ideal twist E[p(y | x_0)^lambda | x_t] is far flatter than
+             E[p(y | x_0) | x_t]^lambda there (an x_t whose image becomes the class half the time
+             has an ideal twist near 1/2, where the expert's lambda-th power gives 2^-lambda)
   ppap-fk    FK steering with the expert as the potential: r_t = log expert_t(y | x_t) on x_t
              itself (no x0 prediction, no backward anywhere); otherwise as fk
 
@@ -22,7 +26,7 @@ For the twisted methods the incremental log-weight of a step is
 the first weight is p~_T(y | x_T), and the last twist is the clean classifier on x_0, lambda log
 p(y | x_0): whatever the twist's errors, the weighted particles target p(x) p(y | x)^lambda. TDS
 and ppap-smc return one particle per image drawn by the final weights (with K = 1, their
-proposal's sampler: x0 guidance, PPAP guidance, each at scale lambda on the DDPM chain).
+proposal's sampler on the DDPM chain: x0 guidance at scale lambda, PPAP guidance at scale gamma_t).
 
 All B * K particles run in one batch (image-major: image b's particles are rows bK..bK+K-1).
 """
@@ -110,8 +114,10 @@ class X0Twist:
 
 @dataclass
 class ExpertTwist:
-    """log p~_t(y | x_t) = lambda log expert_t(y | x_t), the expert owning t applied to x_t, and
-    (``gradient``) its gradient w.r.t. x_t through the expert only (the UNet runs without grad)."""
+    """log p~_t(y | x_t) = gamma_t log expert_t(y | x_t), the expert owning t applied to x_t, and
+    (``gradient``) its gradient w.r.t. x_t through the expert only (the UNet runs without grad).
+    gamma_t = ``scale`` (lambda), or with ``alphas_cumprod`` [T] the annealed exponent
+    1 + (lambda - 1) abar_t."""
 
     denoiser: DenoiserFn
     bank: ExpertBank | Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> logits of the expert owning t
@@ -119,15 +125,23 @@ class ExpertTwist:
     target: Tensor  # [N]
     scale: float
     gradient: bool = True
+    alphas_cumprod: Tensor | None = None
+
+    def exponent(self, t: Tensor) -> Tensor:
+        """gamma_t [N] of each particle's timestep."""
+        if self.alphas_cumprod is None:
+            return torch.full(t.shape, self.scale, dtype=torch.float32, device=t.device)
+        return (1 + (self.scale - 1) * self.alphas_cumprod.to(t.device)[t]).float()
 
     def __call__(self, x: Tensor, t: Tensor) -> TwistOutput:
         pred = _predict(self.denoiser, x, t)
+        gamma = self.exponent(t).to(x.device)
         if not self.gradient:
             with torch.no_grad():
-                return pred, self.scale * _log_likelihood(self.task, self.bank(x, t), self.target), None
+                return pred, gamma * _log_likelihood(self.task, self.bank(x, t), self.target), None
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            log_twist = self.scale * _log_likelihood(self.task, self.bank(x, t), self.target)
+            log_twist = gamma * _log_likelihood(self.task, self.bank(x, t), self.target)
             grad = torch.autograd.grad(log_twist.sum(), x)[0]
         return pred, log_twist.detach(), grad
 
@@ -141,13 +155,14 @@ class ParticleMethod:
     resample: bool
     pick: str  # "best": the highest final reward; "sample": one particle drawn by the final weights
     needs: str  # what the method needs besides the guide: "" or "experts"
+    anneal: bool = False  # the expert twist's exponent: 1 + (lambda - 1) abar_t, not lambda (``ExpertTwist``)
 
 
 PARTICLE_SPECS: dict[str, ParticleMethod] = {
     "best-of-n": ParticleMethod("none", resample=False, pick="best", needs=""),
     "fk": ParticleMethod("x0", resample=True, pick="best", needs=""),
     "tds": ParticleMethod("x0-grad", resample=True, pick="sample", needs=""),
-    "ppap-smc": ParticleMethod("experts-grad", resample=True, pick="sample", needs="experts"),
+    "ppap-smc": ParticleMethod("experts-grad", resample=True, pick="sample", needs="experts", anneal=True),
     "ppap-fk": ParticleMethod("experts", resample=True, pick="best", needs="experts"),
 }
 
@@ -341,7 +356,8 @@ def build_twist(
         return X0Twist(denoiser, reward, gradient=kind == "x0-grad"), reward
     if bank is None:
         raise PPAPError(f"method {method!r} needs --experts")
-    return ExpertTwist(denoiser, bank, task, target, scale, gradient=kind == "experts-grad"), reward
+    abar = denoiser.schedule.alphas_cumprod if PARTICLE_SPECS[method].anneal else None
+    return ExpertTwist(denoiser, bank, task, target, scale, gradient=kind == "experts-grad", alphas_cumprod=abar), reward
 
 
 def sample_particles(
