@@ -87,7 +87,7 @@ class PPAPPipeline(DiffusionPipeline):
     first for the expert methods):
 
     * classification: naive 30, ppap 30, noise-aware 30, multi-expert-supervised 10, x0 1, x0-shortcut 1,
-      best-of-n 1, fk 3, tds 3, ppap-smc 30, ppap-fk 20 (for the particle methods, the exponent lambda of p(y|x)^lambda);
+      best-of-n 1, fk 3, tds 3, ppap-smc 20, ppap-fk 20 (for the particle methods, the exponent lambda of p(y|x)^lambda);
     * segmentation: naive 300, ppap 1000, x0 300;
     * dense: naive 3000, ppap 10000, x0 10000;
 
