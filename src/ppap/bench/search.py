@@ -414,7 +414,8 @@ def figure(r: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     rows = r["rows"]
-    curves = sorted({(row["method"], row["scale"]) for row in rows.values() if "particles" in row})
+    shown = [row for row in rows.values() if "particles" in row]
+    curves = sorted({(row["method"], row["scale"]) for row in shown})
     for method, scale in curves:  # one line per particle method and lambda, over the budgets
         mine = sorted(
             (row for row in rows.values() if "particles" in row and (row["method"], row["scale"]) == (method, scale)),
@@ -427,13 +428,18 @@ def figure(r: dict, path: Path) -> None:
             for ax, key in zip(axes[:2], ("accuracy", "fid")):
                 ax.scatter([row["compute"]], [row[key]], marker="s")
                 ax.annotate(name, (row["compute"], row[key]), fontsize=6)
+    particle_fids = [row["fid"] for row in shown if math.isfinite(row["fid"])]
+    if particle_fids:  # a gradient row far off (naive) would flatten the particle curves
+        axes[1].set_ylim(0, 3 * max(particle_fids))
     for ax, label in zip(axes[:2], ("judge accuracy", "FID (judge features)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compute per returned sample (x unguided DDIM run)")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    for row in rows.values():
-        if "particles" in row and row["method"] in ("tds", "ppap-smc", "fk", "ppap-fk"):
+    # the diagnostics of one budget only, the one nearest 4x (every method reaches it), to stay readable
+    near = min((abs(math.log(row["compute"] / 4)) for row in shown), default=0.0)
+    for row in (row for row in shown if abs(math.log(row["compute"] / 4)) <= near + 0.3):
+        if row["method"] in ("tds", "ppap-smc", "fk", "ppap-fk"):
             axes[2].plot(row["timesteps"], row["ess_over_k"], label=f"{row['method']} K={row['particles']} lambda {row['scale']:g}")
         for twist, acc in row.get("twist_accuracy", {}).items():
             axes[3].plot(row["timesteps"], acc, label=f"{twist} ({row['method']} K={row['particles']} lambda {row['scale']:g})")
