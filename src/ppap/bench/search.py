@@ -264,16 +264,15 @@ class SearchBench(Bench):
         bench's noise-aware bank trained (or resumed, or loaded) in this folder."""
         if self.cfg.noise_aware is not None:
             return load_experts(self.cfg.noise_aware, copy.deepcopy(self.guide), self.diffusion)
-        images, labels = load_fashion_mnist("train")
         n = self.cfg.labelled_images
         spec = bank_specs(self.cfg.expert_iterations)["noise-aware"]
+
+        def data() -> tuple[Tensor, Tensor]:  # read only when something is left to train
+            images, labels = load_fashion_mnist("train")
+            return images[:n], labels[:n]
+
         return train_or_load_bank(
-            load_guide(self.cfg.guide),
-            self.diffusion,
-            spec.train,
-            self.out / "banks" / "noise-aware",
-            lambda: (images[:n], labels[:n]),
-            self.progress,
+            load_guide(self.cfg.guide), self.diffusion, spec.train, self.out / "banks" / "noise-aware", data, self.progress
         )
 
     def probe(self, x_t: Tensor, t: Tensor, pred: Prediction) -> dict[str, Tensor]:
