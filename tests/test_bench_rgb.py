@@ -103,24 +103,39 @@ def test_rgb_bench_quick_reports_every_row_and_metric_and_resumes(tiny_rgb_model
 
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["bench", "rgb", "--quick", "--quiet", "--out", str(out), "--work-dir", str(work)] + _flags(tiny_rgb_models)
+    steps_of, sample_images = {}, common.sample_images
+
+    def recording(*args, desc, num_inference_steps, **kwargs):
+        steps_of[desc] = num_inference_steps
+        return sample_images(*args, desc=desc, num_inference_steps=num_inference_steps, **kwargs)
+
+    monkeypatch.setattr(common, "sample_images", recording)
     assert main(argv) == 0
+    monkeypatch.undo()
     r = json.loads((out / "results.json").read_text())
     cls, seg = r["main"]["classification"], r["main"]["segmentation"]
     assert set(cls) == set(CLASSIFICATION_ROWS) and set(seg) == set(SEGMENTATION_ROWS)
+    # the layout rows again at each of layout_steps, with their own sweep; every other row at steps
+    (layout_steps,) = QUICK.layout_steps
+    extra = f"segmentation-{layout_steps}-steps"
+    assert list(r["main"]) == ["classification", "segmentation", extra] and set(r["main"][extra]) == set(SEGMENTATION_ROWS)
+    assert {d for d, n in steps_of.items() if n == layout_steps} == {d for d in steps_of if d.startswith(extra)} != set()
+    assert {n for d, n in steps_of.items() if not d.startswith(extra)} == {QUICK.steps}
     n = QUICK.pairs * QUICK.per_pair
     for m in cls.values():
         assert m["n"] == n and 0 <= m["accuracy"] <= 1 and 0 <= m["colour_fidelity"] <= 1 and m["fid"] > 0
         assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and 0 <= m["per_class_min"] <= m["accuracy"]
         assert m["per_class_accuracy"][QUICK.pairs :] == [None] * (10 - QUICK.pairs)  # the quick pairs hold classes 0..7 only
-    for m in seg.values():
+    for m in [*seg.values(), *r["main"][extra].values()]:
         assert m["n"] == QUICK.seg_targets and 0 <= m["iou"] <= 1 and 0 <= m["colour_fidelity"] <= 1
     for kind, rows in r["sweep"].items():  # every guided row was swept; its main-table scale is one of the swept
         assert set(rows) == {row for row in r["main"][kind] if row != "unguided"}
         assert all(r["main"][kind][row]["scale"] in [p["scale"] for p in points] for row, points in rows.items())
     s = r["summary"]
     assert s["ppap5_accuracy"] == cls["ppap-5"]["accuracy"] and s["segmentation_ppap5_iou"] == seg["ppap-5"]["iou"]
+    assert s["segmentation_ppap5_iou_by_kind"] == {kind: r["main"][kind]["ppap-5"]["iou"] for kind in ("segmentation", extra)}
     assert s["ppap5_over_noise_aware_accuracy"] == pytest.approx(cls["ppap-5"]["accuracy"] / max(cls["noise-aware"]["accuracy"], 1e-9))
-    assert s["lowest_colour_fidelity"] == min(m["colour_fidelity"] for m in [*cls.values(), *seg.values()])
+    assert s["lowest_colour_fidelity"] == min(m["colour_fidelity"] for rows in r["main"].values() for m in rows.values())
     assert r["real_reference"]["colour_fidelity"] == 1.0  # real tinted images are the colour they were tinted
     assert r["cost"]["unguided"]["ratio_to_unguided"] == 1.0
     assert {f"classification/{row}" for row in CLASSIFICATION_ROWS if row != "unguided"} <= set(r["cost"])
@@ -131,7 +146,8 @@ def test_rgb_bench_quick_reports_every_row_and_metric_and_resumes(tiny_rgb_model
         assert f"| {row} |" in report
     for column in ("accuracy", "worst class", "colour fidelity", "FID", "precision", "recall", "s / step", "foreground IoU"):
         assert f"| {column} |" in report
-    assert "ppap-5 accuracy / noise-aware:" in report and "*reference images*" in report
+    assert "ppap-5 accuracy / noise-aware:" in report and report.count("*reference images*") == 2
+    assert f"DDPM-{QUICK.steps}:" in report and f"DDPM-{layout_steps}:" in report
     for png in ("bench_rgb_grid.png", "bench_rgb_segmentation_grid.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert not (out / "stages").exists() and (work / "stages" / "config.json").exists()  # stages in the work folder
@@ -167,6 +183,8 @@ def test_rgb_bench_quick_reports_every_row_and_metric_and_resumes(tiny_rgb_model
     [
         (["--per-pair", "0"], "per-pair must be >= 1, got 0"),
         (["--cfg-scale", "nan"], "cfg-scale must be a finite number >= 1"),
+        (["--layout-steps", "2,3"], "layout-steps must be step counts >= 1 other than steps (3), each once; got 3"),
+        (["--layout-steps", "5,5"], "each once; got 5"),
         (["--evaluator", "no/such/folder"], "no/such/folder"),
         (["--device", "tpu"], "unknown device 'tpu'"),
     ],
@@ -201,3 +219,15 @@ def test_flags_of_another_suite_are_refused_in_one_line(argv, message, tmp_path,
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_rgb_bench_layout_steps_flag_parses_a_list_and_refuses_a_word(capsys):
+    from ppap.cli import build_parser, main
+
+    parse = build_parser().parse_args
+    assert parse(["bench", "rgb", "--layout-steps", "50,100"]).layout_steps == (50, 100)
+    assert parse(["bench", "rgb", "--layout-steps", ""]).layout_steps == ()
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "rgb", "--layout-steps", "50,x"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.rstrip("\n").split("\n")[-1].endswith("expected comma-separated step counts, got '50,x'")

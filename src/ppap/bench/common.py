@@ -192,11 +192,18 @@ class Bench:
     # ---- sampling and scoring --------------------------------------------------------------
 
     def sample(
-        self, num: int, term: GuidanceTerm | list[GuidanceTerm] | None, seed: int, desc: str, conditioning: Conditioning | None = None
+        self,
+        num: int,
+        term: GuidanceTerm | list[GuidanceTerm] | None,
+        seed: int,
+        desc: str,
+        conditioning: Conditioning | None = None,
+        steps: int | None = None,
     ) -> tuple[Tensor, float]:
         """``num`` samples guided by ``term`` (None: unguided; a list: their sum), with the UNet's
         per-sample ``conditioning`` (prompts, classifier-free guidance), and the seconds they took;
-        by the configuration's ``sampler`` where it has one, else DDIM."""
+        by the configuration's ``sampler`` where it has one, else DDIM, in ``steps`` steps (default:
+        the configuration's)."""
         t0 = time.time()
         x = sample_images(
             self.pipe,
@@ -207,7 +214,7 @@ class Bench:
             batch_size=self.cfg.batch_size,
             progress=self.progress,
             desc=desc,
-            num_inference_steps=self.cfg.steps,
+            num_inference_steps=steps or self.cfg.steps,
             sampler=getattr(self.cfg, "sampler", "ddim"),
         )
         return x, time.time() - t0

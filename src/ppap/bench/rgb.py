@@ -15,6 +15,9 @@ Segmentation: ``fashion-rgb-segmenter``'s label maps of real colour test images 
 prompt's colour cycled over the 8 colours. Rows: unguided, naive, x0, ppap-5
 (``fashion-rgb-segmenter-ppap5``). Per row: foreground IoU to the target
 (``bench.dense.segmentation_scores`` on ``fashion_rgb.garment_mask``), colour fidelity, FID.
+The layout rows run at ``steps`` and again, with their own sweep, at each of ``layout_steps``
+(the kinds ``segmentation`` and ``segmentation-N-steps``): guidance on the x0 prediction gains
+more from extra steps than PPAP does, so one step count would not tell the two apart.
 
 Each guided row's scale comes from a sweep on other samples (another seed; other references for
 segmentation), chosen as the classifier bench chooses (``common.choose_scale``: accuracy, then
@@ -59,7 +62,6 @@ CLASSIFICATION_ROWS = {
     "noise-aware": "noise-aware",
 }  # row -> method
 SEGMENTATION_ROWS = {"unguided": "unguided", "naive": "naive", "ppap-5": "ppap", "x0": "x0"}
-KINDS = ("classification", "segmentation")
 NUM_CLASSES = len(FASHION_MNIST_CLASSES)
 
 
@@ -100,6 +102,7 @@ class RGBBenchConfig:
             "x0": (3.0, 10.0, 30.0, 100.0),
         }
     )
+    layout_steps: tuple[int, ...] = (50,)  # the segmentation rows also run at these step counts, each with its own sweep
     expert_iterations: int = 800  # the noise-aware model: the classifier bench's bank at this budget (5x as many steps, one model)
     labelled_images: int | None = None  # its labelled colour training images (None: all 60,000)
     real_images: int | None = None  # real colour test images the FID compares against (None: all 10,000)
@@ -123,6 +126,7 @@ QUICK = RGBBenchConfig(
     seg_targets=4,
     seg_sweep_targets=2,
     seg_sweep_scales={"naive": (300.0,), "ppap": (300.0, 1000.0), "x0": (100.0,)},
+    layout_steps=(2,),
     expert_iterations=2,
     labelled_images=64,
     real_images=64,
@@ -276,7 +280,9 @@ class RGBBench(Bench):
             self._save_samples(f"classification-{row}", x, targets, colours)
         return out
 
-    def segmentation_row(self, row: str, scale: float, sweep: bool) -> dict:
+    def segmentation_row(self, row: str, scale: float, sweep: bool, kind: str = "segmentation") -> dict:
+        """Layout row ``row`` at ``scale`` over the sweep's references or the main table's, with
+        the step count of ``kind`` (``segmentation``: ``steps``; ``segmentation-N-steps``: N)."""
         refs, colours = self.references(sweep)
         targets = self.seg_targets(refs)
         term = self.segmentation_term(row, scale, targets)
@@ -284,11 +290,12 @@ class RGBBench(Bench):
             len(targets),
             term,
             self.cfg.sweep_seed if sweep else self.cfg.seed,
-            f"segmentation {row} s={scale:g}",
+            f"{kind} {row} s={scale:g}",
             self.conditioning(colours),
+            steps=kind_steps(kind, self.cfg.steps),
         )
         if not sweep:
-            self._save_samples(f"segmentation-{row}", x, targets, colours)
+            self._save_samples(f"{kind}-{row}", x, targets, colours)
         return {"scale": scale} | self._segmentation_scores(x, targets, colours) | {"seconds": round(seconds, 1)}
 
     def _segmentation_scores(self, x: Tensor, targets: Tensor, colours: Tensor) -> dict:
@@ -304,28 +311,33 @@ class RGBBench(Bench):
 
     def sweep_row(self, kind: str, row: str) -> list[dict]:
         scales = (self.cfg.sweep_scales if kind == "classification" else self.cfg.seg_sweep_scales)[_rows(kind)[row]]
-        run = self.classification_row if kind == "classification" else self.segmentation_row
-        return [run(row, s, sweep=True) for s in scales]
+        return [self._row(kind, row, s, sweep=True) for s in scales]
 
     def main_row(self, kind: str, row: str, scale: float) -> dict:
-        return (self.classification_row if kind == "classification" else self.segmentation_row)(row, scale, sweep=False)
+        return self._row(kind, row, scale, sweep=False)
+
+    def _row(self, kind: str, row: str, scale: float, sweep: bool) -> dict:
+        if kind == "classification":
+            return self.classification_row(row, scale, sweep)
+        return self.segmentation_row(row, scale, sweep, kind)
 
     # ---- stages ------------------------------------------------------------------------------
 
     def sweep_stage(self) -> dict:
-        jobs = {f"sweep-{kind}-{row}": ("sweep_row", (kind, row)) for kind in KINDS for row in _guided(kind)}
+        kinds = bench_kinds(self.cfg)
+        jobs = {f"sweep-{kind}-{row}": ("sweep_row", (kind, row)) for kind in kinds for row in _guided(kind)}
         done = self.jobs("sweep", jobs)
-        return {kind: {row: done[f"sweep-{kind}-{row}"] for row in _guided(kind)} for kind in KINDS}
+        return {kind: {row: done[f"sweep-{kind}-{row}"] for row in _guided(kind)} for kind in kinds}
 
     def main_stage(self, sweep: dict) -> dict:
-        jobs = {}
-        for kind in KINDS:
+        jobs, kinds = {}, bench_kinds(self.cfg)
+        for kind in kinds:
             for row in _rows(kind):
                 scale = 0.0 if row == "unguided" else chosen_point(kind, sweep[kind][row])["scale"]
                 jobs[f"main-{kind}-{row}"] = ("main_row", (kind, row, scale))
                 self._forget_at_another_scale(f"main-{kind}-{row}", scale)
         done = self.jobs("main", jobs)
-        return {kind: {row: done[f"main-{kind}-{row}"] for row in _rows(kind)} for kind in KINDS}
+        return {kind: {row: done[f"main-{kind}-{row}"] for row in _rows(kind)} for kind in kinds}
 
     def _forget_at_another_scale(self, name: str, scale: float) -> None:
         """A main row cached at another scale than the sweep now chooses (a folder whose sweep
@@ -342,7 +354,7 @@ class RGBBench(Bench):
         denoiser = self.diffusion.bind(cond)
         seg_targets = self.seg_targets(self.test.images(slice(0, n)))
         guides = {}
-        for kind in KINDS:
+        for kind in ("classification", "segmentation"):
             for row in _guided(kind):
                 term = (
                     self.classification_term(row, 1.0, targets)
@@ -372,8 +384,8 @@ class RGBBench(Bench):
 
     def grids(self) -> None:
         """The classification grid (a row per method, a column per pair: the first sample of the
-        first ``grid_pairs`` pairs) and the segmentation grid (a row per method after the
-        references, a column per reference), from the saved samples."""
+        first ``grid_pairs`` pairs) and the segmentation grid (a row per method and step count
+        after the references, a column per reference), from the saved samples."""
         k, per = self.cfg.grid_pairs, self.cfg.per_pair
         pairs = pair_order(self.cfg.pairs)[:k]
         cols = [f"{COLOUR_NAMES[c]} {FASHION_MNIST_CLASSES[y]}" for c, y in pairs]
@@ -383,8 +395,10 @@ class RGBBench(Bench):
         refs, colours = self.references(sweep=False)
         refs, colours = refs[:k], colours[:k]
         cols = [f"{COLOUR_NAMES[int(c)]}, layout #{i}" for i, c in enumerate(colours)]
-        tiles = [to_hwc_uint8(refs)] + [self._load_samples(f"segmentation-{row}")[:k] for row in SEGMENTATION_ROWS]
-        grid = labelled_grid(np.concatenate(tiles), ["reference"] + list(SEGMENTATION_ROWS), cols)
+        kinds = bench_kinds(self.cfg)[1:]
+        names = [f"{row}, {kind_steps(kind, self.cfg.steps)} steps" for kind in kinds for row in SEGMENTATION_ROWS]
+        tiles = [to_hwc_uint8(refs)] + [self._load_samples(f"{kind}-{row}")[:k] for kind in kinds for row in SEGMENTATION_ROWS]
+        grid = labelled_grid(np.concatenate(tiles), ["reference"] + names, cols)
         atomic_write_bytes(self.results_dir / "bench_rgb_segmentation_grid.png", png_bytes(grid))
 
     def _load_samples(self, name: str) -> np.ndarray:
@@ -394,9 +408,10 @@ class RGBBench(Bench):
     def _run(self) -> dict:
         t0 = time.time()
         noise_aware = self.timed("noise-aware", self.noise_aware_info)
-        parts = [f"{kind}-{row}" for kind in KINDS for row in _guided(kind)]
+        kinds = bench_kinds(self.cfg)
+        parts = [f"{kind}-{row}" for kind in kinds for row in _guided(kind)]
         sweep = self.timed_parts("sweep", self.sweep_stage, [f"sweep-{p}" for p in parts])
-        mains = [f"main-{kind}-{row}" for kind in KINDS for row in _rows(kind)]
+        mains = [f"main-{kind}-{row}" for kind in kinds for row in _rows(kind)]
         main = self.timed_parts("main", lambda: self.main_stage(sweep), mains)
         cost = self.timed("cost", self.cost_stage)
         real = self.timed("real", self.real_reference)
@@ -422,16 +437,29 @@ class RGBBench(Bench):
 
 def summary(main: dict) -> dict:
     """The table's headline figures: PPAP-5's accuracy, its ratio to the labelled noise-aware
-    model's and to naive guidance's, the lowest colour fidelity of any row, PPAP-5's IoU."""
+    model's and to naive guidance's, the lowest colour fidelity of any row, PPAP-5's IoU (at
+    ``steps``, and per layout kind)."""
     cls, seg = main["classification"], main["segmentation"]
     p5 = cls["ppap-5"]["accuracy"]
     return {
         "ppap5_accuracy": p5,
         "ppap5_over_noise_aware_accuracy": p5 / max(cls["noise-aware"]["accuracy"], 1e-9),
         "ppap5_over_naive_accuracy": p5 / max(cls["naive"]["accuracy"], 1e-9),
-        "lowest_colour_fidelity": min(m["colour_fidelity"] for rows in (cls, seg) for m in rows.values()),
+        "lowest_colour_fidelity": min(m["colour_fidelity"] for rows in main.values() for m in rows.values()),
         "segmentation_ppap5_iou": seg["ppap-5"]["iou"],
+        "segmentation_ppap5_iou_by_kind": {kind: rows["ppap-5"]["iou"] for kind, rows in main.items() if kind != "classification"},
     }
+
+
+def bench_kinds(cfg: RGBBenchConfig) -> list[str]:
+    """The tables the bench runs: classification, the layout rows at ``steps``, and the layout
+    rows at each of ``layout_steps``."""
+    return ["classification", "segmentation"] + [f"segmentation-{n}-steps" for n in cfg.layout_steps]
+
+
+def kind_steps(kind: str, steps: int) -> int:
+    """The sampling steps of a table: N for ``segmentation-N-steps``, else the bench's ``steps``."""
+    return int(kind.split("-")[1]) if kind.endswith("-steps") else steps
 
 
 def chosen_point(kind: str, points: list[dict]) -> dict:
@@ -461,6 +489,9 @@ def _check(cfg: RGBBenchConfig) -> None:
     for name in ("per_pair", "sweep_per_pair", "steps", "seg_targets", "seg_sweep_targets", "batch_size", "cost_batch"):
         if getattr(cfg, name) < 1:
             raise PPAPError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for n in cfg.layout_steps:
+        if not (isinstance(n, int) and n >= 1 and n != cfg.steps and cfg.layout_steps.count(n) == 1):
+            raise PPAPError(f"layout-steps must be step counts >= 1 other than steps ({cfg.steps}), each once; got {n!r}")
     if cfg.pairs * cfg.per_pair < 4:  # precision / recall compare each sample's 3 nearest neighbours
         raise PPAPError(f"the main table needs at least 4 samples per row (pairs x per-pair), got {cfg.pairs * cfg.per_pair}")
     if not (np.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 1):

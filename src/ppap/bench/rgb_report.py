@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..fashion_mnist import FASHION_MNIST_CLASSES
 from .common import in_order, machine_in_order, stage_times
-from .rgb import CLASSIFICATION_ROWS, SEGMENTATION_ROWS
+from .rgb import CLASSIFICATION_ROWS, SEGMENTATION_ROWS, kind_steps
 
 STAGES = ("noise-aware", "sweep", "main", "cost", "real")  # in the order they run
 
@@ -12,7 +12,6 @@ STAGES = ("noise-aware", "sweep", "main", "cost", "real")  # in the order they r
 def rgb_report(r: dict) -> str:
     cfg, cost = r["config"], r["cost"]
     cls = in_order(r["main"]["classification"], CLASSIFICATION_ROWS)
-    seg = in_order(r["main"]["segmentation"], SEGMENTATION_ROWS)
     na = r["noise_aware"]
     lines = [
         f"Machine: {machine_in_order(r)}; sampling on {r['machine'].get('device', 'cpu')}. {cfg.get('sampler', 'ddim').upper()}-{cfg['steps']} with classifier-free "
@@ -51,20 +50,28 @@ def rgb_report(r: dict) -> str:
         "",
         f"Segmentation: {cfg['seg_targets']} reference silhouettes (the segmenter's label maps of real colour test images), the "
         "prompt's colour cycled over the 8 colours; foreground IoU of the garment pixels (brightest channel above 0.1 of full "
-        "intensity) with the target's, colour fidelity, the evaluator's accuracy on the garment class the map implies.",
-        "",
-        "| method | scale | foreground IoU | colour fidelity | evaluator acc. (class of the map) | FID | s / step | step cost (x unguided) |",
-        "|---|---|---|---|---|---|---|---|",
+        "intensity) with the target's, colour fidelity, the evaluator's accuracy on the garment class the map implies. A table "
+        "per step count, each with its own sweep; the cost of a sample is its steps times its step cost.",
     ]
-    for name, m in seg.items():
-        c = cost.get(f"segmentation/{name}", cost["unguided"])
-        lines.append(
-            f"| {name} | {_scale(m, r['sweep']['segmentation'].get(name))} | {m['iou']:.3f} | {m['colour_fidelity']:.1%} | "
-            f"{m['class_hit']:.1%} | {m['fid']:.2f} | {c['seconds_per_step']:.4f} | {c['ratio_to_unguided']:.2f} |"
-        )
     ref = r["reference_images"]
+    for kind in (k for k in r["main"] if k != "classification"):
+        lines += [
+            "",
+            f"{cfg.get('sampler', 'ddim').upper()}-{kind_steps(kind, cfg['steps'])}:",
+            "",
+            "| method | scale | foreground IoU | colour fidelity | evaluator acc. (class of the map) | FID | s / step | step cost (x unguided) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, m in in_order(r["main"][kind], SEGMENTATION_ROWS).items():
+            c = cost.get(f"segmentation/{name}", cost["unguided"])
+            lines.append(
+                f"| {name} | {_scale(m, r['sweep'][kind].get(name))} | {m['iou']:.3f} | {m['colour_fidelity']:.1%} | "
+                f"{m['class_hit']:.1%} | {m['fid']:.2f} | {c['seconds_per_step']:.4f} | {c['ratio_to_unguided']:.2f} |"
+            )
+        lines.append(
+            f"| *reference images* | | {ref['iou']:.3f} | {ref['colour_fidelity']:.1%} | {ref['class_hit']:.1%} | {ref['fid']:.2f} | | |"
+        )
     lines += [
-        f"| *reference images* | | {ref['iou']:.3f} | {ref['colour_fidelity']:.1%} | {ref['class_hit']:.1%} | {ref['fid']:.2f} | | |",
         "",
         "Scales marked * are at an end of their sweep's grid (the best may lie beyond it).",
         "",

@@ -17,7 +17,18 @@ def _row_choice(text: str, check) -> tuple[str, ...] | str:
     return choice
 
 
-RGB_FLAGS = ("work_dir", "per_pair", "cfg_scale", "diffusion", "guide", "experts", "segmenter", "segmenter_experts", "evaluator")
+RGB_FLAGS = (
+    "work_dir",
+    "per_pair",
+    "cfg_scale",
+    "layout_steps",
+    "diffusion",
+    "guide",
+    "experts",
+    "segmenter",
+    "segmenter_experts",
+    "evaluator",
+)
 
 
 def cmd_bench(args) -> int:
