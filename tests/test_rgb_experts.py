@@ -60,23 +60,16 @@ def tiny_banks(tiny_weights):
     return {"root": root, "cards": cards}
 
 
-def test_the_colour_recipes_cycle_the_colour_prompts_at_cfg_3():
+def test_the_colour_recipes_cycle_the_colour_prompts_without_cfg_on_one_corpus():
     from ppap.fashion_rgb import COLOUR_NAMES
     from ppap.recipes import EXPERT_RECIPES
 
-    for name, guide, task, sampler in [
-        ("fashion-rgb-ppap5", "fashion-rgb-classifier", "classification", "ddpm"),
-        ("fashion-rgb-segmenter-ppap5", "fashion-rgb-segmenter", "segmentation", "ddim"),
+    for name, guide, task in [
+        ("fashion-rgb-ppap5", "fashion-rgb-classifier", "classification"),
+        ("fashion-rgb-segmenter-ppap5", "fashion-rgb-segmenter", "segmentation"),
     ]:
         r = EXPERT_RECIPES[name]
-        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale, r.sampler) == (
-            "fashion-rgb-ddpm",
-            guide,
-            task,
-            4000,
-            3.0,
-            sampler,
-        )
+        assert (r.diffusion, r.guide, r.task, r.corpus_size, r.cfg_scale, r.sampler) == ("fashion-rgb-ddpm", guide, task, 4000, 1.0, "ddpm")
         assert r.prompts == tuple(f"a {c} garment" if c != "orange" else "an orange garment" for c in COLOUR_NAMES)
         entry = zoo.ZOO[name]
         assert entry.kind == "experts" and entry.guide == guide and entry.task == task
@@ -93,7 +86,7 @@ def test_a_prompted_corpus_is_the_pipelines_own_samples_resumes_and_refuses_othe
 
     r, root = _tiny("fashion-rgb-ppap5"), tiny_banks["root"]
     card, out, work = tiny_banks["cards"]["fashion-rgb-ppap5"], root / "weights" / "fashion-rgb-ppap5", root / "runs" / "zoo"
-    assert card["recipe"]["prompts"] == list(r.prompts) and card["recipe"]["cfg_scale"] == 3.0
+    assert card["recipe"]["prompts"] == list(r.prompts) and card["recipe"]["cfg_scale"] == r.cfg_scale == 1.0
     assert json.loads((out / "ppap_experts.json").read_text())["trained"] == ["expert_0", "expert_1"]
     # the corpus: beside the zoo work folder, not where an unprompted corpus of the model goes
     corpus = shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale, r.sampler)
@@ -101,39 +94,45 @@ def test_a_prompted_corpus_is_the_pipelines_own_samples_resumes_and_refuses_othe
     assert corpus != shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, 2.0, r.sampler)
     assert corpus != shared_corpus_dir(work, r.diffusion, r.corpus_size, r.prompts, r.cfg_scale, "ddim")
     assert card["recipe"]["corpus_sampler"] == "ddpm"
-    condition = json.loads((corpus / CORPUS_MANIFEST).read_text())["condition"]
-    assert condition["prompts"] == list(r.prompts) and condition["guidance_scale"] == 3.0
-    assert condition["prompt_embeds"] is not None
-    # sample k is the pipeline's own sample of prompt k mod 8 at CFG 3, from sample k's seed (one batch, as the corpus drew it)
-    images = load_corpus(corpus)
     pipe = load_pipeline(str(tiny_zoo / "fashion-rgb-ddpm"))
-    own = pipe(
-        prompt=[r.prompts[k % len(r.prompts)] for k in range(r.corpus_size)],
-        guidance_scale=3.0,
-        batch_size=r.corpus_size,
-        generator=sample_generators(0, 0, r.corpus_size),
-        num_inference_steps=25,
-        sampler="ddpm",
-        output_type="latent",
-        progress=False,
-    ).images
-    assert np.array_equal(to_hwc_uint8(own.clamp(-1, 1)), to_hwc_uint8(images))
-    assert not torch.equal(images[0], images[8]) or not torch.equal(images[0], images[1])  # not one image repeated
+    # sample k is the pipeline's own sample of prompt k mod 8 from sample k's seed (one batch, as the
+    # corpus drew it): at the recipes' scale, and at CFG 3 (a corpus of its own, beside the bank's)
+    cfg3 = replace(r, cfg_scale=3.0)
+    train_zoo_experts("fashion-rgb-ppap5", tmp_path / "cfg3", tmp_path / "runs" / "zoo" / "cfg3", cfg3)
+    cfg3_corpus = shared_corpus_dir(tmp_path / "runs" / "zoo", r.diffusion, r.corpus_size, r.prompts, 3.0, r.sampler)
+    for root_of, scale in ((corpus, r.cfg_scale), (cfg3_corpus, 3.0)):
+        condition = json.loads((root_of / CORPUS_MANIFEST).read_text())["condition"]
+        assert condition["prompts"] == list(r.prompts) and condition["guidance_scale"] == scale
+        assert condition["prompt_embeds"] is not None
+        images = load_corpus(root_of)
+        own = pipe(
+            prompt=[r.prompts[k % len(r.prompts)] for k in range(r.corpus_size)],
+            guidance_scale=scale,
+            batch_size=r.corpus_size,
+            generator=sample_generators(0, 0, r.corpus_size),
+            num_inference_steps=25,
+            sampler="ddpm",
+            output_type="latent",
+            progress=False,
+        ).images
+        assert np.array_equal(to_hwc_uint8(own.clamp(-1, 1)), to_hwc_uint8(images))
+        assert not torch.equal(images[0], images[8]) or not torch.equal(images[0], images[1])  # not one image repeated
+    assert not torch.equal(load_corpus(corpus), load_corpus(cfg3_corpus))
     # resumed: a lost shard is drawn again, the same bytes; the finished experts are kept
     shard = shard_path(corpus, 0)
     before = shard.read_bytes()
     shard.unlink()
     again = train_zoo_experts("fashion-rgb-ppap5", out, work / "fashion-rgb-ppap5", r)
     assert shard.read_bytes() == before and again["stats"] == card["stats"]
-    # the segmenter's bank drew its own corpus, of the same prompts with DDIM steps: a folder each
+    # the segmenter's bank read the same corpus: one folder, drawn once
     seg = _tiny("fashion-rgb-segmenter-ppap5")
-    seg_corpus = shared_corpus_dir(work, seg.diffusion, seg.corpus_size, seg.prompts, seg.cfg_scale, seg.sampler)
-    assert sorted(p.name for p in (root / "runs" / "corpus").iterdir()) == sorted([corpus.name, seg_corpus.name])
-    assert json.loads((seg_corpus / CORPUS_MANIFEST).read_text())["sampler"] == "ddim"
+    assert shared_corpus_dir(work, seg.diffusion, seg.corpus_size, seg.prompts, seg.cfg_scale, seg.sampler) == corpus
+    assert [p.name for p in (root / "runs" / "corpus").iterdir()] == [corpus.name]
+    assert json.loads((corpus / CORPUS_MANIFEST).read_text())["sampler"] == "ddpm"
     # a corpus drawn with other conditions is refused, not mixed in
     guide = load_guide("fashion-rgb-classifier")
     kw = dict(corpus_size=r.corpus_size, cfg=r.train, corpus_dir=corpus, corpus_sampler=r.sampler)
-    for prompts, scale in [(r.prompts, 2.0), (r.prompts[::-1], 3.0)]:
+    for prompts, scale in [(r.prompts, 2.0), (r.prompts[::-1], 1.0)]:
         cond = cycled_prompt_conditioning(pipe, prompts, r.corpus_size, scale)
         with pytest.raises(PPAPError, match="holds a different corpus.*condition"):
             data_free_experts(pipe, r.diffusion, guide, tmp_path / "w2", conditioning=cond, prompts=prompts, **kw)

@@ -143,16 +143,16 @@ ZOO: dict[str, ZooEntry] = {
             "fashion-rgb-ppap5",
             "experts",
             "5 data-free LoRA experts (rank 32, warm-started) of fashion-rgb-classifier on fashion-rgb-ddpm samples "
-            "(DDPM-25, prompts cycled over the 8 colours, CFG 3)",
+            "(DDPM-25, prompts cycled over the 8 colours, no CFG)",
             "fashion-rgb-ppap5",
             guide="fashion-rgb-classifier",
-            scale=30.0,  # `ppap bench rgb`'s sweep, DDPM-25 (docs/results.md)
+            scale=100.0,  # `ppap bench rgb`'s sweep, DDPM-25 (docs/results.md)
         ),
         ZooEntry(
             "fashion-rgb-segmenter-ppap5",
             "experts",
             "5 data-free LoRA experts (rank 32, warm-started) of fashion-rgb-segmenter on fashion-rgb-ddpm samples "
-            "(DDIM-25, prompts cycled over the 8 colours, CFG 3)",
+            "(DDPM-25, prompts cycled over the 8 colours, no CFG)",
             "fashion-rgb-segmenter-ppap5",
             task="segmentation",
             classes=SEGMENTER_CLASSES,
