@@ -98,8 +98,8 @@ class RGBBenchConfig:
     seg_sweep_scales: dict = field(
         default_factory=lambda: {
             "naive": (30.0, 100.0, 300.0, 1000.0),
-            "ppap": (30.0, 100.0, 300.0, 1000.0),
-            "x0": (3.0, 10.0, 30.0, 100.0),
+            "ppap": (30.0, 100.0, 300.0, 1000.0, 3000.0),
+            "x0": (3.0, 10.0, 30.0, 100.0, 300.0),
         }
     )
     layout_steps: tuple[int, ...] = (50,)  # the segmentation rows also run at these step counts, each with its own sweep
