@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from ppap import PPAPError
 from ppap.fashion_mnist import fashion_mnist_dir
 from ppap.fashion_rgb import COLOUR_NAMES, COLOURS, colour_fidelity, garment_mask, load_fashion_rgb, nearest_colour, tint, to_unit
 
@@ -185,6 +186,7 @@ def test_rgb_bench_quick_reports_every_row_and_metric_and_resumes(tiny_rgb_model
         (["--cfg-scale", "nan"], "cfg-scale must be a finite number >= 1"),
         (["--layout-steps", "2,3"], "layout-steps must be step counts >= 1 other than steps (3), each once; got 3"),
         (["--layout-steps", "5,5"], "each once; got 5"),
+        (["--layout-steps", "2,x"], "bad --layout-steps '2,x': use integers"),
         (["--evaluator", "no/such/folder"], "no/such/folder"),
         (["--device", "tpu"], "unknown device 'tpu'"),
     ],
@@ -221,13 +223,9 @@ def test_flags_of_another_suite_are_refused_in_one_line(argv, message, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_rgb_bench_layout_steps_flag_parses_a_list_and_refuses_a_word(capsys):
-    from ppap.cli import build_parser, main
+def test_comma_ints_reads_a_list_or_none_and_names_the_flag_of_a_word():
+    from ppap.commands.common import comma_ints
 
-    parse = build_parser().parse_args
-    assert parse(["bench", "rgb", "--layout-steps", "50,100"]).layout_steps == (50, 100)
-    assert parse(["bench", "rgb", "--layout-steps", ""]).layout_steps == ()
-    with pytest.raises(SystemExit) as exit:
-        main(["bench", "rgb", "--layout-steps", "50,x"])
-    assert exit.value.code == 2
-    assert capsys.readouterr().err.rstrip("\n").split("\n")[-1].endswith("expected comma-separated step counts, got '50,x'")
+    assert comma_ints("50,100", "--layout-steps") == (50, 100) and comma_ints("", "--layout-steps") == ()
+    with pytest.raises(PPAPError, match=r"bad --layout-steps '50,x': use integers"):
+        comma_ints("50,x", "--layout-steps")

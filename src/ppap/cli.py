@@ -46,14 +46,6 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def _step_counts(v: str) -> tuple[int, ...]:
-    """A comma-separated list of step counts ("" for none)."""
-    try:
-        return tuple(int(n) for n in v.split(",") if n.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step counts, got {v!r}") from None
-
-
 def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One ``--field-name`` flag per dataclass field, typed by its default, help from its comment."""
     helps = _field_comments(cls)
@@ -303,7 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     rgb.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 3)")
     rgb.add_argument(
         "--layout-steps",
-        type=_step_counts,
         help="the segmentation rows also run at these step counts, each with its own sweep (comma-separated, '' for none; default 50)",
     )
     for flag, what in (

@@ -86,18 +86,13 @@ QUICK = ScaleBenchConfig(
 
 
 def scale_config(
-    quick: bool = False, device: str | None = None, dtype: str | None = None, batch_sizes_text: str | None = None
+    quick: bool = False, device: str | None = None, dtype: str | None = None, batch_sizes: tuple[int, ...] | None = None
 ) -> ScaleBenchConfig:
     """The configuration of ``ppap bench scale [--quick] [--device] [--dtype] [--batch-sizes 1,8]``."""
     cfg = QUICK if quick else ScaleBenchConfig()
-    sizes: tuple[int, ...] = cfg.batch_sizes
-    if batch_sizes_text is not None:
-        try:
-            sizes = tuple(int(v) for v in batch_sizes_text.split(","))
-        except ValueError:
-            raise PPAPError(f"bad --batch-sizes {batch_sizes_text!r}: use integers, e.g. '1,8'") from None
-        if not sizes or min(sizes) < 1:
-            raise PPAPError(f"bad --batch-sizes {batch_sizes_text!r}: every size must be >= 1")
+    if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
+        raise PPAPError(f"bad --batch-sizes {','.join(map(str, batch_sizes))!r}: every size must be >= 1")
+    sizes = cfg.batch_sizes if batch_sizes is None else batch_sizes
     return dataclasses.replace(cfg, device=device or cfg.device, dtype=dtype or cfg.dtype, batch_sizes=sizes)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PPAPError
+from .common import comma_ints
 
 
 def _row_choice(text: str, check) -> tuple[str, ...] | str:
@@ -74,7 +75,8 @@ def cmd_bench(args) -> int:
     elif args.suite == "scale":
         from ..bench.scale import run_scale_bench, scale_config, scale_report
 
-        cfg = scale_config(args.quick, args.device, args.dtype, args.batch_sizes)
+        sizes = None if args.batch_sizes is None else comma_ints(args.batch_sizes, "--batch-sizes")
+        cfg = scale_config(args.quick, args.device, args.dtype, sizes)
         results = run_scale_bench(out, cfg=cfg, progress=not args.quiet, report_only=args.report_only)
         print(scale_report(results))
     else:
@@ -94,6 +96,8 @@ def _run_rgb(args, out: Path) -> dict:
 
     cfg = QUICK if args.quick else RGBBenchConfig()
     given = {name: getattr(args, name) for name in RGB_FLAGS[1:] if getattr(args, name) is not None}
+    if "layout_steps" in given:
+        given["layout_steps"] = comma_ints(given["layout_steps"], "--layout-steps")
     cfg = dataclasses.replace(cfg, **given, **({"device": args.device} if args.device else {}))
     results = run_rgb_bench(out, cfg=cfg, work_dir=Path(args.work_dir) if args.work_dir else None, progress=not args.quiet)
     print(rgb_report(results))

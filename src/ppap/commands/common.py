@@ -91,6 +91,14 @@ def check_out(path: str | Path, kind: str = "folder") -> Path:
     return path
 
 
+def comma_ints(text: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of integers given to ``flag`` ("" for none); the caller checks their range."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise PPAPError(f"bad {flag} {text!r}: use integers, e.g. '1,8'") from None
+
+
 def finite_number(value, what: str) -> float | None:
     """``value`` (a number or its text) as a finite float, None as None; else a one-line error naming ``what``."""
     if value is None:
